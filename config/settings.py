@@ -1,0 +1,238 @@
+"""One typed settings object, from an optional TOML file and ``DICOM_TRIAGE_*`` variables.
+
+Precedence (highest first): explicit overrides (CLI flags), environment variables, the TOML file, defaults.
+Defaults serve the embedded mode: SQLite and Celery's filesystem broker under the data directory.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+ENV_PREFIX = "DICOM_TRIAGE_"
+_AE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # DICOM AE: 16 chars of default repertoire, no backslash
+
+
+class ConfigError(ValueError):
+    """A setting is missing or invalid; the message names every bad value."""
+
+
+def _check_ae_title(value: str) -> str:
+    stripped = value.strip()
+    if not stripped or not _AE_RE.match(stripped):
+        raise ValueError(f"{value!r} is not a valid AE title (1-16 printable ASCII characters, no backslash)")
+    return stripped
+
+
+class Destination(BaseModel):
+    """A DICOM peer we send Structured Reports to, written ``AE@HOST:PORT``."""
+
+    model_config = ConfigDict(frozen=True)
+
+    ae_title: str
+    host: str
+    port: int = Field(ge=1, le=65535)
+
+    @field_validator("ae_title")
+    @classmethod
+    def _ae(cls, value: str) -> str:
+        return _check_ae_title(value)
+
+    @classmethod
+    def parse(cls, text: str) -> "Destination":
+        match = re.fullmatch(r"(?P<ae>[^@]+)@(?P<host>\[[^\]]+\]|[^:]+):(?P<port>\d+)", text.strip())
+        if not match:
+            raise ValueError(f"{text!r} is not a destination of the form AE@HOST:PORT")
+        return cls(ae_title=match["ae"], host=match["host"].strip("[]"), port=int(match["port"]))
+
+    def __str__(self) -> str:
+        return f"{self.ae_title}@{self.host}:{self.port}"
+
+
+class RoutingRule(BaseModel):
+    """Which classifier runs on which series. All given conditions must hold; patterns are regexes (case-insensitive)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    task: str
+    modalities: tuple[str, ...] = ()
+    body_parts: tuple[str, ...] = ()
+    study_description: str | None = None
+    series_description: str | None = None
+    exclude_image_types: tuple[str, ...] = ("LOCALIZER", "SCOUT")
+    min_slices: int = Field(default=1, ge=1)
+
+    @field_validator("study_description", "series_description")
+    @classmethod
+    def _regex_compiles(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                re.compile(value)
+            except re.error as exc:
+                raise ValueError(f"{value!r} is not a valid regular expression: {exc}") from exc
+        return value
+
+
+DEFAULT_ROUTING_RULES: tuple[RoutingRule, ...] = (
+    RoutingRule(task="brain-tumor", modalities=("MR",), body_parts=("BRAIN", "HEAD", "")),
+    RoutingRule(task="covid-ct", modalities=("CT",), body_parts=("CHEST", "LUNG", "THORAX", "")),
+)
+
+
+class Settings(BaseModel):
+    """Every setting a dicom-triage process reads. Build it with :func:`load_settings`."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    data_dir: Path = Path("./data")
+    ae_title: str = "DICOM_TRIAGE"
+    dicom_host: str = "0.0.0.0"
+    dicom_port: int = Field(default=11112, ge=1, le=65535)
+    web_host: str = "127.0.0.1"
+    web_port: int = Field(default=8080, ge=1, le=65535)
+    allowed_calling_aes: tuple[str, ...] = ()
+    max_associations: int = Field(default=10, ge=1, le=1000)
+    min_free_disk_mb: int = Field(default=500, ge=0)
+    database_url: str | None = None
+    broker_url: str | None = None
+    result_backend_url: str | None = None
+    series_quiet_seconds: float = Field(default=5.0, gt=0, le=86400)
+    routing_rules: tuple[RoutingRule, ...] = DEFAULT_ROUTING_RULES
+    sr_destinations: tuple[Destination, ...] = ()
+    models_dir: Path | None = None
+    inference_batch_size: int = Field(default=32, ge=1, le=4096)
+    worker_concurrency: int = Field(default=1, ge=1, le=64)
+
+    @field_validator("ae_title")
+    @classmethod
+    def _ae(cls, value: str) -> str:
+        return _check_ae_title(value)
+
+    @field_validator("allowed_calling_aes", mode="before")
+    @classmethod
+    def _aes(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = [v for v in value.split(",") if v.strip()]
+        return tuple(_check_ae_title(v) for v in value)
+
+    @field_validator("sr_destinations", mode="before")
+    @classmethod
+    def _destinations(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = [v for v in value.split(",") if v.strip()]
+        return tuple(Destination.parse(v) if isinstance(v, str) else v for v in value)
+
+    @field_validator("database_url")
+    @classmethod
+    def _db_url(cls, value: str | None) -> str | None:
+        if value is not None and not re.match(r"^(sqlite|postgresql)(\+\w+)?://", value):
+            raise ValueError(f"{value!r} is not a sqlite:// or postgresql:// URL")
+        return value
+
+    @field_validator("broker_url")
+    @classmethod
+    def _broker_url(cls, value: str | None) -> str | None:
+        if value is not None and not re.match(r"^(redis|rediss|filesystem|memory|amqp)://", value):
+            raise ValueError(f"{value!r} is not a redis://, amqp:// or filesystem:// broker URL")
+        return value
+
+    @model_validator(mode="after")
+    def _absolute_data_dir(self) -> "Settings":
+        object.__setattr__(self, "data_dir", self.data_dir.expanduser().resolve())
+        return self
+
+    # Derived locations: one definition, used by every process.
+    @property
+    def archive_dir(self) -> Path:
+        return self.data_dir / "archive"
+
+    @property
+    def effective_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.data_dir / 'triage.sqlite3'}"
+
+    @property
+    def effective_broker_url(self) -> str:
+        return self.broker_url or "filesystem://"
+
+    @property
+    def broker_dir(self) -> Path:
+        return self.data_dir / "broker"
+
+
+def _from_environment(env: Mapping[str, str]) -> dict[str, Any]:
+    values: dict[str, Any] = {}
+    known = set(Settings.model_fields)
+    for key, raw in env.items():
+        if not key.startswith(ENV_PREFIX):
+            continue
+        name = key[len(ENV_PREFIX):].lower()
+        if name not in known:
+            raise ConfigError(f"{key}: unknown setting (known: {', '.join(sorted(known))})")
+        if name == "routing_rules":
+            raise ConfigError(f"{key}: routing rules can only be set in the TOML config file")
+        values[name] = raw
+    return values
+
+
+def _from_file(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as handle:
+            data = tomllib.load(handle)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+    except OSError as exc:
+        raise ConfigError(f"config file {path} cannot be read: {exc}") from None
+    # Accept both a flat file and one with a [dicom_triage] table.
+    return dict(data.get("dicom_triage", data))
+
+
+def _describe(error: ValidationError, sources: dict[str, str]) -> str:
+    lines = []
+    for item in error.errors():
+        field = ".".join(str(p) for p in item["loc"]) or "settings"
+        top = str(item["loc"][0]) if item["loc"] else ""
+        origin = sources.get(top, "")
+        given = item.get("input")
+        shown = f" (got {given!r})" if given is not None and not isinstance(given, (dict, list)) else ""
+        lines.append(f"  {field}{origin}: {item['msg']}{shown}")
+    return "invalid settings:\n" + "\n".join(lines)
+
+
+def load_settings(
+    config_file: Path | str | None = None,
+    env: Mapping[str, str] | None = None,
+    **overrides: Any,
+) -> Settings:
+    """Read settings once: defaults < TOML file < ``DICOM_TRIAGE_*`` environment < ``overrides``.
+
+    Raises :class:`ConfigError` naming each bad value and where it came from.
+    """
+    env = os.environ if env is None else env
+    merged: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+    if config_file is None and env.get(ENV_PREFIX + "CONFIG"):
+        config_file = env[ENV_PREFIX + "CONFIG"]
+    if config_file is not None:
+        for key, value in _from_file(Path(config_file)).items():
+            merged[key] = value
+            sources[key] = f" [from {config_file}]"
+    env_values = _from_environment({k: v for k, v in env.items() if k != ENV_PREFIX + "CONFIG"})
+    for key, value in env_values.items():
+        merged[key] = value
+        sources[key] = f" [from {ENV_PREFIX}{key.upper()}]"
+    for key, value in overrides.items():
+        if value is not None:
+            merged[key] = value
+            sources[key] = " [from command line]"
+    try:
+        return Settings.model_validate(merged)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, sources)) from None

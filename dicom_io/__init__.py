@@ -1,0 +1,4 @@
+"""DICOM bytes, datasets, pixel arrays, Structured Reports and networking.
+
+Knows nothing of the database, Celery or the models.
+"""

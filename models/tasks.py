@@ -1,0 +1,48 @@
+"""The classification tasks: their names and class names in model output order.
+
+This is the one definition of these facts; training, the worker and the SR writer all import it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Task:
+    """A classification task."""
+
+    name: str
+    class_names: tuple[str, ...]
+    #: Class names that are *not* a finding (a negative result); everything else is a suspected finding.
+    negative_classes: tuple[str, ...]
+    description: str
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+
+BRAIN_TUMOR = Task(
+    name="brain-tumor",
+    class_names=("glioma", "meningioma", "notumor", "pituitary"),
+    negative_classes=("notumor",),
+    description="Brain MRI: glioma, meningioma, pituitary tumour or no tumour",
+)
+
+COVID_CT = Task(
+    name="covid-ct",
+    class_names=("COVID", "non-COVID"),
+    negative_classes=("non-COVID",),
+    description="Lung CT: COVID-19 or not",
+)
+
+TASKS: dict[str, Task] = {task.name: task for task in (BRAIN_TUMOR, COVID_CT)}
+
+
+def get_task(name: str) -> Task:
+    """Return the task called ``name`` or raise ``KeyError`` with the known names."""
+    try:
+        return TASKS[name]
+    except KeyError:
+        raise KeyError(f"unknown task {name!r}; known tasks: {', '.join(TASKS)}") from None

@@ -1,0 +1,1 @@
+"""Orchestration: listener wiring, series completion, Celery tasks, state and database."""
