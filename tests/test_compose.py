@@ -1,0 +1,29 @@
+"""The scale-out deployment file is valid for docker-compose and has every role."""
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+COMPOSE = ["docker-compose", "-f", str(ROOT / "docker-compose.yml")]
+
+
+@pytest.mark.skipif(shutil.which("docker-compose") is None, reason="Debian's docker-compose is installed by .ci/run")
+def test_docker_compose_config_is_valid() -> None:
+    config = subprocess.run([*COMPOSE, "config"], capture_output=True, text=True, check=False)
+    assert config.returncode == 0, config.stderr
+    services = subprocess.run([*COMPOSE, "config", "--services"], capture_output=True, text=True, check=True)
+    assert set(services.stdout.split()) == {"redis", "postgres", "listener", "worker", "web"}
+    worker = config.stdout.split("\n  worker:\n", 1)[1].split("\nvolumes:", 1)[0]  # worker is the last service
+    assert "- capabilities:\n            - gpu" in worker  # inference workers reserve a GPU
+
+
+def test_broken_compose_file_is_rejected(tmp_path: Path) -> None:
+    if shutil.which("docker-compose") is None:
+        pytest.skip("Debian's docker-compose is installed by .ci/run")
+    broken = tmp_path / "docker-compose.yml"
+    broken.write_text((ROOT / "docker-compose.yml").read_text().replace("services:", "servicez:"))
+    result = subprocess.run(["docker-compose", "-f", str(broken), "config"], capture_output=True, text=True)
+    assert result.returncode != 0
