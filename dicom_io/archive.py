@@ -1,0 +1,134 @@
+"""The durable instance archive: one DICOM file per SOP Instance UID.
+
+Layout: ``root/<StudyInstanceUID>/<SeriesInstanceUID>/<SOPInstanceUID>.dcm``. A file appears there only complete
+and on disk: it is written to a temporary file in the same directory, fsynced, linked into place and the directory
+fsynced, so an acknowledged instance survives a crash or power loss.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from pydicom import Dataset, dcmwrite
+
+from dicom_io.validation import is_valid_uid
+
+_SUFFIX = ".dcm"
+
+
+@dataclass(frozen=True)
+class StoredInstance:
+    """Where an instance lies in the archive and what it is."""
+
+    path: Path
+    study_instance_uid: str
+    series_instance_uid: str
+    sop_instance_uid: str
+    sop_class_uid: str
+    transfer_syntax_uid: str
+    size_bytes: int
+    #: True when a file for this SOP Instance UID was already there (a repeated send); it was left unchanged.
+    duplicate: bool
+
+
+def _uid(ds: Dataset, keyword: str) -> str:
+    value = str(ds.get(keyword, "")).rstrip("\x00 ")
+    if not is_valid_uid(value):
+        raise ValueError(f"{keyword} {value[:80]!r} is not a valid UID; refusing to use it in an archive path")
+    return value
+
+
+def _fsync_directory(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class Archive:
+    """Durable, idempotent storage of DICOM instances under ``root``."""
+
+    def __init__(self, root: Path | str) -> None:
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def path_for(self, study_instance_uid: str, series_instance_uid: str, sop_instance_uid: str) -> Path:
+        """The file that holds (or would hold) an instance. Raises ``ValueError`` for a UID unsafe in a path."""
+        for name, value in (
+            ("StudyInstanceUID", study_instance_uid),
+            ("SeriesInstanceUID", series_instance_uid),
+            ("SOPInstanceUID", sop_instance_uid),
+        ):
+            if not is_valid_uid(value):
+                raise ValueError(f"{name} {str(value)[:80]!r} is not a valid UID")
+        return self.root / study_instance_uid / series_instance_uid / f"{sop_instance_uid}{_SUFFIX}"
+
+    def free_bytes(self) -> int:
+        """Bytes free for an unprivileged writer on the archive's file system."""
+        return shutil.disk_usage(self.root).free
+
+    def store(self, ds: Dataset) -> StoredInstance:
+        """Write ``ds`` durably in its own transfer syntax (``ds.file_meta.TransferSyntaxUID``).
+
+        A second store of the same SOP Instance UID keeps the first file and returns it with ``duplicate=True``.
+        Raises ``ValueError`` for missing or unsafe UIDs or a missing transfer syntax, ``OSError`` when the disk
+        fails (for example ``ENOSPC``); a failed store leaves no file behind.
+        """
+        study = _uid(ds, "StudyInstanceUID")
+        series = _uid(ds, "SeriesInstanceUID")
+        sop_instance = _uid(ds, "SOPInstanceUID")
+        sop_class = _uid(ds, "SOPClassUID")
+        meta = getattr(ds, "file_meta", None)
+        transfer_syntax = str(meta.get("TransferSyntaxUID", "")) if meta is not None else ""
+        if not transfer_syntax:
+            raise ValueError(f"instance {sop_instance} has no file meta Transfer Syntax UID")
+        target = self.path_for(study, series, sop_instance)
+
+        if not target.exists():
+            self._make_directories(target.parent)
+            fd, temp_name = tempfile.mkstemp(prefix=".incoming-", suffix=".tmp", dir=target.parent)
+            try:
+                with os.fdopen(fd, "wb") as handle:
+                    dcmwrite(handle, ds, enforce_file_format=True)
+                    handle.flush()
+                    os.fsync(handle.fileno())
+                try:
+                    # link() never replaces: when two associations race on one SOP Instance UID, the first wins.
+                    os.link(temp_name, target)
+                    duplicate = False
+                except FileExistsError:
+                    duplicate = True
+            finally:
+                os.unlink(temp_name)
+            _fsync_directory(target.parent)
+        else:
+            duplicate = True
+        return StoredInstance(
+            path=target,
+            study_instance_uid=study,
+            series_instance_uid=series,
+            sop_instance_uid=sop_instance,
+            sop_class_uid=sop_class,
+            transfer_syntax_uid=transfer_syntax,
+            size_bytes=target.stat().st_size,
+            duplicate=duplicate,
+        )
+
+    def _make_directories(self, directory: Path) -> None:
+        # Create study/series directories, fsyncing each parent whose entries changed.
+        missing = []
+        current = directory
+        while not current.exists() and current != self.root:
+            missing.append(current)
+            current = current.parent
+        for path in reversed(missing):
+            try:
+                path.mkdir()
+            except FileExistsError:
+                continue
+            _fsync_directory(path.parent)

@@ -1,0 +1,271 @@
+"""The Storage SCP: receives instances from a PACS, validates them and hands them to an :class:`InstanceSink`.
+
+The sink (the worker) archives each instance and commits its row before returning success, so a success status
+on the wire means the instance is durable. Pixel data is not decoded here: validation only compares what the
+header declares with what arrived (see :mod:`dicom_io.validation`).
+
+Handlers run on pynetdicom's per-association threads, so ``InstanceSink`` implementations must be thread-safe.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import shutil
+import threading
+from collections.abc import Iterable
+from io import BytesIO
+from pathlib import Path
+from typing import Protocol
+
+from pydicom import Dataset, dcmread
+from pydicom.uid import UID
+from pynetdicom import AE, evt
+from pynetdicom.events import Event
+from pynetdicom.sop_class import Verification
+from pynetdicom.transport import ThreadedAssociationServer
+
+from dicom_io.network import TCP_NODELAY_HANDLER
+from dicom_io.validation import STATUS_CANNOT_UNDERSTAND, InvalidInstance, validate_instance
+
+LOGGER = logging.getLogger(__name__)
+
+STATUS_SUCCESS = 0x0000
+STATUS_OUT_OF_RESOURCES = 0xA700
+#: "Processing failure": the sink could not store an instance for a reason other than the data or the disk.
+STATUS_PROCESSING_FAILURE = 0x0110
+
+#: Transfer syntaxes pydicom can decode with pylibjpeg, openjpeg and pyjpegls, uncompressed ones first.
+NATIVE_TRANSFER_SYNTAXES: tuple[str, ...] = (
+    "1.2.840.10008.1.2.1",  # Explicit VR Little Endian
+    "1.2.840.10008.1.2",  # Implicit VR Little Endian
+    "1.2.840.10008.1.2.1.99",  # Deflated Explicit VR Little Endian
+    "1.2.840.10008.1.2.2",  # Explicit VR Big Endian (retired, still sent by old modalities)
+)
+COMPRESSED_TRANSFER_SYNTAXES: tuple[str, ...] = (
+    "1.2.840.10008.1.2.4.50",  # JPEG Baseline (Process 1)
+    "1.2.840.10008.1.2.4.51",  # JPEG Extended (Process 2 & 4)
+    "1.2.840.10008.1.2.4.57",  # JPEG Lossless (Process 14)
+    "1.2.840.10008.1.2.4.70",  # JPEG Lossless SV1
+    "1.2.840.10008.1.2.4.80",  # JPEG-LS Lossless
+    "1.2.840.10008.1.2.4.81",  # JPEG-LS Near-Lossless
+    "1.2.840.10008.1.2.4.90",  # JPEG 2000 Lossless
+    "1.2.840.10008.1.2.4.91",  # JPEG 2000
+    "1.2.840.10008.1.2.5",  # RLE Lossless
+)
+
+#: Storage SOP classes we accept whose instances must carry Pixel Data.
+IMAGE_STORAGE_SOP_CLASSES: dict[str, str] = {
+    "1.2.840.10008.5.1.4.1.1.4": "MR Image Storage",
+    "1.2.840.10008.5.1.4.1.1.4.1": "Enhanced MR Image Storage",
+    "1.2.840.10008.5.1.4.1.1.4.4": "Legacy Converted Enhanced MR Image Storage",
+    "1.2.840.10008.5.1.4.1.1.2": "CT Image Storage",
+    "1.2.840.10008.5.1.4.1.1.2.1": "Enhanced CT Image Storage",
+    "1.2.840.10008.5.1.4.1.1.2.2": "Legacy Converted Enhanced CT Image Storage",
+    "1.2.840.10008.5.1.4.1.1.7": "Secondary Capture Image Storage",
+    "1.2.840.10008.5.1.4.1.1.7.2": "Multi-frame Grayscale Byte Secondary Capture Image Storage",
+    "1.2.840.10008.5.1.4.1.1.7.3": "Multi-frame Grayscale Word Secondary Capture Image Storage",
+}
+#: Structured Report SOP classes we accept (round trips of our own results).
+SR_STORAGE_SOP_CLASSES: dict[str, str] = {
+    "1.2.840.10008.5.1.4.1.1.88.11": "Basic Text SR Storage",
+    "1.2.840.10008.5.1.4.1.1.88.22": "Enhanced SR Storage",
+    "1.2.840.10008.5.1.4.1.1.88.33": "Comprehensive SR Storage",
+    "1.2.840.10008.5.1.4.1.1.88.34": "Comprehensive 3D SR Storage",
+}
+
+
+class InstanceSink(Protocol):
+    """What the listener hands received instances to (implemented by the worker). Must be thread-safe."""
+
+    def accept(self, ds: Dataset, calling_ae: str) -> int:
+        """Store ``ds`` durably (archive and database row) and return the DIMSE status to answer.
+
+        ``ds.file_meta`` holds the transfer syntax the instance arrived in. Return ``0x0000`` only once the
+        instance is committed. May raise ``OSError`` (``ENOSPC`` answers 0xA700) or any other exception (0x0110).
+        """
+        ...
+
+    def reject(self, calling_ae: str, sop_instance_uid: str | None, reason: str) -> None:
+        """Record that an instance (or, with ``sop_instance_uid`` None, an association) was refused."""
+        ...
+
+
+def _status(code: int, comment: str) -> Dataset:
+    status = Dataset()
+    status.Status = code
+    status.ErrorComment = comment[:64]  # LO: at most 64 characters
+    return status
+
+
+class StorageListener:
+    """A Verification and Storage SCP on ``host:port`` (``port`` 0 picks a free port).
+
+    ``allowed_calling_aes`` empty accepts any caller; otherwise others get A-ASSOCIATE-RJ (permanent,
+    calling AE title not recognised). More than ``max_associations`` at once get A-ASSOCIATE-RJ (transient,
+    local limit exceeded). When the archive's file system has less than ``min_free_bytes`` free, stores answer
+    0xA700 (out of resources) and nothing is handed to the sink.
+    """
+
+    def __init__(
+        self,
+        ae_title: str,
+        host: str,
+        port: int,
+        sink: InstanceSink,
+        allowed_calling_aes: Iterable[str] = (),
+        max_associations: int = 10,
+        min_free_bytes: int = 0,
+        archive_root: Path | str | None = None,
+        max_pdu_size: int = 0,
+    ) -> None:
+        if min_free_bytes > 0 and archive_root is None:
+            raise ValueError("min_free_bytes needs archive_root: the file system whose free space is watched")
+        self.ae_title = ae_title
+        self.host = host
+        self.sink = sink
+        self.allowed_calling_aes = tuple(a.strip() for a in allowed_calling_aes)
+        self.min_free_bytes = min_free_bytes
+        self.archive_root = Path(archive_root) if archive_root is not None else None
+        self._requested_port = port
+        self._server: ThreadedAssociationServer | None = None
+        self._stopped = threading.Event()
+        self._ae = self._build_ae(max_associations, max_pdu_size)
+
+    def _build_ae(self, max_associations: int, max_pdu_size: int) -> AE:
+        ae = AE(ae_title=self.ae_title)
+        ae.maximum_associations = max_associations
+        # 0 = no limit: fewer, larger PDUs mean less per-PDU Python work; the sender still caps its own PDUs.
+        ae.maximum_pdu_size = max_pdu_size
+        ae.acse_timeout = 30
+        ae.dimse_timeout = 120
+        ae.network_timeout = 120
+        ae.require_calling_aet = list(self.allowed_calling_aes)
+        ae.add_supported_context(Verification)
+        all_syntaxes = list(NATIVE_TRANSFER_SYNTAXES + COMPRESSED_TRANSFER_SYNTAXES)
+        for uid in IMAGE_STORAGE_SOP_CLASSES:
+            ae.add_supported_context(uid, all_syntaxes)
+        for uid in SR_STORAGE_SOP_CLASSES:
+            ae.add_supported_context(uid, list(NATIVE_TRANSFER_SYNTAXES))
+        return ae
+
+    @property
+    def port(self) -> int:
+        """The port listened on (the one picked when constructed with 0); the requested one before start()."""
+        if self._server is None:
+            return self._requested_port
+        return int(self._server.server_address[1])
+
+    def start(self) -> None:
+        """Start serving on background threads and return at once."""
+        if self._server is not None:
+            raise RuntimeError("listener already started")
+        handlers = [
+            TCP_NODELAY_HANDLER,
+            (evt.EVT_C_STORE, self._on_store),
+            (evt.EVT_C_ECHO, lambda event: STATUS_SUCCESS),
+            (evt.EVT_REJECTED, self._on_rejected),
+            (evt.EVT_ACCEPTED, self._on_accepted),
+            (evt.EVT_ABORTED, self._on_aborted),
+        ]
+        self._stopped.clear()
+        self._server = self._ae.start_server((self.host, self._requested_port), block=False, evt_handlers=handlers)
+        LOGGER.info("listening as %s on %s:%d", self.ae_title, self.host, self.port)
+
+    def stop(self) -> None:
+        """Stop accepting, end open associations and release the port."""
+        if self._server is not None:
+            self._server.shutdown()
+            self._server = None
+        self._stopped.set()
+
+    def serve_forever(self) -> None:
+        """Start (if needed) and block until :meth:`stop` is called from another thread or Ctrl-C."""
+        if self._server is None:
+            self.start()
+        try:
+            self._stopped.wait()
+        finally:
+            self.stop()
+
+    def __enter__(self) -> "StorageListener":
+        self.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+    # Event handlers (pynetdicom association threads).
+
+    def _refuse(self, calling_ae: str, sop_instance_uid: str | None, code: int, reason: str) -> Dataset:
+        LOGGER.warning("refused %s from %s: 0x%04X %s", sop_instance_uid or "instance", calling_ae, code, reason)
+        self._report_reject(calling_ae, sop_instance_uid, reason)
+        return _status(code, reason)
+
+    def _report_reject(self, calling_ae: str, sop_instance_uid: str | None, reason: str) -> None:
+        try:
+            self.sink.reject(calling_ae, sop_instance_uid, reason)
+        except Exception:  # the refusal itself must still reach the peer
+            LOGGER.exception("sink could not record the rejection of %s from %s", sop_instance_uid, calling_ae)
+
+    def _on_store(self, event: Event) -> Dataset | int:
+        calling_ae = event.assoc.requestor.ae_title
+        request = event.request
+        sop_class = str(request.AffectedSOPClassUID or "")
+        sop_instance = str(request.AffectedSOPInstanceUID or "") or None
+        transfer_syntax = UID(event.context.transfer_syntax)
+        try:
+            # Parse the stream as received: elements stay raw (undecoded) and are written back byte for byte.
+            ds = dcmread(BytesIO(event.encoded_dataset(include_meta=True)))
+            ds.file_meta.SourceApplicationEntityTitle = calling_ae
+            validate_instance(
+                ds,
+                sop_class_uid=sop_class,
+                sop_instance_uid=sop_instance or "",
+                transfer_syntax=transfer_syntax,
+                is_image=sop_class in IMAGE_STORAGE_SOP_CLASSES,
+            )
+        except InvalidInstance as exc:
+            return self._refuse(calling_ae, sop_instance, exc.status, exc.reason)
+        except Exception as exc:  # pydicom raises many types for malformed streams
+            reason = f"cannot parse dataset: {type(exc).__name__}: {exc}"
+            return self._refuse(calling_ae, sop_instance, STATUS_CANNOT_UNDERSTAND, reason)
+
+        if self.archive_root is not None and self.min_free_bytes > 0:
+            free = shutil.disk_usage(self.archive_root).free
+            if free < self.min_free_bytes:
+                reason = f"archive disk has {free} bytes free, below the {self.min_free_bytes} byte watermark"
+                return self._refuse(calling_ae, sop_instance, STATUS_OUT_OF_RESOURCES, reason)
+
+        try:
+            return self.sink.accept(ds, calling_ae)
+        except OSError as exc:
+            code = STATUS_OUT_OF_RESOURCES if exc.errno in (errno.ENOSPC, errno.EDQUOT) else STATUS_PROCESSING_FAILURE
+            return self._refuse(calling_ae, sop_instance, code, f"cannot store: {exc}")
+        except Exception as exc:
+            LOGGER.exception("sink failed on %s from %s", sop_instance, calling_ae)
+            return self._refuse(calling_ae, sop_instance, STATUS_PROCESSING_FAILURE, f"cannot store: {exc}")
+
+    def _on_rejected(self, event: Event) -> None:
+        calling_ae = event.assoc.requestor.ae_title
+        if self.allowed_calling_aes and calling_ae not in self.allowed_calling_aes:
+            reason = f"association rejected: calling AE title {calling_ae!r} is not allowed"
+        else:
+            reason = f"association rejected: more than {self._ae.maximum_associations} concurrent associations"
+        LOGGER.warning("%s (from %s)", reason, event.assoc.requestor.address)
+        self._report_reject(calling_ae, None, reason)
+
+    def _on_accepted(self, event: Event) -> None:
+        accepted = {cx.abstract_syntax for cx in event.assoc.accepted_contexts}
+        refused = {cx.abstract_syntax for cx in event.assoc.rejected_contexts} - accepted
+        if refused:
+            # Logged, not recorded: many PACS propose every storage class they know on each association.
+            LOGGER.info(
+                "from %s: no presentation context for %s", event.assoc.requestor.ae_title, ", ".join(sorted(refused))
+            )
+
+    def _on_aborted(self, event: Event) -> None:
+        LOGGER.warning(
+            "association from %s aborted; instances acknowledged before the abort are kept",
+            event.assoc.requestor.ae_title,
+        )

@@ -1,0 +1,127 @@
+"""Sending to a DICOM peer: C-STORE of datasets or files, and C-ECHO. Every association sets TCP_NODELAY."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+from pydicom import Dataset, dcmread
+from pynetdicom import AE, build_context
+from pynetdicom.association import Association
+from pynetdicom.presentation import PresentationContext
+from pynetdicom.sop_class import Verification
+
+from dicom_io.network import TCP_NODELAY_HANDLER
+
+LOGGER = logging.getLogger(__name__)
+
+DEFAULT_CALLING_AE = "DICOM_TRIAGE"
+_NATIVE_SYNTAXES = ("1.2.840.10008.1.2.1", "1.2.840.10008.1.2")
+_MAX_CONTEXTS = 128  # PS3.8: presentation context IDs are odd numbers 1..255
+
+
+class AssociationError(ConnectionError):
+    """No association could be made, or it ended before every instance was answered."""
+
+    def __init__(self, message: str, statuses: Sequence[int] = ()) -> None:
+        super().__init__(message)
+        #: Statuses of the instances answered before the failure, in order.
+        self.statuses = list(statuses)
+
+
+def _describe_failure(assoc: Association) -> str:
+    if assoc.is_rejected:
+        primitive = assoc.acceptor.primitive
+        if primitive is not None:
+            return f"association rejected ({primitive.result_str}, {primitive.source_str}: {primitive.reason_str})"
+        return "association rejected"
+    if assoc.is_aborted:
+        return "association aborted"
+    return "no association (connection refused or timed out)"
+
+
+def _contexts_for(items: Sequence[tuple[str, str]]) -> list[PresentationContext]:
+    """One context per SOP class and transfer syntax; native syntaxes also offer the other native ones."""
+    wanted: dict[str, list[str]] = {}
+    for sop_class, syntax in items:
+        syntaxes = wanted.setdefault(sop_class, [])
+        for candidate in (syntax, *(_NATIVE_SYNTAXES if syntax in _NATIVE_SYNTAXES else ())):
+            if candidate not in syntaxes:
+                syntaxes.append(candidate)
+    contexts = [build_context(sop_class, [syntax]) for sop_class, syntaxes in wanted.items() for syntax in syntaxes]
+    if len(contexts) > _MAX_CONTEXTS:
+        raise ValueError(f"{len(contexts)} SOP class/transfer syntax pairs exceed the {_MAX_CONTEXTS} contexts allowed")
+    return contexts
+
+
+def _identify(item: Dataset | Path) -> tuple[str, str]:
+    ds = item if isinstance(item, Dataset) else dcmread(item, stop_before_pixels=True)
+    syntax = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
+    if not syntax:
+        raise ValueError(f"{'dataset' if isinstance(item, Dataset) else item}: no file meta Transfer Syntax UID")
+    return str(ds.SOPClassUID), str(syntax)
+
+
+def _new_ae(calling_ae: str) -> AE:
+    ae = AE(ae_title=calling_ae)
+    ae.acse_timeout = 30
+    ae.dimse_timeout = 120
+    ae.network_timeout = 120
+    return ae
+
+
+def send_datasets(
+    datasets_or_paths: Iterable[Dataset | Path | str],
+    host: str,
+    port: int,
+    called_ae: str,
+    calling_ae: str = DEFAULT_CALLING_AE,
+    max_pdu_size: int = 0,
+) -> list[int]:
+    """C-STORE every dataset or file on one association and return each response's status, in order.
+
+    Raises :class:`AssociationError` when the association cannot be made or breaks before all are answered
+    (its ``statuses`` hold the answers received so far).
+    """
+    items = [item if isinstance(item, Dataset) else Path(item) for item in datasets_or_paths]
+    if not items:
+        return []
+    ae = _new_ae(calling_ae)
+    ae.maximum_pdu_size = max_pdu_size
+    ae.requested_contexts = _contexts_for([_identify(item) for item in items])
+    assoc = ae.associate(host, port, ae_title=called_ae, evt_handlers=[TCP_NODELAY_HANDLER])
+    if not assoc.is_established:
+        raise AssociationError(f"{called_ae}@{host}:{port}: {_describe_failure(assoc)}")
+    statuses: list[int] = []
+    try:
+        for item in items:
+            response = assoc.send_c_store(item)
+            if "Status" not in response:
+                raise AssociationError(
+                    f"{called_ae}@{host}:{port}: no response to instance {len(statuses) + 1} of {len(items)} "
+                    f"({_describe_failure(assoc)})",
+                    statuses,
+                )
+            statuses.append(int(response.Status))
+    finally:
+        if assoc.is_established:
+            assoc.release()
+    return statuses
+
+
+def echo(host: str, port: int, called_ae: str, calling_ae: str = DEFAULT_CALLING_AE) -> int:
+    """C-ECHO the peer and return its status; raises :class:`AssociationError` when it cannot be reached."""
+    ae = _new_ae(calling_ae)
+    ae.add_requested_context(Verification)
+    assoc = ae.associate(host, port, ae_title=called_ae, evt_handlers=[TCP_NODELAY_HANDLER])
+    if not assoc.is_established:
+        raise AssociationError(f"{called_ae}@{host}:{port}: {_describe_failure(assoc)}")
+    try:
+        response = assoc.send_c_echo()
+    finally:
+        if assoc.is_established:
+            assoc.release()
+    if "Status" not in response:
+        raise AssociationError(f"{called_ae}@{host}:{port}: no response to C-ECHO")
+    return int(response.Status)

@@ -1,0 +1,183 @@
+"""Cheap checks on a received instance, before anything is archived.
+
+Nothing here decodes pixel data (that is the worker's job and costly); the checks only compare what the header
+declares with what arrived, so that an instance we acknowledge can later be read and decoded.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from pydicom import Dataset
+from pydicom.datadict import dictionary_VR
+from pydicom.dataelem import DataElement, RawDataElement
+from pydicom.uid import UID
+
+#: C-STORE failure statuses. 0xC000-0xCFFF means "cannot understand"; the low bits say which check failed.
+STATUS_CANNOT_UNDERSTAND = 0xC000
+STATUS_MISSING_ATTRIBUTE = 0xC001
+STATUS_BAD_PIXEL_DATA = 0xC002
+STATUS_TOO_DEEP = 0xC003
+STATUS_BAD_UID = 0xC004
+#: "Data Set does not match SOP Class" (PS3.4 Annex B.2.3).
+STATUS_SOP_CLASS_MISMATCH = 0xA900
+
+#: Deeper than any real IOD (Enhanced objects reach about 4 levels); guards the worker's recursive readers.
+MAX_SEQUENCE_DEPTH = 16
+#: Largest decoded pixel data we accept: more than any real series and far less than a decompression bomb.
+MAX_DECODED_PIXEL_BYTES = 2**31
+
+_UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+_ITEM_TAG_LE = b"\xfe\xff\x00\xe0"
+_ITEM_TAG_BE = b"\xff\xfe\xe0\x00"
+
+
+@dataclass(frozen=True)
+class InvalidInstance(Exception):
+    """The instance cannot be accepted; ``status`` is the DIMSE status to answer, ``reason`` says why."""
+
+    status: int
+    reason: str
+
+    def __str__(self) -> str:
+        return f"0x{self.status:04X}: {self.reason}"
+
+
+def is_valid_uid(value: object) -> bool:
+    """True for a DICOM UID: digits and dots, no empty component, at most 64 characters (safe in a path)."""
+    return isinstance(value, str) and len(value) <= 64 and bool(_UID_RE.match(value))
+
+
+def require_uid(ds: Dataset, keyword: str) -> str:
+    """Return the UID attribute ``keyword`` of ``ds`` or raise :class:`InvalidInstance`."""
+    value = ds.get(keyword)
+    if value is None or value == "":
+        raise InvalidInstance(STATUS_MISSING_ATTRIBUTE, f"{keyword} is missing")
+    text = str(value).rstrip("\x00 ")
+    if not is_valid_uid(text):
+        raise InvalidInstance(STATUS_BAD_UID, f"{keyword} {text[:80]!r} is not a valid UID")
+    return text
+
+
+def check_sequence_depth(ds: Dataset, limit: int = MAX_SEQUENCE_DEPTH) -> None:
+    """Raise :class:`InvalidInstance` when sequences nest deeper than ``limit``.
+
+    Only sequence elements are converted from their raw form; other elements stay raw (cheap).
+    """
+    stack: list[tuple[Dataset, int]] = [(ds, 1)]
+    while stack:
+        current, depth = stack.pop()
+        for tag in current.keys():
+            raw = current.get_item(tag)
+            if isinstance(raw, RawDataElement):
+                vr = raw.VR
+                if vr is None:
+                    try:
+                        vr = dictionary_VR(tag)
+                    except KeyError:
+                        continue
+                if vr != "SQ":
+                    continue
+            elif not (isinstance(raw, DataElement) and raw.VR == "SQ"):
+                continue
+            if depth > limit:
+                raise InvalidInstance(STATUS_TOO_DEEP, f"sequences nest deeper than {limit} levels")
+            stack.extend((item, depth + 1) for item in current[tag].value)
+
+
+def _native_pixel_bytes(rows: int, columns: int, samples: int, bits: int, frames: int) -> int:
+    if bits == 1:  # bit-packed across frame boundaries
+        return (rows * columns * samples * frames + 7) // 8
+    return rows * columns * samples * frames * (bits // 8)
+
+
+def _int_attribute(ds: Dataset, keyword: str, default: int | None = None) -> int:
+    value = ds.get(keyword, default)
+    if value is None or value == "":
+        raise InvalidInstance(STATUS_MISSING_ATTRIBUTE, f"{keyword} is missing")
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise InvalidInstance(STATUS_MISSING_ATTRIBUTE, f"{keyword} {value!r} is not an integer") from None
+
+
+def check_pixel_data(ds: Dataset, transfer_syntax: UID) -> None:
+    """Raise :class:`InvalidInstance` unless the Pixel Data can hold the image the header declares.
+
+    Native data must have exactly ``Rows*Columns*Samples*Bits/8*Frames`` bytes (plus one pad byte);
+    encapsulated data must hold a Basic Offset Table item and at least one fragment.
+    """
+    rows = _int_attribute(ds, "Rows")
+    columns = _int_attribute(ds, "Columns")
+    samples = _int_attribute(ds, "SamplesPerPixel")
+    bits = _int_attribute(ds, "BitsAllocated")
+    frames = _int_attribute(ds, "NumberOfFrames", 1)
+    if min(rows, columns, samples, frames) < 1:
+        raise InvalidInstance(
+            STATUS_BAD_PIXEL_DATA, f"image size {rows}x{columns}x{samples}, {frames} frame(s) is not positive"
+        )
+    if bits not in (1, 8, 16, 32, 64):
+        raise InvalidInstance(STATUS_BAD_PIXEL_DATA, f"BitsAllocated {bits} is not 1, 8, 16, 32 or 64")
+    expected = _native_pixel_bytes(rows, columns, samples, bits, frames)
+    if expected > MAX_DECODED_PIXEL_BYTES:
+        raise InvalidInstance(
+            STATUS_BAD_PIXEL_DATA,
+            f"declared image {rows}x{columns}x{samples}x{bits} bits x {frames} frame(s) needs {expected} bytes, "
+            f"more than the {MAX_DECODED_PIXEL_BYTES} we accept",
+        )
+    element = ds.get_item(0x7FE00010)
+    if element is None:
+        raise InvalidInstance(STATUS_MISSING_ATTRIBUTE, "Pixel Data is missing from an image instance")
+    value = element.value
+    if transfer_syntax.is_encapsulated:
+        data = bytes(value or b"")
+        item_tag = _ITEM_TAG_LE if transfer_syntax.is_little_endian else _ITEM_TAG_BE
+        # Basic Offset Table item, then at least one fragment item.
+        if not data.startswith(item_tag):
+            raise InvalidInstance(STATUS_BAD_PIXEL_DATA, "encapsulated Pixel Data does not start with an item")
+        bot_length = int.from_bytes(data[4:8], "little" if transfer_syntax.is_little_endian else "big")
+        fragment_at = 8 + bot_length
+        if data[fragment_at : fragment_at + 4] != item_tag:
+            raise InvalidInstance(STATUS_BAD_PIXEL_DATA, "encapsulated Pixel Data has no fragments")
+        return
+    length = len(value) if value is not None else element.length
+    if length not in (expected, expected + 1):
+        raise InvalidInstance(
+            STATUS_BAD_PIXEL_DATA,
+            f"Pixel Data has {length} bytes but {rows}x{columns}x{samples}x{bits} bits x {frames} frame(s) "
+            f"needs {expected}",
+        )
+
+
+def validate_instance(
+    ds: Dataset,
+    *,
+    sop_class_uid: str,
+    sop_instance_uid: str,
+    transfer_syntax: UID,
+    is_image: bool,
+) -> None:
+    """Raise :class:`InvalidInstance` unless ``ds`` can be archived and later read.
+
+    ``sop_class_uid`` and ``sop_instance_uid`` are the C-STORE request's Affected SOP Class/Instance UIDs, which
+    the dataset must repeat; ``is_image`` says whether the SOP class requires Pixel Data.
+    """
+    dataset_class = require_uid(ds, "SOPClassUID")
+    if dataset_class != sop_class_uid:
+        raise InvalidInstance(
+            STATUS_SOP_CLASS_MISMATCH,
+            f"SOPClassUID {dataset_class} differs from the request's Affected SOP Class UID {sop_class_uid}",
+        )
+    dataset_instance = require_uid(ds, "SOPInstanceUID")
+    if dataset_instance != sop_instance_uid:
+        raise InvalidInstance(
+            STATUS_BAD_UID,
+            f"SOPInstanceUID {dataset_instance} differs from the request's Affected SOP Instance UID "
+            f"{sop_instance_uid}",
+        )
+    require_uid(ds, "StudyInstanceUID")
+    require_uid(ds, "SeriesInstanceUID")
+    check_sequence_depth(ds)
+    if is_image:
+        check_pixel_data(ds, transfer_syntax)
