@@ -47,6 +47,8 @@ from pydicom.uid import (
     generate_uid,
 )
 
+from dicom_io.imaging import LUNG_WINDOW
+
 #: Every transfer syntax :func:`encode` produces (and the listener accepts).
 TRANSFER_SYNTAXES: tuple[UID, ...] = (
     ImplicitVRLittleEndian,
@@ -68,7 +70,6 @@ LOSSLESS_TRANSFER_SYNTAXES: frozenset[UID] = frozenset(
     set(TRANSFER_SYNTAXES) - {JPEGBaseline8Bit, JPEGExtended12Bit, JPEGLSNearLossless, JPEG2000}
 )
 
-LUNG_WINDOW = (-600.0, 1500.0)  # centre, width (HU)
 _DCMCJPEG = "/usr/bin/dcmcjpeg"
 _DCMCJPEG_MODES = {JPEGExtended12Bit: "+ee", JPEGLossless: "+el", JPEGLosslessSV1: "+e1"}
 _AXIAL = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]
@@ -95,9 +96,8 @@ def load_grey(image: ImageInput) -> np.ndarray:
 
 def grey_to_hounsfield(grey: np.ndarray) -> np.ndarray:
     """Invert the lung window: the HU values (int16) that the window displays as ``grey``."""
-    centre, width = LUNG_WINDOW
-    low = centre - width / 2
-    return np.rint(grey.astype(np.float64) * width / 255.0 + low).astype(np.int16)
+    low = LUNG_WINDOW.center - LUNG_WINDOW.width / 2
+    return np.rint(grey.astype(np.float64) * LUNG_WINDOW.width / 255.0 + low).astype(np.int16)
 
 
 def _file_meta(sop_class: str, sop_instance: str) -> FileMetaDataset:
@@ -336,8 +336,8 @@ def ct_series(
         ds.RescaleIntercept = intercept
         ds.RescaleSlope = 1
         ds.RescaleType = "HU"
-        ds.WindowCenter = LUNG_WINDOW[0]
-        ds.WindowWidth = LUNG_WINDOW[1]
+        ds.WindowCenter = LUNG_WINDOW.center
+        ds.WindowWidth = LUNG_WINDOW.width
         result.append(ds)
     return result
 
