@@ -226,10 +226,10 @@ def _functional_group_item(ds: Dataset, index: int, sequence: str) -> Dataset | 
 def _modality_values(stored: np.ndarray, ds: Dataset, index: int) -> np.ndarray:
     """Apply the modality LUT (PS3.3 C.11.1 / C.7.6.16.2.9) for frame ``index``."""
     transform = _functional_group_item(ds, index, "PixelValueTransformationSequence")
+    if transform is None and "ModalityLUTSequence" in ds:
+        return np.asarray(apply_modality_lut(stored, ds), dtype=np.float64)
     source = transform if transform is not None else ds
     slope, intercept = source.get("RescaleSlope"), source.get("RescaleIntercept")
-    if "ModalityLUTSequence" in ds and transform is None:
-        return np.asarray(apply_modality_lut(stored, ds), dtype=np.float64)
     values = stored.astype(np.float64)
     if slope not in (None, "") and intercept not in (None, ""):
         values = values * float(slope) + float(intercept)

@@ -10,6 +10,7 @@ import random
 import warnings
 from pathlib import Path
 
+import highdicom as hd
 import numpy as np
 import pydicom
 import pytest
@@ -233,6 +234,57 @@ def test_series_without_geometry_falls_back_to_instance_number() -> None:
     records = series_frame_records(slices)
     assert [r.position for r in records] == [None, None, None]
     assert [r.sop_instance_uid for r in records] == [slices[i].SOPInstanceUID for i in (1, 2, 0)]
+
+
+def _legacy_series(modality: str, count: int) -> list[Dataset]:
+    """Single-frame slices with the patient/study/series attributes highdicom's legacy conversion needs."""
+    study, series, frame_of_reference = generate_uid(), generate_uid(), generate_uid()
+    pattern = "brain-tumor-mri/Testing/meningioma/*.jpg" if modality == "MR" else "covid-ct/COVID/*.png"
+    slices = []
+    for index, path in enumerate(_sample(pattern, count)):
+        grey = np.asarray(Image.open(path).convert("L").resize((128, 128)), dtype=np.uint8)
+        ds = _mr_from_display(grey) if modality == "MR" else _ct_from_display(grey)
+        if modality == "CT":
+            ds.RescaleSlope = 1 + index % 2  # per-frame Pixel Value Transformation must be honoured
+            ds.PixelData = (((ds.pixel_array.astype(np.int32) - 1024) // ds.RescaleSlope) + 1024).astype(np.int16).tobytes()
+        ds.ImagePositionPatient = [0.0, 0.0, 3.0 * index]
+        ds.InstanceNumber = index + 1
+        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study, series, frame_of_reference
+        ds.PatientName, ds.PatientID, ds.PatientBirthDate, ds.PatientSex = "Test^Patient", "P1", "", "O"
+        ds.StudyDate, ds.StudyTime, ds.StudyID, ds.AccessionNumber, ds.ReferringPhysicianName = "20240101", "120000", "1", "", ""
+        ds.SeriesNumber, ds.Manufacturer, ds.PixelSpacing, ds.SliceThickness = 1, "Test", [1.0, 1.0], 3.0
+        ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
+        ds.AcquisitionNumber = 1
+        ds.SeriesDate = ds.ContentDate = "20240101"
+        ds.SeriesTime = ds.ContentTime = "120000"
+        if modality == "MR":
+            ds.ScanningSequence, ds.SequenceVariant, ds.ScanOptions, ds.MRAcquisitionType = "SE", "NONE", "", "2D"
+            ds.EchoTime, ds.RepetitionTime, ds.MagneticFieldStrength = 10, 500, 1.5
+        else:
+            ds.KVP = 120
+        slices.append(ds)
+    return slices
+
+
+@pytest.mark.parametrize(
+    "modality,convert",
+    [("MR", hd.legacy.LegacyConvertedEnhancedMRImage), ("CT", hd.legacy.LegacyConvertedEnhancedCTImage)],
+)
+def test_enhanced_objects_split_into_the_frames_of_their_source_slices(modality: str, convert: type) -> None:
+    slices = _legacy_series(modality, 4)
+    enhanced = convert(
+        slices, series_instance_uid=generate_uid(), series_number=2, sop_instance_uid=generate_uid(), instance_number=1
+    )
+    frames = display_frames(enhanced)
+    assert len(frames) == 4
+    by_position = {float(ds.ImagePositionPatient[2]): display_frames(ds)[0] for ds in slices}
+    for index, frame in enumerate(frames):
+        z = float(enhanced.PerFrameFunctionalGroupsSequence[index].PlanePositionSequence[0].ImagePositionPatient[2])
+        np.testing.assert_allclose(frame, by_position[z], atol=1e-3)
+    records = series_frame_records([enhanced])
+    assert [r.position for r in records] == [0.0, 3.0, 6.0, 9.0]
+    for record in records:
+        np.testing.assert_allclose(record.image, by_position[record.position], atol=1e-3)
 
 
 # --- bad input -------------------------------------------------------------------------------------------------
