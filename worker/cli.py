@@ -1,16 +1,110 @@
 """The ``dicom-triage`` command.
 
 Each area registers its own subcommands: ``training.cli`` (train, evaluate) and this module (serve, listen,
-worker, results, sr). Settings are read once here and passed down.
+worker, results). Settings are read once here, from ``--config FILE``, ``DICOM_TRIAGE_*`` variables and the
+command's flags, and passed down.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import logging
 import sys
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
-from config import ConfigError
+from sqlalchemy.engine import make_url
+
+from config import ConfigError, Settings, load_settings
+
+
+def _add_settings_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", type=Path, metavar="FILE", help="TOML settings file")
+    parser.add_argument("--data-dir", type=Path, metavar="DIR", help="archive, database and queue directory")
+
+
+def _add_network_options(parser: argparse.ArgumentParser, web: bool) -> None:
+    parser.add_argument("--dicom-port", type=int, metavar="N", help="DICOM port to listen on")
+    parser.add_argument("--dicom-host", metavar="ADDRESS", help="DICOM bind address")
+    parser.add_argument("--ae-title", metavar="AE", help="our AE title")
+    if web:
+        parser.add_argument("--web-port", type=int, metavar="N", help="web worklist port")
+
+
+def read_settings(args: argparse.Namespace) -> Settings:
+    """Settings from the file, the environment and the flags given; raises ``ConfigError`` for bad values."""
+    from worker.routing import check_rules
+
+    overrides: dict[str, Any] = {
+        "data_dir": args.data_dir,
+        "dicom_port": getattr(args, "dicom_port", None),
+        "dicom_host": getattr(args, "dicom_host", None),
+        "ae_title": getattr(args, "ae_title", None),
+        "web_port": getattr(args, "web_port", None),
+    }
+    settings = load_settings(args.config, **overrides)
+    check_rules(settings.routing_rules)
+    return settings
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from worker.service import run_serve
+
+    return run_serve(read_settings(args), args.config)
+
+
+def _listen(args: argparse.Namespace) -> int:
+    from worker.service import run_listen
+
+    return run_listen(read_settings(args))
+
+
+def _worker(args: argparse.Namespace) -> int:
+    from worker.service import run_worker
+
+    return run_worker(read_settings(args))
+
+
+def _results(args: argparse.Namespace) -> int:
+    from worker.db import Database
+    from worker.report import format_report, results_report
+
+    settings = read_settings(args)
+    url = make_url(settings.effective_database_url)
+    if url.get_backend_name() == "sqlite" and not Path(url.database or "").is_file():
+        raise ConfigError(f"no database at {url.database}: has dicom-triage received anything with this --data-dir?")
+    database = Database(settings.effective_database_url)
+    try:
+        report = results_report(database, args.study)
+    finally:
+        database.dispose()
+    print(json.dumps(report, indent=2) if args.json else format_report(report))
+    return 0
+
+
+def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
+    """Add the worker's subcommands."""
+    serve = subparsers.add_parser("serve", help="listener, scheduler and an inference worker in one")
+    _add_settings_options(serve)
+    _add_network_options(serve, web=True)
+    serve.set_defaults(handler=_serve)
+
+    listen = subparsers.add_parser("listen", help="DICOM listener and series scheduler")
+    _add_settings_options(listen)
+    _add_network_options(listen, web=False)
+    listen.set_defaults(handler=_listen)
+
+    worker = subparsers.add_parser("worker", help="Celery inference worker")
+    _add_settings_options(worker)
+    worker.set_defaults(handler=_worker)
+
+    results = subparsers.add_parser("results", help="series states and results")
+    _add_settings_options(results)
+    results.add_argument("--study", metavar="UID", help="only this StudyInstanceUID")
+    results.add_argument("--json", action="store_true", help="print JSON")
+    results.set_defaults(handler=_results)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -18,11 +112,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(prog="dicom-triage", description=__doc__.splitlines()[0])
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    register(subparsers)
     training_cli.register(subparsers)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

@@ -1,0 +1,333 @@
+"""The worker's state on a real database (SQLite file and a fresh PostgreSQL database): migrations, ingest,
+series completion, job transitions and superseding."""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from collections.abc import Iterator
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import psycopg
+import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
+from pydicom import Dataset
+from sqlalchemy import func, select, update
+
+from config import RoutingRule, load_settings
+from dicom_factory import brain_images, ct_images
+from dicom_io.archive import Archive
+from dicom_io.synthesis import ct_series, mr_series
+from worker.db import Base, Database, Instance, Job, JobState, RejectedInstance, Result, Series, WorkerProcess
+from worker.db import upgrade_database
+from worker.ingest import DatabaseSink
+from worker.inference import SeriesClassification
+from worker.series import SeriesScheduler
+from worker.tasks import claim_job, fail_job, finish_job
+from worker.workers import STALE_AFTER
+
+PG_ADMIN = "host=127.0.0.1 port=5432 user=postgres dbname=test"
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'triage.sqlite3'}"
+        return
+    name = f"triage_test_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(PG_ADMIN, autocommit=True) as admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield f"postgresql://postgres@127.0.0.1:5432/{name}"
+    finally:
+        with psycopg.connect(PG_ADMIN, autocommit=True) as admin:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+def database(database_url: str) -> Iterator[Database]:
+    upgrade_database(database_url)
+    db = Database(database_url)
+    yield db
+    db.dispose()
+
+
+@pytest.fixture
+def sink(database: Database, tmp_path: Path) -> DatabaseSink:
+    return DatabaseSink(Archive(tmp_path / "archive"), database)
+
+
+class Clock:
+    """A settable clock for the scheduler (real time would make the quiet period slow and flaky to test)."""
+
+    def __init__(self) -> None:
+        self.now = datetime.now(timezone.utc)
+
+    def __call__(self) -> datetime:
+        return self.now
+
+
+def _scheduler(database: Database, tmp_path: Path, clock: Clock, sent: list[int], **settings: object) -> SeriesScheduler:
+    values = {"data_dir": tmp_path, "series_quiet_seconds": 5.0, **settings}
+    return SeriesScheduler(load_settings(env={}, **values), database, sent.append, clock=clock)
+
+
+def _brain(count: int, **kwargs: object) -> list[Dataset]:
+    return mr_series(brain_images(count), **kwargs)
+
+
+def test_upgrade_is_idempotent_and_matches_the_models(database_url: str) -> None:
+    upgrade_database(database_url)
+    upgrade_database(database_url)  # a second process starting: nothing to do, no error
+    db = Database(database_url)
+    try:
+        with db.engine.connect() as connection:
+            diff = compare_metadata(MigrationContext.configure(connection), Base.metadata)
+        assert diff == [], f"the models changed without a migration: {diff}"
+    finally:
+        db.dispose()
+
+
+def test_concurrent_upgrades(database_url: str) -> None:
+    errors: list[BaseException] = []
+
+    def upgrade() -> None:
+        try:
+            upgrade_database(database_url)
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=upgrade) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+
+
+def test_ingest_records_rows_and_is_idempotent(database: Database, sink: DatabaseSink) -> None:
+    series = _brain(3)
+    for ds in series:
+        assert sink.accept(ds, "MODALITY1") == 0x0000
+    assert sink.accept(series[0], "MODALITY1") == 0x0000  # repeated SOP Instance UID
+    fresh = DatabaseSink(sink.archive, database)  # another listener process: no cache
+    assert fresh.accept(series[1], "MODALITY2") == 0x0000
+    with database.session() as session:
+        rows = session.scalars(select(Instance).order_by(Instance.instance_number)).all()
+        assert [r.sop_instance_uid for r in rows] == [ds.SOPInstanceUID for ds in series]
+        assert {r.calling_ae for r in rows} == {"MODALITY1"}
+        assert all(Path(r.archive_path).is_file() for r in rows)
+        assert rows[0].transfer_syntax_uid == series[0].file_meta.TransferSyntaxUID
+        row = session.scalars(select(Series)).one()
+        assert (row.modality, row.body_part_examined, row.pending) == ("MR", "BRAIN", True)
+        assert "ORIGINAL" in row.image_types.split("\\")
+
+
+def test_reject_is_recorded(sink: DatabaseSink, database: Database) -> None:
+    sink.reject("EVIL_AE", None, "association rejected: calling AE title 'EVIL_AE' is not allowed")
+    sink.reject("CT1", "1.2.3.4", "0xC000: cannot parse dataset")
+    with database.session() as session:
+        rows = session.scalars(select(RejectedInstance).order_by(RejectedInstance.id)).all()
+        assert [(r.calling_ae, r.sop_instance_uid) for r in rows] == [("EVIL_AE", ""), ("CT1", "1.2.3.4")]
+
+
+def test_concurrent_ingest_from_many_associations(database: Database, sink: DatabaseSink) -> None:
+    # Four "associations" sending interleaved instances of two series at once: no lock errors, nothing lost.
+    study = "1.2.826.0.1.3680043.8.498.1"
+    a = _brain(8, study_instance_uid=study)
+    b = _brain(8, study_instance_uid=study, series_description="AX T2")
+    datasets = a + b
+    errors: list[BaseException] = []
+
+    def send(part: list[Dataset]) -> None:
+        try:
+            for ds in part:
+                assert sink.accept(ds, "PACS") == 0
+        except BaseException as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    threads = [threading.Thread(target=send, args=(datasets[i::4],)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    with database.session() as session:
+        assert session.scalar(select(func.count(Instance.id))) == 16
+        assert session.scalar(select(func.count(Series.id))) == 2
+
+
+def test_series_waits_for_quiet_time_then_is_routed(database: Database, sink: DatabaseSink, tmp_path: Path) -> None:
+    clock, sent = Clock(), []
+    scheduler = _scheduler(database, tmp_path, clock, sent)
+    for ds in _brain(2):
+        sink.accept(ds, "PACS")
+    clock.now = datetime.now(timezone.utc) + timedelta(seconds=4)
+    assert scheduler.run_once() == [] and sent == []
+    clock.now += timedelta(seconds=2)
+    [job_id] = scheduler.run_once()
+    assert sent == [job_id]
+    with database.session() as session:
+        job = session.get_one(Job, job_id)
+        assert (job.state, job.task, job.revision, job.instance_count) == (JobState.QUEUED, "brain-tumor", 1, 2)
+        assert session.scalars(select(Series)).one().pending is False
+    assert scheduler.run_once() == [] and sent == [job_id]  # nothing new
+
+
+def test_unmatched_modality_is_not_applicable_with_reason(
+    database: Database, sink: DatabaseSink, tmp_path: Path
+) -> None:
+    clock, sent = Clock(), []
+    scheduler = _scheduler(database, tmp_path, clock, sent)
+    for ds in ct_series(ct_images(2), body_part="KNEE"):
+        sink.accept(ds, "PACS")
+    clock.now = datetime.now(timezone.utc) + timedelta(seconds=10)
+    [job_id] = scheduler.run_once()
+    assert sent == []
+    with database.session() as session:
+        job = session.get_one(Job, job_id)
+        assert job.state == JobState.NOT_APPLICABLE and job.task is None
+        assert "body part KNEE" in job.reason and "modality CT not in MR" in job.reason
+
+
+def test_min_slices_and_localizer_rules(database: Database, sink: DatabaseSink, tmp_path: Path) -> None:
+    clock, sent = Clock(), []
+    rules = (RoutingRule(task="brain-tumor", modalities=("MR",), min_slices=3),)
+    scheduler = _scheduler(database, tmp_path, clock, sent, routing_rules=rules)
+    scout = _brain(1)
+    scout[0].ImageType = ["ORIGINAL", "PRIMARY", "LOCALIZER"]
+    for ds in _brain(2) + scout:
+        sink.accept(ds, "PACS")
+    clock.now = datetime.now(timezone.utc) + timedelta(seconds=10)
+    created = scheduler.run_once()
+    with database.session() as session:
+        reasons = sorted(session.get_one(Job, j).reason for j in created)
+    assert reasons == ["no routing rule matches (brain-tumor: 2 slice(s), fewer than 3)",
+                       "no routing rule matches (brain-tumor: image type LOCALIZER is excluded)"]
+
+
+def test_instance_arriving_while_scheduling_wins(database: Database, sink: DatabaseSink, tmp_path: Path) -> None:
+    clock, sent = Clock(), []
+    scheduler = _scheduler(database, tmp_path, clock, sent)
+    series = _brain(2)
+    sink.accept(series[0], "PACS")
+    with database.session() as session:
+        series_pk, seen = session.execute(select(Series.id, Series.last_received_at)).one()
+    sink.accept(series[1], "PACS")  # arrives after the scheduler looked
+    assert scheduler._open_job(series_pk, seen) is None
+
+
+def _classification(label: str = "glioma") -> SeriesClassification:
+    probabilities = {"glioma": 0.1, "meningioma": 0.1, "notumor": 0.1, "pituitary": 0.1} | {label: 0.7}
+    return SeriesClassification(label, probabilities, [{"sop_instance_uid": "1.2", "frame": 1, "probabilities": [0.25] * 4}])
+
+
+def _worker(database: Database, heartbeat: datetime | None = None) -> int:
+    with database.session() as session:
+        row = WorkerProcess(hostname="elsewhere", pid=1, heartbeat_at=heartbeat or datetime.now(timezone.utc))
+        session.add(row)
+        session.flush()
+        return row.id
+
+
+def test_job_lifecycle_is_idempotent(database: Database, sink: DatabaseSink, tmp_path: Path) -> None:
+    clock, sent = Clock(), []
+    scheduler = _scheduler(database, tmp_path, clock, sent)
+    for ds in _brain(2):
+        sink.accept(ds, "PACS")
+    clock.now = datetime.now(timezone.utc) + timedelta(seconds=10)
+    [job_id] = scheduler.run_once()
+    me, other = _worker(database), _worker(database)
+    claimed = claim_job(database, job_id, me)
+    assert claimed is not None and claimed.task == "brain-tumor" and len(claimed.paths) == 2
+    assert claim_job(database, job_id, other) is None  # duplicate delivery while a live worker holds it
+    for _ in range(2):  # a retried task finishing twice makes one result
+        finish_job(database, job_id, _classification(), "tiny", "1", "2.25.1", 0.1)
+    assert claim_job(database, job_id, other) is None  # done
+    with database.session() as session:
+        job = session.get_one(Job, job_id)
+        assert job.state == JobState.DONE and job.attempts == 1 and job.finished_at is not None
+        assert session.scalar(select(func.count(Result.id))) == 1
+
+
+def test_dead_worker_jobs_are_requeued(database: Database, sink: DatabaseSink, tmp_path: Path) -> None:
+    clock, sent = Clock(), []
+    scheduler = _scheduler(database, tmp_path, clock, sent)
+    for ds in _brain(1):
+        sink.accept(ds, "PACS")
+    clock.now = datetime.now(timezone.utc) + timedelta(seconds=10)
+    [job_id] = scheduler.run_once()
+    alive = _worker(database)
+    assert claim_job(database, job_id, alive) is not None
+    assert scheduler.requeue_orphans() == 0
+    with database.session() as session:  # the worker stops heartbeating
+        session.execute(
+            update(WorkerProcess).where(WorkerProcess.id == alive).values(heartbeat_at=clock.now - 2 * STALE_AFTER)
+        )
+    scheduler.run_once()
+    assert sent == [job_id, job_id]
+    with database.session() as session:
+        job = session.get_one(Job, job_id)
+        assert job.state == JobState.QUEUED and job.worker_pk is None and "re-queued" in job.reason
+    assert claim_job(database, job_id, _worker(database)) is not None
+
+
+def test_late_instance_reruns_and_supersedes(database: Database, sink: DatabaseSink, tmp_path: Path) -> None:
+    clock, sent = Clock(), []
+    scheduler = _scheduler(database, tmp_path, clock, sent)
+    series = _brain(3)
+    for ds in series[:2]:
+        sink.accept(ds, "PACS")
+    clock.now = datetime.now(timezone.utc) + timedelta(seconds=10)
+    [first] = scheduler.run_once()
+    worker = _worker(database)
+    claim_job(database, first, worker)
+    finish_job(database, first, _classification("glioma"), "tiny", "1", "2.25.1", 0.1)
+    sink.accept(series[2], "PACS")  # late
+    clock.now = datetime.now(timezone.utc) + timedelta(seconds=10)
+    [second] = scheduler.run_once()
+    claimed = claim_job(database, second, worker)
+    assert claimed is not None and len(claimed.paths) == 3
+    finish_job(database, second, _classification("meningioma"), "tiny", "1", "2.25.1", 0.1)
+    with database.session() as session:
+        results = session.scalars(select(Result).order_by(Result.revision)).all()
+        assert [(r.revision, r.label) for r in results] == [(1, "glioma"), (2, "meningioma")]
+        assert results[0].superseded_by_pk == results[1].id and results[1].superseded_by_pk is None
+
+
+def test_older_revision_finishing_last_is_superseded_at_once(
+    database: Database, sink: DatabaseSink, tmp_path: Path
+) -> None:
+    clock, sent = Clock(), []
+    scheduler = _scheduler(database, tmp_path, clock, sent)
+    series = _brain(2)
+    sink.accept(series[0], "PACS")
+    clock.now = datetime.now(timezone.utc) + timedelta(seconds=10)
+    [first] = scheduler.run_once()
+    sink.accept(series[1], "PACS")
+    clock.now = datetime.now(timezone.utc) + timedelta(seconds=10)
+    [second] = scheduler.run_once()
+    w1, w2 = _worker(database), _worker(database)
+    claim_job(database, first, w1)
+    claim_job(database, second, w2)
+    finish_job(database, second, _classification("pituitary"), "tiny", "1", "2.25.1", 0.1)
+    finish_job(database, first, _classification("glioma"), "tiny", "1", "2.25.1", 0.1)
+    with database.session() as session:
+        current = session.scalars(select(Result).where(Result.superseded_by_pk.is_(None))).all()
+        assert [(r.revision, r.label) for r in current] == [(2, "pituitary")]
+
+
+def test_failed_job_keeps_its_reason(database: Database, sink: DatabaseSink, tmp_path: Path) -> None:
+    clock, sent = Clock(), []
+    scheduler = _scheduler(database, tmp_path, clock, sent)
+    for ds in _brain(1):
+        sink.accept(ds, "PACS")
+    clock.now = datetime.now(timezone.utc) + timedelta(seconds=10)
+    [job_id] = scheduler.run_once()
+    claim_job(database, job_id, _worker(database))
+    fail_job(database, job_id, "ImagingError: the dataset has no Pixel Data")
+    with database.session() as session:
+        job = session.get_one(Job, job_id)
+        assert job.state == JobState.FAILED and "no Pixel Data" in job.reason

@@ -1,0 +1,70 @@
+"""The Celery application, configured from the settings.
+
+Embedded default: Celery's filesystem broker under ``data_dir/broker`` (no server) and no result backend (results
+go to our database). Scale-out: a Redis (or AMQP) broker by URL. Either way: late acknowledgement, one message
+prefetched per worker slot, and the ``inference`` queue for :data:`CLASSIFY_SERIES`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from celery import Celery
+
+from config import Settings
+
+INFERENCE_QUEUE = "inference"
+CLASSIFY_SERIES = "dicom_triage.classify_series"
+
+
+def broker_options(settings: Settings) -> dict[str, Any]:
+    """Transport options; for the filesystem broker, its folders (created here) and a short polling interval."""
+    if settings.effective_broker_url.startswith("filesystem://"):
+        queue = settings.broker_dir / "queue"
+        control = settings.broker_dir / "control"
+        for folder in (queue, control):
+            folder.mkdir(parents=True, exist_ok=True)
+        return {
+            # Producer and consumer share one folder: that folder is the queue.
+            "data_folder_in": str(queue),
+            "data_folder_out": str(queue),
+            "control_folder": str(control),
+            # The default 1 s poll would add up to a second to every result's latency.
+            "polling_interval": 0.1,
+        }
+    return {}
+
+
+def create_celery_app(settings: Settings) -> Celery:
+    """A Celery app for ``settings``; :func:`worker.tasks.register_tasks` adds the task in worker processes."""
+    app = Celery("dicom_triage", broker=settings.effective_broker_url, backend=settings.result_backend_url)
+    filesystem = settings.effective_broker_url.startswith("filesystem://")
+    app.conf.update(
+        broker_transport_options=broker_options(settings),
+        broker_connection_retry_on_startup=True,
+        task_default_queue=INFERENCE_QUEUE,
+        task_routes={CLASSIFY_SERIES: {"queue": INFERENCE_QUEUE}},
+        task_serializer="json",
+        accept_content=["json"],
+        task_ignore_result=True,
+        # A message is acknowledged after the task ran, so a worker that dies mid-task does not lose it
+        # (brokers with acknowledgement; for the filesystem broker the database's job state covers it).
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        # Remote control needs broadcast, which the filesystem broker can only poll for: not worth the load.
+        worker_enable_remote_control=not filesystem,
+        worker_hijack_root_logger=False,
+        worker_redirect_stdouts=False,
+    )
+    return app
+
+
+def make_enqueue(app: Celery) -> Callable[[int], None]:
+    """A function sending ``classify_series(job_id)`` to the inference queue (the scheduler's ``enqueue``)."""
+
+    def enqueue(job_id: int) -> None:
+        app.send_task(CLASSIFY_SERIES, args=[job_id], queue=INFERENCE_QUEUE)
+
+    return enqueue

@@ -1,0 +1,96 @@
+"""Classify one series: archive files -> display frames -> model -> slice probabilities -> series result.
+
+Aggregation (:data:`AGGREGATION`): each slice gets a *suspicion* score, one minus the probability of the task's
+negative classes (``notumor``, ``non-COVID``). The series probabilities are the mean class probabilities of the
+most suspicious quarter of its slices (at least one slice); the label is their argmax. Why not the mean of all
+slices: a tumour or COVID lesions show on a minority of slices, and averaging over every slice of a long series
+would dilute a clear finding into "normal"; for a triage tool, missing a finding costs more than a second look.
+A series of normal slices still comes out normal, since its most suspicious slices are normal too. Every slice's
+probabilities are kept with the result (per SOP Instance UID and frame).
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from pydicom import dcmread
+
+from dicom_io.imaging import series_frame_records
+from models.inference import Classifier, default_model_dir
+from models.tasks import Task
+
+#: Fraction of slices (the most suspicious) whose mean gives the series probabilities.
+TOP_FRACTION = 0.25
+AGGREGATION = f"mean of the top {TOP_FRACTION:.0%} most suspicious slices (at least 1)"
+
+
+@dataclass(frozen=True)
+class SeriesClassification:
+    """A series result: the label, probabilities per class, and every slice's probabilities."""
+
+    label: str
+    probabilities: dict[str, float]
+    #: ``[{"sop_instance_uid", "frame", "probabilities": [...]}]`` in spatial order, probabilities in class order.
+    slice_probabilities: list[dict[str, Any]]
+    aggregation: str = AGGREGATION
+
+
+def aggregate(slice_probabilities: np.ndarray, task: Task) -> np.ndarray:
+    """Series probabilities ``(C,)`` from slice probabilities ``(N, C)`` by the rule in :data:`AGGREGATION`."""
+    if slice_probabilities.ndim != 2 or slice_probabilities.shape[0] == 0:
+        raise ValueError("a series needs at least one slice to aggregate")
+    negatives = [task.class_names.index(name) for name in task.negative_classes]
+    suspicion = 1.0 - slice_probabilities[:, negatives].sum(axis=1)
+    count = max(1, math.ceil(TOP_FRACTION * len(suspicion)))
+    top = np.argsort(-suspicion, kind="stable")[:count]
+    return slice_probabilities[top].mean(axis=0)
+
+
+def classify_series_files(paths: Sequence[Path], classifier: Classifier, batch_size: int) -> SeriesClassification:
+    """Read a series' instances from ``paths``, classify every frame and aggregate.
+
+    Raises ``dicom_io.imaging.ImagingError`` (or pydicom's errors) for instances that cannot be decoded.
+    """
+    frames = series_frame_records(dcmread(path) for path in paths)
+    if not frames:
+        raise ValueError("the series has no frames")
+    probabilities = classifier.predict([frame.image for frame in frames], batch_size=batch_size)
+    series = aggregate(probabilities, classifier.task)
+    class_names = classifier.class_names
+    return SeriesClassification(
+        label=class_names[int(np.argmax(series))],
+        probabilities={name: round(float(p), 6) for name, p in zip(class_names, series)},
+        slice_probabilities=[
+            {
+                "sop_instance_uid": frame.sop_instance_uid,
+                "frame": frame.frame_number,
+                "probabilities": [round(float(p), 6) for p in row],
+            }
+            for frame, row in zip(frames, probabilities)
+        ],
+    )
+
+
+class ModelCache:
+    """Each task's classifier, loaded once per process on first use (thread-safe)."""
+
+    def __init__(self, models_dir: Path | None) -> None:
+        self.models_dir = models_dir
+        self._loaded: dict[str, Classifier] = {}
+        self._lock = threading.Lock()
+
+    def model_dir(self, task_name: str) -> Path:
+        """``models_dir/<task>`` when a models directory is configured, else the shipped model."""
+        return self.models_dir / task_name if self.models_dir is not None else default_model_dir(task_name)
+
+    def get(self, task_name: str) -> Classifier:
+        with self._lock:
+            if task_name not in self._loaded:
+                self._loaded[task_name] = Classifier.load(self.model_dir(task_name))
+            return self._loaded[task_name]

@@ -1,0 +1,176 @@
+"""The listener's :class:`InstanceSink`: archive an instance and commit its rows before success goes back.
+
+For each instance: ``archive.store(ds)`` (durable file), then one transaction that upserts the patient, study and
+series, inserts the instance (idempotent on SOP Instance UID) and marks the series pending with a fresh
+last-received time. A late instance of a series already classified marks it pending again; the scheduler then
+re-runs it and the new result supersedes the old. A repeated SOP Instance UID changes nothing.
+"""
+
+from __future__ import annotations
+
+import threading
+from datetime import datetime
+from typing import Any
+
+from pydicom import Dataset
+from sqlalchemy import select, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.orm import Session
+
+from dicom_io.archive import Archive, StoredInstance
+from worker.db import Database, Instance, Patient, RejectedInstance, Series, Study, utcnow
+
+STATUS_SUCCESS = 0x0000
+
+
+def _text(ds: Dataset, keyword: str, limit: int) -> str:
+    """An attribute as text, cut to the column's length (a bad sender can exceed the VR's maximum)."""
+    value = ds.get(keyword)
+    if value is None:
+        return ""
+    if keyword == "ImageType" or (not isinstance(value, str) and hasattr(value, "__iter__")):
+        text = "\\".join(str(v) for v in value)
+    else:
+        text = str(value)
+    return text.strip().replace("\x00", "")[:limit]
+
+
+def _integer(ds: Dataset, keyword: str) -> int | None:
+    try:
+        value = ds.get(keyword)
+        return None if value in (None, "") else int(value)
+    except (TypeError, ValueError):
+        return None
+
+
+class DatabaseSink:
+    """Archives instances and records them (and rejections) in the database; safe to call from many threads."""
+
+    def __init__(self, archive: Archive, database: Database) -> None:
+        self.archive = archive
+        self.database = database
+        # Series primary key and the image types recorded for it, per SeriesInstanceUID; rows are never deleted,
+        # so the cache only saves the upserts of patient, study and series for every instance after the first.
+        self._series: dict[str, tuple[int, frozenset[str]]] = {}
+        self._lock = threading.Lock()
+
+    def accept(self, ds: Dataset, calling_ae: str) -> int:
+        """Archive ``ds`` and commit its row, then return 0x0000 (success): the instance is durable and will be
+        classified. Errors propagate to the listener, which answers a failure status."""
+        stored = self.archive.store(ds)
+        now = utcnow()
+        with self._lock:
+            cached = self._series.get(stored.series_instance_uid)
+        with self.database.session() as session:
+            recorded = self._record(session, ds, stored, calling_ae, now, cached)
+        if recorded is not None:
+            # Cached only after the commit: a rolled-back series row must not be referenced later.
+            with self._lock:
+                self._series[stored.series_instance_uid] = recorded
+        return STATUS_SUCCESS
+
+    def reject(self, calling_ae: str, sop_instance_uid: str | None, reason: str) -> None:
+        """Record an instance (or, with ``sop_instance_uid`` None, an association) the listener refused."""
+        with self.database.session() as session:
+            session.add(
+                RejectedInstance(
+                    calling_ae=calling_ae[:64], sop_instance_uid=(sop_instance_uid or "")[:128], reason=reason
+                )
+            )
+
+    def _insert(self, table: Any) -> Any:
+        dialect = postgresql if self.database.engine.dialect.name == "postgresql" else sqlite
+        return dialect.insert(table)
+
+    def _record(
+        self,
+        session: Session,
+        ds: Dataset,
+        stored: StoredInstance,
+        calling_ae: str,
+        now: datetime,
+        cached: tuple[int, frozenset[str]] | None,
+    ) -> tuple[int, frozenset[str]] | None:
+        """Insert the instance row; return the series' key and image types, or ``None`` for a repeat."""
+        image_types = frozenset(t for t in _text(ds, "ImageType", 256).upper().split("\\") if t)
+        series_pk = cached[0] if cached else self._upsert_series(session, ds, stored, now)
+        inserted = session.execute(
+            self._insert(Instance)
+            .values(
+                sop_instance_uid=stored.sop_instance_uid,
+                series_pk=series_pk,
+                sop_class_uid=stored.sop_class_uid,
+                instance_number=_integer(ds, "InstanceNumber"),
+                number_of_frames=max(1, _integer(ds, "NumberOfFrames") or 1),
+                transfer_syntax_uid=stored.transfer_syntax_uid,
+                archive_path=str(stored.path),
+                calling_ae=calling_ae[:16],
+                received_at=now,
+            )
+            .on_conflict_do_nothing(index_elements=["sop_instance_uid"])
+        )
+        if inserted.rowcount == 0:
+            return None  # a repeated SOP Instance UID: already recorded, nothing changes
+        values: dict[str, Any] = {"last_received_at": now, "pending": True}
+        known_types = cached[1] if cached else None
+        if known_types is None or not image_types <= known_types:
+            current = session.scalar(select(Series.image_types).where(Series.id == series_pk)) or ""
+            merged = frozenset(t for t in current.split("\\") if t) | image_types
+            values["image_types"] = "\\".join(sorted(merged))[:256]
+            known_types = merged
+        session.execute(update(Series).where(Series.id == series_pk).values(**values))
+        return series_pk, known_types
+
+    def _upsert_series(self, session: Session, ds: Dataset, stored: StoredInstance, now: datetime) -> int:
+        patient_id = _text(ds, "PatientID", 64)
+        issuer = _text(ds, "IssuerOfPatientID", 64)
+        session.execute(
+            self._insert(Patient)
+            .values(
+                patient_id=patient_id,
+                issuer_of_patient_id=issuer,
+                patient_name=_text(ds, "PatientName", 324),
+                birth_date=_text(ds, "PatientBirthDate", 8),
+                sex=_text(ds, "PatientSex", 16),
+                created_at=now,
+            )
+            .on_conflict_do_nothing(index_elements=["patient_id", "issuer_of_patient_id"])
+        )
+        patient_pk = session.scalar(
+            select(Patient.id).where(Patient.patient_id == patient_id, Patient.issuer_of_patient_id == issuer)
+        )
+        session.execute(
+            self._insert(Study)
+            .values(
+                study_instance_uid=stored.study_instance_uid,
+                patient_pk=patient_pk,
+                accession_number=_text(ds, "AccessionNumber", 16),
+                study_date=_text(ds, "StudyDate", 8),
+                study_description=_text(ds, "StudyDescription", 64),
+                created_at=now,
+            )
+            .on_conflict_do_nothing(index_elements=["study_instance_uid"])
+        )
+        study_pk = session.scalar(select(Study.id).where(Study.study_instance_uid == stored.study_instance_uid))
+        session.execute(
+            self._insert(Series)
+            .values(
+                series_instance_uid=stored.series_instance_uid,
+                study_pk=study_pk,
+                modality=_text(ds, "Modality", 16),
+                body_part_examined=_text(ds, "BodyPartExamined", 16).upper(),
+                series_description=_text(ds, "SeriesDescription", 64),
+                series_number=_integer(ds, "SeriesNumber"),
+                first_received_at=now,
+                last_received_at=now,
+                pending=True,
+                revision=0,
+            )
+            .on_conflict_do_nothing(index_elements=["series_instance_uid"])
+        )
+        series_pk = session.scalar(
+            select(Series.id).where(Series.series_instance_uid == stored.series_instance_uid)
+        )
+        if series_pk is None:
+            raise RuntimeError(f"series {stored.series_instance_uid} was not recorded")
+        return series_pk

@@ -1,0 +1,164 @@
+"""Series completion: the scheduler that turns quiet series into jobs and keeps the queue honest.
+
+A series is ready when no instance arrived for ``settings.series_quiet_seconds``. The scheduler then, in one
+transaction, clears the series' ``pending`` flag (only if no instance arrived since it looked: the update names
+the last-received time it saw), routes it and creates the next job revision (``received``, or ``not_applicable``
+with the reason). After the commit it sends ``received`` jobs to the ``inference`` queue and marks them
+``queued``. Everything lives in the database, so a restart of any process loses nothing: a job created but not
+yet sent is sent by the next round, and a ``running`` job whose worker process died is sent again.
+
+Several schedulers (several ``listen`` processes) may run against one database; a job may then be sent twice,
+which the idempotent task tolerates.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from datetime import datetime, timedelta
+
+from sqlalchemy import func, or_, select, update
+
+from config import Settings
+from worker.db import Database, Instance, Job, JobState, Series, Study, WorkerProcess, utcnow
+from worker.routing import SeriesFacts, route
+from worker.workers import STALE_AFTER
+
+log = logging.getLogger(__name__)
+
+#: Sends ``classify_series(job_id)`` to the inference queue (see :func:`worker.celery_app.make_enqueue`).
+Enqueue = Callable[[int], None]
+
+#: Series examined per round; a backlog is worked off over several rounds.
+BATCH = 500
+
+
+class SeriesScheduler:
+    """Creates jobs for quiet series, sends them to the queue and re-sends the jobs of dead workers."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        database: Database,
+        enqueue: Enqueue,
+        clock: Callable[[], datetime] = utcnow,
+    ) -> None:
+        self.settings = settings
+        self.database = database
+        self.enqueue = enqueue
+        self.clock = clock
+        self.quiet = timedelta(seconds=settings.series_quiet_seconds)
+        #: Seconds between rounds: a fraction of the quiet time, so a series is picked up soon after it is ready.
+        self.poll_seconds = min(1.0, max(0.05, settings.series_quiet_seconds / 4))
+
+    def run_once(self) -> list[int]:
+        """One round; returns the ids of the jobs created."""
+        created = self.open_ready_series()
+        self.requeue_orphans()
+        self.send_received_jobs()
+        return created
+
+    def run(self, stop: threading.Event) -> None:
+        """Rounds until ``stop`` is set; errors (database or broker briefly away) are logged and retried."""
+        while not stop.is_set():
+            try:
+                self.run_once()
+            except Exception:
+                log.exception("scheduler round failed; retrying")
+                stop.wait(min(5.0, 10 * self.poll_seconds))
+                continue
+            stop.wait(self.poll_seconds)
+
+    def open_ready_series(self) -> list[int]:
+        cutoff = self.clock() - self.quiet
+        with self.database.session() as session:
+            ready = session.execute(
+                select(Series.id, Series.last_received_at)
+                .where(Series.pending.is_(True), Series.last_received_at <= cutoff)
+                .order_by(Series.last_received_at)
+                .limit(BATCH)
+            ).all()
+        created = []
+        for series_pk, seen in ready:
+            job_id = self._open_job(series_pk, seen)
+            if job_id is not None:
+                created.append(job_id)
+        return created
+
+    def _open_job(self, series_pk: int, seen: datetime) -> int | None:
+        now = self.clock()
+        with self.database.session() as session:
+            claimed = session.execute(
+                update(Series)
+                .where(Series.id == series_pk, Series.pending.is_(True), Series.last_received_at == seen)
+                .values(pending=False, revision=Series.revision + 1)
+            )
+            if claimed.rowcount == 0:
+                return None  # an instance arrived meanwhile, or another scheduler took it
+            series = session.get_one(Series, series_pk)
+            study_description = session.scalar(select(Study.study_description).where(Study.id == series.study_pk))
+            instances, frames = session.execute(
+                select(func.count(Instance.id), func.coalesce(func.sum(Instance.number_of_frames), 0)).where(
+                    Instance.series_pk == series_pk
+                )
+            ).one()
+            facts = SeriesFacts(
+                modality=series.modality,
+                body_part_examined=series.body_part_examined,
+                study_description=study_description or "",
+                series_description=series.series_description,
+                image_types=frozenset(t for t in series.image_types.split("\\") if t),
+                slice_count=int(frames),
+            )
+            decision = route(facts, self.settings.routing_rules)
+            job = Job(
+                series_pk=series_pk,
+                revision=series.revision,
+                state=JobState.RECEIVED if decision.task else JobState.NOT_APPLICABLE,
+                task=decision.task,
+                reason=decision.reason,
+                instance_count=int(instances),
+                series_last_received_at=seen,
+                created_at=now,
+                finished_at=None if decision.task else now,
+            )
+            session.add(job)
+            session.flush()
+            log.info("series %s revision %d: %s", series.series_instance_uid, job.revision, decision.reason)
+            return job.id
+
+    def requeue_orphans(self) -> int:
+        """Put ``running`` jobs whose worker process is gone back to ``received``; returns how many."""
+        stale = self.clock() - STALE_AFTER
+        with self.database.session() as session:
+            orphans = select(Job.id).outerjoin(WorkerProcess, Job.worker_pk == WorkerProcess.id).where(
+                Job.state == JobState.RUNNING,
+                or_(WorkerProcess.id.is_(None), WorkerProcess.heartbeat_at < stale),
+            )
+            ids = list(session.scalars(orphans))
+            if ids:
+                session.execute(
+                    update(Job)
+                    .where(Job.id.in_(ids), Job.state == JobState.RUNNING)
+                    .values(state=JobState.RECEIVED, worker_pk=None, reason="worker process lost; re-queued")
+                )
+                log.warning("re-queued %d job(s) whose worker process died", len(ids))
+        return len(ids)
+
+    def send_received_jobs(self) -> int:
+        """Send every ``received`` job to the queue and mark it ``queued``; returns how many were sent."""
+        with self.database.session() as session:
+            ids = list(
+                session.scalars(select(Job.id).where(Job.state == JobState.RECEIVED).order_by(Job.id).limit(BATCH))
+            )
+        for job_id in ids:
+            self.enqueue(job_id)
+            with self.database.session() as session:
+                # A fast worker may already have moved it on; only a still-received job becomes queued.
+                session.execute(
+                    update(Job)
+                    .where(Job.id == job_id, Job.state == JobState.RECEIVED)
+                    .values(state=JobState.QUEUED, queued_at=self.clock())
+                )
+        return len(ids)

@@ -1,0 +1,204 @@
+"""The long-running processes: ``listen`` (listener + scheduler), ``worker`` (Celery) and ``serve`` (both).
+
+Each process brings the database schema up to date at start. ``serve`` runs the listener and scheduler in itself
+and the Celery worker as a child process (TensorFlow stays out of the listener; a crashed worker is restarted).
+SIGTERM and SIGINT shut every part down cleanly: the listener stops accepting, the worker finishes (Celery's warm
+shutdown) or, if killed, leaves its jobs to be re-queued.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from config import Settings
+from dicom_io.archive import Archive
+from dicom_io.listener import StorageListener
+from models.tasks import get_task
+from worker.celery_app import INFERENCE_QUEUE, create_celery_app, make_enqueue
+from worker.db import Database, upgrade_database
+from worker.ingest import DatabaseSink
+from worker.inference import ModelCache
+from worker.series import SeriesScheduler
+from worker.tasks import WorkerContext, register_tasks
+from worker.workers import WorkerRegistration, worker_registered
+
+log = logging.getLogger(__name__)
+
+#: Seconds a worker gets to finish its task on shutdown before it is killed (its job is then re-queued).
+WORKER_SHUTDOWN_SECONDS = 60.0
+
+
+def open_database(settings: Settings) -> Database:
+    database = Database(settings.effective_database_url)
+    upgrade_database(database)
+    return database
+
+
+def stop_on_signals() -> threading.Event:
+    """An event set by SIGTERM or SIGINT (installed in the main thread)."""
+    stop = threading.Event()
+
+    def handler(signum: int, _frame: object) -> None:
+        log.info("received %s; shutting down", signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
+    return stop
+
+
+class Ingest:
+    """The listener, its database sink and the series scheduler (a background thread)."""
+
+    def __init__(self, settings: Settings, database: Database) -> None:
+        self.settings = settings
+        archive = Archive(settings.archive_dir)
+        self.listener = StorageListener(
+            ae_title=settings.ae_title,
+            host=settings.dicom_host,
+            port=settings.dicom_port,
+            sink=DatabaseSink(archive, database),
+            allowed_calling_aes=settings.allowed_calling_aes,
+            max_associations=settings.max_associations,
+            min_free_bytes=settings.min_free_disk_mb * 1024 * 1024,
+            archive_root=settings.archive_dir,
+        )
+        self.scheduler = SeriesScheduler(settings, database, make_enqueue(create_celery_app(settings)))
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self.scheduler.run, args=(self._stop,), name="scheduler", daemon=True)
+
+    def start(self) -> None:
+        self.listener.start()
+        self._thread.start()
+
+    def stop(self) -> None:
+        self.listener.stop()
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+    def describe(self) -> str:
+        return f"DICOM {self.settings.ae_title}@{self.settings.dicom_host}:{self.listener.port}"
+
+
+def _ready(message: str) -> None:
+    print(f"dicom-triage ready: {message}", flush=True)
+
+
+def run_listen(settings: Settings) -> int:
+    """``dicom-triage listen``: receive, archive, record, and schedule series until signalled."""
+    stop = stop_on_signals()
+    database = open_database(settings)
+    ingest = Ingest(settings, database)
+    ingest.start()
+    _ready(f"{ingest.describe()}, data {settings.data_dir}")
+    try:
+        stop.wait()
+    finally:
+        ingest.stop()
+        database.dispose()
+    return 0
+
+
+def run_worker(settings: Settings) -> int:
+    """``dicom-triage worker``: a Celery worker on the inference queue, models loaded once, until signalled."""
+    database = open_database(settings)
+    models = ModelCache(settings.models_dir)
+    for task in sorted({rule.task for rule in settings.routing_rules}):
+        # Load at start so the first series does not wait for it; a task without a model fails its jobs.
+        try:
+            models.get(get_task(task).name)
+        except (OSError, ValueError) as exc:
+            log.error("no usable model for %s: %s", task, exc)
+    registration = WorkerRegistration(database)
+    app = create_celery_app(settings)
+    register_tasks(app, WorkerContext(settings, database, models, registration.id))
+    try:
+        worker = app.Worker(
+            hostname=f"inference-{registration.pid}@{registration.hostname}",
+            queues=[INFERENCE_QUEUE],
+            pool="threads",
+            concurrency=settings.worker_concurrency,
+            without_gossip=True,
+            without_mingle=True,
+            without_heartbeat=True,
+            loglevel="INFO",
+        )
+        worker.start()
+        return int(worker.exitcode or 0)
+    finally:
+        registration.close()
+        database.dispose()
+
+
+def worker_command(settings: Settings, config_file: Path | None) -> list[str]:
+    """The command line of a ``dicom-triage worker`` child with the same settings as this process."""
+    command = [sys.executable, "-m", "worker.cli", "worker", "--data-dir", str(settings.data_dir)]
+    if config_file is not None:
+        command += ["--config", str(config_file)]
+    return command
+
+
+class WorkerChild:
+    """A ``dicom-triage worker`` subprocess, restarted if it dies (at most every few seconds)."""
+
+    RESTART_SECONDS = 3.0
+
+    def __init__(self, command: Sequence[str]) -> None:
+        self.command = list(command)
+        self.process: subprocess.Popen[bytes] | None = None
+        self._started = 0.0
+
+    @property
+    def pid(self) -> int | None:
+        return self.process.pid if self.process is not None else None
+
+    def ensure_running(self) -> None:
+        if self.process is not None:
+            if self.process.poll() is None or time.monotonic() - self._started < self.RESTART_SECONDS:
+                return
+            log.error("worker process exited with %s; restarting it", self.process.returncode)
+        self.process = subprocess.Popen(self.command)
+        self._started = time.monotonic()
+
+    def stop(self) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(timeout=WORKER_SHUTDOWN_SECONDS)
+        except subprocess.TimeoutExpired:
+            log.error("worker did not stop within %.0f s; killing it", WORKER_SHUTDOWN_SECONDS)
+            self.process.kill()
+            self.process.wait()
+
+
+def run_serve(settings: Settings, config_file: Path | None) -> int:
+    """``dicom-triage serve``: listener, scheduler and a worker child; prints one line when all are up."""
+    stop = stop_on_signals()
+    database = open_database(settings)
+    ingest = Ingest(settings, database)
+    child = WorkerChild(worker_command(settings, config_file))
+    ready = False
+    try:
+        ingest.start()
+        child.ensure_running()
+        while not stop.wait(0.5):
+            if not ready and child.pid is not None and worker_registered(database, child.pid):
+                ready = True
+                _ready(f"{ingest.describe()}, worker pid {child.pid}, data {settings.data_dir}")
+            child.ensure_running()
+    finally:
+        ingest.stop()
+        child.stop()
+        database.dispose()
+    return 0
+
+
+__all__ = ["Ingest", "run_listen", "run_serve", "run_worker"]
