@@ -1,0 +1,69 @@
+"""Routing rules: which task a series gets, or not_applicable with a reason that names each rule's objection."""
+
+from __future__ import annotations
+
+import pytest
+
+from config import ConfigError, RoutingRule
+from config.settings import DEFAULT_ROUTING_RULES
+from worker.routing import SeriesFacts, check_rules, route
+
+
+def facts(**overrides: object) -> SeriesFacts:
+    values: dict[str, object] = {
+        "modality": "MR",
+        "body_part_examined": "BRAIN",
+        "study_description": "MRI BRAIN W/WO",
+        "series_description": "AX T1 POST",
+        "image_types": frozenset({"ORIGINAL", "PRIMARY", "OTHER"}),
+        "slice_count": 20,
+    }
+    values.update(overrides)
+    return SeriesFacts(**values)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "task"),
+    [
+        ({}, "brain-tumor"),
+        ({"body_part_examined": ""}, "brain-tumor"),  # many MR scanners leave BodyPartExamined empty
+        ({"modality": "CT", "body_part_examined": "CHEST"}, "covid-ct"),
+        ({"modality": "CT", "body_part_examined": "thorax"}, "covid-ct"),
+        ({"modality": "CT", "body_part_examined": "BRAIN"}, None),
+        ({"modality": "US", "body_part_examined": ""}, None),
+        ({"image_types": frozenset({"ORIGINAL", "PRIMARY", "LOCALIZER"})}, None),
+        ({"modality": "CT", "body_part_examined": "CHEST", "image_types": frozenset({"SCOUT"})}, None),
+    ],
+)
+def test_default_rules(overrides: dict[str, object], task: str | None) -> None:
+    assert route(facts(**overrides), DEFAULT_ROUTING_RULES).task == task
+
+
+def test_reason_names_each_rule() -> None:
+    decision = route(facts(modality="US", body_part_examined="ABDOMEN"), DEFAULT_ROUTING_RULES)
+    assert decision.task is None
+    assert decision.reason == (
+        "no routing rule matches (brain-tumor: modality US not in MR; covid-ct: modality US not in CT)"
+    )
+
+
+def test_description_patterns_and_min_slices() -> None:
+    rule = RoutingRule(task="brain-tumor", modalities=("MR",), series_description=r"\bT1\b", min_slices=10)
+    assert route(facts(), (rule,)).task == "brain-tumor"
+    assert "does not match" in route(facts(series_description="AX FLAIR"), (rule,)).reason
+    assert route(facts(slice_count=9), (rule,)).reason.endswith("9 slice(s), fewer than 10)")
+    study_rule = RoutingRule(task="brain-tumor", study_description="brain")
+    assert route(facts(study_description="MRI BRAIN"), (study_rule,)).task == "brain-tumor"  # case-insensitive
+    assert route(facts(study_description="MRI KNEE"), (study_rule,)).task is None
+
+
+def test_first_matching_rule_wins_and_empty_rules() -> None:
+    rules = (RoutingRule(task="covid-ct"), RoutingRule(task="brain-tumor"))
+    assert route(facts(), rules).task == "covid-ct"
+    assert route(facts(), ()).reason == "no routing rules are configured"
+
+
+def test_unknown_task_is_a_config_error() -> None:
+    check_rules(DEFAULT_ROUTING_RULES)
+    with pytest.raises(ConfigError, match="unknown task.*'knee-xray'"):
+        check_rules((RoutingRule(task="knee-xray"),))
