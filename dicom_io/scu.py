@@ -31,14 +31,12 @@ class AssociationError(ConnectionError):
 
 
 def _describe_failure(assoc: Association) -> str:
+    if assoc.acceptor.primitive is None:  # the peer never answered our A-ASSOCIATE-RQ
+        return "no association (connection refused, timed out or aborted)"
     if assoc.is_rejected:
         primitive = assoc.acceptor.primitive
-        if primitive is not None:
-            return f"association rejected ({primitive.result_str}, {primitive.source_str}: {primitive.reason_str})"
-        return "association rejected"
-    if assoc.is_aborted:
-        return "association aborted"
-    return "no association (connection refused or timed out)"
+        return f"association rejected ({primitive.result_str}, {primitive.source_str}: {primitive.reason_str})"
+    return "association aborted"
 
 
 def _contexts_for(items: Sequence[tuple[str, str]]) -> list[PresentationContext]:
