@@ -1,0 +1,56 @@
+"""The ``train`` and ``evaluate`` subcommands of ``dicom-triage``; heavy imports wait until a handler runs."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from models.tasks import TASKS
+
+ARCHITECTURE_NAMES = ("triage-cnn", "study-brain-cnn", "study-covid-cnn", "resnet50", "threshold")
+
+
+def _train(args: Any) -> int:
+    from training.train import handle_train
+
+    return handle_train(args)
+
+
+def _evaluate(args: Any) -> int:
+    from training.evaluate import handle_evaluate
+
+    return handle_evaluate(args)
+
+
+def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
+    """Add ``train`` and ``evaluate`` to the ``dicom-triage`` command."""
+    train = subparsers.add_parser("train", help="train a classifier on an image-folder dataset")
+    train.add_argument("task", choices=sorted(TASKS))
+    train.add_argument("--data", required=True, help="folder with <class>/ or Training/<class>/ + Testing/<class>/")
+    train.add_argument("--arch", default="triage-cnn", choices=ARCHITECTURE_NAMES)
+    train.add_argument("--out", required=True, help="folder to write model.keras, card.json and figures into")
+    train.add_argument("--epochs", type=int, default=60)
+    train.add_argument("--batch-size", type=int, default=32)
+    train.add_argument("--learning-rate", type=float, default=1e-3)
+    train.add_argument("--patience", type=int, default=12, help="early-stopping patience (epochs) on val_loss")
+    train.add_argument("--label-smoothing", type=float, default=0.0)
+    train.add_argument("--validation-fraction", type=float, default=0.15,
+                       help="group-aware share of Training for validation (official splits and CV folds)")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--dropout", type=float, default=None, help="head dropout (default: the architecture's)")
+    train.add_argument("--no-batch-norm", action="store_true", help="study CNNs without BatchNormalization")
+    train.add_argument("--no-augmentation", action="store_true")
+    train.add_argument("--no-class-weights", action="store_true")
+    train.add_argument("--input-size", help="HxW or HxWxC (default: the architecture's)")
+    train.add_argument("--weights", help="resnet50 only: 'imagenet' (from Keras' cache, never downloaded) or a file")
+    train.add_argument("--cv", type=int, default=0, metavar="K", help="also run K-fold cross-validation (cards: cvK)")
+    train.set_defaults(handler=_train)
+
+    evaluate = subparsers.add_parser("evaluate", help="evaluate a saved classifier on a dataset's test splits")
+    evaluate.add_argument("task", choices=sorted(TASKS))
+    evaluate.add_argument("--data", required=True)
+    evaluate.add_argument("--model", help="model folder (default: the shipped model of the task)")
+    evaluate.add_argument("--json", help="write every figure shown, keyed by split name, to this JSON file")
+    evaluate.add_argument("--figures", help="folder for the PNGs (default: beside --json, else the current folder)")
+    evaluate.add_argument("--batch-size", type=int, default=32)
+    evaluate.set_defaults(handler=_evaluate)

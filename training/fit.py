@@ -1,0 +1,129 @@
+"""Compile and fit a model: optimizer, loss, callbacks and class weights in one place.
+
+Imports Keras only (no TensorFlow), so the same code trains on a Keras-JAX GPU host from numpy arrays and here
+from ``tf.data`` pipelines.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import keras
+import numpy as np
+
+from models.architectures import Augmentation, with_augmentation
+
+
+@dataclass
+class TrainConfig:
+    """Every training choice; recorded in the model card."""
+
+    epochs: int = 60
+    batch_size: int = 32
+    learning_rate: float = 1e-3
+    early_stopping_patience: int = 12
+    reduce_lr_patience: int = 4
+    min_learning_rate: float = 1e-5
+    label_smoothing: float = 0.0
+    class_weights: bool = True
+    validation_fraction: float = 0.15
+    seed: int = 0
+    dropout: float | None = None
+    batch_norm: bool = True
+    augmentation: Augmentation = field(default_factory=Augmentation)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["augmentation"] = self.augmentation.to_dict()
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
+        values = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
+        values["augmentation"] = Augmentation(**values.get("augmentation", {}))
+        return cls(**values)
+
+
+def balanced_class_weights(labels: np.ndarray, num_classes: int) -> dict[int, float]:
+    """``n / (k * count)`` per class, so each class weighs the same in the loss."""
+    counts = np.bincount(labels, minlength=num_classes).astype(float)
+    return {c: float(len(labels) / (num_classes * counts[c])) if counts[c] else 0.0 for c in range(num_classes)}
+
+
+def compile_for_training(model: keras.Model, config: TrainConfig) -> keras.Model:
+    """The model to fit: ``model`` behind its augmentation, compiled with Adam and categorical cross-entropy."""
+    keras.utils.set_random_seed(config.seed)
+    trainable = with_augmentation(model, config.augmentation, seed=config.seed)
+    trainable.compile(
+        optimizer=keras.optimizers.Adam(config.learning_rate),
+        loss=keras.losses.CategoricalCrossentropy(label_smoothing=config.label_smoothing),
+        metrics=["accuracy"],
+    )
+    return trainable
+
+
+class _EpochLog(keras.callbacks.Callback):
+    """One line per epoch (so progress shows in logs without Keras' progress bar), flushed at once."""
+
+    def __init__(self, prefix: str = "") -> None:
+        super().__init__()
+        self.prefix = prefix
+
+    def on_epoch_end(self, epoch: int, logs: dict[str, float] | None = None) -> None:
+        logs = logs or {}
+        lr = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
+        shown = " ".join(f"{k}={v:.4f}" for k, v in sorted(logs.items()) if k != "learning_rate")
+        print(f"{self.prefix}epoch {epoch + 1}: {shown} lr={lr:.2e}", flush=True)
+
+
+def training_callbacks(config: TrainConfig, checkpoint_dir: Path | None, prefix: str = "") -> list[Any]:
+    """EarlyStopping on val_loss restoring the best weights, best-epoch checkpoint, ReduceLROnPlateau (x0.5)."""
+    callbacks: list[Any] = [
+        keras.callbacks.EarlyStopping(
+            monitor="val_loss", patience=config.early_stopping_patience, restore_best_weights=True
+        ),
+        keras.callbacks.ReduceLROnPlateau(
+            monitor="val_loss", factor=0.5, patience=config.reduce_lr_patience, min_lr=config.min_learning_rate
+        ),
+        _EpochLog(prefix),
+    ]
+    if checkpoint_dir is not None:
+        checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        callbacks.append(keras.callbacks.ModelCheckpoint(
+            str(checkpoint_dir / "best.weights.h5"), monitor="val_loss", save_best_only=True, save_weights_only=True
+        ))
+    return callbacks
+
+
+def fit(
+    model: keras.Model,
+    train: Any,
+    validation: Any,
+    train_labels: np.ndarray,
+    config: TrainConfig,
+    checkpoint_dir: Path | None = None,
+    prefix: str = "",
+) -> dict[str, list[float]]:
+    """Train ``model`` in place; return the per-epoch history.
+
+    ``train``/``validation`` are batched ``tf.data`` datasets of (image, one-hot) or ``(x, y_onehot)`` numpy pairs.
+    ``train_labels`` (integers) give the class weights.
+    """
+    trainable = compile_for_training(model, config)
+    num_classes = model.output_shape[-1]
+    weights = balanced_class_weights(train_labels, num_classes) if config.class_weights else None
+    arguments: dict[str, Any] = dict(
+        epochs=config.epochs, validation_data=validation, class_weight=weights, verbose=0,
+        callbacks=training_callbacks(config, checkpoint_dir, prefix),
+    )
+    if isinstance(train, tuple):
+        history = trainable.fit(train[0], train[1], batch_size=config.batch_size, shuffle=True, **arguments)
+    else:
+        history = trainable.fit(train, shuffle=False, **arguments)  # the dataset shuffles itself
+    return {key: [float(v) for v in values] for key, values in history.history.items()}
+
+
+def one_hot(labels: np.ndarray, num_classes: int) -> np.ndarray:
+    return np.eye(num_classes, dtype=np.float32)[labels]

@@ -1,0 +1,119 @@
+"""The ``train`` command: decode, split duplicate-aware, fit, save model + card, evaluate, optionally cross-validate."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from models.architectures import build_model, default_input_spec, fit_threshold_model, is_gradient_trained
+from models.card import CARD_FILE, MODEL_FILE, ModelCard
+from models.inference import Classifier
+from models.preprocessing import InputSpec
+from models.tasks import Task, get_task
+from training.data import DataError, Splits, cross_validation_parts, load_and_split
+from training.evaluate import evaluate_splits, write_figures
+from training.fit import TrainConfig, fit
+from training.metrics import format_metrics
+from training.pipeline import image_dataset, prepared_array
+
+
+def train_one(arch: str, task: Task, spec: InputSpec, splits: Splits, train: np.ndarray, validation: np.ndarray,
+              config: TrainConfig, weights: str | None, checkpoint_dir: Path | None, prefix: str = ""):
+    """Build and train one model on index sets of ``splits.images``; return (model, history)."""
+    images, labels = splits.images.images, splits.images.label_array
+    model = build_model(arch, task, spec, dropout=config.dropout, batch_norm=config.batch_norm, weights=weights)
+    if not is_gradient_trained(arch):
+        means = fit_threshold_model(model, prepared_array([images[i] for i in train], spec), labels[train])
+        print(f"{prefix}class means of the black-pixel fraction: {np.round(means, 4).tolist()}", flush=True)
+        return model, {}
+    def dataset(indices: np.ndarray, seed: int | None):
+        return image_dataset([images[i] for i in indices], labels[indices], task.num_classes, spec,
+                             config.batch_size, shuffle_seed=seed)
+    history = fit(model, dataset(train, config.seed), dataset(validation, None), labels[train], config,
+                  checkpoint_dir, prefix)
+    return model, history
+
+
+def run_train(task: Task, data_dir: Path, arch: str, out_dir: Path, config: TrainConfig, spec: InputSpec | None,
+              weights: str | None, cv_folds: int) -> int:
+    spec = spec or default_input_spec(arch, task)
+    splits = load_and_split(data_dir, task, config.seed, config.validation_fraction)
+    print(splits.images.report(), file=sys.stderr)
+    print(splits.describe(), file=sys.stderr)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    started = time.process_time(), time.time()
+    model, history = train_one(arch, task, spec, splits, splits.train, splits.validation, config, weights,
+                               out_dir / "checkpoints")
+    cpu_seconds, wall_seconds = time.process_time() - started[0], time.time() - started[1]
+    model.save(out_dir / MODEL_FILE)
+    card = ModelCard(
+        task=task.name, class_names=list(task.class_names), architecture=arch, input_spec=spec,
+        training={
+            "config": config.to_dict(), "weights": weights, "epochs_run": len(history.get("loss", [])),
+            "history": history, "train_cpu_seconds": round(cpu_seconds, 1), "train_wall_seconds": round(wall_seconds, 1),
+            "split": splits.describe(), "skipped_files": [str(p) for p, _ in splits.images.skipped],
+            "test_manifest_sha256": splits.images.subset(splits.test).manifest_sha256(),
+        },
+        dataset_manifest_sha256=splits.images.manifest_sha256(),
+    )
+    card.save(out_dir / CARD_FILE)
+    # Evaluate through the saved files and the inference path, exactly as the worker will run the model.
+    classifier = Classifier.load(out_dir)
+    results = evaluate_splits(classifier, splits, config.batch_size)
+    for name, metrics in results.items():
+        print(format_metrics(name, metrics))
+    card.metrics.update({name: {k: v for k, v in m.items() if k != "class_names"} for name, m in results.items()})
+    if cv_folds:
+        card.metrics[f"cv{cv_folds}"] = cross_validate(arch, task, spec, splits, config, weights, cv_folds)
+    card.save(out_dir / CARD_FILE)
+    write_figures(results, card, out_dir)
+    print(f"saved {out_dir / MODEL_FILE} and {out_dir / CARD_FILE} (uid {card.uid})", file=sys.stderr)
+    return 0
+
+
+def cross_validate(arch: str, task: Task, spec: InputSpec, splits: Splits, config: TrainConfig, weights: str | None,
+                   folds: int) -> dict[str, Any]:
+    """Group-aware k-fold cross-validation over every image; mean and standard deviation of fold accuracy."""
+    labels = splits.images.label_array
+    accuracies = []
+    for fold, (train, validation, test) in enumerate(
+            cross_validation_parts(labels, splits.groups, folds, config.seed, config.validation_fraction)):
+        model, _ = train_one(arch, task, spec, splits, train, validation, config, weights, None, prefix=f"fold {fold + 1}: ")
+        probabilities = model.predict(prepared_array([splits.images.images[i] for i in test], spec), verbose=0)
+        accuracies.append(float((probabilities.argmax(1) == labels[test]).mean()))
+        print(f"fold {fold + 1}/{folds}: accuracy {accuracies[-1]:.2%} on {len(test)} images", flush=True)
+    return {"accuracy": float(np.mean(accuracies)), "std": float(np.std(accuracies)), "folds": accuracies}
+
+
+def parse_input_size(text: str) -> InputSpec:
+    """``HxW`` or ``HxWxC`` (e.g. ``128x128x1``) -> :class:`InputSpec`."""
+    try:
+        numbers = [int(part) for part in text.lower().split("x")]
+        if len(numbers) not in (2, 3):
+            raise ValueError
+        return InputSpec(*numbers)
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"--input-size {text!r}: expected HxW or HxWxC with C 1 or 3 ({exc})") from None
+
+
+def handle_train(args: Any) -> int:
+    from models.architectures import Augmentation
+
+    try:
+        config = TrainConfig(
+            epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.learning_rate,
+            early_stopping_patience=args.patience, label_smoothing=args.label_smoothing,
+            class_weights=not args.no_class_weights, validation_fraction=args.validation_fraction, seed=args.seed,
+            dropout=args.dropout, batch_norm=not args.no_batch_norm,
+            augmentation=Augmentation.none() if args.no_augmentation else Augmentation(),
+        )
+        spec = parse_input_size(args.input_size) if args.input_size else None
+        return run_train(get_task(args.task), Path(args.data), args.arch, Path(args.out), config, spec, args.weights,
+                         args.cv)
+    except (DataError, FileNotFoundError, ValueError) as exc:
+        print(f"train: {exc}", file=sys.stderr)
+        return 2
