@@ -185,6 +185,7 @@ def _set_pixels(ds: Dataset, stored: np.ndarray, bits_stored: int, signed: bool,
     ds.HighBit = bits_stored - 1
     ds.PixelRepresentation = 1 if signed else 0
     ds.PixelData = stored.astype("<i2" if signed else "<u2").tobytes()
+    ds["PixelData"].VR = "OW"
 
 
 def _study_defaults(
@@ -437,5 +438,5 @@ def encode(ds: Dataset, transfer_syntax_uid: str) -> Dataset:
         options["jls_error"] = 2
     elif syntax == JPEG2000:
         options["j2k_cr"] = [10]
-    native.compress(syntax, **options)
+    native.compress(syntax, generate_instance_uid=False, **options)
     return native

@@ -1,0 +1,107 @@
+"""dicom_io.archive: layout, durability protocol, idempotence, transfer syntax kept, unsafe UIDs refused."""
+
+from __future__ import annotations
+
+import shutil
+import threading
+from pathlib import Path
+
+import pytest
+from pydicom import Dataset, dcmread
+from pydicom.uid import JPEGLSLossless, generate_uid
+
+from dicom_factory import brain_images
+from dicom_io import synthesis
+from dicom_io.archive import Archive
+
+
+@pytest.fixture(scope="module")
+def mr() -> list[Dataset]:
+    return synthesis.mr_series(brain_images(2, seed=7))
+
+
+def _leftovers(root: Path) -> list[Path]:
+    return [p for p in root.rglob("*") if p.is_file() and p.suffix != ".dcm"]
+
+
+def test_store_writes_one_file_per_instance_in_its_transfer_syntax(tmp_path: Path, mr: list[Dataset]) -> None:
+    archive = Archive(tmp_path)
+    compressed = synthesis.encode(mr[0], JPEGLSLossless)
+    stored = archive.store(compressed)
+    assert stored.path == tmp_path / mr[0].StudyInstanceUID / mr[0].SeriesInstanceUID / f"{mr[0].SOPInstanceUID}.dcm"
+    assert stored.path == archive.path_for(mr[0].StudyInstanceUID, mr[0].SeriesInstanceUID, mr[0].SOPInstanceUID)
+    assert not stored.duplicate
+    assert stored.transfer_syntax_uid == JPEGLSLossless
+    assert stored.size_bytes == stored.path.stat().st_size
+    back = dcmread(stored.path)
+    assert back.file_meta.TransferSyntaxUID == JPEGLSLossless
+    assert back.PixelData == compressed.PixelData
+    assert (back.pixel_array == mr[0].pixel_array).all()
+    assert _leftovers(tmp_path) == []
+
+
+def test_repeated_sop_instance_uid_keeps_the_first_file(tmp_path: Path, mr: list[Dataset]) -> None:
+    archive = Archive(tmp_path)
+    first = archive.store(mr[0])
+    content = first.path.read_bytes()
+    changed = synthesis.encode(mr[0], mr[0].file_meta.TransferSyntaxUID)
+    changed.PatientName = "Changed^Name"
+    again = archive.store(changed)
+    assert again.duplicate and again.path == first.path
+    assert first.path.read_bytes() == content
+    assert len(list(tmp_path.rglob("*.dcm"))) == 1
+
+
+def test_concurrent_stores_of_one_instance_make_one_file(tmp_path: Path, mr: list[Dataset]) -> None:
+    archive = Archive(tmp_path)
+    results = []
+    barrier = threading.Barrier(8)
+
+    def store() -> None:
+        barrier.wait()
+        results.append(archive.store(mr[1]))
+
+    threads = [threading.Thread(target=store) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sum(not r.duplicate for r in results) == 1
+    assert len(list(tmp_path.rglob("*.dcm"))) == 1
+    assert _leftovers(tmp_path) == []
+    assert (dcmread(results[0].path).pixel_array == mr[1].pixel_array).all()
+
+
+@pytest.mark.parametrize("bad", ["../../etc", "1.2.3/4", "", "1..2", "1.2.3" + ".4" * 40, "1.2.a"])
+def test_unsafe_uids_never_reach_a_path(tmp_path: Path, mr: list[Dataset], bad: str) -> None:
+    archive = Archive(tmp_path / "archive")
+    ds = synthesis.encode(mr[0], mr[0].file_meta.TransferSyntaxUID)
+    ds.SeriesInstanceUID = bad
+    with pytest.raises(ValueError, match="SeriesInstanceUID"):
+        archive.store(ds)
+    with pytest.raises(ValueError):
+        archive.path_for(ds.StudyInstanceUID, bad, ds.SOPInstanceUID)
+    assert list(tmp_path.rglob("*")) == [tmp_path / "archive"]
+
+
+def test_failed_write_leaves_nothing_behind(tmp_path: Path, mr: list[Dataset]) -> None:
+    archive = Archive(tmp_path)
+    ds = synthesis.encode(mr[0], mr[0].file_meta.TransferSyntaxUID)
+    ds.SOPInstanceUID = generate_uid()
+    ds.add_new(0x00091001, "US", "not a number")  # cannot be encoded: dcmwrite fails half way
+    with pytest.raises(Exception):
+        archive.store(ds)
+    assert not archive.path_for(ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID).exists()
+    assert _leftovers(tmp_path) == []
+
+
+def test_missing_transfer_syntax_is_a_clear_error(tmp_path: Path, mr: list[Dataset]) -> None:
+    ds = synthesis.encode(mr[0], mr[0].file_meta.TransferSyntaxUID)
+    del ds.file_meta.TransferSyntaxUID
+    with pytest.raises(ValueError, match="Transfer Syntax"):
+        Archive(tmp_path).store(ds)
+
+
+def test_free_bytes_is_the_file_systems_free_space(tmp_path: Path) -> None:
+    free = Archive(tmp_path).free_bytes()
+    assert abs(free - shutil.disk_usage(tmp_path).free) < 64 * 2**20
