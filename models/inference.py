@@ -74,6 +74,11 @@ class Classifier:
         return cls(model, card, model_dir)
 
     @property
+    def model(self) -> "object":
+        """The loaded ``keras.Model`` (for explanations such as :func:`models.explain.grad_cam`)."""
+        return self._model
+
+    @property
     def task(self) -> Task:
         return get_task(self.card.task)
 
