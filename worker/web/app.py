@@ -1,0 +1,132 @@
+"""The radiologists' web worklist: a FastAPI app with server-rendered pages and a JSON API.
+
+Build it with :func:`create_app`. Every page and API route needs a logged-in user (OpenAPI's schema too);
+admin pages need the admin role, decisions the radiologist role. Responses carry a strict Content-Security-Policy
+(no inline script, nothing from other origins) and are not cached, since they show patient data.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.responses import JSONResponse, RedirectResponse, Response
+from fastapi.staticfiles import StaticFiles
+from fastapi.templating import Jinja2Templates
+from jinja2 import Environment, FileSystemLoader, select_autoescape
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from config import Settings
+from worker.db import Database
+from worker.web.auth import LoginRequired, login_redirect, principal
+from worker.web.decisions import CorrectionHook
+from worker.web.rendering import ImageCache
+from worker.web.security import Signer, load_or_create_secret
+
+_HERE = Path(__file__).resolve().parent
+log = logging.getLogger(__name__)
+
+SECURITY_HEADERS = {
+    "Content-Security-Policy": (
+        "default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'; "
+        "frame-ancestors 'none'; form-action 'self'; base-uri 'none'"
+    ),
+    "X-Content-Type-Options": "nosniff",
+    "X-Frame-Options": "DENY",
+    "Referrer-Policy": "same-origin",
+}
+
+
+@dataclass
+class WebState:
+    """What the routes share: settings, database, cookie signer, templates, image cache, the correction hook."""
+
+    settings: Settings
+    database: Database
+    signer: Signer
+    templates: Jinja2Templates
+    images: ImageCache
+    models: Any  # worker.inference.ModelCache
+    on_correction: CorrectionHook | None
+
+
+def _templates() -> Jinja2Templates:
+    env = Environment(
+        loader=FileSystemLoader(_HERE / "templates"),
+        autoescape=select_autoescape(default=True, default_for_string=True),  # every template escapes, always
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
+    env.filters["pct"] = lambda p: "" if p is None else f"{100.0 * float(p):.1f} %"
+    env.filters["when"] = lambda t: "" if t is None else t.strftime("%Y-%m-%d %H:%M:%S UTC")
+    return Jinja2Templates(env=env)
+
+
+def create_app(
+    settings: Settings,
+    database: Database | None = None,
+    on_correction: CorrectionHook | None = None,
+) -> FastAPI:
+    """The web app for ``settings``; the database must already be migrated (:func:`worker.db.upgrade_database`).
+
+    ``on_correction(review_id)`` is called after each committed correction (the revised-SR hook). Heat maps use
+    the installed models (``settings.models_dir`` or the shipped ones), loaded on first use.
+    """
+    from worker.inference import ModelCache
+    from worker.web import api, pages
+
+    models = ModelCache(settings.models_dir)
+    app = FastAPI(
+        title="dicom-triage worklist",
+        version="1",
+        description="Radiologists' review of the AI triage results. Log in at /login; writes need X-CSRF-Token.",
+        docs_url=None,  # Swagger UI would load script from a CDN; the schema is served at /openapi.json
+        redoc_url=None,
+        openapi_url=None,
+    )
+    app.state.web = WebState(
+        settings=settings,
+        database=database or Database(settings.effective_database_url),
+        signer=Signer(load_or_create_secret(settings.data_dir)),
+        templates=_templates(),
+        images=ImageCache(settings.data_dir / "web-cache", models.get),
+        models=models,
+        on_correction=on_correction,
+    )
+    app.include_router(pages.router)
+    app.include_router(api.router)
+    app.mount("/static", StaticFiles(directory=_HERE / "static"), name="static")
+
+    @app.get("/openapi.json", include_in_schema=False)
+    def openapi(request: Request) -> JSONResponse:
+        if principal(request) is None:
+            raise HTTPException(401, "login required")
+        return JSONResponse(app.openapi())
+
+    @app.exception_handler(LoginRequired)
+    async def _to_login(request: Request, _exc: LoginRequired) -> Response:
+        return RedirectResponse(login_redirect(request), status_code=303)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        if request.url.path.startswith("/api/") or "text/html" not in request.headers.get("accept", ""):
+            return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=exc.headers)
+        state: WebState = request.app.state.web
+        return state.templates.TemplateResponse(
+            request, "error.html", {"status": exc.status_code, "detail": exc.detail, "who": principal(request)},
+            status_code=exc.status_code, headers=exc.headers,
+        )
+
+    @app.middleware("http")
+    async def _headers(request: Request, call_next: Any) -> Response:
+        response: Response = await call_next(request)
+        for name, value in SECURITY_HEADERS.items():
+            response.headers.setdefault(name, value)
+        if not request.url.path.startswith("/static/"):
+            response.headers.setdefault("Cache-Control", "no-store")
+        return response
+
+    return app

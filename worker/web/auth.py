@@ -1,0 +1,179 @@
+"""Who is asking: session cookies, login and logout, role checks and CSRF checks as FastAPI dependencies.
+
+Pages answer an anonymous visitor with a redirect to the login page; the JSON API answers 401. A logged-in user
+without the needed role gets 403 either way. Every state-changing request carries a CSRF token: a form field
+``csrf_token`` for forms, an ``X-CSRF-Token`` header for the JSON API.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+from urllib.parse import quote
+
+from fastapi import Depends, HTTPException, Request, Response
+from sqlalchemy import delete, select
+
+from worker.db import User, utcnow
+from worker.db.review import Role, WebSession, audit
+from worker.web.security import new_token, needs_rehash, hash_password, token_digest, verify_dummy, verify_password
+
+SESSION_COOKIE = "dt_session"
+PRELOGIN_COOKIE = "dt_prelogin"
+CSRF_HEADER = "X-CSRF-Token"
+CSRF_FIELD = "csrf_token"
+SESSION_LIFETIME = timedelta(hours=12)
+
+
+@dataclass(frozen=True)
+class Principal:
+    """The logged-in user of a request (a detached copy of the row) and the CSRF token for its forms."""
+
+    user_id: int
+    name: str
+    role: Role
+    csrf_token: str
+    session_token: str
+
+
+class LoginRequired(Exception):
+    """Raised by page dependencies for an anonymous visitor; the app turns it into a redirect to /login."""
+
+
+def _cookie_args(request: Request) -> dict[str, Any]:
+    # Secure whenever the browser reached us over https (directly or via a proxy uvicorn trusts).
+    return {"httponly": True, "samesite": "lax", "secure": request.url.scheme == "https", "path": "/"}
+
+
+def principal(request: Request) -> Principal | None:
+    """The request's user from its session cookie, or ``None`` (missing, forged, expired or revoked)."""
+    cached = getattr(request.state, "principal", False)
+    if cached is not False:
+        return cached
+    app = request.app.state.web
+    token = app.signer.unsign(request.cookies.get(SESSION_COOKIE))
+    found: Principal | None = None
+    if token is not None:
+        with app.database.session() as session:
+            row = session.execute(
+                select(User.id, User.name, User.role)
+                .join(WebSession, WebSession.user_pk == User.id)
+                .where(WebSession.token_sha256 == token_digest(token), WebSession.expires_at > utcnow())
+                .where(User.active.is_(True))
+            ).first()
+        if row is not None:
+            found = Principal(row.id, row.name, Role(row.role), app.signer.csrf_token(token), token)
+    request.state.principal = found
+    return found
+
+
+def _require(role: Role | None, api: bool) -> Callable[[Request], Principal]:
+    def dependency(request: Request) -> Principal:
+        who = principal(request)
+        if who is None:
+            if api:
+                raise HTTPException(401, "login required", headers={"WWW-Authenticate": "Cookie"})
+            raise LoginRequired()
+        if role is not None and who.role is not role:
+            raise HTTPException(403, f"this needs the {role.value} role")
+        return who
+
+    return dependency
+
+
+page_user = _require(None, api=False)
+page_radiologist = _require(Role.RADIOLOGIST, api=False)
+page_admin = _require(Role.ADMIN, api=False)
+api_user = _require(None, api=True)
+api_radiologist = _require(Role.RADIOLOGIST, api=True)
+
+
+def api_csrf(request: Request, _who: Principal = Depends(api_user)) -> None:
+    """JSON API writes: the ``X-CSRF-Token`` header must match the session (checked after login, so an anonymous
+    write is a 401)."""
+    check_csrf(request, request.headers.get(CSRF_HEADER))
+
+
+def login_redirect(request: Request) -> str:
+    target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+    return f"/login?next={quote(target, safe='')}"
+
+
+def safe_next(target: str | None) -> str:
+    """Only same-site paths are followed after login (no ``//evil.example`` open redirect)."""
+    if not target or not target.startswith("/") or target.startswith("//") or "\\" in target:
+        return "/"
+    return target
+
+
+async def checked_form(request: Request) -> dict[str, str]:
+    """The submitted form, after its CSRF token is checked against the session (or pre-login) cookie."""
+    form = await request.form()
+    fields = {key: value for key, value in form.items() if isinstance(value, str)}
+    check_csrf(request, fields.get(CSRF_FIELD))
+    return fields
+
+
+def check_csrf(request: Request, token: str | None) -> None:
+    signer = request.app.state.web.signer
+    who = principal(request)
+    binding = who.session_token if who else signer.unsign(request.cookies.get(PRELOGIN_COOKIE))
+    if not signer.check_csrf(binding, token):
+        raise HTTPException(403, "CSRF token missing or invalid; reload the page and try again")
+
+
+def prelogin_csrf(request: Request, response: Response) -> str:
+    """The CSRF token for the login form, setting the pre-login cookie it is bound to when absent."""
+    signer = request.app.state.web.signer
+    binding = signer.unsign(request.cookies.get(PRELOGIN_COOKIE))
+    if binding is None:
+        binding = new_token()
+        response.set_cookie(PRELOGIN_COOKIE, signer.sign(binding), max_age=3600, **_cookie_args(request))
+    return signer.csrf_token(binding)
+
+
+def authenticate(request: Request, name: str, password: str) -> str | None:
+    """Check a name and password; on success open a session and return its cookie value, else ``None``.
+
+    Both outcomes are audited (failures with no user, the attempted name as target, truncated).
+    """
+    app = request.app.state.web
+    with app.database.session() as session:
+        user = session.scalar(select(User).where(User.name == name))
+        if user is None or not user.active:
+            verify_dummy()  # same time as a wrong password: names cannot be probed by timing
+            audit(session, None, "login.failed", f"name:{name[:64]}")
+            return None
+        if not verify_password(user.password_hash, password):
+            audit(session, user, "login.failed", f"user:{user.id}")
+            return None
+        if needs_rehash(user.password_hash):
+            user.password_hash = hash_password(password)
+        now = utcnow()
+        session.execute(delete(WebSession).where(WebSession.expires_at <= now))
+        token = new_token()
+        session.add(WebSession(token_sha256=token_digest(token), user_pk=user.id, expires_at=now + SESSION_LIFETIME))
+        audit(session, user, "login", f"user:{user.id}")
+    return app.signer.sign(token)
+
+
+def set_session_cookie(request: Request, response: Response, cookie_value: str) -> None:
+    response.set_cookie(
+        SESSION_COOKIE, cookie_value, max_age=int(SESSION_LIFETIME.total_seconds()), **_cookie_args(request)
+    )
+    response.delete_cookie(PRELOGIN_COOKIE, path="/")
+
+
+def end_session(request: Request, response: Response) -> None:
+    """Revoke the request's session in the database and clear its cookie."""
+    who = principal(request)
+    if who is not None:
+        with request.app.state.web.database.session() as session:
+            session.execute(delete(WebSession).where(WebSession.token_sha256 == token_digest(who.session_token)))
+            user = session.get(User, who.user_id)
+            audit(session, user, "logout", f"user:{who.user_id}")
+    response.delete_cookie(SESSION_COOKIE, path="/")
+
+

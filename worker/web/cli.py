@@ -1,0 +1,134 @@
+"""``dicom-triage web`` (serve the worklist) and ``dicom-triage users`` (add, list, disable users).
+
+Hook into the main command with ``worker.web.cli.register(subparsers)``; ``serve`` starts the same server in a
+thread with :func:`start_in_thread`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+from config import Settings, load_settings
+
+
+def register(subparsers: Any) -> None:
+    web = subparsers.add_parser("web", help="serve the radiologists' web worklist")
+    _common(web)
+    web.add_argument("--web-host", help="address to listen on (default from settings: 127.0.0.1)")
+    web.add_argument("--web-port", type=int, help="port to listen on (default from settings: 8080)")
+    web.set_defaults(handler=_web)
+
+    users = subparsers.add_parser("users", help="manage web users")
+    actions = users.add_subparsers(dest="users_command", required=True, metavar="ACTION")
+    add = actions.add_parser("add", help="add a user; the password is prompted for, or read from stdin")
+    _common(add)
+    add.add_argument("name")
+    add.add_argument("--role", required=True, choices=["radiologist", "admin"])
+    add.add_argument("--password-stdin", action="store_true", help="read the password from the first stdin line")
+    add.set_defaults(handler=_users_add)
+    listing = actions.add_parser("list", help="list users")
+    _common(listing)
+    listing.set_defaults(handler=_users_list)
+    disable = actions.add_parser("disable", help="disable a user (ends their sessions)")
+    _common(disable)
+    disable.add_argument("name")
+    disable.set_defaults(handler=_users_disable)
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", type=Path, help="TOML settings file")
+    parser.add_argument("--data-dir", type=Path, help="data directory (database, archive, web secret)")
+
+
+def _settings(args: argparse.Namespace, **extra: Any) -> Settings:
+    return load_settings(args.config, data_dir=args.data_dir, **extra)
+
+
+def _database(settings: Settings) -> Any:
+    from worker.db import Database, upgrade_database
+
+    database = Database(settings.effective_database_url)
+    upgrade_database(database)
+    return database
+
+
+def build_server(settings: Settings, database: Any = None, on_correction: Any = None) -> Any:
+    """A uvicorn server for the web app on ``settings.web_host:web_port`` (not started)."""
+    import uvicorn
+
+    from worker.web.app import create_app
+
+    app = create_app(settings, database or _database(settings), on_correction=on_correction)
+    config = uvicorn.Config(app, host=settings.web_host, port=settings.web_port, log_level="info",
+                            proxy_headers=True, server_header=False)
+    return uvicorn.Server(config)
+
+
+def start_in_thread(settings: Settings, database: Any = None, on_correction: Any = None) -> tuple[Any, threading.Thread]:
+    """Run the web server in a daemon thread (for ``serve``); stop it with ``server.should_exit = True``."""
+    server = build_server(settings, database, on_correction)
+    server.config.install_signal_handlers = False  # the main thread owns the signals  # type: ignore[attr-defined]
+    thread = threading.Thread(target=server.run, name="web", daemon=True)
+    thread.start()
+    return server, thread
+
+
+def _web(args: argparse.Namespace) -> int:
+    settings = _settings(args, web_host=args.web_host, web_port=args.web_port)
+    build_server(settings).run()
+    return 0
+
+
+def _read_password(from_stdin: bool) -> str:
+    if from_stdin or not sys.stdin.isatty():
+        return sys.stdin.readline().rstrip("\r\n")
+    first = getpass.getpass("Password: ")
+    if first != getpass.getpass("Repeat password: "):
+        raise SystemExit("dicom-triage: the passwords differ")
+    return first
+
+
+def _users_add(args: argparse.Namespace) -> int:
+    from worker.web.users import UserError, add_user
+
+    settings = _settings(args)
+    database = _database(settings)
+    password = _read_password(args.password_stdin)
+    try:
+        with database.session() as session:
+            add_user(session, args.name, args.role, password)
+    except UserError as exc:
+        print(f"dicom-triage: {exc}", file=sys.stderr)
+        return 2
+    print(f"added {args.role} {args.name}")
+    return 0
+
+
+def _users_list(args: argparse.Namespace) -> int:
+    from worker.web.users import list_users
+
+    with _database(_settings(args)).session() as session:
+        for user in list_users(session):
+            print(f"{user.name}\t{user.role}\t{'active' if user.active else 'disabled'}")
+    return 0
+
+
+def _users_disable(args: argparse.Namespace) -> int:
+    from sqlalchemy import select
+
+    from worker.db import User
+    from worker.web.users import set_active
+
+    with _database(_settings(args)).session() as session:
+        user_id = session.scalar(select(User.id).where(User.name == args.name))
+        if user_id is None:
+            print(f"dicom-triage: no user {args.name!r}", file=sys.stderr)
+            return 2
+        set_active(session, user_id, False)
+    print(f"disabled {args.name}")
+    return 0

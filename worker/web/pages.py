@@ -1,0 +1,229 @@
+"""Server-rendered pages: login, worklist, study, decisions, images and the admin pages."""
+
+from __future__ import annotations
+
+from typing import Any
+from urllib.parse import urlencode
+
+from fastapi import APIRouter, Depends, HTTPException, Request
+from fastapi.responses import FileResponse, RedirectResponse, Response
+from sqlalchemy import func, select
+
+from models.card import CARD_FILE, ModelCard
+from models.tasks import TASKS
+from worker.db import Instance, Result, Series, User
+from worker.db.review import Role, audit
+from worker.web import auth
+from worker.web.auth import Principal, checked_form, page_admin, page_radiologist, page_user
+from worker.web.decisions import DecisionError, decide
+from worker.web.rendering import RenderError
+from worker.web.study import load_study
+from worker.web.users import UserError, add_user, list_users, set_active
+from worker.web.worklist import PAGE_SIZE, ReviewState, WorklistFilter, load_worklist
+
+router = APIRouter(include_in_schema=False)
+IMAGE_CACHE_CONTROL = "private, max-age=86400"
+#: How often the worklist page reloads itself (seconds).
+WORKLIST_REFRESH_SECONDS = 30
+
+
+def _state(request: Request) -> Any:
+    return request.app.state.web
+
+
+def _render(request: Request, template: str, who: Principal | None, **context: Any) -> Response:
+    return _state(request).templates.TemplateResponse(request, template, {"who": who, **context})
+
+
+def parse_filters(status: str | None, task: str | None, finding: str | None, review: str | None) -> WorklistFilter:
+    try:
+        return WorklistFilter(status=status or None, task=task or None, finding=finding or None, review=review or None)
+    except ValueError as exc:
+        raise HTTPException(422, str(exc)) from None
+
+
+def filter_choices() -> dict[str, list[str]]:
+    from worker.db import JobState
+
+    return {
+        "status": [s.value for s in JobState],
+        "task": list(TASKS),
+        "finding": sorted({c for t in TASKS.values() for c in t.class_names}),
+        "review": [r.value for r in ReviewState],
+    }
+
+
+@router.get("/login")
+def login_form(request: Request, next: str = "/") -> Response:
+    if auth.principal(request) is not None:
+        return RedirectResponse(auth.safe_next(next), status_code=303)
+    response = Response()
+    token = auth.prelogin_csrf(request, response)
+    page = _render(request, "login.html", None, csrf_token=token, next=auth.safe_next(next), error=None)
+    for cookie in response.headers.getlist("set-cookie"):
+        page.headers.append("set-cookie", cookie)
+    return page
+
+
+@router.post("/login")
+def login(request: Request, form: dict[str, str] = Depends(checked_form)) -> Response:
+    cookie = auth.authenticate(request, form.get("username", ""), form.get("password", ""))
+    target = auth.safe_next(form.get("next"))
+    if cookie is None:
+        page = _render(request, "login.html", None, csrf_token=form.get(auth.CSRF_FIELD, ""), next=target,
+                       error="Wrong user name or password.")
+        page.status_code = 401
+        return page
+    response = RedirectResponse(target, status_code=303)
+    auth.set_session_cookie(request, response, cookie)
+    return response
+
+
+@router.post("/logout")
+def logout(request: Request, _who: Principal = Depends(page_user), _form: dict[str, str] = Depends(checked_form)) -> Response:
+    response = RedirectResponse("/login", status_code=303)
+    auth.end_session(request, response)
+    return response
+
+
+@router.get("/")
+def worklist_page(
+    request: Request,
+    status: str | None = None,
+    task: str | None = None,
+    finding: str | None = None,
+    review: str | None = None,
+    page: int = 1,
+    who: Principal = Depends(page_user),
+) -> Response:
+    filters = parse_filters(status, task, finding, review)
+    with _state(request).database.session() as session:
+        result = load_worklist(session, filters, page=max(1, page), page_size=PAGE_SIZE)
+    query = {k: v for k, v in vars(filters).items() if v}
+    return _render(
+        request, "worklist.html", who, worklist=result, filters=filters, choices=filter_choices(),
+        refresh=WORKLIST_REFRESH_SECONDS,
+        page_link=lambda n: "/?" + urlencode({**query, "page": n}),
+    )
+
+
+@router.get("/studies/{study_id}")
+def study_page(request: Request, study_id: int, who: Principal = Depends(page_user)) -> Response:
+    with _state(request).database.session() as session:
+        study = load_study(session, study_id)
+        if study is None:
+            raise HTTPException(404, f"no study {study_id}")
+        audit(session, session.get(User, who.user_id), "view.study", f"study:{study_id}")
+    return _render(request, "study.html", who, study=study, tasks=TASKS, can_decide=who.role is Role.RADIOLOGIST)
+
+
+@router.post("/results/{result_id}/decision")
+def decision_form(
+    request: Request,
+    result_id: int,
+    who: Principal = Depends(page_radiologist),
+    form: dict[str, str] = Depends(checked_form),
+) -> Response:
+    try:
+        outcome = decide(
+            _state(request).database, result_id, who.user_id, form.get("decision", ""), form.get("label"),
+            form.get("comment", ""), _state(request).on_correction,
+        )
+    except DecisionError as exc:
+        raise HTTPException(exc.status, str(exc)) from None
+    return RedirectResponse(f"/studies/{outcome.study_id}#result-{result_id}", status_code=303)
+
+
+def _instance_file(request: Request, instance_id: int) -> tuple[str, Any]:
+    from pathlib import Path
+
+    with _state(request).database.session() as session:
+        instance = session.get(Instance, instance_id)
+        if instance is None:
+            raise HTTPException(404, f"no instance {instance_id}")
+        return instance.sop_instance_uid, Path(instance.archive_path)
+
+
+@router.get("/thumbnails/{instance_id}/{frame}.png")
+def thumbnail(request: Request, instance_id: int, frame: int, _who: Principal = Depends(page_user)) -> Response:
+    sop_uid, path = _instance_file(request, instance_id)
+    try:
+        png = _state(request).images.thumbnail(sop_uid, path, frame)
+    except RenderError as exc:
+        raise HTTPException(422, str(exc)) from None
+    return FileResponse(png, media_type="image/png", headers={"Cache-Control": IMAGE_CACHE_CONTROL})
+
+
+@router.get("/heatmaps/{result_id}/{instance_id}/{frame}.png")
+def heatmap(
+    request: Request, result_id: int, instance_id: int, frame: int, who: Principal = Depends(page_user)
+) -> Response:
+    sop_uid, path = _instance_file(request, instance_id)
+    with _state(request).database.session() as session:
+        result = session.get(Result, result_id)
+        instance_series = session.scalar(select(Instance.series_pk).where(Instance.id == instance_id))
+        if result is None or result.series_pk != instance_series:
+            raise HTTPException(404, "no such result for this instance")
+        model_uid, task, label = result.model_uid, result.task, result.label
+    try:
+        png = _state(request).images.heatmap(model_uid, task, label, sop_uid, path, frame)
+    except RenderError as exc:
+        raise HTTPException(422, str(exc)) from None
+    return FileResponse(png, media_type="image/png", headers={"Cache-Control": IMAGE_CACHE_CONTROL})
+
+
+@router.get("/admin/users")
+def users_page(request: Request, who: Principal = Depends(page_admin), error: str | None = None) -> Response:
+    with _state(request).database.session() as session:
+        users = list_users(session)
+    return _render(request, "admin_users.html", who, users=users, roles=[r.value for r in Role], error=error)
+
+
+@router.post("/admin/users")
+def users_add(request: Request, who: Principal = Depends(page_admin), form: dict[str, str] = Depends(checked_form)) -> Response:
+    try:
+        with _state(request).database.session() as session:
+            add_user(session, form.get("username", ""), form.get("role", ""), form.get("password", ""),
+                     by=session.get(User, who.user_id))
+    except UserError as exc:
+        with _state(request).database.session() as session:
+            users = list_users(session)
+        page = _render(request, "admin_users.html", who, users=users, roles=[r.value for r in Role], error=str(exc))
+        page.status_code = 422
+        return page
+    return RedirectResponse("/admin/users", status_code=303)
+
+
+@router.post("/admin/users/{user_id}/active")
+def users_set_active(
+    request: Request, user_id: int, who: Principal = Depends(page_admin), form: dict[str, str] = Depends(checked_form)
+) -> Response:
+    if user_id == who.user_id:
+        raise HTTPException(422, "you cannot disable yourself")
+    try:
+        with _state(request).database.session() as session:
+            set_active(session, user_id, form.get("active") == "1", by=session.get(User, who.user_id))
+    except UserError as exc:
+        raise HTTPException(404, str(exc)) from None
+    return RedirectResponse("/admin/users", status_code=303)
+
+
+@router.get("/admin/models")
+def models_page(request: Request, who: Principal = Depends(page_admin)) -> Response:
+    """Models that produced results (with counts and review outcomes) and the installed model per task."""
+    state = _state(request)
+    with state.database.session() as session:
+        used = session.execute(
+            select(Result.task, Result.model_name, Result.model_version, Result.model_uid, func.count(Result.id),
+                   func.min(Result.created_at), func.max(Result.created_at))
+            .group_by(Result.task, Result.model_name, Result.model_version, Result.model_uid)
+            .order_by(Result.task, func.max(Result.created_at).desc())
+        ).all()
+    installed = []
+    for task in TASKS:
+        try:
+            card = ModelCard.load(state.models.model_dir(task) / CARD_FILE)
+            installed.append((task, card.name, card.version, card.uid, card.architecture, ""))
+        except (OSError, ValueError, KeyError) as exc:
+            installed.append((task, "", "", "", "", str(exc)))
+    return _render(request, "admin_models.html", who, used=used, installed=installed)

@@ -1,0 +1,276 @@
+"""The worklist and study queries: one aggregate SQL query per page, the same on SQLite and PostgreSQL.
+
+A study's row summarises its series: the latest job of each series (``jobs.revision = series.revision``), the
+current results (``superseded_by_pk IS NULL``) and each result's latest review. Triage order: suspected findings
+not yet fully reviewed first, then other studies awaiting a result or a review, then reviewed studies; within
+each group the longest waiting (earliest received) first.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import Select, and_, case, exists, func, literal, or_, select
+from sqlalchemy.orm import Session, aliased
+
+from models.tasks import TASKS
+from worker.db.models import Job, JobState, Patient, Result, Review, Series, Study
+
+PAGE_SIZE = 50
+
+# Study status: the most urgent state of its series' latest jobs wins (a failure shows over a success).
+_STATUS_ORDER: tuple[JobState, ...] = (
+    JobState.FAILED, JobState.RUNNING, JobState.QUEUED, JobState.RECEIVED, JobState.DONE, JobState.NOT_APPLICABLE,
+)
+_STATUS_RANK = {state: rank for rank, state in enumerate(_STATUS_ORDER)}
+
+
+class ReviewState(str, enum.Enum):
+    NO_RESULT = "no_result"  # nothing to review yet
+    PENDING = "pending"  # no current result reviewed
+    PARTIAL = "partial"  # some reviewed
+    CONFIRMED = "confirmed"  # all reviewed, none corrected
+    CORRECTED = "corrected"  # all reviewed, at least one corrected
+
+
+def is_suspected(task: str, label: str) -> bool:
+    """Whether ``label`` is a finding (not one of the task's negative classes)."""
+    known = TASKS.get(task)
+    return known is not None and label not in known.negative_classes
+
+
+def _suspected_sql(result: Any) -> Any:
+    return or_(*(and_(result.task == t.name, result.label.not_in(t.negative_classes)) for t in TASKS.values()))
+
+
+@dataclass(frozen=True)
+class WorklistFilter:
+    status: str | None = None
+    task: str | None = None
+    finding: str | None = None
+    review: str | None = None
+
+    def __post_init__(self) -> None:
+        valid = {
+            "status": [s.value for s in JobState], "task": list(TASKS),
+            "finding": sorted({c for t in TASKS.values() for c in t.class_names}),
+            "review": [r.value for r in ReviewState],
+        }
+        for name, allowed in valid.items():
+            value = getattr(self, name)
+            if value is not None and value not in allowed:
+                raise ValueError(f"{name} must be one of {', '.join(allowed)}; got {value!r}")
+
+
+@dataclass
+class SeriesResult:
+    """A current result of one series with its latest review."""
+
+    result_id: int
+    series_id: int
+    task: str
+    label: str
+    probability: float
+    suspected: bool
+    model_name: str
+    model_version: str
+    review_decision: str | None
+    review_label: str | None
+
+
+@dataclass
+class WorklistRow:
+    study_id: int
+    patient_name: str
+    patient_id: str
+    accession_number: str
+    study_description: str
+    received_at: datetime
+    status: str
+    review_state: str
+    finding: str | None
+    probability: float | None
+    model_version: str | None
+    tasks: list[str] = field(default_factory=list)
+    results: list[SeriesResult] = field(default_factory=list)
+
+
+@dataclass
+class WorklistPage:
+    rows: list[WorklistRow]
+    page: int
+    page_size: int
+    total: int
+
+    @property
+    def pages(self) -> int:
+        return max(1, -(-self.total // self.page_size))
+
+
+def _aggregate() -> Select[Any]:
+    """One row per study: status rank, whether a suspected finding awaits review, result and review counts."""
+    latest_review_id = (
+        select(Review.result_pk, func.max(Review.id).label("review_id")).group_by(Review.result_pk).subquery()
+    )
+    review = aliased(Review)
+    status_rank = case(
+        *((Job.state == state, rank) for state, rank in _STATUS_RANK.items()), else_=_STATUS_RANK[JobState.RECEIVED]
+    )
+    unreviewed_suspect = case((and_(_suspected_sql(Result), review.id.is_(None)), 1), else_=0)
+    return (
+        select(
+            Study.id.label("study_id"),
+            Study.created_at.label("received_at"),
+            func.min(status_rank).label("status_rank"),
+            func.max(unreviewed_suspect).label("unreviewed_suspect"),
+            func.count(func.distinct(Result.id)).label("n_results"),
+            func.count(func.distinct(review.result_pk)).label("n_reviewed"),
+            func.count(func.distinct(case((review.decision == "correct", review.result_pk)))).label("n_corrected"),
+        )
+        .select_from(Study)
+        .outerjoin(Series, Series.study_pk == Study.id)
+        .outerjoin(Job, and_(Job.series_pk == Series.id, Job.revision == Series.revision))
+        .outerjoin(Result, and_(Result.series_pk == Series.id, Result.superseded_by_pk.is_(None)))
+        .outerjoin(latest_review_id, latest_review_id.c.result_pk == Result.id)
+        .outerjoin(review, review.id == latest_review_id.c.review_id)
+        .group_by(Study.id, Study.created_at)
+    )
+
+
+def _review_state_sql(agg: Any) -> Any:
+    return case(
+        (agg.c.n_results == 0, literal(ReviewState.NO_RESULT.value)),
+        (agg.c.n_reviewed == 0, literal(ReviewState.PENDING.value)),
+        (agg.c.n_reviewed < agg.c.n_results, literal(ReviewState.PARTIAL.value)),
+        (agg.c.n_corrected > 0, literal(ReviewState.CORRECTED.value)),
+        else_=literal(ReviewState.CONFIRMED.value),
+    )
+
+
+def load_worklist(session: Session, filters: WorklistFilter, page: int = 1, page_size: int = PAGE_SIZE) -> WorklistPage:
+    """One page of the worklist in triage order."""
+    if page < 1 or not 1 <= page_size <= 500:
+        raise ValueError("page must be >= 1 and page_size 1..500")
+    agg = _aggregate()
+    if filters.task is not None:
+        series, job = aliased(Series), aliased(Job)
+        agg = agg.where(
+            exists()
+            .where(series.study_pk == Study.id, job.series_pk == series.id, job.revision == series.revision)
+            .where(job.task == filters.task)
+        )
+    if filters.finding is not None:
+        series, result = aliased(Series), aliased(Result)
+        agg = agg.where(
+            exists()
+            .where(series.study_pk == Study.id, result.series_pk == series.id, result.superseded_by_pk.is_(None))
+            .where(result.label == filters.finding)
+        )
+    studies = agg.subquery("agg")
+    review_state = _review_state_sql(studies)
+    waiting = case((studies.c.n_reviewed < studies.c.n_results, 1), (studies.c.n_results == 0, 1), else_=2)
+    triage_group = case((studies.c.unreviewed_suspect == 1, 0), else_=waiting)
+    query = select(studies.c.study_id, studies.c.status_rank, review_state.label("review_state"))
+    if filters.status is not None:
+        query = query.where(studies.c.status_rank == _STATUS_RANK[JobState(filters.status)])
+    if filters.review is not None:
+        query = query.where(review_state == filters.review)
+    total = session.scalar(select(func.count()).select_from(query.subquery())) or 0
+    page_rows = session.execute(
+        query.order_by(triage_group, studies.c.received_at, studies.c.study_id)
+        .limit(page_size)
+        .offset((page - 1) * page_size)
+    ).all()
+    rows = _detail_rows(session, [(r.study_id, _STATUS_ORDER[r.status_rank].value, r.review_state) for r in page_rows])
+    return WorklistPage(rows=rows, page=page, page_size=page_size, total=total)
+
+
+def _detail_rows(session: Session, keys: list[tuple[int, str, str]]) -> list[WorklistRow]:
+    """Patient, study and current-result details for the studies of one page (two small queries)."""
+    ids = [k[0] for k in keys]
+    if not ids:
+        return []
+    studies = {
+        s.id: (s, p)
+        for s, p in session.execute(select(Study, Patient).join(Patient).where(Study.id.in_(ids))).all()
+    }
+    results = current_results(session, ids)
+    tasks: dict[int, set[str]] = {}
+    for study_id, task in session.execute(
+        select(Series.study_pk, Job.task)
+        .join(Job, and_(Job.series_pk == Series.id, Job.revision == Series.revision))
+        .where(Series.study_pk.in_(ids), Job.task.is_not(None))
+    ):
+        tasks.setdefault(study_id, set()).add(task)
+    rows = []
+    for study_id, status, review_state in keys:
+        study, patient = studies[study_id]
+        found = results.get(study_id, [])
+        headline = _headline(found)
+        rows.append(
+            WorklistRow(
+                study_id=study_id,
+                patient_name=patient.patient_name,
+                patient_id=patient.patient_id,
+                accession_number=study.accession_number,
+                study_description=study.study_description,
+                received_at=study.created_at,
+                status=status,
+                review_state=review_state,
+                finding=headline.label if headline else None,
+                probability=headline.probability if headline else None,
+                model_version=headline.model_version if headline else None,
+                tasks=sorted(tasks.get(study_id, ())),
+                results=found,
+            )
+        )
+    return rows
+
+
+def _headline(results: list[SeriesResult]) -> SeriesResult | None:
+    """The result a study's row shows: the most probable suspected finding, else the most probable result."""
+    if not results:
+        return None
+    return max(results, key=lambda r: (r.suspected, r.probability))
+
+
+def current_results(session: Session, study_ids: list[int]) -> dict[int, list[SeriesResult]]:
+    """Current results of the given studies' series with each result's latest review, by study id."""
+    latest = (
+        select(Review.result_pk, func.max(Review.id).label("review_id")).group_by(Review.result_pk).subquery()
+    )
+    query = (
+        select(Series.study_pk, Result, Review.decision, Review.label)
+        .join(Result, and_(Result.series_pk == Series.id, Result.superseded_by_pk.is_(None)))
+        .outerjoin(latest, latest.c.result_pk == Result.id)
+        .outerjoin(Review, Review.id == latest.c.review_id)
+        .where(Series.study_pk.in_(study_ids))
+        .order_by(Series.series_number, Series.id, Result.id)
+    )
+    out: dict[int, list[SeriesResult]] = {}
+    for study_id, result, decision, review_label in session.execute(query):
+        out.setdefault(study_id, []).append(
+            SeriesResult(
+                result_id=result.id,
+                series_id=result.series_pk,
+                task=result.task,
+                label=result.label,
+                probability=float(result.probabilities.get(result.label, 0.0)),
+                suspected=is_suspected(result.task, result.label),
+                model_name=result.model_name,
+                model_version=result.model_version,
+                review_decision=decision,
+                review_label=review_label,
+            )
+        )
+    return out
+
+
+def study_status(session: Session, study_id: int) -> tuple[str, str] | None:
+    """(status, review state) of one study, by the worklist's rules; ``None`` if there is no such study."""
+    studies = _aggregate().where(Study.id == study_id).subquery()
+    row = session.execute(select(studies.c.status_rank, _review_state_sql(studies))).first()
+    return None if row is None else (_STATUS_ORDER[row[0]].value, row[1])
