@@ -1,0 +1,139 @@
+"""Coded concepts for what the classifiers report: one definition, used by the SR writer, the reader and the tests.
+
+``dicom_io`` does not import ``models``, so the tables are keyed by the class-name and task-name strings of
+``models.tasks``; the worker's tests check that every class of every task has a concept here.
+
+Class concepts (the value of the measurement group's "Finding", DCM 121071, and the name of each class' probability
+measurement):
+
+============  ===========  =========================  =====================================================
+class         SNOMED CT    meaning                    checked against
+============  ===========  =========================  =====================================================
+glioma        393564001    Glioma                     three independent code tables (a FHIR oncology
+                                                      mapping, a neoplasm morphology map, the MR-RATE
+                                                      brain-MRI finding ontology); not 393563007, which
+                                                      those sources and a FHIR example give as
+                                                      Glioblastoma multiforme. Not seen in an official
+                                                      SNOMED browser page: confirm before clinical use.
+meningioma    302820008    Intracranial meningioma    SNOMED International release notes, October 2025
+                                                      ("302820008 |Intracranial meningioma (disorder)|",
+                                                      remodelled on 1373614004 |Meningioma (morphologic
+                                                      abnormality)|). Intracranial, because the input is
+                                                      brain MRI.
+pituitary     254956000    Pituitary adenoma          Human Phenotype Ontology HP:0002893 "Pituitary
+                                                      adenoma" (xref SNOMEDCT_US:254956000); the dataset's
+                                                      "pituitary" class is pituitary tumours, nearly all
+                                                      adenomas.
+COVID         840539006    COVID-19                   the EU Digital COVID Certificate value set
+                                                      "disease-agent-targeted" (840539006 = COVID-19) and
+                                                      FHIR implementation guides' COVID-19 value sets.
+                                                      Fully specified name: Disease caused by severe acute
+                                                      respiratory syndrome coronavirus 2 (disorder).
+notumor       260415000    Not detected               the EU Digital COVID Certificate value set
+non-COVID     260415000    Not detected               "covid-19-lab-result" (260415000 Not detected,
+                                                      260373001 Detected); FHIR laboratory examples.
+============  ===========  =========================  =====================================================
+
+How the negative classes are encoded: SNOMED CT has no pre-coordinated "no brain tumour" or "COVID-19 not
+detected" finding in the international edition, and "No abnormality detected" (281900007) would claim more than a
+tumour classifier can. So a negative result is the qualifier "Not detected" (260415000), the way laboratories report
+a negative test; what was not detected is given by the measurement group around it (its tracking identifier names
+the task, and the procedure reported is brain MRI or CT chest) and by the probabilities of the positive classes
+beside it. Within one task each concept belongs to one class, so :func:`class_name_for` maps codes back.
+
+Procedures reported (TID 1500), from DICOM PS3.16 as packaged in pydicom's ``codedict``: brain MRI is LOINC
+24590-2 "Brain MRI" (CID 646); CT chest is LOINC 24627-2 (CID 7000 lists it as "CT Chest Report"; LOINC's own
+name is "CT Chest"). Finding sites: SNOMED CT 12738006 "Brain" and 39607008 "Lung" (PS3.16 CID 4 "Anatomic
+Region", via pydicom).
+Probabilities are dimensionless: UCUM ``{probability}``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from types import MappingProxyType
+
+from pydicom.sr.coding import Code
+
+__all__ = [
+    "NOT_DETECTED",
+    "PROBABILITY_UNIT",
+    "CLASS_CONCEPTS",
+    "PROCEDURE_CONCEPTS",
+    "FINDING_SITE_CONCEPTS",
+    "class_concept",
+    "class_name_for",
+    "procedure_concept",
+    "finding_site_concept",
+]
+
+#: A negative result (see the module docstring).
+NOT_DETECTED = Code("260415000", "SCT", "Not detected")
+
+#: Unit of the per-class probability measurements.
+PROBABILITY_UNIT = Code("{probability}", "UCUM", "probability")
+
+CLASS_CONCEPTS: Mapping[str, Code] = MappingProxyType(
+    {
+        "glioma": Code("393564001", "SCT", "Glioma"),
+        "meningioma": Code("302820008", "SCT", "Intracranial meningioma"),
+        "pituitary": Code("254956000", "SCT", "Pituitary adenoma"),
+        "notumor": NOT_DETECTED,
+        "COVID": Code("840539006", "SCT", "COVID-19"),
+        "non-COVID": NOT_DETECTED,
+    }
+)
+
+PROCEDURE_CONCEPTS: Mapping[str, Code] = MappingProxyType(
+    {
+        "brain-tumor": Code("24590-2", "LN", "Brain MRI"),
+        "covid-ct": Code("24627-2", "LN", "CT Chest"),
+    }
+)
+
+FINDING_SITE_CONCEPTS: Mapping[str, Code] = MappingProxyType(
+    {
+        "brain-tumor": Code("12738006", "SCT", "Brain"),
+        "covid-ct": Code("39607008", "SCT", "Lung"),
+    }
+)
+
+
+def _lookup(table: Mapping[str, Code], key: str, what: str) -> Code:
+    try:
+        return table[key]
+    except KeyError:
+        raise KeyError(f"no coded concept for {what} {key!r}; known: {', '.join(table)}") from None
+
+
+def class_concept(class_name: str) -> Code:
+    """The coded concept for a class name of ``models.tasks``; ``KeyError`` names the known classes."""
+    return _lookup(CLASS_CONCEPTS, class_name, "class")
+
+
+def procedure_concept(task_name: str) -> Code:
+    """The imaging procedure a task's SR reports on (TID 1500 "Procedure reported")."""
+    return _lookup(PROCEDURE_CONCEPTS, task_name, "task")
+
+
+def finding_site_concept(task_name: str) -> Code:
+    """The anatomy a task's finding is about."""
+    return _lookup(FINDING_SITE_CONCEPTS, task_name, "task")
+
+
+def class_name_for(value: str, scheme_designator: str, class_names: Iterable[str]) -> str:
+    """Map a coded value back to the one class among ``class_names`` that it encodes.
+
+    Raises ``KeyError`` when no class (or more than one) of ``class_names`` has that code.
+    """
+    names = list(class_names)
+    matches = [
+        name
+        for name in names
+        if CLASS_CONCEPTS.get(name) is not None
+        and CLASS_CONCEPTS[name].value == value
+        and CLASS_CONCEPTS[name].scheme_designator == scheme_designator
+    ]
+    if len(matches) != 1:
+        raise KeyError(f"code ({value}, {scheme_designator}) matches {len(matches)} of the classes {names}")
+    return matches[0]

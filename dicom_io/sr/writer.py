@@ -1,0 +1,263 @@
+"""Write a classification result as a DICOM Comprehensive 3D SR holding a TID 1500 Measurement Report (highdicom).
+
+The document follows the IHE AI Results (AIR) profile's shape:
+
+* Observation context: the model is the observer device (Device Observer UID = the model card's UID).
+* Procedure reported: brain MRI or CT chest (:mod:`dicom_io.codes`).
+* One TID 1501 measurement group for the classified series: tracking identifier and UID, algorithm identification
+  (name, version, parameters, plus the task and the class names in output order so a reader can map the codes back),
+  finding site, every source image, the "Finding" item (DCM 121071) whose value is the predicted class' concept,
+  and one probability measurement per class.
+* Patient and study copied from the source (cleaned so the SR stays valid, see :func:`_patient_and_study`); the same
+  Study Instance UID and a new series; the evidence sequence lists every source instance; VerificationFlag
+  UNVERIFIED; ContributingEquipmentSequence names the model as processing equipment with its Device UID.
+* UIDs are derived from (source series, model UID, revision), so a retried task writes the same SR again instead of
+  a second one; a later revision names its predecessor.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import date
+
+import highdicom as hd
+from pydicom import Dataset
+from pydicom.sr.codedict import codes
+from pydicom.uid import UID
+
+from dicom_io.codes import PROBABILITY_UNIT, class_concept, finding_site_concept, procedure_concept
+from dicom_io.sr.results import AlgorithmInfo, ClassificationResult
+
+__all__ = ["SRError", "SRUids", "sr_uids", "build_classification_sr", "TASK_PARAMETER", "CLASSES_PARAMETER"]
+
+#: Algorithm parameters the writer adds so that a reader can tell which class each code stands for.
+TASK_PARAMETER = "task"
+CLASSES_PARAMETER = "class_names"
+
+# Fixed namespace for UUID5-derived UIDs (2.25.<uuid as integer>, PS3.5 B.2). Never change it: retries and
+# revisions rely on getting the same UIDs for the same inputs.
+_UID_NAMESPACE = uuid.UUID("5d0f8a43-3a4c-4f57-9d1e-5b3c2f0e7a61")
+
+# Maximum value lengths in bytes (PS3.5 table 6.2-1); PN applies per component group.
+_MAX_BYTES = {"PN": 64, "LO": 64, "SH": 16, "CS": 16}
+_CONTROL = re.compile(r"[\x00-\x1f\x7f\\]")  # control characters, and backslash (the value separator)
+
+
+class SRError(ValueError):
+    """The inputs cannot make a valid SR; the message says why."""
+
+
+@dataclass(frozen=True)
+class SRUids:
+    """The UIDs of the SR for one (source series, model, revision)."""
+
+    series_instance_uid: str
+    sop_instance_uid: str
+    tracking_uid: str
+
+
+def _derived_uid(*parts: str) -> str:
+    return "2.25." + str(uuid.uuid5(_UID_NAMESPACE, "\x00".join(parts)).int)
+
+
+def sr_uids(source_series_uid: str, model_uid: str, revision: int) -> SRUids:
+    """Deterministic UIDs: the SR series and tracking UID stay the same across revisions, the instance does not."""
+    if revision < 0:
+        raise SRError(f"revision must be >= 0, got {revision}")
+    return SRUids(
+        series_instance_uid=_derived_uid("sr-series", source_series_uid, model_uid),
+        sop_instance_uid=_derived_uid("sr-instance", source_series_uid, model_uid, str(revision)),
+        tracking_uid=_derived_uid("tracking", source_series_uid, model_uid),
+    )
+
+
+def build_classification_sr(
+    source_datasets: Sequence[Dataset],
+    result: ClassificationResult,
+    algorithm: AlgorithmInfo,
+    revision: int = 0,
+    predecessor: Dataset | None = None,
+    *,
+    series_number: int = 990,
+    manufacturer: str = "dicom-triage",
+    software_version: str = "0.1.0",
+    device_serial_number: str = "1",
+) -> hd.sr.Comprehensive3DSR:
+    """Build the SR reporting ``result`` for the series made of ``source_datasets``.
+
+    ``source_datasets`` are the classified instances (headers suffice: pixel data is not read). ``revision`` 0 is
+    the first SR for this (series, model); a later one passes the SR it replaces as ``predecessor``.
+    ``manufacturer``, ``software_version`` and ``device_serial_number`` describe the system writing the SR.
+    Raises :class:`SRError` for inputs no valid SR can be made from.
+    """
+    if not source_datasets:
+        raise SRError("no source instances to report on")
+    if (predecessor is None) != (revision == 0):
+        raise SRError("a revision > 0 needs its predecessor SR, and revision 0 has none")
+    headers = _evidence_headers(source_datasets)
+    study_uid, series_uid = headers[0].StudyInstanceUID, headers[0].SeriesInstanceUID
+    if predecessor is not None and predecessor.get("StudyInstanceUID") != study_uid:
+        raise SRError("the predecessor SR belongs to another study")
+    uids = sr_uids(series_uid, algorithm.uid, revision)
+    character_set = "ISO_IR 192" if _needs_unicode(headers[0]) else None
+
+    group = hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(
+            uid=uids.tracking_uid,
+            identifier=_fit(f"{result.task} classification of series {series_uid}", "LO"),
+        ),
+        algorithm_id=hd.sr.AlgorithmIdentification(
+            name=_fit(algorithm.name, "LO"),
+            version=_fit(algorithm.version, "LO"),
+            parameters=[
+                f"{TASK_PARAMETER}={result.task}",
+                f"{CLASSES_PARAMETER}={','.join(result.class_names)}",
+                *(f"{key}={value}" for key, value in algorithm.parameters),
+            ],
+        ),
+        finding_sites=[hd.sr.FindingSite(anatomic_location=finding_site_concept(result.task))],
+        # The TID 1501 "Finding" item (DCM 121071) carries the predicted class; highdicom calls it finding_type.
+        finding_type=class_concept(result.label),
+        measurements=[
+            hd.sr.Measurement(name=class_concept(name), value=probability, unit=PROBABILITY_UNIT)
+            for name, probability in zip(result.class_names, result.probabilities)
+        ],
+        source_images=[
+            hd.sr.SourceImageForMeasurementGroup(h.SOPClassUID, h.SOPInstanceUID) for h in headers
+        ],
+    )
+    observer = hd.sr.ObserverContext(
+        observer_type=codes.cid270.Device,
+        observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
+            uid=algorithm.uid,
+            name=_fit(algorithm.name, "LO"),
+            manufacturer_name=_fit(algorithm.manufacturer, "LO"),
+            model_name=_fit(f"{algorithm.name} {algorithm.version}", "LO"),
+        ),
+    )
+    report = hd.sr.MeasurementReport(
+        observation_context=hd.sr.ObservationContext(observer_device_context=observer),
+        procedure_reported=procedure_concept(result.task),
+        imaging_measurements=[group],
+        title=codes.cid7021.ImagingMeasurementReport,
+    )
+    equipment = hd.ContributingEquipment(
+        manufacturer=_fit(algorithm.manufacturer, "LO"),
+        purpose_of_reference=codes.DCM.ProcessingEquipment,
+        manufacturer_model_name=_fit(algorithm.name, "LO"),
+        software_versions=_fit(algorithm.version, "LO"),
+        contribution_description=f"AI classification: {result.task}",
+    )
+    equipment.DeviceUID = algorithm.uid
+    return hd.sr.Comprehensive3DSR(
+        evidence=headers,
+        content=report,
+        series_instance_uid=uids.series_instance_uid,
+        series_number=series_number,
+        sop_instance_uid=uids.sop_instance_uid,
+        instance_number=revision + 1,
+        manufacturer=_fit(manufacturer, "LO"),
+        manufacturer_model_name=_fit(manufacturer, "LO"),
+        software_versions=_fit(software_version, "LO"),
+        device_serial_number=_fit(device_serial_number, "LO"),
+        series_description=_fit(f"AI {result.task} classification", "LO"),
+        is_complete=True,
+        previous_versions=[predecessor] if predecessor is not None else None,
+        contributing_equipment=[equipment],
+        specific_character_set=character_set,
+    )
+
+
+def _evidence_headers(source_datasets: Sequence[Dataset]) -> list[Dataset]:
+    """One small header per distinct source instance; the first also carries the cleaned patient and study."""
+    headers: dict[str, Dataset] = {}
+    for ds in source_datasets:
+        header = Dataset()
+        for keyword in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID"):
+            value = str(ds.get(keyword, "") or "").strip()
+            if not UID(value).is_valid:
+                raise SRError(f"a source instance has no valid {keyword} ({value!r})")
+            setattr(header, keyword, value)
+        headers.setdefault(header.SOPInstanceUID, header)
+    ordered = list(headers.values())
+    if len({(h.StudyInstanceUID, h.SeriesInstanceUID) for h in ordered}) != 1:
+        raise SRError("the source instances belong to more than one series")
+    ordered[0].update(_patient_and_study(source_datasets[0]))
+    return ordered
+
+
+def _patient_and_study(source: Dataset) -> Dataset:
+    """Patient, study and acquisition-equipment attributes of ``source``, made valid.
+
+    Missing type 2 attributes become empty; values too long for their VR are cut at a character boundary; dates,
+    times, sex and age that do not parse are emptied (or left out when optional). Nothing invalid is copied, so the
+    SR stays valid whatever the source holds.
+    """
+    out = Dataset()
+    for keyword in ("PatientName", "ReferringPhysicianName"):
+        setattr(out, keyword, _fit_person_name(source.get(keyword)))
+    for keyword, vr in (("PatientID", "LO"), ("StudyID", "SH"), ("AccessionNumber", "SH")):
+        setattr(out, keyword, _fit(source.get(keyword), vr))
+    out.PatientBirthDate = _valid_date(source.get("PatientBirthDate"))
+    out.StudyDate = _valid_date(source.get("StudyDate"))
+    out.StudyTime = _valid_time(source.get("StudyTime"))
+    sex = str(source.get("PatientSex", "") or "").strip().upper()
+    out.PatientSex = sex if sex in ("M", "F", "O") else ""
+    age = str(source.get("PatientAge", "") or "").strip()
+    if re.fullmatch(r"\d{3}[DWMY]", age):
+        out.PatientAge = age
+    for keyword in ("IssuerOfPatientID", "StudyDescription", "Manufacturer", "ManufacturerModelName", "InstitutionName"):
+        value = _fit(source.get(keyword), "LO")
+        if value:
+            setattr(out, keyword, value)
+    return out
+
+
+def _fit(value: object, vr: str) -> str:
+    """``value`` as one text value of ``vr``: no control characters or backslashes, at most the VR's byte length."""
+    text = _CONTROL.sub(" ", "" if value is None else str(value)).strip()
+    return _truncate(text, _MAX_BYTES[vr])
+
+
+def _fit_person_name(value: object) -> str:
+    """A PN value of at most three groups, five components each, every group at most 64 bytes.
+
+    An overlong group loses characters from its longest component first, so family and given names both survive.
+    """
+    text = _CONTROL.sub(" ", "" if value is None else str(value)).strip()
+    groups = []
+    for group in text.split("=")[:3]:
+        components = [c.strip() for c in group.split("^")[:5]]
+        while len("^".join(components).encode("utf-8")) > _MAX_BYTES["PN"]:
+            longest = max(range(len(components)), key=lambda i: len(components[i].encode("utf-8")))
+            components[longest] = components[longest][:-1]
+        groups.append("^".join(components).rstrip("^"))
+    return "=".join(groups).rstrip("=")
+
+
+def _truncate(text: str, max_bytes: int) -> str:
+    return text.encode("utf-8")[:max_bytes].decode("utf-8", "ignore").rstrip()
+
+
+def _valid_date(value: object) -> str:
+    text = str(value or "").strip()
+    try:
+        date(int(text[:4]), int(text[4:6]), int(text[6:8]))
+    except ValueError:
+        return ""
+    return text if re.fullmatch(r"\d{8}", text) else ""
+
+
+def _valid_time(value: object) -> str:
+    text = str(value or "").strip()
+    match = re.fullmatch(r"([01]\d|2[0-3])(([0-5]\d)(([0-5]\d)(\.\d{1,6})?)?)?", text)
+    return text if match else ""
+
+
+def _needs_unicode(header: Dataset) -> bool:
+    return any(isinstance(e.value, str) and not e.value.isascii() for e in header) or any(
+        not str(header.get(k, "")).isascii() for k in ("PatientName", "ReferringPhysicianName")
+    )
