@@ -72,9 +72,11 @@ class Archive:
         """Bytes free for an unprivileged writer on the archive's file system."""
         return shutil.disk_usage(self.root).free
 
-    def store(self, ds: Dataset) -> StoredInstance:
+    def store(self, ds: Dataset, encoded: bytes | None = None) -> StoredInstance:
         """Write ``ds`` durably in its own transfer syntax (``ds.file_meta.TransferSyntaxUID``).
 
+        ``encoded``, when given, must be the complete Part 10 file of ``ds`` (as
+        :func:`dicom_io.listener.received_file` gives it); it is written as is, which saves re-encoding ``ds``.
         A second store of the same SOP Instance UID keeps the first file and returns it with ``duplicate=True``.
         Raises ``ValueError`` for missing or unsafe UIDs or a missing transfer syntax, ``OSError`` when the disk
         fails (for example ``ENOSPC``); a failed store leaves no file behind.
@@ -87,6 +89,8 @@ class Archive:
         transfer_syntax = str(meta.get("TransferSyntaxUID", "")) if meta is not None else ""
         if not transfer_syntax:
             raise ValueError(f"instance {sop_instance} has no file meta Transfer Syntax UID")
+        if encoded is not None and encoded[128:132] != b"DICM":
+            raise ValueError(f"instance {sop_instance}: the encoded bytes given are not a DICOM Part 10 file")
         target = self.path_for(study, series, sop_instance)
 
         if not target.exists():
@@ -94,7 +98,10 @@ class Archive:
             fd, temp_name = tempfile.mkstemp(prefix=".incoming-", suffix=".tmp", dir=target.parent)
             try:
                 with os.fdopen(fd, "wb") as handle:
-                    dcmwrite(handle, ds, enforce_file_format=True)
+                    if encoded is None:
+                        dcmwrite(handle, ds, enforce_file_format=True)
+                    else:
+                        handle.write(encoded)
                     handle.flush()
                     os.fsync(handle.fileno())
                 try:

@@ -21,6 +21,7 @@ from typing import Protocol
 from pydicom import Dataset, dcmread
 from pydicom.uid import UID
 from pynetdicom import AE, evt
+from pynetdicom.dsutils import encode_file_meta
 from pynetdicom.events import Event
 from pynetdicom.sop_class import Verification
 from pynetdicom.transport import ThreadedAssociationServer
@@ -75,13 +76,29 @@ SR_STORAGE_SOP_CLASSES: dict[str, str] = {
 }
 
 
+# The received bytes of each dataset while its sink.accept() runs, by id(): see received_file().
+_RECEIVED: dict[int, tuple[Dataset, bytes]] = {}
+
+
+def received_file(ds: Dataset) -> bytes | None:
+    """The Part 10 file of ``ds`` exactly as received (our file meta, then the peer's encoded data set).
+
+    Available while the sink's ``accept(ds, ...)`` runs, for ``Archive.store(ds, encoded=received_file(ds))``:
+    writing these bytes costs a fraction of re-encoding ``ds``. None for any other dataset; a sink that changes
+    ``ds`` before storing it must not pass them.
+    """
+    entry = _RECEIVED.get(id(ds))
+    return entry[1] if entry is not None and entry[0] is ds else None
+
+
 class InstanceSink(Protocol):
     """What the listener hands received instances to (implemented by the worker). Must be thread-safe."""
 
     def accept(self, ds: Dataset, calling_ae: str) -> int:
         """Store ``ds`` durably (archive and database row) and return the DIMSE status to answer.
 
-        ``ds.file_meta`` holds the transfer syntax the instance arrived in. Return ``0x0000`` only once the
+        ``ds.file_meta`` holds the transfer syntax the instance arrived in and :func:`received_file` its bytes
+        as received. Return ``0x0000`` only once the
         instance is committed. May raise ``OSError`` (``ENOSPC`` answers 0xA700) or any other exception (0x0110).
         """
         ...
@@ -215,9 +232,11 @@ class StorageListener:
         sop_instance = str(request.AffectedSOPInstanceUID or "") or None
         transfer_syntax = UID(event.context.transfer_syntax)
         try:
-            # Parse the stream as received: elements stay raw (undecoded) and are written back byte for byte.
-            ds = dcmread(BytesIO(event.encoded_dataset(include_meta=True)))
-            ds.file_meta.SourceApplicationEntityTitle = calling_ae
+            meta = event.file_meta
+            meta.SourceApplicationEntityTitle = calling_ae
+            received = b"".join((b"\x00" * 128, b"DICM", encode_file_meta(meta), event.encoded_dataset(False)))
+            # Elements stay raw (undecoded) until something reads them.
+            ds = dcmread(BytesIO(received))
             validate_instance(
                 ds,
                 sop_class_uid=sop_class,
@@ -237,6 +256,7 @@ class StorageListener:
                 reason = f"archive disk has {free} bytes free, below the {self.min_free_bytes} byte watermark"
                 return self._refuse(calling_ae, sop_instance, STATUS_OUT_OF_RESOURCES, reason)
 
+        _RECEIVED[id(ds)] = (ds, received)
         try:
             return self.sink.accept(ds, calling_ae)
         except OSError as exc:
@@ -245,6 +265,8 @@ class StorageListener:
         except Exception as exc:
             LOGGER.exception("sink failed on %s from %s", sop_instance, calling_ae)
             return self._refuse(calling_ae, sop_instance, STATUS_PROCESSING_FAILURE, f"cannot store: {exc}")
+        finally:
+            del _RECEIVED[id(ds)]
 
     def _on_rejected(self, event: Event) -> None:
         calling_ae = event.assoc.requestor.ae_title

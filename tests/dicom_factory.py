@@ -18,7 +18,7 @@ import pytest
 from pydicom import Dataset
 
 from dicom_io.archive import Archive, StoredInstance
-from dicom_io.listener import StorageListener
+from dicom_io.listener import StorageListener, received_file
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 STORESCU = "/usr/bin/storescu"
@@ -71,7 +71,7 @@ class RecordingSink:
         self._lock = threading.Lock()
 
     def accept(self, ds: Dataset, calling_ae: str) -> int:
-        stored = self.archive.store(ds)
+        stored = self.archive.store(ds, encoded=received_file(ds))
         with self._lock:
             self.stored.append(stored)
         return 0x0000

@@ -105,3 +105,16 @@ def test_missing_transfer_syntax_is_a_clear_error(tmp_path: Path, mr: list[Datas
 def test_free_bytes_is_the_file_systems_free_space(tmp_path: Path) -> None:
     free = Archive(tmp_path).free_bytes()
     assert abs(free - shutil.disk_usage(tmp_path).free) < 64 * 2**20
+
+
+def test_store_writes_the_given_encoding_as_is(tmp_path: Path, mr: list[Dataset]) -> None:
+    from io import BytesIO
+
+    buffer = BytesIO()
+    mr[0].save_as(buffer, enforce_file_format=True)
+    encoded = buffer.getvalue()
+    stored = Archive(tmp_path).store(dcmread(BytesIO(encoded)), encoded=encoded)
+    assert stored.path.read_bytes() == encoded
+    with pytest.raises(ValueError, match="Part 10"):
+        Archive(tmp_path / "other").store(mr[1], encoded=b"not dicom" * 20)
+    assert not (tmp_path / "other" / mr[1].StudyInstanceUID).exists()

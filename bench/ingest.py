@@ -1,0 +1,280 @@
+"""Ingest throughput: our listener vs a bare pynetdicom SCP vs dcmtk's storescp, side by side in one run.
+
+    .venv/bin/python bench/ingest.py [--instances 1000] [--concurrency 1 8] [--repeat 1]
+
+Makes ``--instances`` MR and CT instances (alternating) from the images in ../shared/data, then for each
+concurrency and each receiver pushes all of them with ``--concurrency`` parallel dcmtk ``storescu`` processes
+(one association each, TCP_NODELAY=1) and times first byte to last response. Receivers, each in its own process
+and its own network namespace (``unshare -n``: loopback only, nothing else can reach them):
+
+* ``triage``   ``dicom-triage listen`` (StorageListener + archive + SQLite rows): the product.
+* ``listener`` dicom_io's StorageListener with a sink that only archives (fsynced files).
+* ``bare``     a pynetdicom SCP with the same contexts, PDU size and TCP_NODELAY whose handler discards.
+* ``storescp`` dcmtk's storescp writing files (``--fork`` so it serves parallel associations).
+
+Prints instances/s and the ratios the issue's targets ask for (listener/bare >= 0.8, listener/storescp).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+SHARED_DATA = ROOT.parent / "shared" / "data"
+STORESCU = "/usr/bin/storescu"
+STORESCP = "/usr/bin/storescp"
+ECHOSCU = "/usr/bin/echoscu"
+AE_TITLE = "BENCH_SCP"
+PORT = 11112
+RECEIVERS = ("triage", "listener", "bare", "storescp")
+DCMTK_ENV = {"PATH": "/usr/bin:/bin", "TCP_NODELAY": "1"}
+
+
+def make_instances(count: int, directory: Path) -> list[Path]:
+    """Alternate MR (224x224, 12-bit) and CT (HU, ~300-500 px) instances from the shared images."""
+    from dicom_io import synthesis
+
+    mr_images = sorted(SHARED_DATA.glob("brain-tumor-mri/Testing/*/*.jpg"))
+    ct_images = sorted(SHARED_DATA.glob("covid-ct/*/*.png"))
+    if not mr_images or not ct_images:
+        raise SystemExit(f"no images under {SHARED_DATA}")
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = []
+    per_series = 50
+    for start in range(0, count, per_series):
+        size = min(per_series, count - start)
+        mr = synthesis.mr_series(mr_images[start // 2 : start // 2 + (size + 1) // 2])
+        ct = synthesis.ct_series(ct_images[start // 2 : start // 2 + size // 2])
+        for index in range(size):
+            ds = (mr if index % 2 == 0 else ct)[index // 2]
+            path = directory / f"{start + index:06d}.dcm"
+            ds.save_as(path, enforce_file_format=True)
+            paths.append(path)
+    return paths
+
+
+# Receivers (run with --serve inside the namespace).
+
+
+def serve(kind: str, port: int, directory: Path) -> None:
+    """Run a Python receiver until SIGTERM."""
+    import threading
+
+    from pynetdicom import AE, evt
+
+    from dicom_io.archive import Archive
+    from dicom_io.listener import (
+        COMPRESSED_TRANSFER_SYNTAXES,
+        IMAGE_STORAGE_SOP_CLASSES,
+        NATIVE_TRANSFER_SYNTAXES,
+        StorageListener,
+        received_file,
+    )
+    from dicom_io.network import TCP_NODELAY_HANDLER
+
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    if kind == "listener":
+
+        class ArchiveSink:
+            def __init__(self) -> None:
+                self.archive = Archive(directory)
+
+            def accept(self, ds, calling_ae):  # type: ignore[no-untyped-def]
+                self.archive.store(ds, encoded=received_file(ds))
+                return 0x0000
+
+            def reject(self, calling_ae, sop_instance_uid, reason):  # type: ignore[no-untyped-def]
+                print(f"rejected {sop_instance_uid}: {reason}", file=sys.stderr)
+
+        listener = StorageListener(AE_TITLE, "127.0.0.1", port, ArchiveSink(), max_associations=16)
+        listener.start()
+        stop.wait()
+        listener.stop()
+        return
+    # bare: the same AE settings as StorageListener, a handler that discards.
+    ae = AE(ae_title=AE_TITLE)
+    ae.maximum_associations = 16
+    ae.maximum_pdu_size = 0
+    syntaxes = list(NATIVE_TRANSFER_SYNTAXES + COMPRESSED_TRANSFER_SYNTAXES)
+    for uid in IMAGE_STORAGE_SOP_CLASSES:
+        ae.add_supported_context(uid, syntaxes)
+    ae.add_supported_context("1.2.840.10008.1.1")
+    server = ae.start_server(
+        ("127.0.0.1", port),
+        block=False,
+        evt_handlers=[TCP_NODELAY_HANDLER, (evt.EVT_C_STORE, lambda event: 0x0000)],
+    )
+    stop.wait()
+    server.shutdown()
+
+
+def _start_receiver(kind: str, port: int, directory: Path, log) -> subprocess.Popen:  # type: ignore[no-untyped-def]
+    if kind == "storescp":
+        command = [STORESCP, "--fork", "-pdu", "131072", "-aet", AE_TITLE, "-od", str(directory), str(port)]
+        return subprocess.Popen(command, env=DCMTK_ENV, stdout=log, stderr=log)
+    if kind == "triage":
+        command = [
+            sys.executable, "-m", "worker.cli", "listen", "--data-dir", str(directory),
+            "--dicom-host", "127.0.0.1", "--dicom-port", str(port), "--ae-title", AE_TITLE,
+        ]  # fmt: skip
+        env = {**os.environ, "DICOM_TRIAGE_MAX_ASSOCIATIONS": "16", "DICOM_TRIAGE_MIN_FREE_DISK_MB": "0"}
+        return subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=log)
+    command = [sys.executable, __file__, "--serve", kind, "--port", str(port), "--directory", str(directory)]
+    return subprocess.Popen(command, stdout=log, stderr=log)
+
+
+def _wait_ready(port: int, process: subprocess.Popen, timeout: float = 60) -> None:  # type: ignore[type-arg]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"receiver exited with {process.returncode} before it was ready")
+        done = subprocess.run([ECHOSCU, "-aec", AE_TITLE, "127.0.0.1", str(port)], capture_output=True, env=DCMTK_ENV)
+        if done.returncode == 0:
+            return
+        time.sleep(0.2)
+    raise RuntimeError("receiver not ready in time")
+
+
+def run_one(kind: str, concurrency: int, files: list[Path], work: Path) -> dict[str, object]:
+    """Inside a fresh network namespace: start ``kind``, push ``files`` over ``concurrency`` associations."""
+    directory = work / f"{kind}-{concurrency}"
+    directory.mkdir(parents=True)
+    log_path = work / f"{kind}-{concurrency}.log"
+    with log_path.open("w") as log:
+        receiver = _start_receiver(kind, PORT, directory, log)
+        try:
+            _wait_ready(PORT, receiver)
+            chunks = [files[i::concurrency] for i in range(concurrency)]
+            started = time.perf_counter()
+            senders = [
+                subprocess.Popen(
+                    [STORESCU, "-v", "-aec", AE_TITLE, "127.0.0.1", str(PORT), *map(str, chunk)],
+                    env=DCMTK_ENV,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.STDOUT,
+                    text=True,
+                )
+                for chunk in chunks
+            ]
+            outputs = [sender.communicate()[0] for sender in senders]
+            elapsed = time.perf_counter() - started
+        finally:
+            receiver.send_signal(signal.SIGTERM if kind != "storescp" else signal.SIGINT)
+            try:
+                receiver.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                receiver.kill()
+                receiver.wait()
+    successes = sum(output.count("Received Store Response (Success)") for output in outputs)
+    written = sum(1 for p in directory.rglob("*") if p.is_file() and (kind == "storescp" or p.suffix == ".dcm"))
+    return {
+        "receiver": kind,
+        "concurrency": concurrency,
+        "instances": len(files),
+        "acknowledged": successes,
+        "files_written": written if kind != "bare" else None,
+        "seconds": round(elapsed, 3),
+        "instances_per_second": round(successes / elapsed, 1),
+    }
+
+
+def _in_namespace(kind: str, concurrency: int, list_file: Path, work: Path) -> dict[str, object]:
+    inner = (
+        f"ip link set lo up && exec {sys.executable} {__file__} --run-one {kind} --concurrency {concurrency} "
+        f"--files {list_file} --work {work}"
+    )
+    done = subprocess.run(["unshare", "-n", "sh", "-c", inner], capture_output=True, text=True, cwd=ROOT)
+    if done.returncode != 0:
+        raise RuntimeError(f"{kind} x{concurrency} failed:\n{done.stdout}\n{done.stderr}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--instances", type=int, default=1000)
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--receivers", nargs="+", choices=RECEIVERS, default=list(RECEIVERS))
+    parser.add_argument("--repeat", type=int, default=1, help="runs per receiver; the median is reported")
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    # Internal modes.
+    parser.add_argument("--serve", choices=("listener", "bare"), help=argparse.SUPPRESS)
+    parser.add_argument("--run-one", choices=RECEIVERS, help=argparse.SUPPRESS)
+    parser.add_argument("--port", type=int, default=PORT, help=argparse.SUPPRESS)
+    parser.add_argument("--directory", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--files", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--work", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    if args.serve:
+        serve(args.serve, args.port, args.directory)
+        return 0
+    if args.run_one:
+        files = [Path(line) for line in args.files.read_text().splitlines()]
+        work = Path(tempfile.mkdtemp(prefix=f"run-{args.run_one}-", dir=args.work))
+        print(json.dumps(run_one(args.run_one, args.concurrency[0], files, work)))
+        return 0
+
+    work = Path(tempfile.mkdtemp(prefix="bench-ingest-"))
+    try:
+        print(f"making {args.instances} instances in {work} ...", flush=True)
+        files = make_instances(args.instances, work / "in")
+        size = sum(p.stat().st_size for p in files)
+        print(f"{len(files)} files, {size / len(files) / 1024:.0f} KiB each on average", flush=True)
+        list_file = work / "files.txt"
+        list_file.write_text("\n".join(map(str, files)))
+        results = []
+        for concurrency in args.concurrency:
+            for _ in range(args.repeat):
+                for kind in args.receivers:  # interleaved so drifting machine load hits all alike
+                    result = _in_namespace(kind, concurrency, list_file, work)
+                    print(json.dumps(result), flush=True)
+                    results.append(result)
+        summary = _summarise(results, args.concurrency, args.receivers)
+        print(summary)
+        if args.json:
+            args.json.write_text(json.dumps({"runs": results, "summary": summary}, indent=2))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+def _summarise(results: list[dict[str, object]], concurrencies: list[int], receivers: list[str]) -> str:
+    lines = [
+        f"{'associations':>12} " + " ".join(f"{kind:>10}" for kind in receivers) + "   ratios (instances/s)",
+    ]
+    for concurrency in concurrencies:
+        rate = {
+            kind: statistics.median(
+                float(r["instances_per_second"])  # type: ignore[arg-type]
+                for r in results
+                if r["receiver"] == kind and r["concurrency"] == concurrency
+            )
+            for kind in receivers
+        }
+        ratios = [
+            f"{a}/{b} {rate[a] / rate[b]:.2f}"
+            for a, b in (("listener", "bare"), ("triage", "bare"), ("listener", "storescp"), ("triage", "storescp"))
+            if a in rate and b in rate and rate[b] > 0
+        ]
+        lines.append(
+            f"{concurrency:>12} " + " ".join(f"{rate[kind]:>10.1f}" for kind in receivers) + "   " + ", ".join(ratios)
+        )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
