@@ -425,3 +425,24 @@ def test_concurrent_associations_all_land(tmp_path: Path, mr: list[Dataset]) -> 
             thread.join(timeout=60)
     assert results == [[0x0000, 0x0000]] * len(series)
     assert len(list(sink.archive.root.rglob("*.dcm"))) == 8
+
+
+def test_tcp_nodelay_is_set_on_both_ends(tmp_path: Path) -> None:
+    import socket
+
+    from dicom_io.network import TCP_NODELAY_HANDLER
+
+    ae = AE(ae_title="NODELAY")
+    ae.add_requested_context("1.2.840.10008.1.1")
+    with running_listener(tmp_path) as (listener, _):
+        plain = ae.associate("127.0.0.1", listener.port, ae_title=LISTENER_AE)
+        assert plain.dul.socket.socket.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 0  # the default
+        plain.release()
+        assoc = ae.associate("127.0.0.1", listener.port, ae_title=LISTENER_AE, evt_handlers=[TCP_NODELAY_HANDLER])
+        assert assoc.is_established
+        assert assoc.dul.socket.socket.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
+        accepted = [a for a in listener._ae.active_associations if a.is_established]
+        assert accepted and all(
+            a.dul.socket.socket.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1 for a in accepted
+        )
+        assoc.release()
