@@ -22,7 +22,8 @@ grayscale pipeline (PS3.4 N.2):
      and spikes no longer darken the whole image. Scanner-set header windows are ignored for the same reason as
      for CT: they differ between vendors, the training exports did not use them.
 
-4. MONOCHROME1 is inverted (its smallest value is white). Colour images (RGB, YBR, palette) are already rendered
+4. MONOCHROME1 is inverted (its smallest value is white); its percentile window is mirrored, so that the same
+   brightest 0.01 % of the picture is clipped as in MONOCHROME2. Colour images (RGB, YBR, palette) are already rendered
    for display: they are scaled to 0..255 and turned grey with the ITU-R BT.601 luma weights, with no window.
 
 Multi-frame and Enhanced MR/CT objects give one image per frame. :func:`series_frames` orders the frames of a whole
@@ -31,7 +32,7 @@ series in space.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -105,12 +106,19 @@ def display_frames(
             values = _modality_values(stored, ds, index)
             if not np.all(np.isfinite(values)):
                 raise ImagingError(f"frame {index + 1} has non-finite pixel values")
-            grey = _linear_window(values, ct_window) if is_ct else _percentile_window(values, lo_pct, hi_pct)
-            if photometric == "MONOCHROME1":
+            inverted = photometric == "MONOCHROME1"
+            if is_ct:
+                grey = _linear_window(values, ct_window)
+            else:
+                # The percentiles refer to the displayed picture: in MONOCHROME1 its bright end is the low values.
+                grey = _percentile_window(values, *((100.0 - hi_pct, 100.0 - lo_pct) if inverted else (lo_pct, hi_pct)))
+            if inverted:
                 grey = 255.0 - grey
         else:
             grey = _colour_to_grey(stored, ds, photometric)
         images.append(grey.astype(np.float32, copy=False))
+    if not images:
+        raise ImagingError("the pixel data holds no frames")
     return images
 
 
@@ -196,20 +204,20 @@ def _check_image_attributes(ds: Dataset) -> None:
         )
 
 
-def _decoded_frames(ds: Dataset) -> Iterable[np.ndarray]:
-    """Yield the decoded frames, turning every decoder failure into an :class:`ImagingError`."""
+def _decoded_frames(ds: Dataset) -> Iterator[np.ndarray]:
+    """Yield the decoded frames one at a time, turning every decoder failure into an :class:`ImagingError`."""
     if not hasattr(ds, "file_meta") or "TransferSyntaxUID" not in ds.file_meta:
         raise ImagingError("the dataset has no Transfer Syntax UID (file meta information), so it cannot be decoded")
     syntax = ds.file_meta.TransferSyntaxUID
-    try:
-        frames = list(iter_pixels(ds))
-    except ImagingError:
-        raise
-    except Exception as exc:  # pydicom and the codec plugins raise many types for corrupt data
-        raise ImagingError(f"pixel data in {syntax.name} cannot be decoded: {exc}") from exc
-    if not frames:
-        raise ImagingError("the pixel data holds no frames")
-    return frames
+    frames = iter_pixels(ds)
+    while True:
+        try:
+            frame = next(frames)
+        except StopIteration:
+            return
+        except Exception as exc:  # pydicom and the codec plugins raise many types for corrupt data
+            raise ImagingError(f"pixel data in {syntax.name} cannot be decoded: {exc}") from exc
+        yield frame
 
 
 def _functional_group_item(ds: Dataset, index: int, sequence: str) -> Dataset | None:
@@ -244,8 +252,8 @@ def _linear_window(values: np.ndarray, window: Window) -> np.ndarray:
 
 def _percentile_window(values: np.ndarray, lo_pct: float, hi_pct: float) -> np.ndarray:
     lo, hi = np.percentile(values, [lo_pct, hi_pct])
-    if hi <= lo:  # the frame is (nearly) constant up to the high percentile: fall back to its full range
-        hi = float(values.max())
+    if hi <= lo:  # (nearly) constant between the percentiles: fall back to the frame's full range
+        lo, hi = float(values.min()), float(values.max())
     if hi <= lo:  # a uniform frame has no contrast to show
         return np.zeros(values.shape, dtype=np.float64)
     return np.clip((values - lo) * (255.0 / (hi - lo)), 0.0, 255.0)

@@ -196,11 +196,22 @@ def test_rgb_becomes_luma() -> None:
 
 
 def test_monochrome1_is_inverted() -> None:
-    ds = pydicom.dcmread(get_testdata_file("MR_small.dcm"))
+    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
     (normal,) = display_frames(ds)
     ds.PhotometricInterpretation = "MONOCHROME1"
     (inverted,) = display_frames(ds)
     np.testing.assert_allclose(inverted, 255.0 - normal, atol=1e-3)
+
+
+def test_monochrome1_mr_with_inverted_values_shows_the_same_picture() -> None:
+    ds = pydicom.dcmread(get_testdata_file("MR_small.dcm"))
+    (normal,) = display_frames(ds)
+    stored = ds.pixel_array
+    ds.PixelData = (int(stored.max()) - stored).astype(stored.dtype).tobytes()
+    ds.PhotometricInterpretation = "MONOCHROME1"
+    (shown,) = display_frames(ds)
+    # The percentile window is mirrored too, so the same brightest pixels are clipped.
+    np.testing.assert_allclose(shown, normal, atol=1e-3)
 
 
 # --- series ordering -------------------------------------------------------------------------------------------
