@@ -280,8 +280,8 @@ def _frame_geometry(ds: Dataset, frames: int) -> list[tuple[np.ndarray | None, n
     for index in range(frames):
         position = _functional_group_item(ds, index, "PlanePositionSequence")
         orientation = _functional_group_item(ds, index, "PlaneOrientationSequence")
-        ipp = _vector(position.get("ImagePositionPatient") if position else ds.get("ImagePositionPatient"), 3)
-        iop = _vector(orientation.get("ImageOrientationPatient") if orientation else ds.get("ImageOrientationPatient"), 6)
+        ipp = _vector((position or ds).get("ImagePositionPatient"), 3)
+        iop = _vector((orientation or ds).get("ImageOrientationPatient"), 6)
         result.append((ipp, iop))
     return result
 

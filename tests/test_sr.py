@@ -31,7 +31,9 @@ BRAIN = ClassificationResult(
     class_names=("glioma", "meningioma", "notumor", "pituitary"),
     probabilities=(0.05, 0.8123456789012345, 0.1, 0.0376543210987655),
 )
-COVID = ClassificationResult(task="covid-ct", label="non-COVID", class_names=("COVID", "non-COVID"), probabilities=(0.25, 0.75))
+COVID = ClassificationResult(
+    task="covid-ct", label="non-COVID", class_names=("COVID", "non-COVID"), probabilities=(0.25, 0.75)
+)
 MODEL = AlgorithmInfo(
     name="brain-tumor-efficientnet",
     version="1.2.0",
@@ -83,10 +85,14 @@ def _dciodvfy_errors(path: Path) -> list[str]:
 
 
 @pytest.mark.parametrize("modality,result", [("MR", BRAIN), ("CT", COVID)], ids=["brain", "covid"])
-def test_first_and_revised_srs_are_valid_render_and_read_back(tmp_path: Path, modality: str, result: ClassificationResult) -> None:
+def test_first_and_revised_srs_are_valid_render_and_read_back(
+    tmp_path: Path, modality: str, result: ClassificationResult
+) -> None:
     sources = _series(modality)
     first = build_classification_sr(sources, result, MODEL)
-    revised_result = ClassificationResult(result.task, result.class_names[0], result.class_names, result.probabilities[::-1])
+    revised_result = ClassificationResult(
+        result.task, result.class_names[0], result.class_names, result.probabilities[::-1]
+    )
     revised = build_classification_sr(sources, revised_result, MODEL, revision=1, predecessor=first)
     for name, sr, expected in (("first", first, result), ("revised", revised, revised_result)):
         path = _save(sr, tmp_path / f"{name}.dcm")
@@ -102,7 +108,8 @@ def test_first_and_revised_srs_are_valid_render_and_read_back(tmp_path: Path, mo
         assert report.algorithm == MODEL
         assert report.referenced_instances == tuple((s.SOPClassUID, s.SOPInstanceUID) for s in sources)
     assert read_classification_sr(revised).predecessors == (first.SOPInstanceUID,)
-    assert "Predecessor Docs" in subprocess.run([DSRDUMP, str(tmp_path / "revised.dcm")], capture_output=True, text=True).stdout
+    dump = subprocess.run([DSRDUMP, str(tmp_path / "revised.dcm")], capture_output=True, text=True, timeout=60)
+    assert "Predecessor Docs" in dump.stdout
 
 
 def test_document_header_follows_the_source_and_ihe_air(tmp_path: Path) -> None:
@@ -110,13 +117,15 @@ def test_document_header_follows_the_source_and_ihe_air(tmp_path: Path) -> None:
     sr = pydicom.dcmread(_save(build_classification_sr(sources, BRAIN, MODEL), tmp_path / "sr.dcm"))
     assert sr.StudyInstanceUID == sources[0].StudyInstanceUID
     assert sr.SeriesInstanceUID != sources[0].SeriesInstanceUID and sr.Modality == "SR"
-    for keyword in ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "AccessionNumber", "StudyID", "StudyDate"):
+    copied = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "AccessionNumber", "StudyID", "StudyDate")
+    for keyword in copied:
         assert sr[keyword].value == sources[0][keyword].value, keyword
     assert sr.VerificationFlag == "UNVERIFIED" and sr.CompletionFlag == "COMPLETE"
     (study_item,) = sr.CurrentRequestedProcedureEvidenceSequence
     (series_item,) = study_item.ReferencedSeriesSequence
     assert series_item.SeriesInstanceUID == sources[0].SeriesInstanceUID
-    assert {i.ReferencedSOPInstanceUID for i in series_item.ReferencedSOPSequence} == {s.SOPInstanceUID for s in sources}
+    referenced = {item.ReferencedSOPInstanceUID for item in series_item.ReferencedSOPSequence}
+    assert referenced == {s.SOPInstanceUID for s in sources}
     model_items = [e for e in sr.ContributingEquipmentSequence if e.get("DeviceUID") == MODEL.uid]
     assert len(model_items) == 1
     assert model_items[0].PurposeOfReferenceCodeSequence[0].CodeMeaning == "Processing Equipment"
@@ -158,7 +167,12 @@ def test_invalid_source_values_are_emptied_not_copied(tmp_path: Path) -> None:
 
 
 def test_non_ascii_names_are_kept_in_utf8(tmp_path: Path) -> None:
-    sources = _series("MR", SpecificCharacterSet="ISO_IR 192", PatientName="Müller^Jürgen=山田^太郎", ReferringPhysicianName="Åström^Øyvind")
+    sources = _series(
+        "MR",
+        SpecificCharacterSet="ISO_IR 192",
+        PatientName="Müller^Jürgen=山田^太郎",
+        ReferringPhysicianName="Åström^Øyvind",
+    )
     path = _save(build_classification_sr(sources, BRAIN, MODEL), tmp_path / "sr.dcm")
     assert _dciodvfy_errors(path) == []
     sr = pydicom.dcmread(path)

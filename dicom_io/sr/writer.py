@@ -17,6 +17,7 @@ The document follows the IHE AI Results (AIR) profile's shape:
 
 from __future__ import annotations
 
+import importlib.metadata
 import re
 import uuid
 from collections.abc import Sequence
@@ -83,14 +84,15 @@ def build_classification_sr(
     *,
     series_number: int = 990,
     manufacturer: str = "dicom-triage",
-    software_version: str = "0.1.0",
+    software_version: str | None = None,
     device_serial_number: str = "1",
 ) -> hd.sr.Comprehensive3DSR:
     """Build the SR reporting ``result`` for the series made of ``source_datasets``.
 
     ``source_datasets`` are the classified instances (headers suffice: pixel data is not read). ``revision`` 0 is
     the first SR for this (series, model); a later one passes the SR it replaces as ``predecessor``.
-    ``manufacturer``, ``software_version`` and ``device_serial_number`` describe the system writing the SR.
+    ``manufacturer``, ``software_version`` (default: the installed dicom-triage version) and
+    ``device_serial_number`` describe the system writing the SR.
     Raises :class:`SRError` for inputs no valid SR can be made from.
     """
     if not source_datasets:
@@ -161,7 +163,7 @@ def build_classification_sr(
         instance_number=revision + 1,
         manufacturer=_fit(manufacturer, "LO"),
         manufacturer_model_name=_fit(manufacturer, "LO"),
-        software_versions=_fit(software_version, "LO"),
+        software_versions=_fit(software_version or _own_version(), "LO"),
         device_serial_number=_fit(device_serial_number, "LO"),
         series_description=_fit(f"AI {result.task} classification", "LO"),
         is_complete=True,
@@ -169,6 +171,13 @@ def build_classification_sr(
         contributing_equipment=[equipment],
         specific_character_set=character_set,
     )
+
+
+def _own_version() -> str:
+    try:
+        return importlib.metadata.version("dicom-triage")
+    except importlib.metadata.PackageNotFoundError:  # running from a source tree that is not installed
+        return "unknown"
 
 
 def _evidence_headers(source_datasets: Sequence[Dataset]) -> list[Dataset]:
@@ -209,7 +218,8 @@ def _patient_and_study(source: Dataset) -> Dataset:
     age = str(source.get("PatientAge", "") or "").strip()
     if re.fullmatch(r"\d{3}[DWMY]", age):
         out.PatientAge = age
-    for keyword in ("IssuerOfPatientID", "StudyDescription", "Manufacturer", "ManufacturerModelName", "InstitutionName"):
+    optional = ("IssuerOfPatientID", "StudyDescription", "Manufacturer", "ManufacturerModelName", "InstitutionName")
+    for keyword in optional:
         value = _fit(source.get(keyword), "LO")
         if value:
             setattr(out, keyword, value)
