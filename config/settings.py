@@ -105,6 +105,10 @@ class Settings(BaseModel):
     series_quiet_seconds: float = Field(default=5.0, gt=0, le=86400)
     routing_rules: tuple[RoutingRule, ...] = DEFAULT_ROUTING_RULES
     sr_destinations: tuple[Destination, ...] = ()
+    #: SR delivery retries: attempt n waits backoff * 2**(n-1) seconds (capped), at most max_attempts attempts.
+    sr_delivery_max_attempts: int = Field(default=12, ge=1, le=100)
+    sr_delivery_backoff_seconds: float = Field(default=30.0, gt=0, le=86400)
+    sr_delivery_backoff_max_seconds: float = Field(default=3600.0, gt=0, le=7 * 86400)
     models_dir: Path | None = None
     inference_batch_size: int = Field(default=32, ge=1, le=4096)
     worker_concurrency: int = Field(default=1, ge=1, le=64)
