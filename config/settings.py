@@ -13,7 +13,16 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 ENV_PREFIX = "DICOM_TRIAGE_"
 _AE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # DICOM AE: 16 chars of default repertoire, no backslash
@@ -112,6 +121,16 @@ class Settings(BaseModel):
     models_dir: Path | None = None
     inference_batch_size: int = Field(default=32, ge=1, le=4096)
     worker_concurrency: int = Field(default=1, ge=1, le=64)
+    #: Key of the keyed hash (HMAC-SHA256) that gives exported patients and series their pseudonymous IDs.
+    #: Without it ``dataset export`` refuses to run: unkeyed hashes of patient IDs can be reversed by guessing.
+    pseudonym_key: SecretStr | None = Field(default=None, min_length=16)
+    #: The fixed reference image folder (``<class>/*`` images) per task that the promotion gate evaluates on,
+    #: written ``task=DIR,task=DIR`` in the environment or as a table in the TOML file.
+    reference_sets: dict[str, Path] = Field(default_factory=dict)
+    #: Extra labelled image folders per task that every retraining adds to the exported archive data.
+    external_training_data: dict[str, tuple[Path, ...]] = Field(default_factory=dict)
+    #: How much worse than the active model (accuracy and every class's recall, as fractions) a candidate may be.
+    promotion_tolerance: float = Field(default=0.02, ge=0, le=1)
 
     @field_validator("ae_title")
     @classmethod
@@ -131,6 +150,25 @@ class Settings(BaseModel):
         if isinstance(value, str):
             value = [v for v in value.split(",") if v.strip()]
         return tuple(Destination.parse(v) if isinstance(v, str) else v for v in value)
+
+    @field_validator("reference_sets", "external_training_data", mode="before")
+    @classmethod
+    def _task_paths(cls, value: Any, info: ValidationInfo) -> Any:
+        # The environment form: ``task=DIR,task=DIR`` (a task may repeat for several external folders).
+        if not isinstance(value, str):
+            return value
+        pairs: dict[str, list[str]] = {}
+        for item in (v.strip() for v in value.split(",") if v.strip()):
+            task, sep, path = item.partition("=")
+            if not sep or not task.strip() or not path.strip():
+                raise ValueError(f"{item!r} is not of the form task=DIR")
+            pairs.setdefault(task.strip(), []).append(path.strip())
+        if info.field_name == "reference_sets":
+            repeated = sorted(task for task, paths in pairs.items() if len(paths) > 1)
+            if repeated:
+                raise ValueError(f"one reference set per task; {', '.join(repeated)} given more than once")
+            return {task: paths[0] for task, paths in pairs.items()}
+        return pairs
 
     @field_validator("database_url")
     @classmethod
