@@ -1,0 +1,377 @@
+"""End to end with real processes: dcmtk's storescu pushes studies (made now from ../shared/data images) to a
+running ``dicom-triage`` listener, a real Celery worker process classifies them, ``dicom-triage results --json``
+shows the results. Embedded (SQLite + filesystem broker) and scale-out (Redis + PostgreSQL); restarts; late
+instances; bad configuration.
+
+The models are tiny ``threshold`` classifiers fitted at test time on a few training images (fast, no GPU), saved
+with their cards into a models directory: the worker loads them by the same code path as the shipped ones.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import psycopg
+import pytest
+import redis
+from pydicom.uid import JPEG2000Lossless, JPEGLSLossless, RLELossless
+from sqlalchemy import select
+
+from dicom_factory import SHARED_DATA, brain_images, ct_images, storescu, write_files
+from dicom_io.synthesis import ct_series, encode, mr_series
+from models.architectures import build_model, default_input_spec, fit_threshold_model
+from models.card import ModelCard
+from models.imagefiles import read_grey_image
+from models.preprocessing import prepare_batch
+from models.tasks import TASKS
+from worker.db import Database, Job, JobState, Result, Series
+
+ROOT = Path(__file__).resolve().parents[1]
+OUR_AE = "DICOM_TRIAGE"
+PG_ADMIN = "host=127.0.0.1 port=5432 user=postgres dbname=test"
+REDIS_DB = 13
+STARTUP_SECONDS = 180  # TensorFlow's import is slow on a loaded 2-core CI machine
+
+
+@pytest.fixture(scope="module")
+def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("models")
+    for name, task in TASKS.items():
+        spec = default_input_spec("threshold", task)
+        model = build_model("threshold", task, spec)
+        folder = "brain-tumor-mri/Training" if name == "brain-tumor" else "covid-ct"
+        images, labels = [], []
+        for index, class_name in enumerate(task.class_names):
+            files = sorted((SHARED_DATA / folder / class_name).glob("*"))[:8]
+            if not files:
+                pytest.skip(f"no training images for {name}/{class_name} under {SHARED_DATA}")
+            images += [read_grey_image(f) for f in files]
+            labels += [index] * len(files)
+        fit_threshold_model(model, prepare_batch(images, spec), np.array(labels))
+        (root / name).mkdir()
+        model.save(root / name / "model.keras")
+        ModelCard(
+            task=name, class_names=list(task.class_names), architecture="threshold", input_spec=spec,
+            name=f"test-{name}",
+        ).save(root / name)
+    return root
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class Process:
+    """A ``dicom-triage`` subprocess whose output is collected (and shown when a test fails)."""
+
+    def __init__(self, args: list[str], env: dict[str, str]) -> None:
+        self.args = args
+        self.popen = subprocess.Popen(
+            [sys.executable, "-m", "worker.cli", *args],
+            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )
+        self.lines: list[str] = []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.popen.stdout is not None
+        for line in self.popen.stdout:
+            self.lines.append(line)
+
+    @property
+    def output(self) -> str:
+        return "".join(self.lines)
+
+    def wait_ready(self, timeout: float = STARTUP_SECONDS) -> str:
+        """Wait for the ready line of ``serve``/``listen``, or Celery's for ``worker``."""
+        deadline = time.monotonic() + timeout
+        celery = self.args[0] == "worker"
+        while time.monotonic() < deadline:
+            for line in list(self.lines):
+                if line.rstrip().endswith(" ready.") if celery else line.startswith("dicom-triage ready:"):
+                    return line
+            if self.popen.poll() is not None:
+                raise AssertionError(f"{self.args[0]} exited with {self.popen.returncode}:\n{self.output}")
+            time.sleep(0.1)
+        raise AssertionError(f"{self.args[0]} not ready after {timeout} s:\n{self.output[-5000:]}")
+
+    def terminate(self, timeout: float = 60) -> int:
+        if self.popen.poll() is None:
+            self.popen.send_signal(signal.SIGTERM)
+        try:
+            return self.popen.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.popen.kill()
+            raise AssertionError(f"{self.args[0]} ignored SIGTERM for {timeout} s:\n{self.output[-5000:]}")
+
+    def kill(self) -> None:
+        self.popen.kill()
+        self.popen.wait()
+
+
+@pytest.fixture
+def processes() -> Iterator[list[Process]]:
+    started: list[Process] = []
+    yield started
+    for process in started:
+        if process.popen.poll() is None:
+            process.kill()
+
+
+def environment(models_dir: Path, **settings: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DICOM_TRIAGE_")}
+    env.update(
+        DICOM_TRIAGE_MODELS_DIR=str(models_dir),
+        DICOM_TRIAGE_SERIES_QUIET_SECONDS="1",
+        DICOM_TRIAGE_DICOM_HOST="127.0.0.1",
+        DICOM_TRIAGE_MIN_FREE_DISK_MB="0",
+        CUDA_VISIBLE_DEVICES="",  # the tests' tiny models run on the CPU
+        TF_CPP_MIN_LOG_LEVEL="2",
+    )
+    env.update({f"DICOM_TRIAGE_{k.upper()}": v for k, v in settings.items()})
+    return env
+
+
+def results(data_dir: Path, env: dict[str, str], *extra: str) -> dict[str, Any]:
+    completed = subprocess.run(
+        [sys.executable, "-m", "worker.cli", "results", "--data-dir", str(data_dir), "--json", *extra],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=60,
+    )
+    assert completed.returncode == 0, completed.stderr
+    return json.loads(completed.stdout)
+
+
+def wait_for(condition: Callable[[], Any], timeout: float, what: str, *processes: Process) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.2)
+    logs = "\n".join(p.output[-3000:] for p in processes)
+    raise AssertionError(f"timed out waiting for {what}\n{logs}")
+
+
+def by_series(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {entry["series_instance_uid"]: entry for entry in report["series"]}
+
+
+def all_final(report: dict[str, Any], uids: set[str]) -> bool:
+    entries = by_series(report)
+    return uids <= set(entries) and all(
+        entries[u]["status"] in ("done", "failed", "not_applicable") for u in uids
+    )
+
+
+#: storescu's option proposing a compressed transfer syntax (it proposes only uncompressed ones by default).
+PROPOSE = {JPEGLSLossless: "-xt", JPEG2000Lossless: "-xv", RLELossless: "-xr"}
+
+
+def push(port: int, datasets: list[Any], directory: Path) -> None:
+    """Send with dcmtk's storescu in the datasets' own transfer syntax; every instance must succeed."""
+    files = write_files(datasets, directory)
+    syntax = datasets[0].file_meta.TransferSyntaxUID
+    sent = storescu(port, files, *([PROPOSE[syntax]] if syntax in PROPOSE else []), called_ae=OUR_AE)
+    assert sent.returncode == 0 and sent.statuses == [0] * len(files), sent.output[-3000:]
+
+
+def check_classified(entry: dict[str, Any], task: str, models_dir: Path) -> None:
+    card = ModelCard.load(models_dir / task)
+    assert entry["status"] == "done", entry
+    assert entry["task"] == task
+    assert entry["label"] in card.class_names
+    assert set(entry["probabilities"]) == set(card.class_names)
+    assert abs(sum(entry["probabilities"].values()) - 1.0) < 1e-3
+    assert entry["label"] == max(entry["probabilities"], key=entry["probabilities"].get)
+    assert entry["model_uid"] == card.uid
+
+
+def test_embedded_serve_classifies_routes_and_supersedes(
+    models_dir: Path, tmp_path: Path, processes: list[Process]
+) -> None:
+    data_dir, port = tmp_path / "data", free_port()
+    env = environment(models_dir)
+    serve = Process(["serve", "--data-dir", str(data_dir), "--dicom-port", str(port), "--web-port",
+                     str(free_port())], env)
+    processes.append(serve)
+    assert f"DICOM {OUR_AE}@127.0.0.1:{port}" in serve.wait_ready()
+
+    study = "1.2.826.0.1.3680043.8.498.9001"
+    mr = mr_series(brain_images(4), study_instance_uid=study)
+    ct = [encode(ds, JPEGLSLossless) for ds in ct_series(ct_images(3), study_instance_uid=study)]
+    knee = ct_series(ct_images(2, seed=7), body_part="KNEE", study_description="CT KNEE")
+    push(port, mr + knee, tmp_path / "push")
+    push(port, ct, tmp_path / "push-jpeg-ls")
+    uids = {mr[0].SeriesInstanceUID, ct[0].SeriesInstanceUID, knee[0].SeriesInstanceUID}
+    report = wait_for(lambda: (r := results(data_dir, env)) and all_final(r, uids) and r, 120, "results", serve)
+    entries = by_series(report)
+    check_classified(entries[mr[0].SeriesInstanceUID], "brain-tumor", models_dir)
+    check_classified(entries[ct[0].SeriesInstanceUID], "covid-ct", models_dir)
+    knee_entry = entries[knee[0].SeriesInstanceUID]
+    assert knee_entry["status"] == "not_applicable" and knee_entry["label"] is None
+    assert "body part KNEE not in CHEST/LUNG/THORAX" in knee_entry["reason"]
+    assert report["rejected"] == []
+    study_only = results(data_dir, env, "--study", study)
+    assert {e["series_instance_uid"] for e in study_only["series"]} == uids - {knee[0].SeriesInstanceUID}
+
+    # A late instance re-runs the series; the new result supersedes the first.
+    late = mr_series(brain_images(1, seed=99), study_instance_uid=study,
+                     series_instance_uid=mr[0].SeriesInstanceUID)
+    push(port, late, tmp_path / "late")
+    database = Database(f"sqlite:///{data_dir / 'triage.sqlite3'}")
+    try:
+        def revised() -> list[Result] | None:
+            with database.session() as session:
+                rows = session.scalars(
+                    select(Result).join(Series, Result.series_pk == Series.id)
+                    .where(Series.series_instance_uid == mr[0].SeriesInstanceUID).order_by(Result.revision)
+                ).all()
+                return list(rows) if len(rows) == 2 else None
+
+        first, second = wait_for(revised, 60, "the re-run after a late instance", serve)
+        assert first.superseded_by_pk == second.id and second.superseded_by_pk is None
+        assert len(second.slice_probabilities) == 5 and len(first.slice_probabilities) == 4
+    finally:
+        database.dispose()
+    assert serve.terminate() == 0
+
+
+@pytest.fixture
+def postgres_url() -> Iterator[str]:
+    name = f"triage_e2e_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(PG_ADMIN, autocommit=True) as admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield f"postgresql://postgres@127.0.0.1:5432/{name}"
+    finally:
+        with psycopg.connect(PG_ADMIN, autocommit=True) as admin:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+def redis_url() -> Iterator[str]:
+    client = redis.Redis(host="127.0.0.1", port=6379, db=REDIS_DB)
+    client.flushdb()
+    yield f"redis://127.0.0.1:6379/{REDIS_DB}"
+    client.flushdb()
+
+
+def test_scale_out_on_redis_and_postgresql(
+    models_dir: Path, tmp_path: Path, processes: list[Process], postgres_url: str, redis_url: str
+) -> None:
+    data_dir, port = tmp_path / "data", free_port()
+    env = environment(models_dir, database_url=postgres_url, broker_url=redis_url)
+    listen = Process(["listen", "--data-dir", str(data_dir), "--dicom-port", str(port)], env)
+    worker = Process(["worker", "--data-dir", str(data_dir)], env)
+    processes += [listen, worker]
+    listen.wait_ready()
+    worker.wait_ready()
+
+    mr = [encode(ds, RLELossless) for ds in mr_series(brain_images(3, seed=5))]
+    ct = [encode(ds, JPEG2000Lossless) for ds in ct_series(ct_images(2, seed=5))]
+    push(port, mr, tmp_path / "push-rle")
+    push(port, ct, tmp_path / "push-jpeg-2000")
+    uids = {mr[0].SeriesInstanceUID, ct[0].SeriesInstanceUID}
+    report = wait_for(lambda: (r := results(data_dir, env)) and all_final(r, uids) and r, 120, "results",
+                      listen, worker)
+    entries = by_series(report)
+    check_classified(entries[mr[0].SeriesInstanceUID], "brain-tumor", models_dir)
+    check_classified(entries[ct[0].SeriesInstanceUID], "covid-ct", models_dir)
+    assert not (data_dir / "triage.sqlite3").exists()  # everything went to PostgreSQL
+    assert listen.terminate() == 0
+    assert worker.terminate() == 0
+
+
+def test_pending_series_survive_killed_processes(
+    models_dir: Path, tmp_path: Path, processes: list[Process]
+) -> None:
+    data_dir, port = tmp_path / "data", free_port()
+    env = environment(models_dir, inference_batch_size="1")
+    listen_args = ["listen", "--data-dir", str(data_dir), "--dicom-port", str(port)]
+    listen = Process(listen_args, env)
+    processes.append(listen)
+    listen.wait_ready()
+
+    # 1. Series queued while no worker runs; then the listener is killed and restarted.
+    a = mr_series(brain_images(2, seed=11))
+    push(port, a, tmp_path / "a")
+    wait_for(lambda: by_series(results(data_dir, env)).get(a[0].SeriesInstanceUID, {}).get("status") == "queued",
+             30, "series A queued", listen)
+    listen.kill()
+    listen = Process(listen_args, env)
+    processes.append(listen)
+    listen.wait_ready()
+
+    # 2. A long series is being classified when its worker is killed.
+    long_series = [encode(ds, JPEG2000Lossless) for ds in ct_series(ct_images(40, seed=12))]
+    push(port, long_series, tmp_path / "long")
+    database = Database(f"sqlite:///{data_dir / 'triage.sqlite3'}")
+    try:
+        def job_state(series_uid: str) -> tuple[JobState, int] | None:
+            with database.session() as session:
+                row = session.execute(
+                    select(Job.state, Job.attempts).join(Series, Job.series_pk == Series.id)
+                    .where(Series.series_instance_uid == series_uid)
+                ).first()
+                return (row[0], row[1]) if row else None
+
+        first_worker = Process(["worker", "--data-dir", str(data_dir)], env)
+        processes.append(first_worker)
+        long_uid = long_series[0].SeriesInstanceUID
+        wait_for(lambda: job_state(long_uid) == (JobState.RUNNING, 1), STARTUP_SECONDS, "the long series to run",
+                 first_worker)
+        first_worker.kill()
+        assert job_state(long_uid) == (JobState.RUNNING, 1), "the job finished before its worker was killed"
+
+        second_worker = Process(["worker", "--data-dir", str(data_dir)], env)
+        processes.append(second_worker)
+        uids = {a[0].SeriesInstanceUID, long_uid}
+        report = wait_for(lambda: (r := results(data_dir, env)) and all_final(r, uids) and r, 180, "results",
+                          listen, second_worker)
+        entries = by_series(report)
+        check_classified(entries[a[0].SeriesInstanceUID], "brain-tumor", models_dir)
+        check_classified(entries[long_uid], "covid-ct", models_dir)
+        assert job_state(long_uid) == (JobState.DONE, 2)
+    finally:
+        database.dispose()
+    assert second_worker.terminate() == 0
+    assert listen.terminate() == 0
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "toml", "message"),
+    [
+        (["--dicom-port", "70000"], {}, None, "dicom_port [from command line]: Input should be less than or equal"),
+        ([], {"DICOM_TRIAGE_SERIES_QUIET_SECONDS": "soon"}, None, "series_quiet_seconds [from DICOM_TRIAGE_"),
+        ([], {"DICOM_TRIAGE_DATABASE_URL": "mysql://x"}, None, "is not a sqlite:// or postgresql:// URL"),
+        ([], {}, '[[routing_rules]]\ntask = "knee-xray"\n', "unknown task(s) 'knee-xray'"),
+        ([], {}, "ae_title = [", "is not valid TOML"),
+    ],
+)
+def test_bad_configuration_is_a_clear_error(
+    tmp_path: Path, args: list[str], env: dict[str, str], toml: str | None, message: str
+) -> None:
+    command = [sys.executable, "-m", "worker.cli", "serve", "--data-dir", str(tmp_path), *args]
+    if toml is not None:
+        (tmp_path / "config.toml").write_text(toml)
+        command += ["--config", str(tmp_path / "config.toml")]
+    base = {k: v for k, v in os.environ.items() if not k.startswith("DICOM_TRIAGE_")}
+    completed = subprocess.run(command, cwd=ROOT, env={**base, **env}, capture_output=True, text=True, timeout=60)
+    assert completed.returncode == 2
+    assert message in completed.stderr, completed.stderr
+    assert "Traceback" not in completed.stderr
