@@ -241,6 +241,7 @@ def test_invalid_instances_from_storescu_are_refused_and_the_rest_archived(
     with running_listener(tmp_path) as (listener, sink):
         result = storescu(listener.port, files)
         assert result.statuses == [0x0000, status, 0x0000], result.output[-2000:]
+        assert "ErrorComment" in result.output  # the peer is told why, not just the status
         _assert_still_serving(listener)
     assert [s.sop_instance_uid for s in sink.stored] == [mr[1].SOPInstanceUID, mr[2].SOPInstanceUID]
     _assert_refused(sink, bad.SOPInstanceUID, reason)
