@@ -32,6 +32,7 @@ series in space.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -79,6 +80,9 @@ MR_PERCENTILES: tuple[float, float] = (0.0, 99.99)
 #: and a forged header (65535 x 65535 over a few bytes) must not make the decoder allocate gigabytes.
 MAX_FRAME_PIXELS = 8192 * 8192
 
+#: Above this range of stored values percentiles use a partial sort instead of a histogram.
+_MAX_HISTOGRAM_BINS = 1 << 20
+
 _LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)  # ITU-R BT.601
 
 
@@ -103,7 +107,7 @@ def display_frames(
     images = []
     for index, stored in enumerate(_decoded_frames(ds)):
         if photometric in ("MONOCHROME1", "MONOCHROME2"):
-            values = _modality_values(stored, ds, index)
+            values, affine = _modality_values(stored, ds, index)
             if not np.all(np.isfinite(values)):
                 raise ImagingError(f"frame {index + 1} has non-finite pixel values")
             inverted = photometric == "MONOCHROME1"
@@ -111,7 +115,8 @@ def display_frames(
                 grey = _linear_window(values, ct_window)
             else:
                 # The percentiles refer to the displayed picture: in MONOCHROME1 its bright end is the low values.
-                grey = _percentile_window(values, *((100.0 - hi_pct, 100.0 - lo_pct) if inverted else (lo_pct, hi_pct)))
+                window = (100.0 - hi_pct, 100.0 - lo_pct) if inverted else (lo_pct, hi_pct)
+                grey = _percentile_window(values, window, stored, affine)
             if inverted:
                 grey = 255.0 - grey
         else:
@@ -231,17 +236,20 @@ def _functional_group_item(ds: Dataset, index: int, sequence: str) -> Dataset | 
     return None
 
 
-def _modality_values(stored: np.ndarray, ds: Dataset, index: int) -> np.ndarray:
-    """Apply the modality LUT (PS3.3 C.11.1 / C.7.6.16.2.9) for frame ``index``."""
+def _modality_values(stored: np.ndarray, ds: Dataset, index: int) -> tuple[np.ndarray, tuple[float, float] | None]:
+    """Apply the modality LUT (PS3.3 C.11.1 / C.7.6.16.2.9) for frame ``index``.
+
+    Returns the values and, when the mapping is linear, its (slope, intercept).
+    """
     transform = _functional_group_item(ds, index, "PixelValueTransformationSequence")
     if transform is None and "ModalityLUTSequence" in ds:
-        return np.asarray(apply_modality_lut(stored, ds), dtype=np.float64)
+        return np.asarray(apply_modality_lut(stored, ds), dtype=np.float64), None
     source = transform if transform is not None else ds
     slope, intercept = source.get("RescaleSlope"), source.get("RescaleIntercept")
-    values = stored.astype(np.float64)
-    if slope not in (None, "") and intercept not in (None, ""):
-        values = values * float(slope) + float(intercept)
-    return values
+    if slope in (None, "") or intercept in (None, ""):
+        return stored.astype(np.float64), (1.0, 0.0)
+    slope, intercept = float(slope), float(intercept)
+    return stored.astype(np.float64) * slope + intercept, (slope, intercept)
 
 
 def _linear_window(values: np.ndarray, window: Window) -> np.ndarray:
@@ -250,13 +258,53 @@ def _linear_window(values: np.ndarray, window: Window) -> np.ndarray:
     return np.clip(((values - (c - 0.5)) / (w - 1.0) + 0.5) * 255.0, 0.0, 255.0)
 
 
-def _percentile_window(values: np.ndarray, lo_pct: float, hi_pct: float) -> np.ndarray:
-    lo, hi = np.percentile(values, [lo_pct, hi_pct])
+def _percentile_window(
+    values: np.ndarray,
+    percentiles: tuple[float, float],
+    stored: np.ndarray,
+    affine: tuple[float, float] | None,
+) -> np.ndarray:
+    lo, hi = _percentiles(values, percentiles, stored, affine)
     if hi <= lo:  # (nearly) constant between the percentiles: fall back to the frame's full range
         lo, hi = float(values.min()), float(values.max())
     if hi <= lo:  # a uniform frame has no contrast to show
         return np.zeros(values.shape, dtype=np.float64)
     return np.clip((values - lo) * (255.0 / (hi - lo)), 0.0, 255.0)
+
+
+def _percentiles(
+    values: np.ndarray, percentiles: Sequence[float], stored: np.ndarray, affine: tuple[float, float] | None
+) -> list[float]:
+    """``np.percentile(values, percentiles)`` (linear interpolation), computed cheaply.
+
+    Stored values are integers of a small range and the modality LUT is usually linear, so the order statistics
+    come from one histogram of the stored values (a 512 x 512 frame: about 1.5 ms against 20 for
+    ``np.percentile``); otherwise from a partial sort.
+    """
+    size = values.size
+    positions = [pct / 100.0 * (size - 1) for pct in percentiles]
+    if affine is not None and affine[0] != 0.0 and stored.dtype.kind in "iu" and stored.size == size:
+        slope, intercept = affine
+        low = int(stored.min())
+        if int(stored.max()) - low <= _MAX_HISTOGRAM_BINS:
+            cumulative = np.cumsum(np.bincount((stored.astype(np.int64) - low).ravel()))
+            result = []
+            for position in positions:
+                if slope < 0:  # a negative slope reverses the order of the values
+                    position = size - 1 - position
+                below = math.floor(position)
+                a, b = np.searchsorted(cumulative, [below, min(below + 1, size - 1)], side="right") + low
+                result.append(float((a + (b - a) * (position - below)) * slope + intercept))
+            return result
+    flat = values.ravel()
+    kth = sorted({min(k, size - 1) for position in positions for k in (math.floor(position), math.floor(position) + 1)})
+    part = np.partition(flat, kth)
+    result = []
+    for position in positions:
+        below = math.floor(position)
+        above = min(below + 1, size - 1)
+        result.append(float(part[below] + (part[above] - part[below]) * (position - below)))
+    return result
 
 
 def _colour_to_grey(stored: np.ndarray, ds: Dataset, photometric: str) -> np.ndarray:

@@ -27,6 +27,7 @@ from pydicom.uid import (
 
 from dicom_io.imaging import (
     LUNG_WINDOW,
+    MR_PERCENTILES,
     ImagingError,
     Window,
     display_frames,
@@ -213,6 +214,26 @@ def test_monochrome1_mr_with_inverted_values_shows_the_same_picture() -> None:
     (shown,) = display_frames(ds)
     # The percentile window is mirrored too, so the same brightest pixels are clipped.
     np.testing.assert_allclose(shown, normal, atol=1e-3)
+
+
+@pytest.mark.parametrize(
+    "dtype,slope,intercept",
+    [(np.uint16, 1.0, 0.0), (np.int16, 2.5, -1024.0), (np.int16, -1.5, 100.0), (np.int32, 1.0, 0.0)],
+)
+def test_mr_window_spans_the_documented_percentiles(dtype: type, slope: float, intercept: float) -> None:
+    rng = np.random.default_rng(7)
+    info = np.iinfo(dtype)
+    stored = rng.integers(max(info.min, -3000), min(info.max, 4095), (97, 101), endpoint=True).astype(dtype)
+    stored.flat[:3] = min(info.max, 2**20)  # a few hot pixels the window must ignore
+    ds = _image_dataset(stored.astype(np.int16 if dtype != np.uint16 else np.uint16), "MR")
+    if dtype == np.int32:
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 32, 32, 31, 1
+        ds.PixelData = stored.tobytes()
+    ds.RescaleSlope, ds.RescaleIntercept = slope, intercept
+    values = ds.pixel_array.astype(np.float64) * slope + intercept
+    lo, hi = np.percentile(values, MR_PERCENTILES)
+    (shown,) = display_frames(ds)
+    np.testing.assert_allclose(shown, np.clip((values - lo) / (hi - lo) * 255, 0, 255), atol=1e-3)
 
 
 # --- series ordering -------------------------------------------------------------------------------------------
