@@ -93,38 +93,33 @@ class Archive:
             raise ValueError(f"instance {sop_instance}: the encoded bytes given are not a DICOM Part 10 file")
         target = self.path_for(study, series, sop_instance)
 
-        if not target.exists():
+        def stored(size: int, duplicate: bool) -> StoredInstance:
+            return StoredInstance(target, study, series, sop_instance, sop_class, transfer_syntax, size, duplicate)
+
+        # No exists() check first: a repeat (rare) is found by link() below, and a stat per instance is not free.
+        try:
+            fd, temp_name = tempfile.mkstemp(prefix=".incoming-", suffix=".tmp", dir=target.parent)
+        except FileNotFoundError:  # the series' first instance
             self._make_directories(target.parent)
             fd, temp_name = tempfile.mkstemp(prefix=".incoming-", suffix=".tmp", dir=target.parent)
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                if encoded is None:
+                    dcmwrite(handle, ds, enforce_file_format=True)
+                else:
+                    handle.write(encoded)
+                handle.flush()
+                size = handle.tell()
+                os.fsync(handle.fileno())
             try:
-                with os.fdopen(fd, "wb") as handle:
-                    if encoded is None:
-                        dcmwrite(handle, ds, enforce_file_format=True)
-                    else:
-                        handle.write(encoded)
-                    handle.flush()
-                    os.fsync(handle.fileno())
-                try:
-                    # link() never replaces: when two associations race on one SOP Instance UID, the first wins.
-                    os.link(temp_name, target)
-                    duplicate = False
-                except FileExistsError:
-                    duplicate = True
-            finally:
-                os.unlink(temp_name)
-            _fsync_directory(target.parent)
-        else:
-            duplicate = True
-        return StoredInstance(
-            path=target,
-            study_instance_uid=study,
-            series_instance_uid=series,
-            sop_instance_uid=sop_instance,
-            sop_class_uid=sop_class,
-            transfer_syntax_uid=transfer_syntax,
-            size_bytes=target.stat().st_size,
-            duplicate=duplicate,
-        )
+                # link() never replaces: when two associations race on one SOP Instance UID, the first wins.
+                os.link(temp_name, target)
+            except FileExistsError:
+                return stored(target.stat().st_size, duplicate=True)
+        finally:
+            os.unlink(temp_name)
+        _fsync_directory(target.parent)
+        return stored(size, duplicate=False)
 
     def _make_directories(self, directory: Path) -> None:
         # Create study/series directories, fsyncing each parent whose entries changed.
