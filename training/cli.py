@@ -26,7 +26,9 @@ def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") 
     """Add ``train`` and ``evaluate`` to the ``dicom-triage`` command."""
     train = subparsers.add_parser("train", help="train a classifier on an image-folder dataset")
     train.add_argument("task", choices=sorted(TASKS))
-    train.add_argument("--data", required=True, help="folder with <class>/ or Training/<class>/ + Testing/<class>/")
+    train.add_argument("--data", required=True, action="append",
+                       help="folder with <class>/ or Training/<class>/ + Testing/<class>/; repeat to train on "
+                            "several sources at once (e.g. an archive export and an external set)")
     train.add_argument("--arch", default="triage-cnn", choices=ARCHITECTURE_NAMES)
     train.add_argument("--out", required=True, help="folder to write model.keras, card.json and figures into")
     train.add_argument("--epochs", type=int, default=60)

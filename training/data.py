@@ -8,6 +8,7 @@ unreadable files are skipped, counted and listed, never silently.
 from __future__ import annotations
 
 import hashlib
+import os
 import sys
 from collections import Counter
 from collections.abc import Iterable, Sequence
@@ -116,11 +117,12 @@ def _class_folders(folder: Path, task: Task) -> list[Path]:
     return [folder / name for name in expected]
 
 
-def load_image_folder(folder: Path | str, task: Task, progress: bool = True) -> ImageSet:
+def load_image_folder(folder: Path | str, task: Task, progress: bool = True, allow_empty: bool = False) -> ImageSet:
     """Decode every image under ``folder/<class>/`` (recursively, hidden folders and files excluded).
 
-    Raises :class:`DataError` for a missing folder, class folders that do not match ``task`` or a class folder
-    with no readable image. Unreadable, truncated and non-image files are skipped and listed in ``skipped``.
+    Raises :class:`DataError` for a missing folder, class folders that do not match ``task`` or (unless
+    ``allow_empty``: one of several sources) a class folder with no readable image. Unreadable, truncated and
+    non-image files are skipped and listed in ``skipped``.
     """
     import imagehash  # here, not at the top: split helpers below also run on hosts without it
 
@@ -153,7 +155,7 @@ def load_image_folder(folder: Path | str, task: Task, progress: bool = True) -> 
             readable += 1
             if progress and len(result) % 1000 == 0:
                 print(f"  read {len(result)} images ...", file=sys.stderr, flush=True)
-        if readable == 0:
+        if readable == 0 and not allow_empty:
             raise DataError(f"{class_dir}: no readable images in class folder '{class_dir.name}'")
     return result
 
@@ -330,3 +332,57 @@ def cross_validation_parts(labels: np.ndarray, groups: np.ndarray, folds: int, s
                                           seed + fold + 1)
         parts.append((rest[fit_part], rest[val_part], test))
     return parts
+
+
+def load_and_split_sources(data_dirs: Sequence[Path | str], task: Task, seed: int, validation_fraction: float,
+                           progress: bool = True) -> Splits:
+    """Several ``--data`` folders as one dataset (e.g. an archive export plus an external labelled set).
+
+    Each source keeps its own layout: an official split's ``Testing`` images are test images, its ``Training``
+    images are split group-aware into train and validation; a pool is split :data:`POOL_FRACTIONS`. Duplicate
+    groups span all sources, and a pool image that duplicates a test image goes to test too. A source may lack
+    images of a class (a small export); the training part of all of them together must have every class.
+    """
+    if len(data_dirs) == 1:
+        return load_and_split(data_dirs[0], task, seed, validation_fraction, progress)
+    if not data_dirs:
+        raise DataError("no --data folder given")
+    dirs = [check_data_dir(d).resolve() for d in data_dirs]
+    if len(set(dirs)) != len(dirs):
+        raise DataError("the same --data folder is given twice")
+    parts: list[tuple[ImageSet, str]] = []  # (images, role): role is "train", "test" or "pool"
+    for folder in dirs:
+        if is_official_split(folder):
+            parts.append((load_image_folder(folder / TRAIN_FOLDER, task, progress, allow_empty=True), "train"))
+            parts.append((load_image_folder(folder / TEST_FOLDER, task, progress, allow_empty=True), "test"))
+        else:
+            parts.append((load_image_folder(folder, task, progress, allow_empty=True), "pool"))
+    images = ImageSet(root=Path(os.path.commonpath(dirs)))
+    roles: list[str] = []
+    for part, role in parts:
+        images = _concatenate(images, part, images.root)
+        roles += [role] * len(part)
+    if len(images) == 0:
+        raise DataError(f"no readable images in any of the --data folders {', '.join(map(str, dirs))}")
+    role_array = np.asarray(roles)
+    groups = duplicate_groups(images)
+    labels = images.label_array
+    test_groups = set(groups[role_array == "test"].tolist())
+    pool = np.flatnonzero(role_array == "pool")
+    pool_to_test = pool[np.isin(groups[pool], list(test_groups))]
+    pool = np.setdiff1d(pool, pool_to_test)
+    official_train = np.flatnonzero(role_array == "train")
+    fit_part, val_part = split_groups(labels[official_train], groups[official_train],
+                                      (1 - validation_fraction, validation_fraction), seed)
+    pool_train, pool_val, pool_test = split_groups(labels[pool], groups[pool], POOL_FRACTIONS, seed)
+    train = np.sort(np.concatenate([official_train[fit_part], pool[pool_train]]))
+    validation = np.sort(np.concatenate([official_train[val_part], pool[pool_val]]))
+    test = np.sort(np.concatenate([np.flatnonzero(role_array == "test"), pool_to_test, pool[pool_test]]))
+    missing = [name for label, name in enumerate(task.class_names) if not np.any(labels[train] == label)]
+    if missing:
+        raise DataError(f"no training images of class(es) {', '.join(missing)} in any of the --data folders")
+    if len(test) == 0:
+        raise DataError("the --data folders give no test images (add a Testing folder or a pool)")
+    seen = images.subset(np.concatenate([train, validation]))
+    dedup = test[~near_duplicates_of(images.subset(test), seen)]
+    return Splits(images, groups, train, validation, test, dedup, official=True)

@@ -14,7 +14,7 @@ from models.card import CARD_FILE, MODEL_FILE, ModelCard
 from models.inference import Classifier
 from models.preprocessing import InputSpec
 from models.tasks import Task, get_task
-from training.data import DataError, Splits, cross_validation_parts, load_and_split
+from training.data import DataError, Splits, cross_validation_parts, load_and_split_sources
 from training.evaluate import evaluate_splits, write_figures
 from training.fit import TrainConfig, fit
 from training.metrics import format_metrics
@@ -38,10 +38,10 @@ def train_one(arch: str, task: Task, spec: InputSpec, splits: Splits, train: np.
     return model, history
 
 
-def run_train(task: Task, data_dir: Path, arch: str, out_dir: Path, config: TrainConfig, spec: InputSpec | None,
-              weights: str | None, cv_folds: int) -> int:
+def run_train(task: Task, data_dirs: list[Path], arch: str, out_dir: Path, config: TrainConfig,
+              spec: InputSpec | None, weights: str | None, cv_folds: int) -> int:
     spec = spec or default_input_spec(arch, task)
-    splits = load_and_split(data_dir, task, config.seed, config.validation_fraction)
+    splits = load_and_split_sources(data_dirs, task, config.seed, config.validation_fraction)
     print(splits.images.report(), file=sys.stderr)
     print(splits.describe(), file=sys.stderr)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -55,7 +55,7 @@ def run_train(task: Task, data_dir: Path, arch: str, out_dir: Path, config: Trai
         training={
             "config": config.to_dict(), "weights": weights, "epochs_run": len(history.get("loss", [])),
             "history": history, "train_cpu_seconds": round(cpu_seconds, 1), "train_wall_seconds": round(wall_seconds, 1),
-            "split": splits.describe(), "skipped_files": [str(p) for p, _ in splits.images.skipped],
+            "sources": [str(d) for d in data_dirs], "split": splits.describe(), "skipped_files": [str(p) for p, _ in splits.images.skipped],
             "test_manifest_sha256": splits.images.subset(splits.test).manifest_sha256(),
         },
         dataset_manifest_sha256=splits.images.manifest_sha256(),
@@ -112,7 +112,8 @@ def handle_train(args: Any) -> int:
             augmentation=Augmentation.none() if args.no_augmentation else Augmentation(),
         )
         spec = parse_input_size(args.input_size) if args.input_size else None
-        return run_train(get_task(args.task), Path(args.data), args.arch, Path(args.out), config, spec, args.weights,
+        return run_train(get_task(args.task), [Path(d) for d in args.data], args.arch, Path(args.out), config, spec,
+                         args.weights,
                          args.cv)
     except (DataError, FileNotFoundError, ValueError) as exc:
         print(f"train: {exc}", file=sys.stderr)
