@@ -210,6 +210,8 @@ def test_bad_inputs_are_refused_with_a_reason() -> None:
         build_classification_sr(sources, BRAIN, MODEL, revision=1)
     with pytest.raises(SRError, match="no source"):
         build_classification_sr([], BRAIN, MODEL)
+    with pytest.raises(SRError, match="not a valid DICOM UID"):
+        build_classification_sr(sources, BRAIN, AlgorithmInfo("m", "1", "model-7", "x"))
     with pytest.raises(ValueError, match="label"):
         ClassificationResult("brain-tumor", "astrocytoma", BRAIN.class_names, BRAIN.probabilities)
     with pytest.raises(ValueError, match="probabilities"):

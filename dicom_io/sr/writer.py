@@ -27,7 +27,6 @@ from datetime import date
 import highdicom as hd
 from pydicom import Dataset
 from pydicom.sr.codedict import codes
-from pydicom.uid import UID
 
 from dicom_io.codes import PROBABILITY_UNIT, class_concept, finding_site_concept, procedure_concept
 from dicom_io.sr.results import AlgorithmInfo, ClassificationResult
@@ -44,6 +43,9 @@ _UID_NAMESPACE = uuid.UUID("5d0f8a43-3a4c-4f57-9d1e-5b3c2f0e7a61")
 
 # Maximum value lengths in bytes (PS3.5 table 6.2-1); PN applies per component group.
 _MAX_BYTES = {"PN": 64, "LO": 64, "SH": 16, "CS": 16}
+# Digits and dots. Leading zeros in a component are invalid but common in old devices' UIDs: references must copy
+# them exactly, so they are accepted.
+_UID = re.compile(r"[0-9]+(\.[0-9]+)*")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f\\]")  # control characters, and backslash (the value separator)
 
 
@@ -99,6 +101,8 @@ def build_classification_sr(
         raise SRError("no source instances to report on")
     if (predecessor is None) != (revision == 0):
         raise SRError("a revision > 0 needs its predecessor SR, and revision 0 has none")
+    if not _is_uid(algorithm.uid):
+        raise SRError(f"the model UID {algorithm.uid!r} is not a valid DICOM UID")
     headers = _evidence_headers(source_datasets)
     study_uid, series_uid = headers[0].StudyInstanceUID, headers[0].SeriesInstanceUID
     if predecessor is not None and predecessor.get("StudyInstanceUID") != study_uid:
@@ -146,6 +150,9 @@ def build_classification_sr(
         imaging_measurements=[group],
         title=codes.cid7021.ImagingMeasurementReport,
     )
+    # IHE AIR's "Processing Algorithm" purpose is no concept of PS3.16 CID 7005 (Contributing Equipment Purposes of
+    # Reference); Processing Equipment (DCM 109102) is the closest. The Device UID identifies the model, as AIR
+    # asks, although dciodvfy warns that the sequence's definition does not list it.
     equipment = hd.ContributingEquipment(
         manufacturer=_fit(algorithm.manufacturer, "LO"),
         purpose_of_reference=codes.DCM.ProcessingEquipment,
@@ -187,7 +194,7 @@ def _evidence_headers(source_datasets: Sequence[Dataset]) -> list[Dataset]:
         header = Dataset()
         for keyword in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID"):
             value = str(ds.get(keyword, "") or "").strip()
-            if not UID(value).is_valid:
+            if not _is_uid(value):
                 raise SRError(f"a source instance has no valid {keyword} ({value!r})")
             setattr(header, keyword, value)
         headers.setdefault(header.SOPInstanceUID, header)
@@ -267,7 +274,9 @@ def _valid_time(value: object) -> str:
     return text if match else ""
 
 
+def _is_uid(text: str) -> bool:
+    return len(text) <= 64 and _UID.fullmatch(text) is not None
+
+
 def _needs_unicode(header: Dataset) -> bool:
-    return any(isinstance(e.value, str) and not e.value.isascii() for e in header) or any(
-        not str(header.get(k, "")).isascii() for k in ("PatientName", "ReferringPhysicianName")
-    )
+    return any(not str(element.value).isascii() for element in header)
