@@ -179,6 +179,8 @@ def test_non_ascii_names_are_kept_in_utf8(tmp_path: Path) -> None:
     assert sr.SpecificCharacterSet == "ISO_IR 192"
     assert str(sr.PatientName) == "Müller^Jürgen=山田^太郎" and str(sr.ReferringPhysicianName) == "Åström^Øyvind"
     assert "Müller" in describe(path)
+    dump = subprocess.run([DSRDUMP, str(path)], capture_output=True, text=True, timeout=60)
+    assert dump.returncode == 0 and "Müller^Jürgen" in dump.stdout
 
 
 @pytest.mark.filterwarnings("ignore:The (value|PN component) length")
