@@ -1,0 +1,270 @@
+"""``dataset export``: archived series with radiologist-confirmed labels -> the image folders the trainer reads.
+
+Layout: ``OUT/Training/<class>/*.png`` + ``OUT/Testing/<class>/*.png`` (every class folder exists, possibly empty),
+``OUT/manifest.csv`` (one row per image: file, split, label, label source, pseudonymous patient and series, frame)
+and ``OUT/export.json`` (what was exported, with which options, and the manifest's hash).
+
+* Images are the worker's own preprocessing (:func:`dicom_io.imaging.series_frame_records`: modality LUT, lung
+  window for CT, percentile window for MR), one 8-bit grey PNG per frame, so a model trains on what it will see.
+* De-identified: file names and the manifest hold only pseudonymous IDs, an HMAC-SHA256 under the configured
+  ``pseudonym_key`` of the patient identity and of the series UID; PNGs carry no metadata. The mapping back to
+  series stays in the database (the registry's data manifest), never in the export.
+* Split by patient: all images of one patient go to the same split, so a test image never has a sibling slice
+  in training. The split is stable (by the keyed hash), stratified by class, and each class with two patients or
+  more has one in each split.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import hmac
+import json
+import logging
+import os
+import shutil
+from collections import defaultdict
+from dataclasses import dataclass, field
+from datetime import date, datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+from pydicom import dcmread
+from sqlalchemy import select
+
+from config import Settings
+from dicom_io.imaging import series_frame_records
+from models.tasks import Task
+from worker.db import Database, Instance, Patient, Result, Series, Study
+from worker.db.review import TrainingExample
+
+log = logging.getLogger(__name__)
+
+TRAIN_FOLDER, TEST_FOLDER = "Training", "Testing"
+MANIFEST_FILE, SUMMARY_FILE = "manifest.csv", "export.json"
+#: The share of patients (per class) exported to ``Testing``.
+TEST_FRACTION = 0.2
+MANIFEST_COLUMNS = ("file", "split", "label", "label_source", "patient", "series", "frame")
+
+
+class ExportError(ValueError):
+    """The export cannot run (no key, output folder not empty, ...); the message says what to do."""
+
+
+@dataclass(frozen=True)
+class LabelledSeries:
+    """A series to export and its label; ``source`` is ``radiologist`` (confirmed/corrected) or ``model``."""
+
+    series_pk: int
+    series_instance_uid: str
+    patient_identity: str
+    label: str
+    source: str
+    paths: tuple[Path, ...]
+
+
+@dataclass
+class ExportResult:
+    out_dir: Path
+    task: str
+    images: int = 0
+    #: ``[{"pseudo_series", "pseudo_patient", "series_instance_uid", "label", "label_source", "split", "images"}]``:
+    #: the lineage kept in the database (the export folder itself holds no UID).
+    series: list[dict[str, Any]] = field(default_factory=list)
+    #: ``[{"pseudo_series", "reason"}]`` for series that could not be rendered.
+    skipped: list[dict[str, str]] = field(default_factory=list)
+    manifest_sha256: str = ""
+
+    def counts(self) -> dict[str, dict[str, int]]:
+        """Images per split and class."""
+        out: dict[str, dict[str, int]] = {TRAIN_FOLDER: {}, TEST_FOLDER: {}}
+        for entry in self.series:
+            split = out[entry["split"]]
+            split[entry["label"]] = split.get(entry["label"], 0) + entry["images"]
+        return out
+
+
+class Pseudonymizer:
+    """Keyed-hash pseudonyms: the same input always gives the same ID under one key, and nobody without the key
+    can check a guessed patient ID against it."""
+
+    def __init__(self, key: str) -> None:
+        if len(key) < 16:
+            raise ExportError("pseudonym_key must be at least 16 characters")
+        self._key = key.encode()
+
+    def _digest(self, kind: str, value: str) -> str:
+        return hmac.new(self._key, f"{kind}\x00{value}".encode(), hashlib.sha256).hexdigest()
+
+    def patient(self, identity: str) -> str:
+        return "p" + self._digest("patient", identity)[:16]
+
+    def series(self, series_instance_uid: str) -> str:
+        return "s" + self._digest("series", series_instance_uid)[:16]
+
+    def unit_interval(self, pseudonym: str) -> float:
+        """A stable number in [0, 1) per pseudonym: where a patient falls for the split."""
+        return int(self._digest("split", pseudonym)[:13], 16) / float(16**13)
+
+
+def _patient_identity(patient: Patient, study: Study) -> str:
+    # PatientID is unique only with its issuer; an empty ID says nothing, so such a study is a patient of its own.
+    if not patient.patient_id.strip():
+        return f"study:{study.study_instance_uid}"
+    return f"id:{patient.issuer_of_patient_id}\x00{patient.patient_id}"
+
+
+def labelled_series(database: Database, task: Task, confirmed_only: bool, since: date | None) -> list[LabelledSeries]:
+    """The task's archived series with a label: the radiologists' (latest decision) and, unless
+    ``confirmed_only``, the current model result of series nobody reviewed."""
+    with database.session() as session:
+        query = (
+            select(Series, Study, Patient, TrainingExample.label)
+            .join(Study, Series.study_pk == Study.id)
+            .join(Patient, Study.patient_pk == Patient.id)
+            .join(TrainingExample, TrainingExample.series_pk == Series.id)
+            .where(TrainingExample.task == task.name)
+        )
+        rows = [(s, st, p, label, "radiologist") for s, st, p, label in session.execute(query)]
+        if not confirmed_only:
+            reviewed = select(TrainingExample.series_pk)
+            unreviewed = (
+                select(Series, Study, Patient, Result.label)
+                .join(Study, Series.study_pk == Study.id)
+                .join(Patient, Study.patient_pk == Patient.id)
+                .join(Result, Result.series_pk == Series.id)
+                .where(Result.task == task.name, Result.superseded_by_pk.is_(None), Series.id.not_in(reviewed))
+            )
+            rows += [(s, st, p, label, "model") for s, st, p, label in session.execute(unreviewed)]
+        if since is not None:
+            start = datetime(since.year, since.month, since.day, tzinfo=timezone.utc)
+            rows = [row for row in rows if row[0].first_received_at >= start]
+        out = []
+        for series, study, patient, label, source in sorted(rows, key=lambda r: r[0].id):
+            if label not in task.class_names:
+                log.warning("series %d: label %r is not a %s class; not exported", series.id, label, task.name)
+                continue
+            paths = session.scalars(
+                select(Instance.archive_path).where(Instance.series_pk == series.id).order_by(Instance.id)
+            ).all()
+            out.append(LabelledSeries(series.id, series.series_instance_uid, _patient_identity(patient, study),
+                                      label, source, tuple(Path(p) for p in paths)))
+    return out
+
+
+def assign_splits(patient_labels: dict[str, str], pseudonyms: Pseudonymizer, class_names: tuple[str, ...],
+                  test_fraction: float = TEST_FRACTION) -> dict[str, str]:
+    """``{pseudo patient: split}``: by the keyed hash, per class; each class with 2+ patients gets both splits."""
+    splits: dict[str, str] = {}
+    for class_name in class_names:
+        patients = sorted((p for p, label in patient_labels.items() if label == class_name),
+                          key=pseudonyms.unit_interval)
+        chosen = {p: TEST_FOLDER if pseudonyms.unit_interval(p) < test_fraction else TRAIN_FOLDER for p in patients}
+        if len(patients) >= 2:
+            if TEST_FOLDER not in chosen.values():
+                chosen[patients[0]] = TEST_FOLDER
+            if TRAIN_FOLDER not in chosen.values():
+                chosen[patients[-1]] = TRAIN_FOLDER
+        splits.update(chosen)
+    return splits
+
+
+def _write_png(image: np.ndarray, path: Path) -> None:
+    # Display images are float 0..255; PNG keeps 8 bits, the depth of every training image the models saw.
+    grey = np.clip(np.rint(image), 0, 255).astype(np.uint8)
+    Image.fromarray(grey, mode="L").save(path, format="PNG")  # PIL writes no text chunks unless asked
+
+
+def export_dataset(
+    database: Database,
+    settings: Settings,
+    task: Task,
+    out_dir: Path | str,
+    *,
+    confirmed_only: bool = True,
+    since: date | None = None,
+) -> ExportResult:
+    """Export the task's labelled archived series to ``out_dir`` (which must not exist or be empty).
+
+    Written to a temporary sibling folder and renamed at the end, so ``out_dir`` never holds half an export.
+    """
+    if settings.pseudonym_key is None:
+        raise ExportError("set pseudonym_key (DICOM_TRIAGE_PSEUDONYM_KEY or the config file) before exporting: "
+                          "it keys the pseudonymous patient and series IDs")
+    pseudonyms = Pseudonymizer(settings.pseudonym_key.get_secret_value())
+    out_dir = Path(out_dir).resolve()
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise ExportError(f"{out_dir} exists and is not an empty folder")
+    work = out_dir.with_name(f".{out_dir.name}.partial-{os.getpid()}")
+    shutil.rmtree(work, ignore_errors=True)
+    try:
+        result = _export_into(work, database, task, pseudonyms, confirmed_only, since)
+        if out_dir.exists():
+            out_dir.rmdir()
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        work.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    result.out_dir = out_dir
+    return result
+
+
+def _export_into(work: Path, database: Database, task: Task, pseudonyms: Pseudonymizer, confirmed_only: bool,
+                 since: date | None) -> ExportResult:
+    for split in (TRAIN_FOLDER, TEST_FOLDER):
+        for class_name in task.class_names:
+            (work / split / class_name).mkdir(parents=True, exist_ok=True)
+    series_list = labelled_series(database, task, confirmed_only, since)
+    # A patient's split follows the label most of their series carry (ties: the first in class order).
+    votes: dict[str, list[str]] = defaultdict(list)
+    for item in series_list:
+        votes[pseudonyms.patient(item.patient_identity)].append(item.label)
+    patient_labels = {
+        patient: max(task.class_names, key=lambda c: (labels.count(c), -task.class_names.index(c)))
+        for patient, labels in votes.items()
+    }
+    splits = assign_splits(patient_labels, pseudonyms, task.class_names)
+    result = ExportResult(out_dir=work, task=task.name)
+    rows: list[dict[str, Any]] = []
+    for item in series_list:
+        patient, series_id = pseudonyms.patient(item.patient_identity), pseudonyms.series(item.series_instance_uid)
+        split = splits[patient]
+        try:
+            frames = series_frame_records(dcmread(path) for path in item.paths)
+        except Exception as exc:  # pydicom and the decoders raise many types; the series is skipped and listed
+            result.skipped.append({"pseudo_series": series_id, "reason": f"{type(exc).__name__}: {exc}"})
+            continue
+        for number, frame in enumerate(frames, start=1):
+            name = f"{patient}_{series_id}_{number:04d}.png"
+            _write_png(frame.image, work / split / item.label / name)
+            rows.append({"file": f"{split}/{item.label}/{name}", "split": split, "label": item.label,
+                         "label_source": item.source, "patient": patient, "series": series_id, "frame": number})
+        result.series.append({
+            "pseudo_series": series_id, "pseudo_patient": patient, "series_instance_uid": item.series_instance_uid,
+            "label": item.label, "label_source": item.source, "split": split, "images": len(frames),
+        })
+        result.images += len(frames)
+    with (work / MANIFEST_FILE).open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=MANIFEST_COLUMNS, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+    result.manifest_sha256 = hashlib.sha256((work / MANIFEST_FILE).read_bytes()).hexdigest()
+    summary = {
+        "task": task.name,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "options": {"confirmed_only": confirmed_only, "since": since.isoformat() if since else None,
+                    "test_fraction": TEST_FRACTION},
+        "images": result.images,
+        "series": len(result.series),
+        "counts": result.counts(),
+        "skipped": result.skipped,
+        "manifest_sha256": result.manifest_sha256,
+    }
+    (work / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    return result
+
+
+__all__ = ["ExportError", "ExportResult", "Pseudonymizer", "assign_splits", "export_dataset", "labelled_series"]
