@@ -109,11 +109,13 @@ def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") 
 
 def build_parser() -> argparse.ArgumentParser:
     from training import cli as training_cli
+    from worker.registry import cli as registry_cli
 
     parser = argparse.ArgumentParser(prog="dicom-triage", description=__doc__.splitlines()[0])
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     register(subparsers)
     training_cli.register(subparsers)
+    registry_cli.register(subparsers)
     return parser
 
 
