@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import os
@@ -43,12 +44,14 @@ def needs_rehash(password_hash: str) -> bool:
     return _hasher.check_needs_rehash(password_hash)
 
 
-# A fixed hash verified when the user does not exist, so a login takes as long for unknown names as for known ones.
-_DUMMY_HASH = _hasher.hash(secrets.token_urlsafe(16))
+@functools.cache
+def _dummy_hash() -> str:
+    return _hasher.hash(secrets.token_urlsafe(16))
 
 
 def verify_dummy() -> None:
-    verify_password(_DUMMY_HASH, "not-the-password")
+    """Verify against a throw-away hash: a login for an unknown name takes as long as a wrong password."""
+    verify_password(_dummy_hash(), "not-the-password")
 
 
 def load_or_create_secret(data_dir: Path) -> bytes:
