@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -78,11 +78,17 @@ def classify_series_files(paths: Sequence[Path], classifier: Classifier, batch_s
 
 
 class ModelCache:
-    """Each task's classifier, loaded once per process on first use (thread-safe)."""
+    """Each task's classifier, loaded once per process on first use (thread-safe).
 
-    def __init__(self, models_dir: Path | None) -> None:
+    With ``active_dir`` (``task -> folder or None``; the model registry's active model) the folder is looked up
+    each time a job asks, and a different folder is loaded in place of the old one: a promotion or rollback takes
+    effect at the next job, without restarting the worker. ``None`` falls back to :meth:`model_dir`.
+    """
+
+    def __init__(self, models_dir: Path | None, active_dir: Callable[[str], Path | None] | None = None) -> None:
         self.models_dir = models_dir
-        self._loaded: dict[str, Classifier] = {}
+        self.active_dir = active_dir
+        self._loaded: dict[str, tuple[Path, Classifier]] = {}
         self._lock = threading.Lock()
 
     def model_dir(self, task_name: str) -> Path:
@@ -90,7 +96,9 @@ class ModelCache:
         return self.models_dir / task_name if self.models_dir is not None else default_model_dir(task_name)
 
     def get(self, task_name: str) -> Classifier:
+        folder = (self.active_dir(task_name) if self.active_dir is not None else None) or self.model_dir(task_name)
         with self._lock:
-            if task_name not in self._loaded:
-                self._loaded[task_name] = Classifier.load(self.model_dir(task_name))
-            return self._loaded[task_name]
+            loaded = self._loaded.get(task_name)
+            if loaded is None or loaded[0] != folder:
+                self._loaded[task_name] = (folder, Classifier.load(folder))
+            return self._loaded[task_name][1]
