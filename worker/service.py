@@ -25,6 +25,7 @@ from worker.celery_app import INFERENCE_QUEUE, create_celery_app, make_enqueue
 from worker.db import Database, upgrade_database
 from worker.ingest import DatabaseSink
 from worker.inference import ModelCache
+from worker.registry import active_model_dirs, register_installed_models
 from worker.series import SeriesScheduler
 from worker.tasks import WorkerContext, register_tasks
 from worker.workers import WorkerRegistration, worker_registered
@@ -109,7 +110,9 @@ def run_listen(settings: Settings) -> int:
 def run_worker(settings: Settings) -> int:
     """``dicom-triage worker``: a Celery worker on the inference queue, models loaded once, until signalled."""
     database = open_database(settings)
-    models = ModelCache(settings.models_dir)
+    # The installed models become each task's first active model; later jobs follow the registry's active one.
+    register_installed_models(database, settings)
+    models = ModelCache(settings.models_dir, active_dir=active_model_dirs(database))
     for task in sorted({rule.task for rule in settings.routing_rules}):
         # Load at start so the first series does not wait for it; a task without a model fails its jobs.
         try:
