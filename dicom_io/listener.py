@@ -135,6 +135,7 @@ class StorageListener:
         min_free_bytes: int = 0,
         archive_root: Path | str | None = None,
         max_pdu_size: int = 0,
+        acse_timeout: float = 30,
     ) -> None:
         if min_free_bytes > 0 and archive_root is None:
             raise ValueError("min_free_bytes needs archive_root: the file system whose free space is watched")
@@ -147,14 +148,15 @@ class StorageListener:
         self._requested_port = port
         self._server: ThreadedAssociationServer | None = None
         self._stopped = threading.Event()
-        self._ae = self._build_ae(max_associations, max_pdu_size)
+        self._ae = self._build_ae(max_associations, max_pdu_size, acse_timeout)
 
-    def _build_ae(self, max_associations: int, max_pdu_size: int) -> AE:
+    def _build_ae(self, max_associations: int, max_pdu_size: int, acse_timeout: float) -> AE:
         ae = AE(ae_title=self.ae_title)
         ae.maximum_associations = max_associations
         # 0 = no limit: fewer, larger PDUs mean less per-PDU Python work; the sender still caps its own PDUs.
         ae.maximum_pdu_size = max_pdu_size
-        ae.acse_timeout = 30
+        # A connection that never sends a valid A-ASSOCIATE-RQ (a port scanner, HTTP) is closed after this long.
+        ae.acse_timeout = acse_timeout
         ae.dimse_timeout = 120
         ae.network_timeout = 120
         ae.require_calling_aet = list(self.allowed_calling_aes)

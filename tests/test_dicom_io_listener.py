@@ -447,3 +447,23 @@ def test_tcp_nodelay_is_set_on_both_ends(tmp_path: Path) -> None:
             a.dul.socket.socket.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1 for a in accepted
         )
         assoc.release()
+
+
+def test_a_connection_that_speaks_no_dicom_is_dropped(tmp_path: Path) -> None:
+    import socket
+    import time
+
+    with running_listener(tmp_path, acse_timeout=2) as (listener, sink):
+        with socket.create_connection(("127.0.0.1", listener.port), timeout=15) as client:
+            client.sendall(b"GET / HTTP/1.1\r\nHost: pacs\r\n\r\n")
+            _assert_still_serving(listener)  # while the junk connection is open
+            started = time.monotonic()
+            while client.recv(4096):  # the listener drops it at once (at worst after the ACSE timeout)
+                pass
+            assert time.monotonic() - started < 10
+        with socket.create_connection(("127.0.0.1", listener.port), timeout=15) as silent:
+            started = time.monotonic()
+            assert silent.recv(4096) == b""  # says nothing: closed after the 2 s ACSE timeout
+            assert 1.5 < time.monotonic() - started < 10
+        _assert_still_serving(listener)
+    assert sink.stored == []
