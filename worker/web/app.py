@@ -7,7 +7,7 @@ admin pages need the admin role, decisions the radiologist role. Responses carry
 
 from __future__ import annotations
 
-import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,7 +27,6 @@ from worker.web.rendering import ImageCache
 from worker.web.security import Signer, load_or_create_secret
 
 _HERE = Path(__file__).resolve().parent
-log = logging.getLogger(__name__)
 
 SECURITY_HEADERS = {
     "Content-Security-Policy": (
@@ -49,7 +48,6 @@ class WebState:
     signer: Signer
     templates: Jinja2Templates
     images: ImageCache
-    models: Any  # worker.inference.ModelCache
     on_correction: CorrectionHook | None
 
 
@@ -65,6 +63,20 @@ def _templates() -> Jinja2Templates:
     return Jinja2Templates(env=env)
 
 
+def _model_dirs(settings: Settings, database: Database) -> Callable[[str, str], Path]:
+    from worker.registry import RegistryError, get_model
+    from worker.registry.store import installed_model_dir
+
+    def model_dir_for(task: str, model_uid: str) -> Path:
+        with database.session() as session:
+            try:
+                return Path(get_model(session, model_uid).model_dir)
+            except RegistryError:
+                return installed_model_dir(settings, task)  # results made before the registry knew the model
+
+    return model_dir_for
+
+
 def create_app(
     settings: Settings,
     database: Database | None = None,
@@ -72,13 +84,12 @@ def create_app(
 ) -> FastAPI:
     """The web app for ``settings``; the database must already be migrated (:func:`worker.db.upgrade_database`).
 
-    ``on_correction(review_id)`` is called after each committed correction (the revised-SR hook). Heat maps use
-    the installed models (``settings.models_dir`` or the shipped ones), loaded on first use.
+    ``on_correction(review_id)`` is called after each committed correction (the revised-SR hook). Heat maps are
+    drawn by the model that made the result: the registry's folder for its uid, else the task's installed model.
     """
-    from worker.inference import ModelCache
-    from worker.web import api, pages
+    from worker.web import admin_models, api, pages
 
-    models = ModelCache(settings.models_dir)
+    database = database or Database(settings.effective_database_url)
     app = FastAPI(
         title="dicom-triage worklist",
         version="1",
@@ -89,15 +100,16 @@ def create_app(
     )
     app.state.web = WebState(
         settings=settings,
-        database=database or Database(settings.effective_database_url),
+        database=database,
         signer=Signer(load_or_create_secret(settings.data_dir)),
         templates=_templates(),
-        images=ImageCache(settings.data_dir / "web-cache", models.get),
-        models=models,
+        images=ImageCache(settings.data_dir / "web-cache", _model_dirs(settings, database)),
         on_correction=on_correction,
     )
     app.include_router(pages.router)
     app.include_router(api.router)
+    app.include_router(admin_models.router)
+    app.include_router(admin_models.api_router)
     app.mount("/static", StaticFiles(directory=_HERE / "static"), name="static")
 
     @app.get("/openapi.json", include_in_schema=False)
