@@ -27,7 +27,8 @@ from test_web_helpers import (
     PASSWORD, XSS_DESCRIPTION, XSS_NAME, add_users, install_model, make_database, make_settings, seed_study,
 )
 from worker.db import AuditEvent, Database, JobState, Review, User, upgrade_database
-from worker.db.review import TrainingExample, WebSession
+from worker.db.review import TrainingExample
+from worker.registry import register_installed_models
 from worker.web.app import create_app
 from worker.web.security import SECRET_FILE
 from worker.web.worklist import WorklistFilter, load_worklist
@@ -347,8 +348,9 @@ def test_admin_pages(env: Env) -> None:
                                           "password": PASSWORD}).status_code == 403
     admin = env.as_user("boss")
     assert "rad2" in admin.get("/admin/users").text
+    register_installed_models(env.database, env.settings)
     models = admin.get("/admin/models")
-    assert models.status_code == 200 and env.model_uid in models.text
+    assert models.status_code == 200 and env.model_uid in models.text and "active" in models.text
     assert admin.post("/admin/users", data={"username": "new", "role": "radiologist",
                                             "password": PASSWORD}).status_code == 403
     added = admin.post("/admin/users", data={"csrf_token": csrf(admin), "username": "new", "role": "radiologist",

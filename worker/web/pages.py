@@ -9,7 +9,6 @@ from fastapi import APIRouter, Depends, HTTPException, Request
 from fastapi.responses import FileResponse, RedirectResponse, Response
 from sqlalchemy import func, select
 
-from models.card import CARD_FILE, ModelCard
 from models.tasks import TASKS
 from worker.db import Instance, Result, Series, User
 from worker.db.review import Role, audit
@@ -210,20 +209,11 @@ def users_set_active(
 
 @router.get("/admin/models")
 def models_page(request: Request, who: Principal = Depends(page_admin)) -> Response:
-    """Models that produced results (with counts and review outcomes) and the installed model per task."""
-    state = _state(request)
-    with state.database.session() as session:
-        used = session.execute(
-            select(Result.task, Result.model_name, Result.model_version, Result.model_uid, func.count(Result.id),
-                   func.min(Result.created_at), func.max(Result.created_at))
-            .group_by(Result.task, Result.model_name, Result.model_version, Result.model_uid)
-            .order_by(Result.task, func.max(Result.created_at).desc())
-        ).all()
-    installed = []
-    for task in TASKS:
-        try:
-            card = ModelCard.load(state.models.model_dir(task) / CARD_FILE)
-            installed.append((task, card.name, card.version, card.uid, card.architecture, ""))
-        except (OSError, ValueError, KeyError) as exc:
-            installed.append((task, "", "", "", "", str(exc)))
-    return _render(request, "admin_models.html", who, used=used, installed=installed)
+    """The registry's models per task (state, metrics) and how many results each model produced."""
+    from worker.registry import describe, list_models
+
+    with _state(request).database.session() as session:
+        registered = [describe(model) for model in list_models(session)]
+        rows = session.execute(select(Result.model_uid, func.count(Result.id)).group_by(Result.model_uid))
+        counts = {model_uid: count for model_uid, count in rows}
+    return _render(request, "admin_models.html", who, registered=registered, counts=counts)

@@ -3,8 +3,8 @@
 * Thumbnails: a frame's display image (:func:`dicom_io.imaging.display_frames`: modality LUT and windowing),
   shrunk to fit 256 px, as PNG.
 * Heat maps: the frame at the model's input, with the Grad-CAM map (:func:`models.explain.grad_cam`) of the
-  result's label blended over it. Only the model that made the result may explain it: if the installed model's
-  card has another uid the heat map is refused rather than drawn by a different model.
+  result's label blended over it. Only the model that made the result may explain it (found by its uid); when
+  its files are gone the heat map is refused rather than drawn by a different model.
 
 Cache files are written to a temporary name and renamed, so concurrent requests never see half a PNG. Their names
 are derived from SOP Instance UIDs and model uids, which do not change when a database is rebuilt.
@@ -18,6 +18,7 @@ import os
 import re
 import tempfile
 import threading
+from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
 
@@ -28,6 +29,7 @@ from pydicom import dcmread
 THUMBNAIL_SIZE = 256
 _SAFE_NAME = re.compile(r"^[0-9A-Za-z._-]{1,64}$")
 _gradcam_lock = threading.Lock()  # one Grad-CAM at a time: TF already uses every core for one
+_LOADED_MODELS = 4  # classifiers kept in memory, by model uid
 
 
 class RenderError(Exception):
@@ -86,10 +88,30 @@ def _jet(values: np.ndarray) -> np.ndarray:
 class ImageCache:
     """Thumbnails and heat maps of archived frames, cached under ``root``."""
 
-    def __init__(self, root: Path, classifier_for: Callable[[str], object]) -> None:
+    def __init__(self, root: Path, model_dir_for: Callable[[str, str], Path]) -> None:
         self.root = root
-        #: Gives the installed :class:`models.inference.Classifier` of a task (the worker's model cache).
-        self._classifier_for = classifier_for
+        #: ``(task, model uid) -> folder`` where that model should be (``model.keras`` + ``card.json``).
+        self._model_dir_for = model_dir_for
+        self._classifiers: OrderedDict[str, object] = OrderedDict()
+        self._classifiers_lock = threading.Lock()
+
+    def _classifier(self, task: str, model_uid: str) -> object:
+        from models.inference import Classifier
+
+        with self._classifiers_lock:
+            if model_uid in self._classifiers:
+                self._classifiers.move_to_end(model_uid)
+                return self._classifiers[model_uid]
+            try:
+                classifier = Classifier.load(self._model_dir_for(task, model_uid))
+            except (OSError, ValueError, KeyError) as exc:
+                raise RenderError(f"the model that made this result cannot be loaded: {exc}") from exc
+            if classifier.card.uid != model_uid:
+                raise RenderError("the model that made this result is no longer installed")
+            self._classifiers[model_uid] = classifier
+            while len(self._classifiers) > _LOADED_MODELS:
+                self._classifiers.popitem(last=False)
+            return classifier
 
     def thumbnail(self, sop_instance_uid: str, archive_path: Path, frame: int) -> Path:
         path = self.root / "thumbnails" / _safe(sop_instance_uid) / f"{frame}.png"
@@ -105,13 +127,8 @@ class ImageCache:
         from models.explain import grad_cam
         from models.preprocessing import prepare_batch
 
-        try:
-            classifier = self._classifier_for(task)
-        except (OSError, ValueError, KeyError) as exc:
-            raise RenderError(f"the {task} model cannot be loaded: {exc}") from exc
+        classifier = self._classifier(task, model_uid)
         card = classifier.card  # type: ignore[attr-defined]
-        if card.uid != model_uid:
-            raise RenderError("the model that made this result is no longer installed")
         if label not in card.class_names:
             raise RenderError(f"the model has no class {label!r}")
         image = display_frame(archive_path, frame)
