@@ -1,0 +1,139 @@
+"""Train models on the GPU host (Keras 3 on JAX, no TensorFlow) from data made by bench/train_gpu_data.py.
+
+Runs jobs in the order given, each ``NAME=TASK:ARCH:SIDE[:cv5][:ship][:seedN]``, until ``--deadline`` seconds have passed
+(later jobs are skipped and said to be). Uses the production code: models.architectures, training.fit (callbacks,
+Adam, class weights, augmentation) and training.metrics. ``ship`` jobs save ``model.keras`` + ``card.json`` under
+``--out/NAME/``; every job's metrics go to ``--out/results.json``. The shipped models are evaluated again on the
+original image files, on TensorFlow, by ``dicom-triage evaluate`` (see bench/results.py).
+
+    KERAS_BACKEND=jax python3 bench/train_gpu.py --data .gpu --out $OUT --deadline 420 \\
+        --job brain=brain-tumor:triage-cnn:128:ship
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import keras
+import numpy as np
+from PIL import Image
+
+from models.architectures import build_model
+from models.card import MODEL_FILE, ModelCard
+from models.preprocessing import InputSpec
+from models.tasks import get_task
+from training.fit import TrainConfig, fit, one_hot
+from training.metrics import classification_metrics
+
+EVALUATION_SPLITS = {"test": "testing", "test_dedup": "testing_dedup"}
+
+
+def load_data(path: Path) -> tuple[np.ndarray, dict[str, np.ndarray], dict[str, Any]]:
+    """(images (N, S, S, 1) float32 0..255, index arrays by name, meta) from a .npz of PNGs."""
+    with np.load(path) as data:
+        blob, offsets = data["png"].tobytes(), data["offsets"]
+        images = np.stack([np.asarray(Image.open(io.BytesIO(blob[a:b]))) for a, b in zip(offsets[:-1], offsets[1:])])
+        arrays = {k: data[k] for k in data.files if k not in ("png", "offsets", "meta")}
+        meta = json.loads(str(data["meta"]))
+    return images[..., None].astype(np.float32), arrays, meta
+
+
+def run_job(name: str, spec_text: str, data_dir: Path, out: Path, config: TrainConfig, code_version: str,
+            max_epochs: int | None) -> dict[str, Any]:
+    task_name, arch, side, *flags = spec_text.split(":")
+    task = get_task(task_name)
+    x, arrays, meta = load_data(data_dir / f"{task.name}-{side}x{side}.npz")
+    spec = InputSpec(int(side), int(side), 3 if arch in ("study-brain-cnn", "resnet50") else 1)
+    if spec.channels == 3:
+        x = np.repeat(x, 3, axis=-1)  # as prepare_image's grayscale_to_rgb
+    labels = arrays["labels"]
+    if max_epochs:
+        config = TrainConfig(**{**config.__dict__, "epochs": max_epochs})
+    for flag in flags:
+        if flag.startswith("seed"):
+            config = TrainConfig(**{**config.__dict__, "seed": int(flag[4:])})
+    y = one_hot(labels, task.num_classes)
+    started = time.time()
+
+    def train(train_idx: np.ndarray, val_idx: np.ndarray, prefix: str):
+        model = build_model(arch, task, spec, dropout=config.dropout, batch_norm=config.batch_norm)
+        history = fit(model, (x[train_idx], y[train_idx]), (x[val_idx], y[val_idx]), labels[train_idx], config,
+                      None, prefix)
+        return model, history
+
+    model, history = train(arrays["train"], arrays["validation"], f"{name}: ")
+    result: dict[str, Any] = {"task": task.name, "arch": arch, "input": spec.to_dict(), "seed": config.seed,
+                              "epochs_run": len(history["loss"]),
+                              "best_val_loss": min(history["val_loss"]), "metrics": {}}
+    for key, split in EVALUATION_SPLITS.items():
+        if key in arrays:
+            idx = arrays[key]
+            split_name = split if meta["official"] else "holdout"
+            probabilities = np.asarray(model.predict(x[idx], batch_size=256, verbose=0))
+            metrics = classification_metrics(labels[idx], probabilities, task.class_names)
+            result["metrics"][split_name] = {k: v for k, v in metrics.items() if k != "class_names"}
+            print(f"{name}: {split_name} accuracy {metrics['accuracy']:.4f} (n={metrics['n']})", flush=True)
+    if "cv5" in flags:
+        accuracies = []
+        for fold in range(5):
+            fold_model, _ = train(arrays[f"cv{fold}_train"], arrays[f"cv{fold}_validation"], f"{name} fold {fold + 1}: ")
+            test = arrays[f"cv{fold}_test"]
+            predicted = np.asarray(fold_model.predict(x[test], batch_size=256, verbose=0)).argmax(1)
+            accuracies.append(float((predicted == labels[test]).mean()))
+            print(f"{name}: fold {fold + 1} accuracy {accuracies[-1]:.4f}", flush=True)
+        result["metrics"]["cv5"] = {"accuracy": float(np.mean(accuracies)), "std": float(np.std(accuracies)),
+                                    "folds": accuracies}
+    result["gpu_seconds"] = round(time.time() - started, 1)
+    if "ship" in flags:
+        folder = out / name
+        folder.mkdir(parents=True, exist_ok=True)
+        model.save(folder / MODEL_FILE)
+        ModelCard(
+            task=task.name, class_names=list(task.class_names), architecture=arch, input_spec=spec,
+            training={"config": config.to_dict(), "epochs_run": result["epochs_run"], "history": history,
+                      "trained_on": f"GPU, Keras {keras.__version__} on {keras.backend.backend()}",
+                      "train_wall_seconds": result["gpu_seconds"], "split": meta["split"],
+                      "skipped_files": meta["skipped_files"], "test_manifest_sha256": meta["test_manifest_sha256"],
+                      "input_rounding": "training inputs were prepare_batch output rounded to uint8"},
+            dataset_manifest_sha256=meta["dataset_manifest_sha256"], metrics=result["metrics"],
+            code_version=code_version,
+        ).save(folder)
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, default=Path(".gpu"))
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--job", action="append", required=True, help="NAME=TASK:ARCH:SIDE[:cv5][:ship][:seedN]")
+    parser.add_argument("--deadline", type=float, default=420, help="start no job after this many seconds")
+    parser.add_argument("--epochs", type=int, default=80)
+    parser.add_argument("--max-epochs", type=int, default=None, help="cap for quick checks")
+    parser.add_argument("--code-version", default="unknown")
+    args = parser.parse_args()
+    started = time.time()
+    args.out.mkdir(parents=True, exist_ok=True)
+    results: dict[str, Any] = {}
+    for job in args.job:
+        name, spec_text = job.split("=", 1)
+        if time.time() - started > args.deadline:
+            results[name] = {"skipped": f"deadline of {args.deadline:.0f} s passed"}
+            print(f"{name}: skipped (deadline)", flush=True)
+            continue
+        config = TrainConfig(epochs=args.epochs)
+        try:
+            results[name] = run_job(name, spec_text, args.data, args.out, config, args.code_version, args.max_epochs)
+        except Exception as exc:  # keep going: one failed job must not lose the others' results
+            results[name] = {"error": repr(exc)}
+            print(f"{name}: FAILED {exc!r}", flush=True)
+        (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    print(f"total {time.time() - started:.0f} s", flush=True)
+
+
+if __name__ == "__main__":
+    main()
