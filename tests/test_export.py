@@ -1,0 +1,200 @@
+"""``dataset export`` on a real migrated database and archive: CT series made now from ../shared/data images with
+distinctive patient names, IDs and birth dates, labelled through the review's own ``record_decision``.
+
+Checks: the trainer's layout, the worker's preprocessing, one patient never in two splits, keyed pseudonyms, no
+patient data or UID in any exported byte, the manifest, the filters, and clear refusals."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from datetime import date, timedelta
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from pydicom import dcmread
+from pydicom.uid import generate_uid
+from sqlalchemy import select
+
+from config import load_settings
+from dicom_io.archive import Archive
+from dicom_io.imaging import series_frame_records
+from dicom_io.synthesis import ct_series
+from models.tasks import COVID_CT
+from test_registry_helpers import covid_files
+from worker.db import Database, Instance, Job, JobState, Patient, Result, Series, Study, User, upgrade_database, utcnow
+from worker.db.review import Decision, record_decision
+from worker.export import ExportError, Pseudonymizer, export_dataset
+
+ROOT = Path(__file__).resolve().parents[1]
+KEY = "test-pseudonym-key-0123456789"
+#: (patient ID, name, birth date, true class, model label, decision or None for unreviewed, series count)
+PATIENTS = [
+    ("EXP-PID-1001", "Zyxwuv^Amelia", "19410203", "COVID", "COVID", Decision.CONFIRM, 2),
+    ("EXP-PID-1002", "Qwertz^Bernard", "19520304", "COVID", "non-COVID", Decision.CORRECT, 1),
+    ("EXP-PID-1003", "Plokij^Cecile", "19630405", "COVID", "COVID", Decision.CONFIRM, 1),
+    ("EXP-PID-1004", "Mnbvcx^Dorian", "19740506", "non-COVID", "non-COVID", Decision.CONFIRM, 1),
+    ("EXP-PID-1005", "Lkjhgf^Eliane", "19850607", "non-COVID", "COVID", Decision.CORRECT, 1),
+    ("EXP-PID-1006", "Poiuyt^Fabien", "19960708", "non-COVID", "non-COVID", None, 1),
+]
+SLICES = 2
+
+
+def seed(database: Database, settings, archive: Archive) -> dict[str, list[str]]:
+    """Archive and classify every patient's series, and record the decisions; return series UIDs per patient."""
+    series_by_patient: dict[str, list[str]] = {}
+    offset = 0
+    with database.session() as session:
+        reviewer = User(name="rad", role="radiologist", password_hash="x")
+        session.add(reviewer)
+        for pid, name, birth, truth, model_label, decision, count in PATIENTS:
+            patient = Patient(patient_id=pid, patient_name=name, birth_date=birth)
+            session.add(patient)
+            for _ in range(count):
+                datasets = ct_series(covid_files(truth, 100 + offset, SLICES), patient_id=pid, patient_name=name,
+                                     study_instance_uid=generate_uid(), series_instance_uid=generate_uid())
+                offset += SLICES
+                for ds in datasets:
+                    ds.PatientBirthDate = birth
+                study = Study(study_instance_uid=str(datasets[0].StudyInstanceUID), patient=patient)
+                series = Series(series_instance_uid=str(datasets[0].SeriesInstanceUID), study=study, modality="CT",
+                                revision=1, pending=False)
+                session.add_all([study, series])
+                session.flush()
+                for number, ds in enumerate(datasets, start=1):
+                    stored = archive.store(ds)
+                    session.add(Instance(sop_instance_uid=stored.sop_instance_uid, series=series,
+                                         sop_class_uid=stored.sop_class_uid, instance_number=number,
+                                         transfer_syntax_uid=stored.transfer_syntax_uid,
+                                         archive_path=str(stored.path)))
+                job = Job(series_pk=series.id, revision=1, state=JobState.DONE, task=COVID_CT.name,
+                          series_last_received_at=utcnow())
+                session.add(job)
+                session.flush()
+                result = Result(job_pk=job.id, series_pk=series.id, revision=1, task=COVID_CT.name, label=model_label,
+                                probabilities={model_label: 0.9}, slice_probabilities=[], aggregation="test",
+                                model_name="m", model_version="1", model_uid="2.25.7")
+                session.add(result)
+                session.flush()
+                if decision is not None:
+                    record_decision(session, result, reviewer, decision, truth)
+                series_by_patient.setdefault(pid, []).append(series.series_instance_uid)
+    return series_by_patient
+
+
+@pytest.fixture(scope="module")
+def archive_env(tmp_path_factory: pytest.TempPathFactory):
+    root = tmp_path_factory.mktemp("export")
+    settings = load_settings(env={}, data_dir=root / "data", pseudonym_key=KEY)
+    database = Database(settings.effective_database_url)
+    upgrade_database(database)
+    series = seed(database, settings, Archive(settings.archive_dir))
+    yield settings, database, series, root
+    database.dispose()
+
+
+def read_manifest(folder: Path) -> list[dict[str, str]]:
+    with (folder / "manifest.csv").open(newline="", encoding="utf-8") as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_confirmed_export_layout_split_and_preprocessing(archive_env) -> None:
+    settings, database, series, root = archive_env
+    out = root / "confirmed"
+    result = export_dataset(database, settings, COVID_CT, out, confirmed_only=True)
+    reviewed = [p for p in PATIENTS if p[5] is not None]
+    assert len(result.series) == sum(p[6] for p in reviewed) == 6
+    assert result.images == 6 * SLICES
+    for split in ("Training", "Testing"):
+        assert sorted(p.name for p in (out / split).iterdir()) == list(COVID_CT.class_names)
+    rows = read_manifest(out)
+    pngs = sorted(p.relative_to(out).as_posix() for p in out.rglob("*.png"))
+    assert sorted(row["file"] for row in rows) == pngs and len(pngs) == result.images
+    # Labels are the radiologists': corrections win over the model's label.
+    truth_by_series = {uid: p[3] for p in PATIENTS for uid in series[p[0]]}
+    pseudonyms = Pseudonymizer(KEY)
+    for entry in result.series:
+        assert entry["label"] == truth_by_series[entry["series_instance_uid"]]
+        assert entry["label_source"] == "radiologist"
+        assert entry["pseudo_series"] == pseudonyms.series(entry["series_instance_uid"])
+    # One patient, one split; every class has patients on both sides.
+    splits_of: dict[str, set[str]] = {}
+    for row in rows:
+        splits_of.setdefault(row["patient"], set()).add(row["split"])
+    assert all(len(s) == 1 for s in splits_of.values()) and len(splits_of) == 5
+    for class_name in COVID_CT.class_names:
+        assert {r["split"] for r in rows if r["label"] == class_name} == {"Training", "Testing"}
+    # The PNG is the worker's display image, rounded to 8 bits.
+    row = rows[0]
+    uid = next(e["series_instance_uid"] for e in result.series if e["pseudo_series"] == row["series"])
+    with database.session() as session:
+        paths = session.scalars(select(Instance.archive_path).join(Series, Series.id == Instance.series_pk)
+                                .where(Series.series_instance_uid == uid).order_by(Instance.id)).all()
+    expected = series_frame_records(dcmread(p) for p in paths)[int(row["frame"]) - 1].image
+    exported = np.asarray(Image.open(out / row["file"]))
+    assert exported.dtype == np.uint8 and np.abs(exported.astype(float) - expected).max() <= 0.5 + 1e-6
+    summary = json.loads((out / "export.json").read_text())
+    assert summary["images"] == result.images and summary["manifest_sha256"] == result.manifest_sha256
+
+
+def test_no_patient_data_or_uid_in_any_exported_file(archive_env) -> None:
+    settings, database, series, root = archive_env
+    out = root / "scan"
+    export_dataset(database, settings, COVID_CT, out, confirmed_only=False)
+    forbidden: list[bytes] = []
+    for pid, name, birth, *_ in PATIENTS:
+        family, given = name.split("^")
+        forbidden += [pid.encode(), name.encode(), family.encode(), given.encode(), birth.encode(),
+                      f"{birth[:4]}-{birth[4:6]}-{birth[6:]}".encode()]
+    forbidden += [uid.encode() for uids in series.values() for uid in uids]
+    files = [p for p in out.rglob("*") if p.is_file()]
+    assert len(files) > 10
+    for path in files:
+        data = path.read_bytes()
+        hits = [text for text in forbidden if text in data or text.lower() in data.lower()
+                or text in path.as_posix().encode()]
+        assert not hits, f"{path} holds {hits}"
+
+
+def test_unreviewed_results_only_without_confirmed_only(archive_env) -> None:
+    settings, database, series, root = archive_env
+    result = export_dataset(database, settings, COVID_CT, root / "all", confirmed_only=False)
+    sources = {e["series_instance_uid"]: e["label_source"] for e in result.series}
+    unreviewed = series["EXP-PID-1006"][0]
+    assert sources.pop(unreviewed) == "model" and set(sources.values()) == {"radiologist"}
+    later = export_dataset(database, settings, COVID_CT, root / "later", since=date.today() + timedelta(days=1))
+    assert later.images == 0 and read_manifest(root / "later") == []
+
+
+def test_pseudonyms_depend_on_the_key_and_refusals(archive_env) -> None:
+    settings, database, _, root = archive_env
+    first = export_dataset(database, settings, COVID_CT, root / "key1", confirmed_only=True)
+    other = settings.model_copy(update={"pseudonym_key": type(settings.pseudonym_key)("another-key-9876543210")})
+    second = export_dataset(database, other, COVID_CT, root / "key2", confirmed_only=True)
+    assert {e["pseudo_series"] for e in first.series}.isdisjoint({e["pseudo_series"] for e in second.series})
+    with pytest.raises(ExportError, match="not an empty folder"):
+        export_dataset(database, settings, COVID_CT, root / "key1")
+    assert len(read_manifest(root / "key1")) == first.images  # the refused export left it alone
+    without_key = settings.model_copy(update={"pseudonym_key": None})
+    with pytest.raises(ExportError, match="set pseudonym_key"):
+        export_dataset(database, without_key, COVID_CT, root / "nokey")
+    assert not (root / "nokey").exists()
+
+
+def test_cli_export(archive_env) -> None:
+    settings, _, _, root = archive_env
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DICOM_TRIAGE_")}
+    env.update(DICOM_TRIAGE_PSEUDONYM_KEY=KEY, CUDA_VISIBLE_DEVICES="")
+    command = [sys.executable, "-m", "worker.cli", "dataset", "export", "--task", "covid-ct", "--out",
+               str(root / "cli"), "--confirmed-only", "--data-dir", str(settings.data_dir)]
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "exported 12 images of 6 series" in done.stdout
+    bad = subprocess.run([*command, "--since", "yesterday"], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "is not a date" in bad.stderr
