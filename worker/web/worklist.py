@@ -111,11 +111,12 @@ class WorklistPage:
 
 
 def _aggregate() -> Select[Any]:
-    """One row per study: status rank, whether a suspected finding awaits review, result and review counts."""
-    latest_review_id = (
-        select(Review.result_pk, func.max(Review.id).label("review_id")).group_by(Review.result_pk).subquery()
-    )
-    review = aliased(Review)
+    """One row per study: status rank, whether a suspected finding awaits review, result and review counts.
+
+    The joins yield one row per (series, current result) with at most one job (the latest) and one review (the
+    latest, found by "no newer review of the same result"), so plain counts are exact: no ``COUNT(DISTINCT)``.
+    """
+    review, newer = aliased(Review), aliased(Review)
     status_rank = case(
         *((Job.state == state, rank) for state, rank in _STATUS_RANK.items()), else_=_STATUS_RANK[JobState.RECEIVED]
     )
@@ -126,16 +127,21 @@ def _aggregate() -> Select[Any]:
             Study.created_at.label("received_at"),
             func.min(status_rank).label("status_rank"),
             func.max(unreviewed_suspect).label("unreviewed_suspect"),
-            func.count(func.distinct(Result.id)).label("n_results"),
-            func.count(func.distinct(review.result_pk)).label("n_reviewed"),
-            func.count(func.distinct(case((review.decision == "correct", review.result_pk)))).label("n_corrected"),
+            func.count(Result.id).label("n_results"),
+            func.count(review.id).label("n_reviewed"),
+            func.count(case((review.decision == "correct", review.id))).label("n_corrected"),
         )
         .select_from(Study)
         .outerjoin(Series, Series.study_pk == Study.id)
         .outerjoin(Job, and_(Job.series_pk == Series.id, Job.revision == Series.revision))
         .outerjoin(Result, and_(Result.series_pk == Series.id, Result.superseded_by_pk.is_(None)))
-        .outerjoin(latest_review_id, latest_review_id.c.result_pk == Result.id)
-        .outerjoin(review, review.id == latest_review_id.c.review_id)
+        .outerjoin(
+            review,
+            and_(
+                review.result_pk == Result.id,
+                ~exists().where(newer.result_pk == review.result_pk, newer.id > review.id),
+            ),
+        )
         .group_by(Study.id, Study.created_at)
     )
 
@@ -150,26 +156,32 @@ def _review_state_sql(agg: Any) -> Any:
     )
 
 
-def load_worklist(session: Session, filters: WorklistFilter, page: int = 1, page_size: int = PAGE_SIZE) -> WorklistPage:
-    """One page of the worklist in triage order."""
-    if page < 1 or not 1 <= page_size <= 500:
-        raise ValueError("page must be >= 1 and page_size 1..500")
-    agg = _aggregate()
+def _study_conditions(filters: WorklistFilter) -> list[Any]:
+    """The task and finding filters, as conditions on ``studies`` (any series of the study matches)."""
+    conditions = []
     if filters.task is not None:
         series, job = aliased(Series), aliased(Job)
-        agg = agg.where(
+        conditions.append(
             exists()
             .where(series.study_pk == Study.id, job.series_pk == series.id, job.revision == series.revision)
             .where(job.task == filters.task)
         )
     if filters.finding is not None:
         series, result = aliased(Series), aliased(Result)
-        agg = agg.where(
+        conditions.append(
             exists()
             .where(series.study_pk == Study.id, result.series_pk == series.id, result.superseded_by_pk.is_(None))
             .where(result.label == filters.finding)
         )
-    studies = agg.subquery("agg")
+    return conditions
+
+
+def load_worklist(session: Session, filters: WorklistFilter, page: int = 1, page_size: int = PAGE_SIZE) -> WorklistPage:
+    """One page of the worklist in triage order."""
+    if page < 1 or not 1 <= page_size <= 500:
+        raise ValueError("page must be >= 1 and page_size 1..500")
+    conditions = _study_conditions(filters)
+    studies = _aggregate().where(*conditions).subquery("agg")
     review_state = _review_state_sql(studies)
     waiting = case((studies.c.n_reviewed < studies.c.n_results, 1), (studies.c.n_results == 0, 1), else_=2)
     triage_group = case((studies.c.unreviewed_suspect == 1, 0), else_=waiting)
@@ -178,7 +190,11 @@ def load_worklist(session: Session, filters: WorklistFilter, page: int = 1, page
         query = query.where(studies.c.status_rank == _STATUS_RANK[JobState(filters.status)])
     if filters.review is not None:
         query = query.where(review_state == filters.review)
-    total = session.scalar(select(func.count()).select_from(query.subquery())) or 0
+    if filters.status is None and filters.review is None:
+        # Nothing filters on the aggregates: count studies directly, not the (costly) aggregate a second time.
+        total = session.scalar(select(func.count(Study.id)).where(*conditions)) or 0
+    else:
+        total = session.scalar(select(func.count()).select_from(query.subquery())) or 0
     page_rows = session.execute(
         query.order_by(triage_group, studies.c.received_at, studies.c.study_id)
         .limit(page_size)
@@ -239,14 +255,15 @@ def _headline(results: list[SeriesResult]) -> SeriesResult | None:
 
 def current_results(session: Session, study_ids: list[int]) -> dict[int, list[SeriesResult]]:
     """Current results of the given studies' series with each result's latest review, by study id."""
-    latest = (
-        select(Review.result_pk, func.max(Review.id).label("review_id")).group_by(Review.result_pk).subquery()
-    )
+    newer = aliased(Review)
     query = (
         select(Series.study_pk, Result, Review.decision, Review.label)
         .join(Result, and_(Result.series_pk == Series.id, Result.superseded_by_pk.is_(None)))
-        .outerjoin(latest, latest.c.result_pk == Result.id)
-        .outerjoin(Review, Review.id == latest.c.review_id)
+        .outerjoin(
+            Review,
+            and_(Review.result_pk == Result.id,
+                 ~exists().where(newer.result_pk == Review.result_pk, newer.id > Review.id)),
+        )
         .where(Series.study_pk.in_(study_ids))
         .order_by(Series.series_number, Series.id, Result.id)
     )
