@@ -37,6 +37,7 @@ from models.imagefiles import read_grey_image
 from models.preprocessing import prepare_batch
 from models.tasks import TASKS
 from worker.db import Database, Job, JobState, Result, Series
+from worker.report import results_report
 
 ROOT = Path(__file__).resolve().parents[1]
 OUR_AE = "DICOM_TRIAGE"
@@ -147,7 +148,17 @@ def environment(models_dir: Path, **settings: str) -> dict[str, str]:
     return env
 
 
+def report(database_url: str) -> dict[str, Any]:
+    """The results report, read in this process (polling through the command would start Python each time)."""
+    database = Database(database_url)
+    try:
+        return results_report(database)
+    finally:
+        database.dispose()
+
+
 def results(data_dir: Path, env: dict[str, str], *extra: str) -> dict[str, Any]:
+    """``dicom-triage results --json``."""
     completed = subprocess.run(
         [sys.executable, "-m", "worker.cli", "results", "--data-dir", str(data_dir), "--json", *extra],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=60,
@@ -218,14 +229,15 @@ def test_embedded_serve_classifies_routes_and_supersedes(
     push(port, mr + knee, tmp_path / "push")
     push(port, ct, tmp_path / "push-jpeg-ls")
     uids = {mr[0].SeriesInstanceUID, ct[0].SeriesInstanceUID, knee[0].SeriesInstanceUID}
-    report = wait_for(lambda: (r := results(data_dir, env)) and all_final(r, uids) and r, 120, "results", serve)
-    entries = by_series(report)
+    url = f"sqlite:///{data_dir / 'triage.sqlite3'}"
+    wait_for(lambda: all_final(report(url), uids), 120, "results", serve)
+    entries = by_series(results(data_dir, env))
     check_classified(entries[mr[0].SeriesInstanceUID], "brain-tumor", models_dir)
     check_classified(entries[ct[0].SeriesInstanceUID], "covid-ct", models_dir)
     knee_entry = entries[knee[0].SeriesInstanceUID]
     assert knee_entry["status"] == "not_applicable" and knee_entry["label"] is None
     assert "body part KNEE not in CHEST/LUNG/THORAX" in knee_entry["reason"]
-    assert report["rejected"] == []
+    assert results(data_dir, env)["rejected"] == []
     study_only = results(data_dir, env, "--study", study)
     assert {e["series_instance_uid"] for e in study_only["series"]} == uids - {knee[0].SeriesInstanceUID}
 
@@ -233,7 +245,7 @@ def test_embedded_serve_classifies_routes_and_supersedes(
     late = mr_series(brain_images(1, seed=99), study_instance_uid=study,
                      series_instance_uid=mr[0].SeriesInstanceUID)
     push(port, late, tmp_path / "late")
-    database = Database(f"sqlite:///{data_dir / 'triage.sqlite3'}")
+    database = Database(url)
     try:
         def revised() -> list[Result] | None:
             with database.session() as session:
@@ -287,9 +299,8 @@ def test_scale_out_on_redis_and_postgresql(
     push(port, mr, tmp_path / "push-rle")
     push(port, ct, tmp_path / "push-jpeg-2000")
     uids = {mr[0].SeriesInstanceUID, ct[0].SeriesInstanceUID}
-    report = wait_for(lambda: (r := results(data_dir, env)) and all_final(r, uids) and r, 120, "results",
-                      listen, worker)
-    entries = by_series(report)
+    wait_for(lambda: all_final(report(postgres_url), uids), 120, "results", listen, worker)
+    entries = by_series(results(data_dir, env))
     check_classified(entries[mr[0].SeriesInstanceUID], "brain-tumor", models_dir)
     check_classified(entries[ct[0].SeriesInstanceUID], "covid-ct", models_dir)
     assert not (data_dir / "triage.sqlite3").exists()  # everything went to PostgreSQL
@@ -297,6 +308,7 @@ def test_scale_out_on_redis_and_postgresql(
     assert worker.terminate() == 0
 
 
+@pytest.mark.slow  # four process starts (TensorFlow imports): about a minute
 def test_pending_series_survive_killed_processes(
     models_dir: Path, tmp_path: Path, processes: list[Process]
 ) -> None:
@@ -310,7 +322,8 @@ def test_pending_series_survive_killed_processes(
     # 1. Series queued while no worker runs; then the listener is killed and restarted.
     a = mr_series(brain_images(2, seed=11))
     push(port, a, tmp_path / "a")
-    wait_for(lambda: by_series(results(data_dir, env)).get(a[0].SeriesInstanceUID, {}).get("status") == "queued",
+    url = f"sqlite:///{data_dir / 'triage.sqlite3'}"
+    wait_for(lambda: by_series(report(url)).get(a[0].SeriesInstanceUID, {}).get("status") == "queued",
              30, "series A queued", listen)
     listen.kill()
     listen = Process(listen_args, env)
@@ -318,9 +331,9 @@ def test_pending_series_survive_killed_processes(
     listen.wait_ready()
 
     # 2. A long series is being classified when its worker is killed.
-    long_series = [encode(ds, JPEG2000Lossless) for ds in ct_series(ct_images(40, seed=12))]
+    long_series = [encode(ds, JPEG2000Lossless) for ds in ct_series(ct_images(24, seed=12))]
     push(port, long_series, tmp_path / "long")
-    database = Database(f"sqlite:///{data_dir / 'triage.sqlite3'}")
+    database = Database(url)
     try:
         def job_state(series_uid: str) -> tuple[JobState, int] | None:
             with database.session() as session:
@@ -341,12 +354,15 @@ def test_pending_series_survive_killed_processes(
         second_worker = Process(["worker", "--data-dir", str(data_dir)], env)
         processes.append(second_worker)
         uids = {a[0].SeriesInstanceUID, long_uid}
-        report = wait_for(lambda: (r := results(data_dir, env)) and all_final(r, uids) and r, 180, "results",
-                          listen, second_worker)
-        entries = by_series(report)
+        wait_for(lambda: all_final(report(url), uids), 180, "results", listen, second_worker)
+        entries = by_series(results(data_dir, env))
         check_classified(entries[a[0].SeriesInstanceUID], "brain-tumor", models_dir)
         check_classified(entries[long_uid], "covid-ct", models_dir)
         assert job_state(long_uid) == (JobState.DONE, 2)
+        with database.session() as session:
+            seconds = session.scalar(select(Result.inference_seconds).join(Series, Result.series_pk == Series.id)
+                                     .where(Series.series_instance_uid == long_uid))
+        print(f"long series classified in {seconds:.2f} s")
     finally:
         database.dispose()
     assert second_worker.terminate() == 0

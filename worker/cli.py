@@ -49,22 +49,27 @@ def read_settings(args: argparse.Namespace) -> Settings:
     return settings
 
 
+# Settings are checked before the service modules (pynetdicom, Celery, TensorFlow) are imported: a bad value is
+# reported at once.
 def _serve(args: argparse.Namespace) -> int:
+    settings = read_settings(args)
     from worker.service import run_serve
 
-    return run_serve(read_settings(args), args.config)
+    return run_serve(settings, args.config)
 
 
 def _listen(args: argparse.Namespace) -> int:
+    settings = read_settings(args)
     from worker.service import run_listen
 
-    return run_listen(read_settings(args))
+    return run_listen(settings)
 
 
 def _worker(args: argparse.Namespace) -> int:
+    settings = read_settings(args)
     from worker.service import run_worker
 
-    return run_worker(read_settings(args))
+    return run_worker(settings)
 
 
 def _results(args: argparse.Namespace) -> int:

@@ -24,10 +24,8 @@ from models.tasks import get_task
 from worker.celery_app import INFERENCE_QUEUE, create_celery_app, make_enqueue
 from worker.db import Database, upgrade_database
 from worker.ingest import DatabaseSink
-from worker.inference import ModelCache
 from worker.registry import active_model_dirs, register_installed_models
 from worker.series import SeriesScheduler
-from worker.tasks import WorkerContext, register_tasks
 from worker.workers import WorkerRegistration, worker_registered
 
 log = logging.getLogger(__name__)
@@ -109,6 +107,10 @@ def run_listen(settings: Settings) -> int:
 
 def run_worker(settings: Settings) -> int:
     """``dicom-triage worker``: a Celery worker on the inference queue, models loaded once, until signalled."""
+    # Imported here: they bring TensorFlow, which the listener process never needs.
+    from worker.inference import ModelCache
+    from worker.tasks import WorkerContext, register_tasks
+
     database = open_database(settings)
     # The installed models become each task's first active model; later jobs follow the registry's active one.
     register_installed_models(database, settings)

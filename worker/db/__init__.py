@@ -21,6 +21,9 @@ from worker.db.models import (
     utcnow,
 )
 
+# The other schema modules, so that Base.metadata (the migrations' target) holds every table.
+from worker.db import registry, review  # noqa: E402,F401
+
 __all__ = [
     "AuditEvent",
     "Base",
