@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -13,8 +12,6 @@ from pynetdicom.presentation import PresentationContext
 from pynetdicom.sop_class import Verification
 
 from dicom_io.network import TCP_NODELAY_HANDLER
-
-LOGGER = logging.getLogger(__name__)
 
 DEFAULT_CALLING_AE = "DICOM_TRIAGE"
 _NATIVE_SYNTAXES = ("1.2.840.10008.1.2.1", "1.2.840.10008.1.2")

@@ -7,9 +7,11 @@ recorded rejection, and the listener keeps serving; what was acknowledged is in 
 from __future__ import annotations
 
 import errno
+import socket
 import struct
 import subprocess
 import threading
+import time
 from io import BytesIO
 from pathlib import Path
 
@@ -53,6 +55,7 @@ from dicom_factory import (
 from dicom_io import synthesis
 from dicom_io.archive import Archive
 from dicom_io.listener import StorageListener
+from dicom_io.network import TCP_NODELAY_HANDLER
 from dicom_io.scu import AssociationError, echo, send_datasets
 
 #: storescu's option that proposes each transfer syntax (JPEG Lossless Process 14 non-SV1 has none: pynetdicom).
@@ -406,9 +409,9 @@ def test_sink_failure_is_a_failure_status_not_a_crash(
     assert len(sink.rejections) == 2
 
 
-def test_watermark_needs_an_archive_root() -> None:
+def test_watermark_needs_an_archive_root(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="archive_root"):
-        StorageListener(LISTENER_AE, "127.0.0.1", 0, RecordingSink.__new__(RecordingSink), min_free_bytes=1)
+        StorageListener(LISTENER_AE, "127.0.0.1", 0, RecordingSink(Archive(tmp_path)), min_free_bytes=1)
 
 
 def test_concurrent_associations_all_land(tmp_path: Path, mr: list[Dataset]) -> None:
@@ -429,9 +432,6 @@ def test_concurrent_associations_all_land(tmp_path: Path, mr: list[Dataset]) -> 
 
 
 def test_tcp_nodelay_is_set_on_both_ends(tmp_path: Path) -> None:
-    import socket
-
-    from dicom_io.network import TCP_NODELAY_HANDLER
 
     ae = AE(ae_title="NODELAY")
     ae.add_requested_context("1.2.840.10008.1.1")
@@ -450,9 +450,6 @@ def test_tcp_nodelay_is_set_on_both_ends(tmp_path: Path) -> None:
 
 
 def test_a_connection_that_speaks_no_dicom_is_dropped(tmp_path: Path) -> None:
-    import socket
-    import time
-
     with running_listener(tmp_path, acse_timeout=2) as (listener, sink):
         with socket.create_connection(("127.0.0.1", listener.port), timeout=15) as client:
             client.sendall(b"GET / HTTP/1.1\r\nHost: pacs\r\n\r\n")
