@@ -26,9 +26,12 @@ from sqlalchemy import create_engine, func, select, text
 from test_web_helpers import (
     PASSWORD, XSS_DESCRIPTION, XSS_NAME, add_users, install_model, make_database, make_settings, seed_study,
 )
-from worker.db import AuditEvent, Database, JobState, Review, User, upgrade_database
+from dicom_io.sr import read_classification_sr
+from pydicom import dcmread
+from worker.db import AuditEvent, Database, Instance, JobState, Review, Series, SrDocument, User, upgrade_database
 from worker.db.review import TrainingExample
 from worker.registry import register_installed_models
+from worker.reporting import publish_result
 from worker.web.app import create_app
 from worker.web.security import SECRET_FILE
 from worker.web.worklist import WorklistFilter, load_worklist
@@ -42,9 +45,8 @@ class Env:
         self.settings = make_settings(tmp_path)
         self.database = make_database(self.settings)
         add_users(self.database)
-        self.corrections: list[int] = []
         self._clients: dict[str, TestClient] = {}
-        self.app = create_app(self.settings, self.database, on_correction=self.corrections.append)
+        self.app = create_app(self.settings, self.database)  # corrections publish revised SRs for real
         self.model_uid = install_model(self.settings)
         # The triage-relevant cases: an old negative, a newer suspected finding, one still running, the XSS one.
         self.old_negative, self.negative_result = seed_study(
@@ -308,12 +310,13 @@ def test_api_confirm_and_correct(env: Env) -> None:
     assert rad.post("/api/results/999999/decision", json={"decision": "confirm"}, headers=headers).status_code == 404
     ok = rad.post(f"/api/results/{env.negative_result}/decision", json={"decision": "confirm"}, headers=headers)
     assert ok.status_code == 200 and ok.json()["label"] == "notumor"
+    first_sr = publish_result(env.database, env.settings, env.xss_result)  # what the pipeline sent before review
+    assert first_sr is not None
     fixed = rad.post(f"/api/results/{env.xss_result}/decision",
                      json={"decision": "correct", "label": "meningioma", "comment": "<b>dural tail</b>"},
                      headers=headers)
-    assert fixed.status_code == 200
+    assert fixed.status_code == 200 and fixed.json()["report_error"] is None
     review_id = fixed.json()["review_id"]
-    assert env.corrections[-1] == review_id  # the revised-SR hook saw the committed correction
     states = {i["study_id"]: i["review_state"] for i in rad.get("/api/worklist").json()["items"]}
     assert states[env.old_negative] == "confirmed" and states[env.xss] == "corrected"
     assert rad.get("/api/worklist?review=corrected").json()["total"] == 1
@@ -324,6 +327,29 @@ def test_api_confirm_and_correct(env: Env) -> None:
         assert example is not None and example.label == "meningioma"
         actions = set(session.scalars(select(AuditEvent.action)))
         assert {"decision.confirm", "decision.correct", "view.study", "login"} <= actions
+        # The correction sent a revised SR that names its predecessor and reports the corrected class.
+        revised = session.scalars(select(SrDocument).where(SrDocument.result_pk == env.xss_result)
+                                  .order_by(SrDocument.id)).all()
+        assert [d.id for d in revised][0] == first_sr.document_pk and len(revised) == 2
+        assert revised[1].predecessor_pk == first_sr.document_pk
+        assert read_classification_sr(dcmread(revised[1].archive_path)).finding == "meningioma"
+    assert "Structured Report" in page.text
+
+
+def test_correction_is_kept_when_the_revised_sr_fails(env: Env) -> None:
+    study, result = seed_study(env.database, env.settings, cls="glioma", label="glioma", model_uid=env.model_uid,
+                               age_minutes=90, slices=1)
+    with env.database.session() as session:
+        for path in session.scalars(select(Instance.archive_path).join(Series).where(Series.study_pk == study)):
+            Path(path).unlink()  # the source instances are gone: no SR can reference them
+    rad = env.as_user("rad")
+    response = rad.post(f"/results/{result}/decision",
+                        data={"decision": "correct", "label": "notumor", "csrf_token": csrf(rad)})
+    assert response.status_code == 303 and "report_failed=1" in response.headers["location"]
+    assert "revised report could not be made" in rad.get(response.headers["location"]).text
+    with env.database.session() as session:
+        assert session.scalar(select(Review.label).where(Review.result_pk == result)) == "notumor"
+        assert session.scalar(select(SrDocument.id).where(SrDocument.result_pk == result)) is None
 
 
 def test_form_decision(env: Env) -> None:

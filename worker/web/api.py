@@ -123,6 +123,7 @@ class DecisionOut(BaseModel):
     review_id: int
     study_id: int
     label: str
+    report_error: str | None = Field(default=None, description="set when the revised SR could not be made")
 
 
 @router.get("/me", response_model=Me)
@@ -197,4 +198,5 @@ def post_decision(
                          state.on_correction)
     except DecisionError as exc:
         raise HTTPException(exc.status, str(exc)) from None
-    return DecisionOut(review_id=outcome.review_id, study_id=outcome.study_id, label=outcome.label)
+    return DecisionOut(review_id=outcome.review_id, study_id=outcome.study_id, label=outcome.label,
+                       report_error=outcome.report_error)

@@ -7,6 +7,7 @@ admin pages need the admin role, decisions the radiologist role. Responses carry
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -84,12 +85,17 @@ def create_app(
 ) -> FastAPI:
     """The web app for ``settings``; the database must already be migrated (:func:`worker.db.upgrade_database`).
 
-    ``on_correction(review_id)`` is called after each committed correction (the revised-SR hook). Heat maps are
-    drawn by the model that made the result: the registry's folder for its uid, else the task's installed model.
+    ``on_correction(review_id)`` is called after each committed correction; by default it publishes the revised
+    SR (:func:`worker.reporting.publish_review`, which names its predecessor and queues its deliveries). Heat maps
+    are drawn by the model that made the result: the registry's folder for its uid, else the task's installed one.
     """
     from worker.web import admin_models, api, pages
 
     database = database or Database(settings.effective_database_url)
+    if on_correction is None:
+        from worker.reporting import publish_review
+
+        on_correction = functools.partial(publish_review, database, settings)
     app = FastAPI(
         title="dicom-triage worklist",
         version="1",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -11,6 +12,7 @@ from models.tasks import TASKS
 from worker.db import Database, Result, Series, User
 from worker.db.review import Decision, record_decision
 
+log = logging.getLogger(__name__)
 MAX_COMMENT = 2000
 
 #: Called with the review's id after a correction is committed: the place that issues the revised SR.
@@ -30,6 +32,9 @@ class DecisionOutcome:
     review_id: int
     study_id: int
     label: str
+    #: Why the revised SR could not be made (the decision is stored regardless); ``None`` when it was, or none
+    #: was due.
+    report_error: str | None = None
 
 
 def decide(
@@ -41,7 +46,11 @@ def decide(
     comment: str,
     on_correction: CorrectionHook | None,
 ) -> DecisionOutcome:
-    """Check and store a decision; after a committed correction, call ``on_correction(review_id)``."""
+    """Check and store a decision; after a committed correction, call ``on_correction(review_id)``.
+
+    The decision is committed first: a failing hook (archive full, source instances gone) is logged and reported
+    in the outcome, and never loses the decision.
+    """
     try:
         checked = Decision(decision)
     except ValueError:
@@ -69,6 +78,11 @@ def decide(
         except ValueError as exc:
             raise DecisionError(str(exc)) from None
         review_id = review.id
+    report_error = None
     if checked is Decision.CORRECT and on_correction is not None:
-        on_correction(review_id)
-    return DecisionOutcome(review_id=review_id, study_id=study_id, label=chosen)
+        try:
+            on_correction(review_id)
+        except Exception as exc:  # any failure of the SR path must not turn a stored decision into an error page
+            log.exception("revised SR for review %d failed", review_id)
+            report_error = f"the revised report could not be made: {type(exc).__name__}"
+    return DecisionOutcome(review_id=review_id, study_id=study_id, label=chosen, report_error=report_error)

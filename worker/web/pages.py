@@ -107,13 +107,16 @@ def worklist_page(
 
 
 @router.get("/studies/{study_id}")
-def study_page(request: Request, study_id: int, who: Principal = Depends(page_user)) -> Response:
+def study_page(
+    request: Request, study_id: int, report_failed: bool = False, who: Principal = Depends(page_user)
+) -> Response:
     with _state(request).database.session() as session:
         study = load_study(session, study_id)
         if study is None:
             raise HTTPException(404, f"no study {study_id}")
         audit(session, session.get(User, who.user_id), "view.study", f"study:{study_id}")
-    return _render(request, "study.html", who, study=study, tasks=TASKS, can_decide=who.role is Role.RADIOLOGIST)
+    return _render(request, "study.html", who, study=study, can_decide=who.role is Role.RADIOLOGIST,
+                   report_failed=report_failed)
 
 
 @router.post("/results/{result_id}/decision")
@@ -130,7 +133,8 @@ def decision_form(
         )
     except DecisionError as exc:
         raise HTTPException(exc.status, str(exc)) from None
-    return RedirectResponse(f"/studies/{outcome.study_id}#result-{result_id}", status_code=303)
+    notice = "?report_failed=1" if outcome.report_error else ""
+    return RedirectResponse(f"/studies/{outcome.study_id}{notice}#result-{result_id}", status_code=303)
 
 
 def _instance_file(request: Request, instance_id: int) -> tuple[str, Any]:
