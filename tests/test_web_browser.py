@@ -23,9 +23,14 @@ from pathlib import Path
 import pytest
 from playwright.sync_api import Page, expect, sync_playwright
 
+from pydicom import dcmread
+from sqlalchemy import select
+
 from dicom_factory import storescu, write_files
+from dicom_io.sr import read_classification_sr
 from dicom_io.synthesis import mr_series
 from test_web_helpers import PASSWORD, XSS_NAME, add_users, images, install_model, make_database, make_settings
+from worker.db import Database, SrDocument
 
 ROOT = Path(__file__).resolve().parents[1]
 ARTIFACTS = ROOT / "artifacts" / "web"
@@ -203,5 +208,15 @@ def test_review_in_the_browser(stack: dict[str, object], tmp_path: Path) -> None
             assert dialogs == []  # no markup from the DICOM headers ever ran
         finally:
             browser.close()
-    heatmaps = list((stack["settings"].data_dir / "web-cache" / "heatmaps").rglob("*.png"))  # type: ignore[attr-defined]
-    assert len(heatmaps) == 2
+    settings = stack["settings"]
+    heatmaps = list((settings.data_dir / "web-cache" / "heatmaps").rglob("*.png"))  # type: ignore[attr-defined]
+    assert len(heatmaps) == 2  # one per slice, rendered once
+    # The correction sent a revised SR naming the pipeline's SR as its predecessor, reporting the new class.
+    database = Database(settings.effective_database_url)  # type: ignore[attr-defined]
+    try:
+        with database.session() as session:
+            revised = session.scalar(select(SrDocument).where(SrDocument.predecessor_pk.is_not(None)))
+            assert revised is not None
+            assert read_classification_sr(dcmread(revised.archive_path)).finding == choice
+    finally:
+        database.dispose()
