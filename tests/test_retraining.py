@@ -1,0 +1,274 @@
+"""Retraining end to end with real components: a running ``dicom-triage serve`` (listener, scheduler, inference
+worker) and a ``dicom-triage training-worker`` (Celery, ``training`` queue), dcmtk's storescu pushing CT studies
+made now from ../shared/data images, the web app's JSON API for decisions and for the admin's actions.
+
+The story of issue 6: radiologists confirm and correct results; the admin starts a retraining (export + an
+external folder, one epoch of a tiny CNN), follows its progress, finds the candidate registered; the gate refuses
+it against the installed model on the reference set; a forced promotion needs a reason; the next study is
+classified by the new model (its UID in the result and in its SR) without restarting the
+worker; a rollback brings the old model back. The export holds no patient name, ID or birth date.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+from pydicom import dcmread
+from pydicom.uid import generate_uid
+from sqlalchemy import select
+
+from config import load_settings
+from dicom_factory import storescu, write_files
+from dicom_io.synthesis import ct_series
+from models.tasks import COVID_CT
+from test_registry_helpers import covid_files, make_reference_set, save_threshold_model
+from worker.db import Database, Result, Series, SrDocument, upgrade_database
+from worker.web.app import create_app
+from worker.web.users import add_user
+
+ROOT = Path(__file__).resolve().parents[1]
+OUR_AE = "DICOM_TRIAGE"
+PASSWORD = "correct horse battery"
+KEY = "retraining-test-key-0123456789"
+STARTUP_SECONDS = 240  # TensorFlow's import is slow on a loaded 2-core CI machine
+#: (patient ID, name, birth date, true class) of the studies the radiologists review.
+REVIEWED = [
+    ("RT-PID-2001", "Retrain^Agatha", "19390101", "COVID"),
+    ("RT-PID-2002", "Retrain^Basil", "19480202", "COVID"),
+    ("RT-PID-2003", "Retrain^Clovis", "19570303", "non-COVID"),
+    ("RT-PID-2004", "Retrain^Delphine", "19660404", "non-COVID"),
+]
+SLICES = 3
+
+
+class Process:
+    """A ``dicom-triage`` subprocess whose output is collected (and shown when a test fails)."""
+
+    def __init__(self, args: list[str], env: dict[str, str]) -> None:
+        self.args = args
+        self.popen = subprocess.Popen([sys.executable, "-m", "worker.cli", *args], cwd=ROOT, env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.lines: list[str] = []
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.popen.stdout is not None
+        for line in self.popen.stdout:
+            self.lines.append(line)
+
+    @property
+    def output(self) -> str:
+        return "".join(self.lines)
+
+    def wait_for_line(self, predicate: Callable[[str], bool], timeout: float = STARTUP_SECONDS) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if any(predicate(line) for line in list(self.lines)):
+                return
+            if self.popen.poll() is not None:
+                raise AssertionError(f"{self.args[0]} exited with {self.popen.returncode}:\n{self.output[-5000:]}")
+            time.sleep(0.2)
+        raise AssertionError(f"{self.args[0]} not ready after {timeout} s:\n{self.output[-5000:]}")
+
+    def stop(self) -> None:
+        if self.popen.poll() is None:
+            self.popen.send_signal(signal.SIGTERM)
+            try:
+                self.popen.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_for(condition: Callable[[], Any], timeout: float, what: str, *processes: Process) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.3)
+    logs = "\n".join(f"--- {p.args[0]}:\n{p.output[-4000:]}" for p in processes)
+    raise AssertionError(f"timed out waiting for {what}\n{logs}")
+
+
+def login(client: TestClient, user: str) -> str:
+    """Log ``client`` in as ``user``; return its CSRF token for API writes."""
+    page = client.get("/login")
+    token = re.search(r'name="csrf_token" value="([^"]+)"', page.text)
+    assert token, page.text
+    response = client.post("/login", data={"username": user, "password": PASSWORD, "csrf_token": token[1]})
+    assert response.status_code == 303, response.text
+    return client.get("/api/me").json()["csrf_token"]
+
+
+@pytest.fixture
+def processes() -> Iterator[list[Process]]:
+    started: list[Process] = []
+    yield started
+    for process in started:
+        process.stop()
+
+
+def test_confirm_export_retrain_gate_promote_and_roll_back(tmp_path: Path, processes: list[Process]) -> None:
+    # The installed model, the reference set it gets all right, and an external labelled folder.
+    installed = tmp_path / "installed"
+    installed_uid = save_threshold_model(installed / "covid-ct", "installed")
+    reference = make_reference_set(tmp_path / "reference", installed / "covid-ct")
+    external = tmp_path / "external"
+    for class_name in COVID_CT.class_names:
+        (external / class_name).mkdir(parents=True)
+        for number, path in enumerate(covid_files(class_name, 200, 8)):
+            (external / class_name / f"ext{number}.png").symlink_to(path)
+
+    data_dir, port = tmp_path / "data", free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DICOM_TRIAGE_")}
+    env.update(
+        DICOM_TRIAGE_DATA_DIR=str(data_dir), DICOM_TRIAGE_MODELS_DIR=str(installed),
+        DICOM_TRIAGE_SERIES_QUIET_SECONDS="1", DICOM_TRIAGE_DICOM_HOST="127.0.0.1",
+        DICOM_TRIAGE_MIN_FREE_DISK_MB="0", DICOM_TRIAGE_PSEUDONYM_KEY=KEY,
+        DICOM_TRIAGE_REFERENCE_SETS=f"covid-ct={reference}", DICOM_TRIAGE_PROMOTION_TOLERANCE="0",
+        DICOM_TRIAGE_EXTERNAL_TRAINING_DATA=f"covid-ct={external}",
+        CUDA_VISIBLE_DEVICES="", TF_CPP_MIN_LOG_LEVEL="2",
+    )
+    serve = Process(["serve", "--dicom-port", str(port), "--web-port", str(free_port())], env)
+    trainer = Process(["training-worker"], env)
+    processes += [serve, trainer]
+    serve.wait_for_line(lambda line: line.startswith("dicom-triage ready:"))
+    trainer.wait_for_line(lambda line: line.rstrip().endswith(" ready."))
+
+    settings = load_settings(env=env)
+    database = Database(settings.effective_database_url)
+    upgrade_database(database)
+    with database.session() as session:
+        add_user(session, "rad", "radiologist", PASSWORD)
+        add_user(session, "boss", "admin", PASSWORD)
+    app = create_app(settings, database)
+    radiologist = TestClient(app, follow_redirects=False)
+    admin = TestClient(app, follow_redirects=False)
+    rad_csrf, boss_csrf = login(radiologist, "rad"), login(admin, "boss")
+
+    image_offset = [300]
+
+    def push_study(patient_id: str, name: str, birth: str, truth: str) -> str:
+        datasets = ct_series(covid_files(truth, image_offset[0], SLICES), patient_id=patient_id, patient_name=name,
+                             study_instance_uid=generate_uid(), series_instance_uid=generate_uid())
+        image_offset[0] += SLICES
+        for ds in datasets:
+            ds.PatientBirthDate = birth
+        files = write_files(datasets, tmp_path / "push" / patient_id)
+        sent = storescu(port, files, called_ae=OUR_AE)
+        assert sent.returncode == 0 and sent.statuses == [0] * len(files), sent.output[-3000:]
+        return str(datasets[0].SeriesInstanceUID)
+
+    def result_of(series_uid: str) -> Result | None:
+        with database.session() as session:
+            return session.scalar(
+                select(Result).join(Series, Series.id == Result.series_pk)
+                .where(Series.series_instance_uid == series_uid, Result.superseded_by_pk.is_(None)))
+
+    # 1. Studies arrive and are classified by the installed model.
+    truths = {push_study(*patient): patient[3] for patient in REVIEWED}
+    results = {uid: wait_for(lambda u=uid: result_of(u), 180, f"the result of {uid}", serve) for uid in truths}
+    assert {r.model_uid for r in results.values()} == {installed_uid}
+
+    # 2. The radiologist confirms right results and corrects wrong ones through the API.
+    for uid, result in results.items():
+        body = ({"decision": "confirm"} if result.label == truths[uid]
+                else {"decision": "correct", "label": truths[uid]})
+        answer = radiologist.post(f"/api/results/{result.id}/decision", json=body,
+                                  headers={"X-CSRF-Token": rad_csrf})
+        assert answer.status_code == 200, answer.text
+
+    # 3. The admin retrains; the run reports progress and ends with a registered candidate.
+    assert admin.post("/api/admin/retrain", json={"task": "covid-ct"}).status_code == 403  # no CSRF token
+    assert radiologist.post("/api/admin/retrain", json={"task": "covid-ct"},
+                            headers={"X-CSRF-Token": rad_csrf}).status_code == 403  # not an admin
+    started = admin.post("/api/admin/retrain", headers={"X-CSRF-Token": boss_csrf}, json={
+        "task": "covid-ct", "epochs": 1, "architecture": "triage-cnn", "input_size": "32x32", "batch_size": 8})
+    assert started.status_code == 200, started.text
+    run_id = started.json()["run_id"]
+    seen_phases: set[str] = set()
+
+    def finished() -> dict[str, Any] | None:
+        run = admin.get(f"/api/admin/runs/{run_id}").json()
+        seen_phases.add(run["phase"])
+        return run if run["state"] in ("done", "failed") else None
+
+    run = wait_for(finished, 420, "the training run", trainer)
+    assert run["state"] == "done", run
+    assert run["progress"] == 1.0 and len(run["history"]["loss"]) == 1 and "val_loss" in run["history"]
+    assert seen_phases - {"queued", "done"}, seen_phases  # progress was visible while it ran
+    candidate = run["model_uid"]
+    listed = admin.get("/api/admin/models", params={"task": "covid-ct"}).json()
+    assert {m["model_uid"]: m["state"] for m in listed} == {installed_uid: "active", candidate: "candidate"}
+    detail = admin.get(f"/api/admin/models/{candidate}").json()
+    manifest = detail["model"]["data_manifest"]
+    assert {s["series_instance_uid"] for s in manifest["series"]} == set(truths)
+    assert {s["label"] for s in manifest["series"]} == set(truths.values())
+    assert manifest["external"] == [str(external)]
+    assert detail["model"]["parent_uid"] == installed_uid
+    assert detail["reference"]["n"] == detail["active_reference"]["n"] == 12
+    assert detail["active_reference"]["accuracy"] == 1.0
+
+    # The export the run trained on holds no patient data anywhere.
+    export = data_dir / "training" / f"run-{run_id}" / "data"
+    files = [p for p in export.rglob("*") if p.is_file()]
+    assert len([p for p in files if p.suffix == ".png"]) == len(REVIEWED) * SLICES
+    forbidden = [text.encode() for pid, name, birth, _ in REVIEWED for text in (pid, name, birth, name.split("^")[1])]
+    for path in files:
+        content = path.read_bytes() + path.as_posix().encode()
+        assert not [t for t in forbidden if t in content], path
+
+    # 4. The gate refuses the one-epoch candidate; forcing needs a reason; then it is promoted.
+    page = admin.get(f"/admin/registry/models/{candidate}")
+    assert page.status_code == 200 and candidate in page.text and "confusion" in page.text
+    refused = admin.post(f"/api/admin/models/{candidate}/promote", json={}, headers={"X-CSRF-Token": boss_csrf})
+    assert refused.status_code == 409, refused.text
+    assert not refused.json()["gate"]["passed"] and refused.json()["gate"]["failures"]
+    no_reason = admin.post(f"/api/admin/models/{candidate}/promote", json={"force": True},
+                           headers={"X-CSRF-Token": boss_csrf})
+    assert no_reason.status_code == 422
+    forced = admin.post(f"/api/admin/models/{candidate}/promote", headers={"X-CSRF-Token": boss_csrf},
+                        json={"force": True, "reason": "pilot of the retrained model"})
+    assert forced.status_code == 200 and forced.json()["forced"], forced.text
+    events = admin.get(f"/api/admin/models/{candidate}").json()["model"]["events"]
+    assert ("promote_forced", "boss", "pilot of the retrained model") in [
+        (e["action"], e["actor"], e["reason"]) for e in events]
+
+    # 5. The next study is classified by the new model, without restarting the worker.
+    new_series = push_study("RT-PID-2005", "Retrain^Eugene", "19750505", "COVID")
+    assert wait_for(lambda: result_of(new_series), 180, "the new study's result", serve).model_uid == candidate
+    with database.session() as session:
+        sr_paths = session.scalars(select(SrDocument.archive_path).join(Result, Result.id == SrDocument.result_pk)
+                                   .join(Series, Series.id == Result.series_pk)
+                                   .where(Series.series_instance_uid == new_series)).all()
+    assert sr_paths, "no SR was written for the new study's result"
+    for path in sr_paths:
+        assert candidate in str(dcmread(path))  # the SR's algorithm identification names the new model
+
+    # 6. Roll back: the installed model is active again and classifies the next study.
+    back = admin.post("/api/admin/tasks/covid-ct/rollback", json={"reason": "pilot over"},
+                      headers={"X-CSRF-Token": boss_csrf})
+    assert back.status_code == 200 and back.json()["model_uid"] == installed_uid, back.text
+    last_series = push_study("RT-PID-2006", "Retrain^Fanny", "19840606", "non-COVID")
+    assert wait_for(lambda: result_of(last_series), 180, "the last study's result", serve).model_uid == installed_uid
+    assert admin.get("/admin/registry").status_code == 200
+    database.dispose()
