@@ -23,6 +23,7 @@ from pydicom import dcmread
 
 from dicom_io.imaging import series_frame_records
 from models.inference import Classifier, default_model_dir
+from models.preprocessing import prepare_batch
 from models.tasks import Task
 
 #: Fraction of slices (the most suspicious) whose mean gives the series probabilities.
@@ -52,6 +53,34 @@ def aggregate(slice_probabilities: np.ndarray, task: Task) -> np.ndarray:
     return slice_probabilities[top].mean(axis=0)
 
 
+def batch_shapes(count: int, batch_size: int) -> list[int]:
+    """The padded size of each batch for ``count`` slices: full batches, then the remainder rounded up to a power
+    of two (at most ``batch_size``).
+
+    Why pad: TensorFlow compiles the model once per input shape (about a second on a CPU), so series of every
+    length would each pay a compilation; with this rule a worker compiles at most log2(batch_size) + 1 shapes.
+    """
+    sizes = [batch_size] * (count // batch_size)
+    remainder = count % batch_size
+    if remainder:
+        sizes.append(min(batch_size, 1 << (remainder - 1).bit_length()))
+    return sizes
+
+
+def predict_in_fixed_batches(classifier: Classifier, images: Sequence[np.ndarray], batch_size: int) -> np.ndarray:
+    """``(N, C)`` probabilities, predicted in batches padded to :func:`batch_shapes` (padding rows dropped)."""
+    spec = classifier.card.input_spec
+    outputs, start = [], 0
+    for size in batch_shapes(len(images), batch_size):
+        chunk = images[start:start + size]
+        batch = prepare_batch(chunk, spec)
+        if len(chunk) < size:
+            batch = np.concatenate([batch, np.zeros((size - len(chunk), *batch.shape[1:]), batch.dtype)])
+        outputs.append(classifier.predict_prepared(batch)[: len(chunk)])
+        start += size
+    return np.concatenate(outputs, axis=0)
+
+
 def classify_series_files(paths: Sequence[Path], classifier: Classifier, batch_size: int) -> SeriesClassification:
     """Read a series' instances from ``paths``, classify every frame and aggregate.
 
@@ -60,7 +89,7 @@ def classify_series_files(paths: Sequence[Path], classifier: Classifier, batch_s
     frames = series_frame_records(dcmread(path) for path in paths)
     if not frames:
         raise ValueError("the series has no frames")
-    probabilities = classifier.predict([frame.image for frame in frames], batch_size=batch_size)
+    probabilities = predict_in_fixed_batches(classifier, [frame.image for frame in frames], batch_size)
     series = aggregate(probabilities, classifier.task)
     class_names = classifier.class_names
     return SeriesClassification(

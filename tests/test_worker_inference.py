@@ -1,0 +1,86 @@
+"""Series inference: the aggregation rule, fixed batch shapes, and a real series through a real (tiny) model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from dicom_factory import brain_images, write_files
+from dicom_io.synthesis import encode, mr_series
+from models.architectures import build_model, default_input_spec
+from models.card import ModelCard
+from models.inference import Classifier
+from models.tasks import BRAIN_TUMOR, COVID_CT
+from worker.inference import (
+    ModelCache,
+    aggregate,
+    batch_shapes,
+    classify_series_files,
+    predict_in_fixed_batches,
+)
+
+
+def test_aggregate_takes_the_most_suspicious_quarter() -> None:
+    # Eight slices: six normal, two showing a glioma. The mean of all slices would call it normal.
+    normal = [0.05, 0.05, 0.85, 0.05]
+    glioma = [0.80, 0.05, 0.10, 0.05]
+    slices = np.array([normal] * 6 + [glioma] * 2)
+    np.testing.assert_allclose(aggregate(slices, BRAIN_TUMOR), glioma)
+    assert BRAIN_TUMOR.class_names[int(np.argmax(slices.mean(axis=0)))] == "notumor"
+
+
+def test_aggregate_normal_series_stays_normal_and_single_slice() -> None:
+    slices = np.array([[0.1, 0.9], [0.2, 0.8], [0.3, 0.7], [0.05, 0.95], [0.15, 0.85]])
+    # ceil(25% of 5) = 2 most suspicious (COVID 0.3 and 0.2): still non-COVID.
+    np.testing.assert_allclose(aggregate(slices, COVID_CT), [0.25, 0.75])
+    np.testing.assert_allclose(aggregate(slices[:1], COVID_CT), slices[0])
+    with pytest.raises(ValueError):
+        aggregate(np.zeros((0, 2)), COVID_CT)
+
+
+@pytest.mark.parametrize(
+    ("count", "shapes"),
+    [(1, [1]), (3, [4]), (16, [16]), (17, [32]), (32, [32]), (33, [32, 1]), (70, [32, 32, 8])],
+)
+def test_batch_shapes(count: int, shapes: list[int]) -> None:
+    assert batch_shapes(count, 32) == shapes
+
+
+@pytest.fixture(scope="module")
+def classifier(tmp_path_factory: pytest.TempPathFactory) -> Classifier:
+    folder = tmp_path_factory.mktemp("models") / "brain-tumor"
+    folder.mkdir()
+    spec = default_input_spec("triage-cnn", BRAIN_TUMOR)
+    build_model("triage-cnn", BRAIN_TUMOR, spec, widths=(4, 8), blocks=(1, 1)).save(folder / "model.keras")
+    ModelCard(task="brain-tumor", class_names=list(BRAIN_TUMOR.class_names), architecture="triage-cnn",
+              input_spec=spec, name="tiny").save(folder)
+    return ModelCache(folder.parent).get("brain-tumor")
+
+
+def test_padding_does_not_change_predictions(classifier: Classifier) -> None:
+    rng = np.random.default_rng(0)
+    images = [rng.uniform(0, 255, (100, 120)).astype(np.float32) for _ in range(5)]
+    padded = predict_in_fixed_batches(classifier, images, 4)  # batches of 4 and 1
+    np.testing.assert_allclose(padded, classifier.predict(images, batch_size=5), rtol=1e-5, atol=1e-6)
+
+
+def test_classify_a_compressed_series(classifier: Classifier, tmp_path: Path) -> None:
+    from pydicom.uid import RLELossless
+
+    series = [encode(ds, RLELossless) for ds in mr_series(brain_images(3))]
+    paths = write_files(series, tmp_path)
+    result = classify_series_files(list(reversed(paths)), classifier, batch_size=32)
+    assert result.label in BRAIN_TUMOR.class_names
+    assert abs(sum(result.probabilities.values()) - 1) < 1e-4
+    # Slices come back in spatial order with their SOP Instance UIDs, whatever order the files were given in.
+    assert [s["sop_instance_uid"] for s in result.slice_probabilities] == [ds.SOPInstanceUID for ds in series]
+    assert all(len(s["probabilities"]) == 4 and s["frame"] == 1 for s in result.slice_probabilities)
+
+
+def test_a_file_without_pixel_data_is_a_clear_error(classifier: Classifier, tmp_path: Path) -> None:
+    [ds] = mr_series(brain_images(1))
+    del ds.PixelData
+    with pytest.raises(ValueError, match="no Pixel Data"):
+        classify_series_files(write_files([ds], tmp_path), classifier, batch_size=8)
