@@ -14,6 +14,7 @@ import re
 import stat
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -468,3 +469,33 @@ def test_worklist_query_on_postgresql(tmp_path: Path, postgres_database: Databas
         assert [r.status for r in page.rows] == ["done", "done", "running"]
         assert load_worklist(session, WorklistFilter(review="no_result")).total == 1
         assert [r.study_id for r in load_worklist(session, WorklistFilter(finding="glioma")).rows] == [suspected]
+
+
+def test_server_in_a_thread_serves_and_stops(tmp_path: Path) -> None:
+    """What ``serve`` runs beside the listener: uvicorn on 127.0.0.1:web_port in a thread, stopped on request."""
+    import socket
+    import urllib.error
+    import urllib.request
+
+    from worker.web.cli import start_in_thread
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    settings = make_settings(tmp_path, web_port=port)
+    database = make_database(settings)
+    server, thread = start_in_thread(settings, database)
+    try:
+        deadline = time.monotonic() + 30
+        while not server.started and time.monotonic() < deadline:
+            time.sleep(0.05)
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/login", timeout=5) as response:
+            assert response.status == 200 and b"Log in" in response.read()
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/api/worklist", timeout=5)
+        assert refused.value.code == 401
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+        database.dispose()
+    assert not thread.is_alive()

@@ -72,7 +72,7 @@ def build_server(settings: Settings, database: Any = None, on_correction: Any = 
 def start_in_thread(settings: Settings, database: Any = None, on_correction: Any = None) -> tuple[Any, threading.Thread]:
     """Run the web server in a daemon thread (for ``serve``); stop it with ``server.should_exit = True``."""
     server = build_server(settings, database, on_correction)
-    server.config.install_signal_handlers = False  # the main thread owns the signals  # type: ignore[attr-defined]
+    # uvicorn installs no signal handlers outside the main thread: the caller's own handling stays in charge.
     thread = threading.Thread(target=server.run, name="web", daemon=True)
     thread.start()
     return server, thread
