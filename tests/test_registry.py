@@ -9,15 +9,19 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
+import psycopg
 import pytest
-from sqlalchemy import select
+from sqlalchemy import func, select
 
 from config import load_settings
 from test_registry_helpers import make_reference_set, save_threshold_model
 from worker.db import Database, upgrade_database
-from worker.db.registry import ModelEvent
+from worker.db.registry import ModelEvent, RegisteredModel
 from worker.inference import ModelCache
 from worker.registry import (
     PromotionRefused,
@@ -33,6 +37,22 @@ from worker.registry import (
 )
 
 ROOT = Path(__file__).resolve().parents[1]
+PG_ADMIN = "host=127.0.0.1 port=5432 user=postgres dbname=test"
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'triage.sqlite3'}"
+        return
+    name = f"registry_test_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(PG_ADMIN, autocommit=True) as admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield f"postgresql://postgres@127.0.0.1:5432/{name}"
+    finally:
+        with psycopg.connect(PG_ADMIN, autocommit=True) as admin:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 def evaluation(accuracy: float, recalls: dict[str, float], sha: str = "ref") -> dict:
@@ -65,9 +85,12 @@ def trio(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path | str]:
             "bad_uid": bad_uid, "reference": reference}
 
 
-def test_promotion_gate_force_and_rollback_follow_through_to_the_worker_cache(trio: dict, tmp_path: Path) -> None:
+def test_promotion_gate_force_and_rollback_follow_through_to_the_worker_cache(
+    trio: dict, tmp_path: Path, database_url: str
+) -> None:
     settings = load_settings(env={}, data_dir=tmp_path / "data", models_dir=trio["installed"],
-                             reference_sets={"covid-ct": trio["reference"]}, promotion_tolerance=0.0)
+                             reference_sets={"covid-ct": trio["reference"]}, promotion_tolerance=0.0,
+                             database_url=database_url)
     database = Database(settings.effective_database_url)
     upgrade_database(database)
     try:
@@ -132,6 +155,42 @@ def test_gate_without_a_reference_set_needs_force(trio: dict, tmp_path: Path) ->
         with pytest.raises(RegistryError, match="no reference set is configured"):
             promote(database, settings, trio["bad_uid"], "boss")
         assert promote(database, settings, trio["bad_uid"], "boss", force_reason="no reference yet").forced
+    finally:
+        database.dispose()
+
+
+def test_concurrent_promotions_leave_one_active_model(trio: dict, tmp_path: Path, database_url: str) -> None:
+    settings = load_settings(env={}, data_dir=tmp_path / "data", models_dir=trio["installed"],
+                             database_url=database_url)
+    database = Database(settings.effective_database_url)
+    upgrade_database(database)
+    try:
+        register_installed_models(database, settings)
+        uids = []
+        with database.session() as session:
+            for number in range(2):
+                copy = tmp_path / f"candidate{number}"
+                uids.append(save_threshold_model(copy, f"candidate{number}"))
+                register_model(session, copy, actor="trainer")
+        barrier, errors = threading.Barrier(2), []
+
+        def run(uid: str) -> None:
+            barrier.wait()
+            try:
+                promote(database, settings, uid, "boss", force_reason="race")
+            except RegistryError as exc:
+                errors.append(str(exc))
+
+        threads = [threading.Thread(target=run, args=(uid,)) for uid in uids]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+        with database.session() as session:
+            active = session.scalar(select(func.count()).select_from(RegisteredModel).where(
+                RegisteredModel.task == "covid-ct", RegisteredModel.state == "active"))
+        assert active == 1
+        assert all("changed meanwhile" in e for e in errors), errors
     finally:
         database.dispose()
 
