@@ -124,14 +124,15 @@ def check_csrf(request: Request, token: str | None) -> None:
         raise HTTPException(403, "CSRF token missing or invalid; reload the page and try again")
 
 
-def prelogin_csrf(request: Request, response: Response) -> str:
-    """The CSRF token for the login form, setting the pre-login cookie it is bound to when absent."""
-    signer = request.app.state.web.signer
-    binding = signer.unsign(request.cookies.get(PRELOGIN_COOKIE))
-    if binding is None:
-        binding = new_token()
-        response.set_cookie(PRELOGIN_COOKIE, signer.sign(binding), max_age=3600, **_cookie_args(request))
-    return signer.csrf_token(binding)
+def prelogin_binding(request: Request) -> tuple[str, bool]:
+    """What the login form's CSRF token is bound to: the pre-login cookie's value, or a new one (``True``)."""
+    binding = request.app.state.web.signer.unsign(request.cookies.get(PRELOGIN_COOKIE))
+    return (binding, False) if binding is not None else (new_token(), True)
+
+
+def set_prelogin_cookie(request: Request, response: Response, binding: str) -> None:
+    signed = request.app.state.web.signer.sign(binding)
+    response.set_cookie(PRELOGIN_COOKIE, signed, max_age=3600, **_cookie_args(request))
 
 
 def authenticate(request: Request, name: str, password: str) -> str | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
 
@@ -9,8 +10,7 @@ from fastapi import APIRouter, Depends, HTTPException, Request
 from fastapi.responses import FileResponse, RedirectResponse, Response
 from sqlalchemy import func, select
 
-from models.tasks import TASKS
-from worker.db import Instance, Result, Series, User
+from worker.db import Instance, Result, User
 from worker.db.review import Role, audit
 from worker.web import auth
 from worker.web.auth import Principal, checked_form, page_admin, page_radiologist, page_user
@@ -18,7 +18,7 @@ from worker.web.decisions import DecisionError, decide
 from worker.web.rendering import RenderError
 from worker.web.study import load_study
 from worker.web.users import UserError, add_user, list_users, set_active
-from worker.web.worklist import PAGE_SIZE, ReviewState, WorklistFilter, load_worklist
+from worker.web.worklist import FILTER_CHOICES, PAGE_SIZE, WorklistFilter, load_worklist
 
 router = APIRouter(include_in_schema=False)
 IMAGE_CACHE_CONTROL = "private, max-age=86400"
@@ -41,26 +41,15 @@ def parse_filters(status: str | None, task: str | None, finding: str | None, rev
         raise HTTPException(422, str(exc)) from None
 
 
-def filter_choices() -> dict[str, list[str]]:
-    from worker.db import JobState
-
-    return {
-        "status": [s.value for s in JobState],
-        "task": list(TASKS),
-        "finding": sorted({c for t in TASKS.values() for c in t.class_names}),
-        "review": [r.value for r in ReviewState],
-    }
-
-
 @router.get("/login")
 def login_form(request: Request, next: str = "/") -> Response:
     if auth.principal(request) is not None:
         return RedirectResponse(auth.safe_next(next), status_code=303)
-    response = Response()
-    token = auth.prelogin_csrf(request, response)
-    page = _render(request, "login.html", None, csrf_token=token, next=auth.safe_next(next), error=None)
-    for cookie in response.headers.getlist("set-cookie"):
-        page.headers.append("set-cookie", cookie)
+    binding, is_new = auth.prelogin_binding(request)
+    page = _render(request, "login.html", None, csrf_token=_state(request).signer.csrf_token(binding),
+                   next=auth.safe_next(next), error=None)
+    if is_new:
+        auth.set_prelogin_cookie(request, page, binding)
     return page
 
 
@@ -100,7 +89,7 @@ def worklist_page(
         result = load_worklist(session, filters, page=max(1, page), page_size=PAGE_SIZE)
     query = {k: v for k, v in vars(filters).items() if v}
     return _render(
-        request, "worklist.html", who, worklist=result, filters=filters, choices=filter_choices(),
+        request, "worklist.html", who, worklist=result, filters=filters, choices=FILTER_CHOICES,
         refresh=WORKLIST_REFRESH_SECONDS,
         page_link=lambda n: "/?" + urlencode({**query, "page": n}),
     )
@@ -137,9 +126,7 @@ def decision_form(
     return RedirectResponse(f"/studies/{outcome.study_id}{notice}#result-{result_id}", status_code=303)
 
 
-def _instance_file(request: Request, instance_id: int) -> tuple[str, Any]:
-    from pathlib import Path
-
+def _instance_file(request: Request, instance_id: int) -> tuple[str, Path]:
     with _state(request).database.session() as session:
         instance = session.get(Instance, instance_id)
         if instance is None:

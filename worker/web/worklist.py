@@ -46,6 +46,15 @@ def _suspected_sql(result: Any) -> Any:
     return or_(*(and_(result.task == t.name, result.label.not_in(t.negative_classes)) for t in TASKS.values()))
 
 
+#: The values each worklist filter accepts.
+FILTER_CHOICES: dict[str, tuple[str, ...]] = {
+    "status": tuple(s.value for s in JobState),
+    "task": tuple(TASKS),
+    "finding": tuple(sorted({c for t in TASKS.values() for c in t.class_names})),
+    "review": tuple(r.value for r in ReviewState),
+}
+
+
 @dataclass(frozen=True)
 class WorklistFilter:
     status: str | None = None
@@ -54,12 +63,7 @@ class WorklistFilter:
     review: str | None = None
 
     def __post_init__(self) -> None:
-        valid = {
-            "status": [s.value for s in JobState], "task": list(TASKS),
-            "finding": sorted({c for t in TASKS.values() for c in t.class_names}),
-            "review": [r.value for r in ReviewState],
-        }
-        for name, allowed in valid.items():
+        for name, allowed in FILTER_CHOICES.items():
             value = getattr(self, name)
             if value is not None and value not in allowed:
                 raise ValueError(f"{name} must be one of {', '.join(allowed)}; got {value!r}")
