@@ -1,0 +1,456 @@
+"""SRs for results: archived, recorded, revised, and delivered by the real delivery worker to dcmtk's storescp.
+
+storescp listens on every interface, so it runs inside a fresh network namespace (``unshare -n``, loopback only)
+and so does the ``dicom-triage worker --queue delivery`` process that sends to it (``nsenter``). The test process
+publishes SRs into the same SQLite database and filesystem broker, from results recorded by the real ingest sink
+and ``finish_job``; no TensorFlow is needed here (the full pipeline is in test_orthanc_roundtrip.py).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pydicom
+import pytest
+from pydicom import Dataset
+from sqlalchemy import select
+
+from config import Settings, load_settings
+from dicom_factory import brain_images, ct_images
+from dicom_io.archive import Archive
+from dicom_io.sr import read_classification_sr
+from dicom_io.synthesis import ct_series, mr_series
+from models.tasks import get_task
+from worker.db import Database, Job, JobState, Result, Review, Series, SrDelivery, SrDocument, User, upgrade_database
+from worker.db import utcnow
+from worker.delivery import backoff_seconds, resume_deliveries
+from worker.inference import SeriesClassification
+from worker.ingest import DatabaseSink
+from worker.report import results_report
+from worker.reporting import publish_missing, publish_result, publish_review
+from worker.tasks import finish_job
+
+ROOT = Path(__file__).resolve().parents[1]
+DCIODVFY = "/usr/bin/dciodvfy"
+DSRDUMP = "/usr/bin/dsrdump"
+STORESCP = "/usr/bin/storescp"
+MODEL_UID = "2.25.314159265358979323846264338327950288"
+#: Delivery retries in these tests: 0.2, 0.4, 0.8, 1, 1 ... s; failed after 8 attempts (about 6 s).
+RETRY_SETTINGS = {"sr_delivery_backoff_seconds": 0.2, "sr_delivery_backoff_max_seconds": 1.0,
+                  "sr_delivery_max_attempts": 8}
+
+
+# --- network namespace, processes -------------------------------------------------------------------------------
+
+class NetworkNamespace:
+    """A fresh network namespace with only loopback up, held by a sleeping process; run commands in it."""
+
+    def __init__(self) -> None:
+        self.holder = subprocess.Popen(
+            ["unshare", "-n", "sh", "-c", "ip link set lo up && echo up && exec sleep 86400"],
+            stdout=subprocess.PIPE, text=True,
+        )
+        assert self.holder.stdout is not None and self.holder.stdout.readline().strip() == "up"
+
+    def command(self, args: list[str]) -> list[str]:
+        return ["nsenter", f"--net=/proc/{self.holder.pid}/ns/net", *args]
+
+    def run(self, args: list[str], **options: Any) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(self.command(args), capture_output=True, text=True, timeout=60, **options)
+
+    def close(self) -> None:
+        self.holder.kill()
+        self.holder.wait()
+
+
+class Process:
+    """A subprocess (inside a namespace) whose output is collected and shown when a test fails."""
+
+    def __init__(self, netns: NetworkNamespace, args: list[str], env: dict[str, str] | None = None,
+                 cwd: Path = ROOT) -> None:
+        self.args = args
+        self.popen = subprocess.Popen(netns.command(args), cwd=cwd, env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, text=True)
+        self.lines: list[str] = []
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.popen.stdout is not None
+        for line in self.popen.stdout:
+            self.lines.append(line)
+
+    @property
+    def output(self) -> str:
+        return "".join(self.lines)
+
+    def wait_for_line(self, predicate: Callable[[str], bool], timeout: float, what: str) -> str:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for line in list(self.lines):
+                if predicate(line):
+                    return line
+            if self.popen.poll() is not None:
+                raise AssertionError(f"{what}: exited with {self.popen.returncode}:\n{self.output[-5000:]}")
+            time.sleep(0.05)
+        raise AssertionError(f"{what}: not seen after {timeout} s:\n{self.output[-5000:]}")
+
+    def stop(self) -> None:
+        if self.popen.poll() is None:
+            self.popen.terminate()
+            try:
+                self.popen.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait()
+
+
+def start_storescp(netns: NetworkNamespace, port: int, directory: Path, *options: str,
+                   ae_title: str = "STORESCP") -> Process:
+    """dcmtk's storescp in the namespace, verbose (one "Association Received" line per association)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    process = Process(netns, [STORESCP, "-v", "-aet", ae_title, "-od", str(directory), *options, str(port)])
+    deadline = time.monotonic() + 20
+    while netns.run(["sh", "-c", f"ss -ltn | grep -q ':{port} '"]).returncode != 0:
+        assert process.popen.poll() is None and time.monotonic() < deadline, process.output
+        time.sleep(0.05)
+    return process
+
+
+def associations(storescp: Process) -> int:
+    return storescp.output.count("Association Received")
+
+
+def received(directory: Path) -> dict[str, Path]:
+    """Files storescp wrote, by SOP Instance UID."""
+    return {str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID): p
+            for p in directory.iterdir() if p.is_file()}
+
+
+def wait_for(condition: Callable[[], Any], timeout: float, what: str, *processes: Process) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if value := condition():
+            return value
+        time.sleep(0.1)
+    logs = "\n".join(p.output[-4000:] for p in processes)
+    raise AssertionError(f"timed out waiting for {what}\n{logs}")
+
+
+def dciodvfy_errors(path: Path) -> list[str]:
+    run = subprocess.run([DCIODVFY, str(path)], capture_output=True, text=True, timeout=60)
+    return [line for line in (run.stdout + run.stderr).splitlines() if line.startswith("Error")]
+
+
+def delivery_environment(settings: Settings) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DICOM_TRIAGE_")}
+    env.update({f"DICOM_TRIAGE_{key.upper()}": str(value) for key, value in RETRY_SETTINGS.items()})
+    env.update(DICOM_TRIAGE_AE_TITLE=settings.ae_title)
+    return env
+
+
+# --- results as the worker records them -------------------------------------------------------------------------
+
+@dataclass
+class World:
+    netns: NetworkNamespace
+    settings: Settings
+    database: Database
+    sink: DatabaseSink
+    delivery_worker: Process
+    tmp: Path
+
+    def with_destinations(self, *destinations: str) -> Settings:
+        return self.settings.model_copy(update={"sr_destinations": load_settings(
+            env={}, data_dir=self.settings.data_dir, sr_destinations=list(destinations)).sr_destinations})
+
+    def deliveries(self, document_pk: int) -> dict[str, SrDelivery]:
+        with self.database.session() as session:
+            rows = session.scalars(select(SrDelivery).where(SrDelivery.document_pk == document_pk)).all()
+            return {row.destination.split("@")[0]: row for row in rows}
+
+
+def ingest(world: World, datasets: list[Dataset]) -> None:
+    for ds in datasets:
+        assert world.sink.accept(ds, "MODALITY") == 0
+
+
+def record_result(world: World, datasets: list[Dataset], label: str | None = None) -> int:
+    """A finished job for the series with its result, through ``finish_job``; returns the result's id."""
+    series_uid = datasets[0].SeriesInstanceUID
+    task = get_task("brain-tumor" if datasets[0].Modality == "MR" else "covid-ct")
+    label = label or task.class_names[0]
+    probabilities = {name: (0.7 if name == label else round(0.3 / (task.num_classes - 1), 6))
+                     for name in task.class_names}
+    with world.database.session() as session:
+        series = session.scalars(select(Series).where(Series.series_instance_uid == series_uid)).one()
+        series.revision += 1
+        series.pending = False
+        job = Job(series_pk=series.id, revision=series.revision, state=JobState.RUNNING, task=task.name,
+                  series_last_received_at=utcnow(), instance_count=len(datasets))
+        session.add(job)
+        session.flush()
+        job_pk = job.id
+    classification = SeriesClassification(
+        label=label,
+        probabilities=probabilities,
+        slice_probabilities=[{"sop_instance_uid": ds.SOPInstanceUID, "frame": 1,
+                              "probabilities": [probabilities[n] for n in task.class_names]} for ds in datasets],
+    )
+    finish_job(world.database, job_pk, classification, model_name=f"test-{task.name}", model_version="1.0.0",
+               model_uid=MODEL_UID, seconds=0.1)
+    with world.database.session() as session:
+        return int(session.scalars(select(Result.id).where(Result.job_pk == job_pk)).one())
+
+
+def check_sr_matches_result(path: Path, world: World, result_pk: int, label: str | None = None) -> None:
+    """dciodvfy accepts the SR, dsrdump renders it, and its finding and probabilities are the database row's."""
+    assert dciodvfy_errors(path) == []
+    dump = subprocess.run([DSRDUMP, str(path)], capture_output=True, text=True, timeout=60)
+    assert dump.returncode == 0 and "Comprehensive 3D SR" in dump.stdout, dump.stderr
+    report = read_classification_sr(pydicom.dcmread(path))
+    with world.database.session() as session:
+        result = session.get_one(Result, result_pk)
+        assert report.finding == (label or result.label)
+        assert report.probabilities == result.probabilities
+        assert report.algorithm.uid == result.model_uid
+        assert {uid for _, uid in report.referenced_instances} == {
+            s["sop_instance_uid"] for s in result.slice_probabilities}
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
+    tmp = tmp_path_factory.mktemp("sr-delivery")
+    settings = load_settings(env={}, data_dir=tmp / "data", ae_title="TRIAGE_SR", **RETRY_SETTINGS)
+    database = Database(settings.effective_database_url)
+    upgrade_database(database)
+    netns = NetworkNamespace()
+    worker = Process(netns, [sys.executable, "-m", "worker.cli", "worker", "--queue", "delivery",
+                             "--data-dir", str(settings.data_dir)], env=delivery_environment(settings))
+    try:
+        worker.wait_for_line(lambda line: line.rstrip().endswith(" ready."), 120, "the delivery worker")
+        yield World(netns, settings, database, DatabaseSink(Archive(settings.archive_dir), database), worker, tmp)
+    finally:
+        worker.stop()
+        netns.close()
+        database.dispose()
+
+
+@pytest.fixture
+def storescps(world: World) -> Iterator[list[Process]]:
+    started: list[Process] = []
+    yield started
+    for process in started:
+        process.stop()
+
+
+# --- tests ------------------------------------------------------------------------------------------------------
+
+def test_sr_is_archived_recorded_and_reaches_every_destination_even_with_one_down(
+    world: World, storescps: list[Process], tmp_path: Path
+) -> None:
+    series = mr_series(brain_images(3, seed=21))
+    ingest(world, series)
+    result_pk = record_result(world, series, label="meningioma")
+    storescps.append(start_storescp(world.netns, 11201, tmp_path / "a", ae_title="STORE_A"))
+    settings = world.with_destinations("STORE_A@127.0.0.1:11201", "STORE_B@127.0.0.1:11202")
+
+    published = publish_result(world.database, settings, result_pk)
+    assert published is not None and published.created and published.revision == 0
+    check_sr_matches_result(published.archive_path, world, result_pk)
+    assert published.archive_path.parent.parent.name == series[0].StudyInstanceUID  # archived in the same study
+
+    # A receives it; B is down: its attempts fail with the reason, spaced by the backoff.
+    wait_for(lambda: world.deliveries(published.document_pk)["STORE_A"].status == "sent", 30, "delivery to A",
+             world.delivery_worker)
+    wait_for(lambda: world.deliveries(published.document_pk)["STORE_B"].attempts >= 2, 30, "retries to B",
+             world.delivery_worker)
+    down = world.deliveries(published.document_pk)["STORE_B"]
+    assert down.status == "pending" and "no association" in down.error, down.error
+    assert down.next_attempt_at is not None
+    assert received(tmp_path / "a").keys() == {published.sop_instance_uid}
+
+    # B comes back: its next attempt succeeds, with the same SR.
+    storescps.append(start_storescp(world.netns, 11202, tmp_path / "b", ae_title="STORE_B"))
+    wait_for(lambda: world.deliveries(published.document_pk)["STORE_B"].status == "sent", 30, "delivery to B",
+             world.delivery_worker)
+    done = world.deliveries(published.document_pk)
+    assert done["STORE_A"].attempts == 1 and done["STORE_A"].error == ""
+    assert 2 < done["STORE_B"].attempts < world.settings.sr_delivery_max_attempts and done["STORE_B"].error == ""
+    copy_b = received(tmp_path / "b")[published.sop_instance_uid]
+    assert pydicom.dcmread(copy_b) == pydicom.dcmread(published.archive_path)
+    assert dciodvfy_errors(copy_b) == []
+    assert [associations(p) for p in storescps] == [1, 1]
+
+
+def test_refusing_destinations_are_retried_with_backoff_then_given_up_with_the_reason(
+    world: World, storescps: list[Process], tmp_path: Path
+) -> None:
+    profile = tmp_path / "mr-only.cfg"
+    profile.write_text(
+        "[[TransferSyntaxes]]\n[Uncompressed]\nTransferSyntax1 = LocalEndianExplicit\n"
+        "TransferSyntax2 = LittleEndianImplicit\n"
+        "[[PresentationContexts]]\n[MROnly]\nPresentationContext1 = MRImageStorage\\Uncompressed\n"
+        "[[Profiles]]\n[MROnly]\nPresentationContexts = MROnly\n"
+    )
+    refuse = start_storescp(world.netns, 11211, tmp_path / "refuse", "--refuse", ae_title="REFUSE")
+    no_sr = start_storescp(world.netns, 11212, tmp_path / "no-sr", "-xf", str(profile), "MROnly", ae_title="NO_SR")
+    abort = start_storescp(world.netns, 11213, tmp_path / "abort", "--abort-after", ae_title="ABORT")
+    storescps += [refuse, no_sr, abort]
+    series = ct_series(ct_images(2, seed=22))
+    ingest(world, series)
+    result_pk = record_result(world, series)
+    settings = world.with_destinations("REFUSE@127.0.0.1:11211", "NO_SR@127.0.0.1:11212", "ABORT@127.0.0.1:11213")
+
+    started = time.monotonic()
+    published = publish_result(world.database, settings, result_pk)
+    assert published is not None
+    wait_for(lambda: all(d.status == "failed" for d in world.deliveries(published.document_pk).values()), 60,
+             "every delivery to give up", world.delivery_worker)
+    elapsed = time.monotonic() - started
+
+    attempts = world.settings.sr_delivery_max_attempts
+    deliveries = world.deliveries(published.document_pk)
+    assert {name: d.attempts for name, d in deliveries.items()} == dict.fromkeys(deliveries, attempts)
+    assert "association rejected" in deliveries["REFUSE"].error
+    assert "accepted no presentation context (refused Comprehensive 3D SR Storage)" in deliveries["NO_SR"].error
+    assert "no response" in deliveries["ABORT"].error or "aborted" in deliveries["ABORT"].error
+    # Bounded: exactly one association per attempt, and the attempts waited for the backoff between them.
+    assert [associations(p) for p in (refuse, no_sr, abort)] == [attempts] * 3
+    assert elapsed >= sum(backoff_seconds(world.settings, n) for n in range(1, attempts))
+    assert all(not received(tmp_path / name) for name in ("refuse", "no-sr", "abort"))
+
+
+def test_revisions_name_their_predecessor_and_publishing_twice_makes_one_sr(
+    world: World, storescps: list[Process], tmp_path: Path
+) -> None:
+    storescps.append(start_storescp(world.netns, 11221, tmp_path / "pacs", ae_title="PACS"))
+    settings = world.with_destinations("PACS@127.0.0.1:11221")
+    series = mr_series(brain_images(3, seed=23))
+    ingest(world, series)
+    first_pk = record_result(world, series, label="glioma")
+
+    first = publish_result(world.database, settings, first_pk)
+    again = publish_result(world.database, settings, first_pk)
+    assert first is not None and again is not None and not again.created
+    assert (again.document_pk, again.sop_instance_uid, again.delivery_pks) == (
+        first.document_pk, first.sop_instance_uid, first.delivery_pks)
+
+    # A radiologist corrects the label: revision 1 reports the correction and names revision 0.
+    with world.database.session() as session:
+        user = User(name=f"radiologist-{first_pk}", role="radiologist", password_hash="x")
+        session.add(user)
+        session.flush()
+        review = Review(result_pk=first_pk, user_pk=user.id, decision="correct", label="pituitary")
+        session.add(review)
+        session.flush()
+        review_pk = review.id
+    corrected = publish_review(world.database, settings, review_pk)
+    assert corrected is not None and corrected.created and corrected.revision == 1
+    check_sr_matches_result(corrected.archive_path, world, first_pk, label="pituitary")
+    assert read_classification_sr(pydicom.dcmread(corrected.archive_path)).predecessors == (first.sop_instance_uid,)
+    assert publish_review(world.database, settings, review_pk).created is False  # type: ignore[union-attr]
+
+    # A late instance makes a new result: the old one is superseded (no SR), the new one is revision 2.
+    late = mr_series(brain_images(1, seed=24), study_instance_uid=series[0].StudyInstanceUID,
+                     series_instance_uid=series[0].SeriesInstanceUID)
+    ingest(world, late)
+    second_pk = record_result(world, series + late, label="notumor")
+    assert publish_result(world.database, settings, first_pk) is None
+    second = publish_result(world.database, settings, second_pk)
+    assert second is not None and second.revision == 2
+    check_sr_matches_result(second.archive_path, world, second_pk)
+    second_sr = pydicom.dcmread(second.archive_path)
+    assert read_classification_sr(second_sr).predecessors == (corrected.sop_instance_uid,)
+    assert second_sr.SeriesInstanceUID == pydicom.dcmread(first.archive_path).SeriesInstanceUID
+    assert len(read_classification_sr(second_sr).referenced_instances) == 4
+    with world.database.session() as session:
+        documents = session.scalars(select(SrDocument).where(SrDocument.result_pk.in_([first_pk, second_pk]))
+                                    .order_by(SrDocument.id)).all()
+        assert [d.predecessor_pk for d in documents] == [None, documents[0].id, documents[1].id]
+
+    # Every revision reaches the PACS; results --json shows the current one with its delivery.
+    wait_for(lambda: len(received(tmp_path / "pacs")) == 3, 30, "three SRs at the PACS", world.delivery_worker)
+    assert set(received(tmp_path / "pacs")) == {first.sop_instance_uid, corrected.sop_instance_uid,
+                                                second.sop_instance_uid}
+    report = results_report(world.database, series[0].StudyInstanceUID)
+    (entry,) = report["series"]
+    assert entry["sr"]["sop_instance_uid"] == second.sop_instance_uid
+    assert entry["sr"]["deliveries"] == [
+        {"destination": "PACS@127.0.0.1:11221", "status": "sent", "attempts": 1, "error": None}]
+
+    shown = subprocess.run([sys.executable, "-m", "worker.cli", "sr", "show", str(second.archive_path)],
+                           cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert shown.returncode == 0, shown.stderr
+    assert "Finding: notumor" in shown.stdout and f"replaces {corrected.sop_instance_uid}" in shown.stdout
+    assert all(ds.SOPInstanceUID in shown.stdout for ds in series + late)
+    not_sr = subprocess.run([sys.executable, "-m", "worker.cli", "sr", "show", str(tmp_path / "pacs")],
+                            cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert not_sr.returncode == 1 and "cannot read a DICOM file" in not_sr.stderr
+    assert "Traceback" not in not_sr.stderr
+
+
+@pytest.mark.filterwarnings("ignore:The (value|PN component) length", "ignore:Invalid value for VR")
+def test_bad_source_headers_still_give_valid_srs_that_are_delivered(
+    world: World, storescps: list[Process], tmp_path: Path
+) -> None:
+    storescps.append(start_storescp(world.netns, 11231, tmp_path / "pacs", ae_title="PACS"))
+    settings = world.with_destinations("PACS@127.0.0.1:11231")
+    missing = mr_series(brain_images(2, seed=25))
+    for ds in missing:
+        for keyword in ("PatientName", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime", "StudyID",
+                        "AccessionNumber", "ReferringPhysicianName", "StudyDescription"):
+            if keyword in ds:
+                delattr(ds, keyword)
+    foreign = ct_series(ct_images(2, seed=26), patient_name="Müller-Lüdenscheidt^" + "Jürgen" * 20 + "=山田^太郎",
+                        study_description="Thorax-CT ohne Kontrastmittel " * 5)
+    for ds in foreign:
+        ds.SpecificCharacterSet = "ISO_IR 192"
+        ds.ReferringPhysicianName = "Åström^Øyvind"
+    published = []
+    for datasets in (missing, foreign):
+        ingest(world, datasets)
+        result_pk = record_result(world, datasets)
+        sr = publish_result(world.database, settings, result_pk)
+        assert sr is not None
+        check_sr_matches_result(sr.archive_path, world, result_pk)
+        published.append(sr)
+    foreign_sr = pydicom.dcmread(published[1].archive_path)
+    assert foreign_sr.PatientName.family_name == "Müller-Lüdenscheidt"
+    assert len(str(foreign_sr.PatientName).encode()) <= 64 and foreign_sr.PatientName.ideographic == "山田^太郎"
+    assert pydicom.dcmread(published[0].archive_path).PatientName == ""
+
+    wait_for(lambda: len(received(tmp_path / "pacs")) == 2, 30, "both SRs at the PACS", world.delivery_worker)
+    for sr in published:
+        assert dciodvfy_errors(received(tmp_path / "pacs")[sr.sop_instance_uid]) == []
+
+
+def test_missing_srs_are_made_at_start_and_pending_deliveries_resume(world: World, tmp_path: Path) -> None:
+    series = ct_series(ct_images(2, seed=27))
+    ingest(world, series)
+    result_pk = record_result(world, series)
+    queued: list[tuple[int, float]] = []
+    settings = world.with_destinations("LATER@127.0.0.1:11241")
+    made = publish_missing(world.database, settings, enqueue=lambda pk, countdown: queued.append((pk, countdown)))
+    assert made >= 1
+    with world.database.session() as session:
+        document = session.scalars(select(SrDocument).where(SrDocument.result_pk == result_pk)).one()
+        (delivery,) = session.scalars(select(SrDelivery).where(SrDelivery.document_pk == document.id)).all()
+    assert (delivery.id, 0.0) in queued and delivery.status == "pending" and delivery.attempts == 0
+    assert publish_missing(world.database, settings, enqueue=lambda pk, countdown: queued.append((pk, countdown))) == 0
+
+    # The delivery worker's start (and its sweep) re-sends a message for every pending delivery.
+    resent: list[tuple[int, float]] = []
+    assert resume_deliveries(world.database, lambda pk, countdown: resent.append((pk, countdown))) >= 1
+    assert (delivery.id, 0.0) in resent
+    assert resume_deliveries(world.database, lambda pk, countdown: None, overdue=timedelta(hours=1)) == 0
+    assert backoff_seconds(world.settings, 1) == 0.2 and backoff_seconds(world.settings, 50) == 1.0
