@@ -33,6 +33,9 @@ def _describe_failure(assoc: Association) -> str:
     if assoc.is_rejected:
         primitive = assoc.acceptor.primitive
         return f"association rejected ({primitive.result_str}, {primitive.source_str}: {primitive.reason_str})"
+    if assoc.rejected_contexts and not assoc.accepted_contexts:  # pynetdicom aborts such an association itself
+        refused = ", ".join(sorted({str(c.abstract_syntax.name) for c in assoc.rejected_contexts}))
+        return f"association aborted: the peer accepted no presentation context (refused {refused})"
     return "association aborted"
 
 
