@@ -240,19 +240,25 @@ def _fit(value: object, vr: str) -> str:
 
 
 def _fit_person_name(value: object) -> str:
-    """A PN value of at most three groups, five components each, every group at most 64 bytes.
+    """A PN value of at most three groups, five components each, at most 64 bytes in all.
 
-    An overlong group loses characters from its longest component first, so family and given names both survive.
+    PS3.5 allows 64 per component group, but dciodvfy checks the whole value against 64, so the stricter limit
+    keeps every validator quiet. An overlong name loses characters from its longest component first (in any
+    group), so family and given names, alphabetic and ideographic, all survive.
     """
     text = _CONTROL.sub(" ", "" if value is None else str(value)).strip()
-    groups = []
-    for group in text.split("=")[:3]:
-        components = [c.strip() for c in group.split("^")[:5]]
-        while len("^".join(components).encode("utf-8")) > _MAX_BYTES["PN"]:
-            longest = max(range(len(components)), key=lambda i: len(components[i].encode("utf-8")))
-            components[longest] = components[longest][:-1]
-        groups.append("^".join(components).rstrip("^"))
-    return "=".join(groups).rstrip("=")
+    groups = [[c.strip() for c in group.split("^")[:5]] for group in text.split("=")[:3]]
+
+    def joined() -> str:
+        return "=".join("^".join(components).rstrip("^") for components in groups).rstrip("=")
+
+    while len(joined().encode("utf-8")) > _MAX_BYTES["PN"]:
+        g, i = max(
+            ((g, i) for g, components in enumerate(groups) for i in range(len(components))),
+            key=lambda gi: len(groups[gi[0]][gi[1]].encode("utf-8")),
+        )
+        groups[g][i] = groups[g][i][:-1]
+    return joined()
 
 
 def _truncate(text: str, max_bytes: int) -> str:
