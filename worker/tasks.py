@@ -22,6 +22,7 @@ from config import Settings
 from worker.celery_app import CLASSIFY_SERIES
 from worker.db import Database, Instance, Job, JobState, Result, Series, utcnow
 from worker.inference import ModelCache, SeriesClassification, classify_series_files
+from worker.reporting import publish_result
 
 log = logging.getLogger(__name__)
 
@@ -179,6 +180,19 @@ def run_job(context: WorkerContext, job_id: int) -> None:
         seconds=time.perf_counter() - started,
     )
     log.info("job %d: series %s is %s", job_id, claimed.series_instance_uid, classification.label)
+    publish_job_sr(context, job_id)
+
+
+def publish_job_sr(context: WorkerContext, job_id: int) -> None:
+    """The job's result as an SR, queued for delivery. A failure here never fails the finished job: it is logged,
+    and the worker's start-up makes any missing SR (:func:`worker.reporting.publish_missing`)."""
+    try:
+        with context.database.session() as session:
+            result_pk = session.scalar(select(Result.id).where(Result.job_pk == job_id))
+        if result_pk is not None:
+            publish_result(context.database, context.settings, result_pk)
+    except Exception:
+        log.exception("job %d: no SR made for its result", job_id)
 
 
 def register_tasks(app: Celery, context: WorkerContext) -> None:
