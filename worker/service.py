@@ -23,8 +23,10 @@ from dicom_io.listener import StorageListener
 from models.tasks import get_task
 from worker.celery_app import INFERENCE_QUEUE, create_celery_app, make_enqueue
 from worker.db import Database, upgrade_database
+from worker.delivery import DELIVERY_QUEUE, run_delivery_worker
 from worker.ingest import DatabaseSink
 from worker.registry import active_model_dirs, register_installed_models
+from worker.reporting import publish_missing
 from worker.series import SeriesScheduler
 from worker.workers import WorkerRegistration, worker_registered
 
@@ -105,8 +107,11 @@ def run_listen(settings: Settings) -> int:
     return 0
 
 
-def run_worker(settings: Settings) -> int:
-    """``dicom-triage worker``: a Celery worker on the inference queue, models loaded once, until signalled."""
+def run_worker(settings: Settings, queue: str = INFERENCE_QUEUE) -> int:
+    """``dicom-triage worker``: a Celery worker on the inference queue, models loaded once, until signalled;
+    with ``queue`` ``delivery``, the SR delivery worker instead (:func:`worker.delivery.run_delivery_worker`)."""
+    if queue == DELIVERY_QUEUE:
+        return run_delivery_worker(settings)
     # Imported here: they bring TensorFlow, which the listener process never needs.
     from worker.inference import ModelCache
     from worker.tasks import WorkerContext, register_tasks
@@ -121,6 +126,8 @@ def run_worker(settings: Settings) -> int:
             models.get(get_task(task).name)
         except (OSError, ValueError) as exc:
             log.error("no usable model for %s: %s", task, exc)
+    if made := publish_missing(database, settings):
+        log.info("made %d SR(s) missing for earlier results", made)
     registration = WorkerRegistration(database)
     app = create_celery_app(settings)
     register_tasks(app, WorkerContext(settings, database, models, registration.id))
@@ -142,9 +149,12 @@ def run_worker(settings: Settings) -> int:
         database.dispose()
 
 
-def worker_command(settings: Settings, config_file: Path | None) -> list[str]:
+def worker_command(settings: Settings, config_file: Path | None, queue: str = INFERENCE_QUEUE) -> list[str]:
     """The command line of a ``dicom-triage worker`` child with the same settings as this process."""
-    command = [sys.executable, "-m", "worker.cli", "worker", "--data-dir", str(settings.data_dir)]
+    command = [sys.executable, "-m", "worker.cli", "worker", "--data-dir", str(settings.data_dir), "--queue", queue]
+    command += ["--ae-title", settings.ae_title]
+    for destination in settings.sr_destinations:
+        command += ["--sr-destination", str(destination)]
     if config_file is not None:
         command += ["--config", str(config_file)]
     return command
@@ -185,23 +195,28 @@ class WorkerChild:
 
 
 def run_serve(settings: Settings, config_file: Path | None) -> int:
-    """``dicom-triage serve``: listener, scheduler and a worker child; prints one line when all are up."""
+    """``dicom-triage serve``: listener, scheduler, a worker child and an SR delivery child; prints one line when
+    all are up."""
     stop = stop_on_signals()
     database = open_database(settings)
     ingest = Ingest(settings, database)
     child = WorkerChild(worker_command(settings, config_file))
+    delivery = WorkerChild(worker_command(settings, config_file, DELIVERY_QUEUE))
     ready = False
     try:
         ingest.start()
         child.ensure_running()
+        delivery.ensure_running()
         while not stop.wait(0.5):
             if not ready and child.pid is not None and worker_registered(database, child.pid):
                 ready = True
                 _ready(f"{ingest.describe()}, worker pid {child.pid}, data {settings.data_dir}")
             child.ensure_running()
+            delivery.ensure_running()
     finally:
         ingest.stop()
         child.stop()
+        delivery.stop()
         database.dispose()
     return 0
 
