@@ -25,6 +25,13 @@ def _add_settings_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-dir", type=Path, metavar="DIR", help="archive, database and queue directory")
 
 
+def _add_sr_destination_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--sr-destination", action="append", dest="sr_destinations", metavar="AE@HOST:PORT",
+        help="send every SR to this DICOM peer (repeatable; replaces sr_destinations from the config)",
+    )
+
+
 def _add_network_options(parser: argparse.ArgumentParser, web: bool) -> None:
     parser.add_argument("--dicom-port", type=int, metavar="N", help="DICOM port to listen on")
     parser.add_argument("--dicom-host", metavar="ADDRESS", help="DICOM bind address")
@@ -43,6 +50,7 @@ def read_settings(args: argparse.Namespace) -> Settings:
         "dicom_host": getattr(args, "dicom_host", None),
         "ae_title": getattr(args, "ae_title", None),
         "web_port": getattr(args, "web_port", None),
+        "sr_destinations": getattr(args, "sr_destinations", None),
     }
     settings = load_settings(args.config, **overrides)
     check_rules(settings.routing_rules)
@@ -69,7 +77,7 @@ def _worker(args: argparse.Namespace) -> int:
     settings = read_settings(args)
     from worker.service import run_worker
 
-    return run_worker(settings)
+    return run_worker(settings, args.queue)
 
 
 def _results(args: argparse.Namespace) -> int:
@@ -89,20 +97,39 @@ def _results(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sr_show(args: argparse.Namespace) -> int:
+    from dicom_io.sr import SRError, describe
+
+    try:
+        print(describe(args.file))
+    except SRError as exc:
+        print(f"dicom-triage: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
     """Add the worker's subcommands."""
     serve = subparsers.add_parser("serve", help="listener, scheduler and an inference worker in one")
     _add_settings_options(serve)
     _add_network_options(serve, web=True)
+    _add_sr_destination_option(serve)
     serve.set_defaults(handler=_serve)
 
     listen = subparsers.add_parser("listen", help="DICOM listener and series scheduler")
     _add_settings_options(listen)
     _add_network_options(listen, web=False)
+    _add_sr_destination_option(listen)
     listen.set_defaults(handler=_listen)
 
     worker = subparsers.add_parser("worker", help="Celery inference worker")
     _add_settings_options(worker)
+    _add_sr_destination_option(worker)
+    worker.add_argument("--ae-title", metavar="AE", help="our AE title (the calling AE of SR deliveries)")
+    worker.add_argument(
+        "--queue", choices=("inference", "delivery"), default="inference",
+        help="inference: classify series (default); delivery: send SRs to their destinations",
+    )
     worker.set_defaults(handler=_worker)
 
     results = subparsers.add_parser("results", help="series states and results")
@@ -110,6 +137,12 @@ def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") 
     results.add_argument("--study", metavar="UID", help="only this StudyInstanceUID")
     results.add_argument("--json", action="store_true", help="print JSON")
     results.set_defaults(handler=_results)
+
+    sr = subparsers.add_parser("sr", help="our Structured Reports")
+    sr_commands = sr.add_subparsers(dest="sr_command", required=True, metavar="SR_COMMAND")
+    show = sr_commands.add_parser("show", help="summarise one of our SR files")
+    show.add_argument("file", type=Path, metavar="FILE")
+    show.set_defaults(handler=_sr_show)
 
 
 def build_parser() -> argparse.ArgumentParser:
