@@ -7,6 +7,7 @@ from typing import Any
 from sqlalchemy import select
 
 from worker.db import Database, Job, JobState, RejectedInstance, Result, Series, Study
+from worker.reporting import sr_summaries
 
 
 def results_report(database: Database, study_instance_uid: str | None = None) -> dict[str, Any]:
@@ -14,7 +15,8 @@ def results_report(database: Database, study_instance_uid: str | None = None) ->
 
     A series' ``status`` is its latest job's state, or ``received`` while instances wait for the quiet time; its
     label and probabilities are those of its current (not superseded) result, if any. ``rejected`` lists every
-    refused instance (a refusal is not tied to a study, so ``study_instance_uid`` does not filter it).
+    refused instance (a refusal is not tied to a study, so ``study_instance_uid`` does not filter it). ``sr`` is
+    the current result's latest SR and its delivery to each destination (:func:`worker.reporting.sr_summaries`).
     """
     with database.session() as session:
         query = (
@@ -36,6 +38,7 @@ def results_report(database: Database, study_instance_uid: str | None = None) ->
                 select(Result).where(Result.series_pk.in_(series_pks), Result.superseded_by_pk.is_(None))
             )
         }
+        srs = sr_summaries(session, [result.id for result in results.values()])
         entries = []
         for series, study_uid in rows:
             job = jobs.get(series.id)
@@ -52,6 +55,7 @@ def results_report(database: Database, study_instance_uid: str | None = None) ->
                     "probabilities": result.probabilities if result else None,
                     "model_uid": result.model_uid if result else None,
                     "reason": "waiting for the series to complete" if waiting else job.reason,
+                    "sr": srs.get(result.id) if result else None,
                 }
             )
         rejected = [
