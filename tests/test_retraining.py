@@ -35,6 +35,7 @@ from dicom_io.synthesis import ct_series
 from models.tasks import COVID_CT
 from test_registry_helpers import covid_files, make_reference_set, save_threshold_model
 from worker.db import Database, Result, Series, SrDocument, upgrade_database
+from worker.retraining import run_dir
 from worker.web.app import create_app
 from worker.web.users import add_user
 
@@ -229,7 +230,7 @@ def test_confirm_export_retrain_gate_promote_and_roll_back(tmp_path: Path, proce
     assert detail["active_reference"]["accuracy"] == 1.0
 
     # The export the run trained on holds no patient data anywhere.
-    export = data_dir / "training" / f"run-{run_id}" / "data"
+    export = run_dir(settings, run_id) / "data"
     files = [p for p in export.rglob("*") if p.is_file()]
     assert len([p for p in files if p.suffix == ".png"]) == len(REVIEWED) * SLICES
     forbidden = [text.encode() for pid, name, birth, _ in REVIEWED for text in (pid, name, birth, name.split("^")[1])]
@@ -238,8 +239,13 @@ def test_confirm_export_retrain_gate_promote_and_roll_back(tmp_path: Path, proce
         assert not [t for t in forbidden if t in content], path
 
     # 4. The gate refuses the one-epoch candidate; forcing needs a reason; then it is promoted.
+    assert "done" in admin.get(f"/admin/registry/runs/{run_id}").text
     page = admin.get(f"/admin/registry/models/{candidate}")
     assert page.status_code == 200 and candidate in page.text and "confusion" in page.text
+    form_token = re.search(r'name="csrf_token" value="([^"]+)"', page.text)[1]
+    refused_page = admin.post(f"/admin/registry/models/{candidate}/promote", data={"csrf_token": form_token},
+                              headers={"Accept": "text/html"})
+    assert refused_page.status_code == 409 and "refuses" in refused_page.text
     refused = admin.post(f"/api/admin/models/{candidate}/promote", json={}, headers={"X-CSRF-Token": boss_csrf})
     assert refused.status_code == 409, refused.text
     assert not refused.json()["gate"]["passed"] and refused.json()["gate"]["failures"]
