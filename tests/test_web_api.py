@@ -242,6 +242,12 @@ def test_worklist_pagination(env: Env) -> None:
     assert len(first["items"]) == 3 and len(second["items"]) == 1
     assert {i["study_id"] for i in first["items"]} | {i["study_id"] for i in second["items"]} == {
         env.suspected, env.xss, env.old_negative, env.running}
+    # With a filter on the aggregates the total comes from a window count; past the end, from a plain count.
+    done = client.get("/api/worklist?status=done&page_size=2").json()
+    assert done["total"] == 3 and len(done["items"]) == 2
+    beyond = client.get("/api/worklist?status=done&page=9").json()
+    assert beyond["total"] == 3 and beyond["items"] == []
+    assert client.get("/api/worklist?page=9").json()["total"] == 4
 
 
 def test_study_detail_thumbnails_are_cached(env: Env) -> None:

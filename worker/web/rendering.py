@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 from pydicom import dcmread
+from pydicom.errors import InvalidDicomError
 
 THUMBNAIL_SIZE = 256
 _SAFE_NAME = re.compile(r"^[0-9A-Za-z._-]{1,64}$")
@@ -65,7 +66,7 @@ def display_frame(archive_path: Path, frame: int) -> np.ndarray:
 
     try:
         frames = display_frames(dcmread(archive_path))
-    except (ImagingError, OSError, ValueError, AttributeError) as exc:
+    except (ImagingError, InvalidDicomError, OSError, ValueError, AttributeError) as exc:
         raise RenderError(f"the image cannot be decoded: {type(exc).__name__}") from exc
     if not 1 <= frame <= len(frames):
         raise RenderError(f"the instance has {len(frames)} frame(s), not frame {frame}")

@@ -189,21 +189,28 @@ def load_worklist(session: Session, filters: WorklistFilter, page: int = 1, page
     review_state = _review_state_sql(studies)
     waiting = case((studies.c.n_reviewed < studies.c.n_results, 1), (studies.c.n_results == 0, 1), else_=2)
     triage_group = case((studies.c.unreviewed_suspect == 1, 0), else_=waiting)
-    query = select(studies.c.study_id, studies.c.status_rank, review_state.label("review_state"))
+    aggregate_filter = filters.status is not None or filters.review is not None
+    columns = [studies.c.study_id, studies.c.status_rank, review_state.label("review_state")]
+    if aggregate_filter:
+        # The total rides along as a window count: the ORDER BY materialises every matching row anyway, and a
+        # separate count would compute the aggregate a second time.
+        columns.append(func.count().over().label("total"))
+    query = select(*columns)
     if filters.status is not None:
         query = query.where(studies.c.status_rank == _STATUS_RANK[JobState(filters.status)])
     if filters.review is not None:
         query = query.where(review_state == filters.review)
-    if filters.status is None and filters.review is None:
-        # Nothing filters on the aggregates: count studies directly, not the (costly) aggregate a second time.
-        total = session.scalar(select(func.count(Study.id)).where(*conditions)) or 0
-    else:
-        total = session.scalar(select(func.count()).select_from(query.subquery())) or 0
     page_rows = session.execute(
         query.order_by(triage_group, studies.c.received_at, studies.c.study_id)
         .limit(page_size)
         .offset((page - 1) * page_size)
     ).all()
+    if not aggregate_filter:
+        total = session.scalar(select(func.count(Study.id)).where(*conditions)) or 0  # cheap: no aggregate
+    elif page_rows:
+        total = int(page_rows[0].total)
+    else:  # past the last page, or nothing matches
+        total = session.scalar(select(func.count()).select_from(query.subquery())) or 0
     rows = _detail_rows(session, [(r.study_id, _STATUS_ORDER[r.status_rank].value, r.review_state) for r in page_rows])
     return WorklistPage(rows=rows, page=page, page_size=page_size, total=total)
 
