@@ -7,6 +7,7 @@ unreadable files are skipped, counted and listed, never silently.
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import os
 import sys
@@ -173,8 +174,10 @@ def _hamming_pairs(a: Sequence[bytes], b: Sequence[bytes], max_bits: int) -> Ite
         yield from zip((rows + start).tolist(), cols.tolist())
 
 
-def duplicate_groups(images: ImageSet, max_bits: int = NEAR_DUPLICATE_BITS) -> np.ndarray:
-    """Group id per image: images that are byte-identical or perceptually near (transitively) share a group."""
+def duplicate_groups(images: ImageSet, max_bits: int = NEAR_DUPLICATE_BITS,
+                     links: Iterable[tuple[int, int]] = ()) -> np.ndarray:
+    """Group id per image: images that are byte-identical or perceptually near (transitively) share a group, and
+    so do the index pairs in ``links`` (e.g. :func:`patient_links`)."""
     parent = list(range(len(images)))
 
     def find(i: int) -> int:
@@ -194,9 +197,37 @@ def duplicate_groups(images: ImageSet, max_bits: int = NEAR_DUPLICATE_BITS) -> n
     for i, j in _hamming_pairs(images.dhash, images.dhash, max_bits):
         if i < j:
             union(i, j)
+    for i, j in links:
+        union(i, j)
     roots = [find(i) for i in range(len(images))]
     _, group_ids = np.unique(roots, return_inverse=True)
     return group_ids.astype(np.int64)
+
+
+#: An optional file in a ``--data`` folder naming each image's patient: CSV with columns ``file`` (relative to the
+#: folder) and ``patient``. Images of one patient are grouped like duplicates, so no patient straddles train,
+#: validation and test. ``dicom-triage dataset export`` writes it.
+PATIENT_MANIFEST = "manifest.csv"
+
+
+def patient_links(images: ImageSet, folders: Iterable[Path]) -> list[tuple[int, int]]:
+    """Index pairs of images of the same patient, by each folder's :data:`PATIENT_MANIFEST` (if it has one)."""
+    index = {path.absolute(): i for i, path in enumerate(images.paths)}
+    pairs = []
+    for folder in folders:
+        manifest = folder / PATIENT_MANIFEST
+        if not manifest.is_file():
+            continue
+        first: dict[str, int] = {}
+        with manifest.open(newline="", encoding="utf-8") as handle:
+            reader = csv.DictReader(handle)
+            if not {"file", "patient"} <= set(reader.fieldnames or ()):
+                raise DataError(f"{manifest}: a patient manifest needs the columns file and patient")
+            for row in reader:
+                i = index.get((folder / row["file"]).absolute())
+                if i is not None:
+                    pairs.append((first.setdefault(row["patient"], i), i))
+    return pairs
 
 
 def near_duplicates_of(candidates: ImageSet, reference: ImageSet, max_bits: int = NEAR_DUPLICATE_BITS) -> np.ndarray:
@@ -302,7 +333,7 @@ def load_and_split(data_dir: Path | str, task: Task, seed: int, validation_fract
         training = load_image_folder(data_dir / TRAIN_FOLDER, task, progress)
         testing = load_image_folder(data_dir / TEST_FOLDER, task, progress)
         images = _concatenate(training, testing, data_dir)
-        groups = duplicate_groups(images)
+        groups = duplicate_groups(images, links=patient_links(images, [data_dir]))
         n_train = len(training)
         train_idx = np.arange(n_train)
         fit_part, val_part = split_groups(
@@ -312,7 +343,7 @@ def load_and_split(data_dir: Path | str, task: Task, seed: int, validation_fract
         dedup = test[~near_duplicates_of(testing, training)]
         return Splits(images, groups, train_idx[fit_part], train_idx[val_part], test, dedup, official=True)
     images = load_image_folder(data_dir, task, progress)
-    groups = duplicate_groups(images)
+    groups = duplicate_groups(images, links=patient_links(images, [data_dir]))
     train, validation, test = split_groups(images.label_array, groups, POOL_FRACTIONS, seed)
     return Splits(images, groups, train, validation, test, None, official=False)
 
@@ -365,7 +396,7 @@ def load_and_split_sources(data_dirs: Sequence[Path | str], task: Task, seed: in
     if len(images) == 0:
         raise DataError(f"no readable images in any of the --data folders {', '.join(map(str, dirs))}")
     role_array = np.asarray(roles)
-    groups = duplicate_groups(images)
+    groups = duplicate_groups(images, links=patient_links(images, dirs))
     labels = images.label_array
     test_groups = set(groups[role_array == "test"].tolist())
     pool = np.flatnonzero(role_array == "pool")
