@@ -29,6 +29,7 @@ from models.tasks import COVID_CT
 from test_registry_helpers import covid_files
 from worker.db import Database, Instance, Job, JobState, Patient, Result, Series, Study, User, upgrade_database, utcnow
 from worker.db.review import Decision, record_decision
+from training.data import load_and_split
 from worker.export import ExportError, Pseudonymizer, export_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -140,6 +141,20 @@ def test_confirmed_export_layout_split_and_preprocessing(archive_env) -> None:
     assert exported.dtype == np.uint8 and np.abs(exported.astype(float) - expected).max() <= 0.5 + 1e-6
     summary = json.loads((out / "export.json").read_text())
     assert summary["images"] == result.images and summary["manifest_sha256"] == result.manifest_sha256
+
+
+def test_trainer_keeps_each_patient_in_one_part(archive_env) -> None:
+    settings, database, _, root = archive_env
+    out = root / "for-training"
+    export_dataset(database, settings, COVID_CT, out, confirmed_only=False)
+    rows = {row["file"]: row["patient"] for row in read_manifest(out)}
+    splits = load_and_split(out, COVID_CT, seed=0, validation_fraction=0.5, progress=False)
+    patient = [rows[splits.images.relative(i)] for i in range(len(splits.images))]
+    for who in set(patient):
+        members = [i for i, p in enumerate(patient) if p == who]
+        assert len({int(splits.groups[i]) for i in members}) == 1  # grouped by the export's manifest
+    parts = [{patient[i] for i in part} for part in (splits.train, splits.validation, splits.test)]
+    assert all(not (a & b) for n, a in enumerate(parts) for b in parts[n + 1:]), parts
 
 
 def test_no_patient_data_or_uid_in_any_exported_file(archive_env) -> None:

@@ -37,13 +37,15 @@ from sqlalchemy import select
 from config import Settings
 from dicom_io.imaging import series_frame_records
 from models.tasks import Task
+from training.data import PATIENT_MANIFEST
 from worker.db import Database, Instance, Patient, Result, Series, Study
 from worker.db.review import TrainingExample
 
 log = logging.getLogger(__name__)
 
 TRAIN_FOLDER, TEST_FOLDER = "Training", "Testing"
-MANIFEST_FILE, SUMMARY_FILE = "manifest.csv", "export.json"
+#: The manifest doubles as the trainer's patient manifest, which keeps a patient's images in one split.
+MANIFEST_FILE, SUMMARY_FILE = PATIENT_MANIFEST, "export.json"
 #: The share of patients (per class) exported to ``Testing``.
 TEST_FRACTION = 0.2
 MANIFEST_COLUMNS = ("file", "split", "label", "label_source", "patient", "series", "frame")
