@@ -108,7 +108,8 @@ def _show(args: argparse.Namespace) -> int:
     series = shown["data_manifest"].get("series", [])
     print(f"data          {len(series)} archive series, external {shown['data_manifest'].get('external', [])}")
     for event in shown["events"]:
-        print(f"  {event['at']} {event['action']} by {event['actor']}" + (f": {event['reason']}" if event["reason"] else ""))
+        reason = f": {event['reason']}" if event["reason"] else ""
+        print(f"  {event['at']} {event['action']} by {event['actor']}{reason}")
     return 0
 
 
