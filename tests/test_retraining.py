@@ -35,7 +35,15 @@ from dicom_io.synthesis import ct_series
 from models.tasks import COVID_CT
 from test_registry_helpers import covid_files, make_reference_set, save_threshold_model
 from worker.db import Database, Result, Series, SrDocument, upgrade_database
-from worker.retraining import run_dir
+from worker.db.registry import TrainingRun
+from worker.retraining import (
+    RetrainOptions,
+    fail_orphaned_runs,
+    parse_epoch_line,
+    request_retraining,
+    run_dir,
+    run_retraining,
+)
 from worker.web.app import create_app
 from worker.web.users import add_user
 
@@ -118,6 +126,47 @@ def login(client: TestClient, user: str) -> str:
     response = client.post("/login", data={"username": user, "password": PASSWORD, "csrf_token": token[1]})
     assert response.status_code == 303, response.text
     return client.get("/api/me").json()["csrf_token"]
+
+
+def test_epoch_lines_and_options_are_checked() -> None:
+    assert parse_epoch_line("epoch 3: accuracy=0.5000 loss=0.8728 val_loss=0.6932 lr=1.00e-03\n") == (
+        3, {"accuracy": 0.5, "loss": 0.8728, "val_loss": 0.6932})
+    assert parse_epoch_line("fold 1/5: accuracy 80%") is None
+    for bad, message in (({"epochs": 0}, "epochs"), ({"architecture": "gpt"}, "architecture"),
+                         ({"input_size": "32"}, "input size"), ({"since": "yesterday"}, "yesterday")):
+        with pytest.raises(ValueError, match=message):
+            RetrainOptions(**bad)
+    options = RetrainOptions(epochs=3, external=("/x",))
+    assert RetrainOptions.from_dict(options.to_dict()) == options
+
+
+def test_runs_fail_visibly(tmp_path: Path) -> None:
+    settings = load_settings(env={}, data_dir=tmp_path / "data", pseudonym_key=KEY)
+    database = Database(settings.effective_database_url)
+    upgrade_database(database)
+    try:
+        def broker_down(run_id: int) -> None:
+            raise ConnectionError("broker unreachable")
+
+        with pytest.raises(ConnectionError):
+            request_retraining(database, broker_down, "covid-ct", RetrainOptions(), "boss")
+        queued = request_retraining(database, lambda run_id: None, "covid-ct", RetrainOptions(), "boss")
+        run_retraining(settings, database, queued)  # nothing confirmed, no external folder
+        run_retraining(settings, database, queued)  # a duplicate message: the run is not queued any more
+        orphan = request_retraining(database, lambda run_id: None, "covid-ct", RetrainOptions(), "boss")
+        with database.session() as session:
+            run = session.get(TrainingRun, orphan)
+            run.state, run.claimed_by = "running", f"{socket.gethostname()}:{2**22 + 1}"  # no such pid
+        assert fail_orphaned_runs(database) == 1
+        with database.session() as session:
+            runs = {r.id: (r.state, r.error) for r in session.scalars(select(TrainingRun))}
+    finally:
+        database.dispose()
+    assert [state for state, _ in runs.values()] == ["failed"] * 3
+    errors = [error for _, error in runs.values()]
+    assert "broker unreachable" in errors[0]
+    assert "no labelled covid-ct series to train on" in errors[1]
+    assert "training worker running it stopped" in errors[2]
 
 
 @pytest.fixture
