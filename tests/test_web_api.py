@@ -93,7 +93,7 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
     environment.database.dispose()
 
 
-PAGE_ROUTES = ["/", "/studies/1", "/admin/users", "/admin/models", "/thumbnails/1/1.png", "/heatmaps/1/1/1.png"]
+PAGE_ROUTES = ["/", "/studies/1", "/admin/users", "/admin/models", "/admin/audit", "/thumbnails/1/1.png", "/heatmaps/1/1/1.png"]
 API_ROUTES = ["/api/me", "/api/worklist", "/api/studies/1", "/openapi.json"]
 
 
@@ -183,6 +183,7 @@ def test_logout_revokes_the_session(env: Env) -> None:
 def test_worklist_page_escapes_dicom_header_markup(env: Env) -> None:
     page = env.as_user("rad").get("/")
     assert page.status_code == 200
+    assert '<meta http-equiv="refresh" content="30">' in page.text  # the worklist refreshes itself
     assert "<script>alert" not in page.text and "<img src=x" not in page.text
     assert "&lt;script&gt;alert(&#39;pn&#39;)&lt;/script&gt;^Evil" in page.text
     assert "&lt;img src=x onerror=alert(1)&gt;" in page.text
@@ -375,7 +376,7 @@ def test_form_decision(env: Env) -> None:
 
 def test_admin_pages(env: Env) -> None:
     rad = env.as_user("rad")
-    for path in ("/admin/users", "/admin/models"):
+    for path in ("/admin/users", "/admin/models", "/admin/audit"):
         assert rad.get(path).status_code == 403
     assert rad.post("/admin/users", data={"csrf_token": csrf(rad), "username": "x", "role": "admin",
                                           "password": PASSWORD}).status_code == 403
@@ -393,6 +394,9 @@ def test_admin_pages(env: Env) -> None:
                                              "password": PASSWORD})
     assert again.status_code == 422 and "already exists" in again.text
     login(env.client(), "new")
+    audit_log = admin.get("/admin/audit")
+    assert audit_log.status_code == 200
+    assert "user.add" in audit_log.text and "decision.correct" in audit_log.text and "view.study" in audit_log.text
 
 
 def test_openapi_schema_lists_the_api(env: Env) -> None:

@@ -10,7 +10,7 @@ from fastapi import APIRouter, Depends, HTTPException, Request
 from fastapi.responses import FileResponse, RedirectResponse, Response
 from sqlalchemy import func, select
 
-from worker.db import Instance, Result, User
+from worker.db import AuditEvent, Instance, Result, User
 from worker.db.review import Role, audit
 from worker.web import auth
 from worker.web.auth import Principal, checked_form, page_admin, page_radiologist, page_user
@@ -208,3 +208,23 @@ def models_page(request: Request, who: Principal = Depends(page_admin)) -> Respo
         rows = session.execute(select(Result.model_uid, func.count(Result.id)).group_by(Result.model_uid))
         counts = {model_uid: count for model_uid, count in rows}
     return _render(request, "admin_models.html", who, registered=registered, counts=counts)
+
+
+AUDIT_PAGE_SIZE = 200
+
+
+@router.get("/admin/audit")
+def audit_page(request: Request, who: Principal = Depends(page_admin), before: int | None = None) -> Response:
+    """The audit log, newest first, ``AUDIT_PAGE_SIZE`` events a page (``before``: an event id to page back from)."""
+    query = (
+        select(AuditEvent.id, AuditEvent.created_at, User.name, AuditEvent.action, AuditEvent.target)
+        .outerjoin(User, User.id == AuditEvent.user_pk)
+        .order_by(AuditEvent.id.desc())
+        .limit(AUDIT_PAGE_SIZE)
+    )
+    if before is not None:
+        query = query.where(AuditEvent.id < before)
+    with _state(request).database.session() as session:
+        events = session.execute(query).all()
+    older = events[-1].id if len(events) == AUDIT_PAGE_SIZE else None
+    return _render(request, "admin_audit.html", who, events=events, older=older)
