@@ -212,13 +212,13 @@ def record_result(world: World, datasets: list[Dataset], label: str | None = Non
         return int(session.scalars(select(Result.id).where(Result.job_pk == job_pk)).one())
 
 
-def check_sr_matches_result(path: Path, world: World, result_pk: int, label: str | None = None) -> None:
+def check_sr_matches_result(path: Path, database: Database, result_pk: int, label: str | None = None) -> None:
     """dciodvfy accepts the SR, dsrdump renders it, and its finding and probabilities are the database row's."""
     assert dciodvfy_errors(path) == []
     dump = subprocess.run([DSRDUMP, str(path)], capture_output=True, text=True, timeout=60)
     assert dump.returncode == 0 and "Comprehensive 3D SR" in dump.stdout, dump.stderr
     report = read_classification_sr(pydicom.dcmread(path))
-    with world.database.session() as session:
+    with database.session() as session:
         result = session.get_one(Result, result_pk)
         assert report.finding == (label or result.label)
         assert report.probabilities == result.probabilities
@@ -266,7 +266,7 @@ def test_sr_is_archived_recorded_and_reaches_every_destination_even_with_one_dow
 
     published = publish_result(world.database, settings, result_pk)
     assert published is not None and published.created and published.revision == 0
-    check_sr_matches_result(published.archive_path, world, result_pk)
+    check_sr_matches_result(published.archive_path, world.database, result_pk)
     assert published.archive_path.parent.parent.name == series[0].StudyInstanceUID  # archived in the same study
 
     # A receives it; B is down: its attempts fail with the reason, spaced by the backoff.
@@ -356,7 +356,7 @@ def test_revisions_name_their_predecessor_and_publishing_twice_makes_one_sr(
         review_pk = review.id
     corrected = publish_review(world.database, settings, review_pk)
     assert corrected is not None and corrected.created and corrected.revision == 1
-    check_sr_matches_result(corrected.archive_path, world, first_pk, label="pituitary")
+    check_sr_matches_result(corrected.archive_path, world.database, first_pk, label="pituitary")
     assert read_classification_sr(pydicom.dcmread(corrected.archive_path)).predecessors == (first.sop_instance_uid,)
     assert publish_review(world.database, settings, review_pk).created is False  # type: ignore[union-attr]
 
@@ -368,7 +368,7 @@ def test_revisions_name_their_predecessor_and_publishing_twice_makes_one_sr(
     assert publish_result(world.database, settings, first_pk) is None
     second = publish_result(world.database, settings, second_pk)
     assert second is not None and second.revision == 2
-    check_sr_matches_result(second.archive_path, world, second_pk)
+    check_sr_matches_result(second.archive_path, world.database, second_pk)
     second_sr = pydicom.dcmread(second.archive_path)
     assert read_classification_sr(second_sr).predecessors == (corrected.sop_instance_uid,)
     assert second_sr.SeriesInstanceUID == pydicom.dcmread(first.archive_path).SeriesInstanceUID
@@ -422,7 +422,7 @@ def test_bad_source_headers_still_give_valid_srs_that_are_delivered(
         result_pk = record_result(world, datasets)
         sr = publish_result(world.database, settings, result_pk)
         assert sr is not None
-        check_sr_matches_result(sr.archive_path, world, result_pk)
+        check_sr_matches_result(sr.archive_path, world.database, result_pk)
         published.append(sr)
     foreign_sr = pydicom.dcmread(published[1].archive_path)
     assert foreign_sr.PatientName.family_name == "Müller-Lüdenscheidt"
