@@ -33,7 +33,7 @@ from worker.db import AuditEvent, Database, Instance, JobState, Review, Series, 
 from worker.db.review import TrainingExample
 from worker.registry import register_installed_models
 from worker.reporting import publish_result
-from worker.web.app import create_app
+from worker.web.app import create_app, person_name
 from worker.web.security import SECRET_FILE
 from worker.web.worklist import WorklistFilter, load_worklist
 
@@ -185,11 +185,20 @@ def test_worklist_page_escapes_dicom_header_markup(env: Env) -> None:
     assert page.status_code == 200
     assert '<meta http-equiv="refresh" content="30">' in page.text  # the worklist refreshes itself
     assert "<script>alert" not in page.text and "<img src=x" not in page.text
-    assert "&lt;script&gt;alert(&#39;pn&#39;)&lt;/script&gt;^Evil" in page.text
+    assert "&lt;script&gt;alert(&#39;pn&#39;)&lt;/script&gt;, Evil" in page.text  # PN shown as "Family, Given"
     assert "&lt;img src=x onerror=alert(1)&gt;" in page.text
     study = env.as_user("rad").get(f"/studies/{env.xss}")
     assert study.status_code == 200
     assert "<script>alert" not in study.text and "&lt;script&gt;" in study.text
+
+
+@pytest.mark.parametrize(
+    ("stored", "shown"),
+    [("Doe^Jane", "Doe, Jane"), ("Doe^Jane^Q^Dr^MD", "Doe, Jane Q"), ("Doe", "Doe"), ("^Jane", "Jane"),
+     ("Yamada^Tarou=山田^太郎", "Yamada, Tarou"), ("", "")],
+)
+def test_person_name_display(stored: str, shown: str) -> None:
+    assert person_name(stored) == shown
 
 
 def test_api_returns_header_text_verbatim_as_json(env: Env) -> None:

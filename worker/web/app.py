@@ -52,6 +52,14 @@ class WebState:
     on_correction: CorrectionHook | None
 
 
+def person_name(value: str) -> str:
+    """A DICOM PN (``Family^Given^Middle^Prefix^Suffix``, alphabetic group) as people write it: ``Family, Given
+    Middle``. Plain text: the templates escape it like any other header value."""
+    family, _, rest = value.split("=")[0].partition("^")
+    given = " ".join(part for part in rest.split("^")[:2] if part)
+    return f"{family}, {given}" if family and given else family or given
+
+
 def _templates() -> Jinja2Templates:
     env = Environment(
         loader=FileSystemLoader(_HERE / "templates"),
@@ -61,6 +69,7 @@ def _templates() -> Jinja2Templates:
     )
     env.filters["pct"] = lambda p: "" if p is None else f"{100.0 * float(p):.1f} %"
     env.filters["when"] = lambda t: "" if t is None else t.strftime("%Y-%m-%d %H:%M:%S UTC")
+    env.filters["person_name"] = person_name
     return Jinja2Templates(env=env)
 
 
