@@ -391,3 +391,29 @@ def test_bad_configuration_is_a_clear_error(
     assert completed.returncode == 2
     assert message in completed.stderr, completed.stderr
     assert "Traceback" not in completed.stderr
+
+
+def test_startup_failures_are_one_clear_line(tmp_path: Path) -> None:
+    base = {k: v for k, v in os.environ.items() if not k.startswith("DICOM_TRIAGE_")}
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        completed = subprocess.run(
+            [sys.executable, "-m", "worker.cli", "listen", "--data-dir", str(tmp_path), "--dicom-port", str(port)],
+            cwd=ROOT, env={**base, "DICOM_TRIAGE_DICOM_HOST": "127.0.0.1"}, capture_output=True, text=True,
+            timeout=60,
+        )
+    assert completed.returncode == 1
+    assert f"cannot listen for DICOM on 127.0.0.1:{port}: Address already in use" in completed.stderr
+    assert "Traceback" not in completed.stderr
+
+    blocked = tmp_path / "file"
+    blocked.write_text("not a directory")
+    completed = subprocess.run(
+        [sys.executable, "-m", "worker.cli", "listen", "--data-dir", str(blocked / "data")],
+        cwd=ROOT, env=base, capture_output=True, text=True, timeout=60,
+    )
+    assert completed.returncode == 1
+    assert f"cannot use data directory {blocked / 'data'}" in completed.stderr
+    assert "Traceback" not in completed.stderr

@@ -18,6 +18,7 @@ from typing import Any
 from sqlalchemy.engine import make_url
 
 from config import ConfigError, Settings, load_settings
+from worker.errors import StartupError
 
 
 def _add_settings_options(parser: argparse.ArgumentParser) -> None:
@@ -167,6 +168,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"dicom-triage: {exc}", file=sys.stderr)
         return 2
+    except StartupError as exc:
+        print(f"dicom-triage: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
 

@@ -17,6 +17,9 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import OperationalError
+
 from config import Settings
 from dicom_io.archive import Archive
 from dicom_io.listener import StorageListener
@@ -24,6 +27,7 @@ from models.tasks import get_task
 from worker.celery_app import INFERENCE_QUEUE, create_celery_app, make_enqueue
 from worker.db import Database, upgrade_database
 from worker.delivery import DELIVERY_QUEUE, run_delivery_worker
+from worker.errors import StartupError
 from worker.ingest import DatabaseSink
 from worker.registry import active_model_dirs, register_installed_models
 from worker.reporting import publish_missing
@@ -37,9 +41,20 @@ WORKER_SHUTDOWN_SECONDS = 60.0
 
 
 def open_database(settings: Settings) -> Database:
-    database = Database(settings.effective_database_url)
-    upgrade_database(database)
+    """The database, migrated; :class:`StartupError` if the data directory or the database cannot be used."""
+    try:
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        database = Database(settings.effective_database_url)
+        upgrade_database(database)
+    except OSError as exc:
+        raise StartupError(f"cannot use data directory {settings.data_dir}: {exc}") from exc
+    except OperationalError as exc:
+        raise StartupError(f"cannot open database {_safe_url(settings.effective_database_url)}: {exc.orig}") from exc
     return database
+
+
+def _safe_url(url: str) -> str:
+    return make_url(url).render_as_string(hide_password=True)
 
 
 def stop_on_signals() -> threading.Event:
@@ -76,7 +91,11 @@ class Ingest:
         self._thread = threading.Thread(target=self.scheduler.run, args=(self._stop,), name="scheduler", daemon=True)
 
     def start(self) -> None:
-        self.listener.start()
+        try:
+            self.listener.start()
+        except OSError as exc:
+            where = f"{self.settings.dicom_host}:{self.settings.dicom_port}"
+            raise StartupError(f"cannot listen for DICOM on {where}: {exc.strerror or exc}") from exc
         self._thread.start()
 
     def stop(self) -> None:
