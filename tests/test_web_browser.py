@@ -70,14 +70,16 @@ class Child:
     def output(self) -> str:
         return "".join(self.lines)[-4000:]
 
-    def stop(self) -> None:
+    def terminate(self) -> None:
         if self.popen.poll() is None:
             self.popen.send_signal(signal.SIGTERM)
-            try:
-                self.popen.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.popen.kill()
-                self.popen.wait()
+
+    def wait(self) -> None:
+        try:
+            self.popen.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.popen.kill()
+            self.popen.wait()
 
 
 def wait_until(condition: object, what: str, *children: Child, timeout: float = STARTUP_SECONDS) -> None:
@@ -127,8 +129,10 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, object
             assert sent.returncode == 0 and sent.statuses == [0, 0], sent.output[-2000:]
         yield {"url": url, "serve": serve, "web": web, "settings": settings}
     finally:
-        web.stop()
-        serve.stop()
+        for child in (web, serve):  # both at once: each takes a while to shut down
+            child.terminate()
+        for child in (web, serve):
+            child.wait()
 
 
 def shoot(page: Page, tmp_path: Path, name: str) -> None:
