@@ -12,12 +12,10 @@ from __future__ import annotations
 import json
 import os
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import pydicom
-import pytest
 from sqlalchemy import select
 
 from dicom_factory import brain_images, write_files

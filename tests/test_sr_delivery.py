@@ -8,7 +8,6 @@ and ``finish_job``; no TensorFlow is needed here (the full pipeline is in test_o
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -25,7 +24,7 @@ import pytest
 from pydicom import Dataset
 from sqlalchemy import select
 
-from config import Settings, load_settings
+from config import Destination, Settings, load_settings
 from dicom_factory import brain_images, ct_images
 from dicom_io.archive import Archive
 from dicom_io.sr import read_classification_sr
@@ -170,8 +169,7 @@ class World:
     tmp: Path
 
     def with_destinations(self, *destinations: str) -> Settings:
-        return self.settings.model_copy(update={"sr_destinations": load_settings(
-            env={}, data_dir=self.settings.data_dir, sr_destinations=list(destinations)).sr_destinations})
+        return self.settings.model_copy(update={"sr_destinations": tuple(map(Destination.parse, destinations))})
 
     def deliveries(self, document_pk: int) -> dict[str, SrDelivery]:
         with self.database.session() as session:

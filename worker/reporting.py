@@ -216,8 +216,8 @@ def publish_missing(database: Database, settings: Settings, *, enqueue: Delivery
     for result_pk in result_pks:
         try:
             made += bool(publish_result(database, settings, result_pk, enqueue=enqueue))
-        except (SRError, OSError, ValueError) as exc:
-            log.error("no SR for result %d: %s", result_pk, exc)
+        except Exception:  # one bad result must not keep the others (or the worker's start) from going on
+            log.exception("no SR for result %d", result_pk)
     return made
 
 
