@@ -198,7 +198,11 @@ def publish_job_sr(context: WorkerContext, job_id: int) -> None:
 def register_tasks(app: Celery, context: WorkerContext) -> None:
     """Add ``classify_series`` to ``app``, bound to this worker process's ``context``."""
 
-    @app.task(bind=True, name=CLASSIFY_SERIES, acks_late=True, ignore_result=True, max_retries=MAX_RETRIES)
+    # shared=False: a shared task would be copied into every Celery app made later in this process, bound to
+    # this context (another database) and shadowing that app's own registration.
+    @app.task(
+        bind=True, name=CLASSIFY_SERIES, acks_late=True, ignore_result=True, max_retries=MAX_RETRIES, shared=False
+    )
     def classify_series(self: Task, job_id: int) -> None:
         try:
             run_job(context, job_id)

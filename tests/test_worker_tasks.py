@@ -1,0 +1,125 @@
+"""The classify_series task on a real Celery worker and broker (filesystem, as embedded) with a real model:
+transient errors are retried with backoff, others fail the job with the reason, duplicates change nothing."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from celery.contrib.testing.worker import start_worker
+from sqlalchemy import func, select, update
+
+from config import Settings, load_settings
+from dicom_factory import brain_images
+from dicom_io.archive import Archive
+from dicom_io.synthesis import mr_series
+from models.architectures import build_model, default_input_spec, fit_threshold_model
+from models.card import ModelCard
+from models.tasks import BRAIN_TUMOR
+from worker.celery_app import INFERENCE_QUEUE, create_celery_app, make_enqueue
+from worker.db import Database, Instance, Job, JobState, Result, upgrade_database
+from worker.inference import ModelCache
+from worker.ingest import DatabaseSink
+from worker.series import SeriesScheduler
+from worker.tasks import WorkerContext, register_tasks
+from worker.workers import WorkerRegistration
+
+
+@pytest.fixture(scope="module")
+def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("models") / "brain-tumor"
+    folder.mkdir()
+    spec = default_input_spec("threshold", BRAIN_TUMOR)
+    model = build_model("threshold", BRAIN_TUMOR, spec)
+    fit_threshold_model(model, np.linspace(0, 255, 4 * 16).reshape(4, 4, 4, 1).repeat(64, 1).repeat(64, 2)
+                        .astype(np.float32)[:, :spec.height, :spec.width], np.arange(4))
+    model.save(folder / "model.keras")
+    ModelCard(task="brain-tumor", class_names=list(BRAIN_TUMOR.class_names), architecture="threshold",
+              input_spec=spec, name="tiny").save(folder)
+    return folder.parent
+
+
+class Pipeline:
+    """Listener-side (sink, scheduler) and a real Celery worker thread, sharing one SQLite database."""
+
+    def __init__(self, settings: Settings, database: Database) -> None:
+        self.settings = settings
+        self.database = database
+        self.app = create_celery_app(settings)
+        self.sink = DatabaseSink(Archive(settings.archive_dir), database)
+        self.enqueue = make_enqueue(self.app)
+        self.scheduler = SeriesScheduler(settings, database, self.enqueue,
+                                         clock=lambda: datetime.now(timezone.utc) + timedelta(seconds=60))
+
+    def job(self) -> Job:
+        with self.database.session() as session:
+            return session.scalars(select(Job)).one()
+
+
+@pytest.fixture
+def pipeline(tmp_path: Path, models_dir: Path) -> Iterator[Pipeline]:
+    settings = load_settings(env={}, data_dir=tmp_path, models_dir=models_dir)
+    upgrade_database(settings.effective_database_url)
+    database = Database(settings.effective_database_url)
+    registration = WorkerRegistration(database)
+    line = Pipeline(settings, database)
+    register_tasks(line.app, WorkerContext(settings, database, ModelCache(models_dir), registration.id))
+    with start_worker(line.app, pool="threads", concurrency=1, perform_ping_check=False,
+                      queues=[INFERENCE_QUEUE], shutdown_timeout=30):
+        yield line
+    registration.close()
+    database.dispose()
+
+
+def wait_for(condition: Callable[[], Any], timeout: float = 60) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if value := condition():
+            return value
+        time.sleep(0.1)
+    raise AssertionError("timed out")
+
+
+def test_transient_error_is_retried_then_succeeds(pipeline: Pipeline, tmp_path: Path) -> None:
+    for ds in mr_series(brain_images(2)):
+        pipeline.sink.accept(ds, "PACS")
+    # The file system fails for one instance (a directory replaced by a file: NotADirectoryError, an OSError).
+    blocker = tmp_path / "blocker"
+    blocker.write_text("")
+    with pipeline.database.session() as session:
+        instance = session.scalars(select(Instance).order_by(Instance.id)).first()
+        assert instance is not None
+        real_path = instance.archive_path
+        instance.archive_path = str(blocker / "instance.dcm")
+    pipeline.scheduler.run_once()
+    job = wait_for(lambda: (j := pipeline.job()).reason.startswith("transient error") and j)
+    assert job.state == JobState.RUNNING and "retry 1 in" in job.reason
+    with pipeline.database.session() as session:
+        session.execute(update(Instance).where(Instance.id == instance.id).values(archive_path=real_path))
+    job = wait_for(lambda: (j := pipeline.job()).state.is_final and j, timeout=30)
+    assert job.state == JobState.DONE and job.attempts == 2
+
+    # The same message again (a broker redelivery, a re-sent job) changes nothing.
+    pipeline.enqueue(job.id)
+    time.sleep(1.5)
+    with pipeline.database.session() as session:
+        assert session.scalar(select(func.count(Result.id))) == 1
+        assert session.get_one(Job, job.id).attempts == 2
+
+
+def test_bad_data_fails_the_job_with_its_reason(pipeline: Pipeline, tmp_path: Path) -> None:
+    for ds in mr_series(brain_images(1)):
+        pipeline.sink.accept(ds, "PACS")
+    garbage = tmp_path / "garbage.dcm"
+    garbage.write_bytes(b"this is not DICOM" * 10)
+    with pipeline.database.session() as session:
+        session.execute(update(Instance).values(archive_path=str(garbage)))
+    pipeline.scheduler.run_once()
+    job = wait_for(lambda: (j := pipeline.job()).state.is_final and j)
+    assert job.state == JobState.FAILED and job.attempts == 1
+    assert "InvalidDicomError" in job.reason
