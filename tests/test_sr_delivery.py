@@ -13,12 +13,14 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pydicom
 import pytest
 from pydicom import Dataset
@@ -43,6 +45,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DCIODVFY = "/usr/bin/dciodvfy"
 DSRDUMP = "/usr/bin/dsrdump"
 STORESCP = "/usr/bin/storescp"
+PG_ADMIN = "host=127.0.0.1 port=5432 user=postgres dbname=test"
 MODEL_UID = "2.25.314159265358979323846264338327950288"
 #: Delivery retries in these tests: 0.2, 0.4, 0.8, 1, 1 ... s; failed after 8 attempts (about 6 s).
 RETRY_SETTINGS = {"sr_delivery_backoff_seconds": 0.2, "sr_delivery_backoff_max_seconds": 1.0,
@@ -182,14 +185,14 @@ def ingest(world: World, datasets: list[Dataset]) -> None:
         assert world.sink.accept(ds, "MODALITY") == 0
 
 
-def record_result(world: World, datasets: list[Dataset], label: str | None = None) -> int:
+def record_result(database: Database, datasets: list[Dataset], label: str | None = None) -> int:
     """A finished job for the series with its result, through ``finish_job``; returns the result's id."""
     series_uid = datasets[0].SeriesInstanceUID
     task = get_task("brain-tumor" if datasets[0].Modality == "MR" else "covid-ct")
     label = label or task.class_names[0]
     probabilities = {name: (0.7 if name == label else round(0.3 / (task.num_classes - 1), 6))
                      for name in task.class_names}
-    with world.database.session() as session:
+    with database.session() as session:
         series = session.scalars(select(Series).where(Series.series_instance_uid == series_uid)).one()
         series.revision += 1
         series.pending = False
@@ -204,9 +207,9 @@ def record_result(world: World, datasets: list[Dataset], label: str | None = Non
         slice_probabilities=[{"sop_instance_uid": ds.SOPInstanceUID, "frame": 1,
                               "probabilities": [probabilities[n] for n in task.class_names]} for ds in datasets],
     )
-    finish_job(world.database, job_pk, classification, model_name=f"test-{task.name}", model_version="1.0.0",
+    finish_job(database, job_pk, classification, model_name=f"test-{task.name}", model_version="1.0.0",
                model_uid=MODEL_UID, seconds=0.1)
-    with world.database.session() as session:
+    with database.session() as session:
         return int(session.scalars(select(Result.id).where(Result.job_pk == job_pk)).one())
 
 
@@ -258,7 +261,7 @@ def test_sr_is_archived_recorded_and_reaches_every_destination_even_with_one_dow
 ) -> None:
     series = mr_series(brain_images(3, seed=21))
     ingest(world, series)
-    result_pk = record_result(world, series, label="meningioma")
+    result_pk = record_result(world.database, series, label="meningioma")
     storescps.append(start_storescp(world.netns, 11201, tmp_path / "a", ae_title="STORE_A"))
     settings = world.with_destinations("STORE_A@127.0.0.1:11201", "STORE_B@127.0.0.1:11202")
 
@@ -306,7 +309,7 @@ def test_refusing_destinations_are_retried_with_backoff_then_given_up_with_the_r
     storescps += [refuse, no_sr, abort]
     series = ct_series(ct_images(2, seed=22))
     ingest(world, series)
-    result_pk = record_result(world, series)
+    result_pk = record_result(world.database, series)
     settings = world.with_destinations("REFUSE@127.0.0.1:11211", "NO_SR@127.0.0.1:11212", "ABORT@127.0.0.1:11213")
 
     started = time.monotonic()
@@ -335,7 +338,7 @@ def test_revisions_name_their_predecessor_and_publishing_twice_makes_one_sr(
     settings = world.with_destinations("PACS@127.0.0.1:11221")
     series = mr_series(brain_images(3, seed=23))
     ingest(world, series)
-    first_pk = record_result(world, series, label="glioma")
+    first_pk = record_result(world.database, series, label="glioma")
 
     first = publish_result(world.database, settings, first_pk)
     again = publish_result(world.database, settings, first_pk)
@@ -362,7 +365,7 @@ def test_revisions_name_their_predecessor_and_publishing_twice_makes_one_sr(
     late = mr_series(brain_images(1, seed=24), study_instance_uid=series[0].StudyInstanceUID,
                      series_instance_uid=series[0].SeriesInstanceUID)
     ingest(world, late)
-    second_pk = record_result(world, series + late, label="notumor")
+    second_pk = record_result(world.database, series + late, label="notumor")
     assert publish_result(world.database, settings, first_pk) is None
     second = publish_result(world.database, settings, second_pk)
     assert second is not None and second.revision == 2
@@ -417,7 +420,7 @@ def test_bad_source_headers_still_give_valid_srs_that_are_delivered(
     published = []
     for datasets in (missing, foreign):
         ingest(world, datasets)
-        result_pk = record_result(world, datasets)
+        result_pk = record_result(world.database, datasets)
         sr = publish_result(world.database, settings, result_pk)
         assert sr is not None
         check_sr_matches_result(sr.archive_path, world.database, result_pk)
@@ -435,7 +438,7 @@ def test_bad_source_headers_still_give_valid_srs_that_are_delivered(
 def test_missing_srs_are_made_at_start_and_pending_deliveries_resume(world: World, tmp_path: Path) -> None:
     series = ct_series(ct_images(2, seed=27))
     ingest(world, series)
-    result_pk = record_result(world, series)
+    result_pk = record_result(world.database, series)
     queued: list[tuple[int, float]] = []
     settings = world.with_destinations("LATER@127.0.0.1:11241")
     made = publish_missing(world.database, settings, enqueue=lambda pk, countdown: queued.append((pk, countdown)))
@@ -452,3 +455,38 @@ def test_missing_srs_are_made_at_start_and_pending_deliveries_resume(world: Worl
     assert (delivery.id, 0.0) in resent
     assert resume_deliveries(world.database, lambda pk, countdown: None, overdue=timedelta(hours=1)) == 0
     assert backoff_seconds(world.settings, 1) == 0.2 and backoff_seconds(world.settings, 50) == 1.0
+
+
+@pytest.fixture
+def postgres_database() -> Iterator[Database]:
+    name = f"triage_sr_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(PG_ADMIN, autocommit=True) as admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+    database = Database(f"postgresql://postgres@127.0.0.1:5432/{name}")
+    try:
+        upgrade_database(database)
+        yield database
+    finally:
+        database.dispose()
+        with psycopg.connect(PG_ADMIN, autocommit=True) as admin:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def test_publishing_on_postgresql(postgres_database: Database, tmp_path: Path) -> None:
+    settings = load_settings(env={}, data_dir=tmp_path, sr_destinations=["PACS@127.0.0.1:104", "VNA@127.0.0.1:105"])
+    sink = DatabaseSink(Archive(settings.archive_dir), postgres_database)
+    series = ct_series(ct_images(2, seed=28))
+    for ds in series:
+        assert sink.accept(ds, "MODALITY") == 0
+    first_pk = record_result(postgres_database, series, label="COVID")
+    queued: list[int] = []
+    first = publish_result(postgres_database, settings, first_pk, enqueue=lambda pk, _: queued.append(pk))
+    assert first is not None and first.created and len(first.delivery_pks) == 2 and queued == list(first.delivery_pks)
+    assert not publish_result(postgres_database, settings, first_pk, enqueue=lambda pk, _: queued.append(pk)).created  # type: ignore[union-attr]
+    second_pk = record_result(postgres_database, series, label="non-COVID")
+    assert publish_result(postgres_database, settings, first_pk) is None
+    second = publish_result(postgres_database, settings, second_pk, enqueue=lambda pk, _: queued.append(pk))
+    assert second is not None and second.revision == 1 and len(queued) == 4
+    check_sr_matches_result(second.archive_path, postgres_database, second_pk)
+    assert read_classification_sr(pydicom.dcmread(second.archive_path)).predecessors == (first.sop_instance_uid,)
+    assert publish_missing(postgres_database, settings) == 0
