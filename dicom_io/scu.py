@@ -63,6 +63,7 @@ def _identify(item: Dataset | Path) -> tuple[str, str]:
 
 def _new_ae(calling_ae: str) -> AE:
     ae = AE(ae_title=calling_ae)
+    ae.connection_timeout = 30  # a peer that never answers the TCP handshake must not hold us for minutes
     ae.acse_timeout = 30
     ae.dimse_timeout = 120
     ae.network_timeout = 120
