@@ -32,8 +32,9 @@ from dicom_io.archive import Archive
 from dicom_io.sr import read_classification_sr
 from dicom_io.synthesis import ct_series, mr_series
 from models.tasks import get_task
-from worker.db import Database, Job, JobState, Result, Review, Series, SrDelivery, SrDocument, User, upgrade_database
+from worker.db import Database, Job, JobState, Result, Series, SrDelivery, SrDocument, User, upgrade_database
 from worker.db import utcnow
+from worker.db.review import Decision, record_decision
 from worker.delivery import backoff_seconds, resume_deliveries
 from worker.inference import SeriesClassification
 from worker.ingest import DatabaseSink
@@ -351,10 +352,7 @@ def test_revisions_name_their_predecessor_and_publishing_twice_makes_one_sr(
         user = User(name=f"radiologist-{first_pk}", role="radiologist", password_hash="x")
         session.add(user)
         session.flush()
-        review = Review(result_pk=first_pk, user_pk=user.id, decision="correct", label="pituitary")
-        session.add(review)
-        session.flush()
-        review_pk = review.id
+        review_pk = record_decision(session, session.get_one(Result, first_pk), user, Decision.CORRECT, "pituitary").id
     corrected = publish_review(world.database, settings, review_pk)
     assert corrected is not None and corrected.created and corrected.revision == 1
     check_sr_matches_result(corrected.archive_path, world.database, first_pk, label="pituitary")

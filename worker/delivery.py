@@ -23,7 +23,7 @@ import socket
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
 
 from celery import Celery, Task
@@ -43,7 +43,7 @@ DELIVER_SR = "dicom_triage.deliver_sr"
 
 #: Parallel deliveries in one delivery worker: a slow destination holds one thread, not the others.
 DELIVERY_CONCURRENCY = 4
-#: Longer than one attempt can take (pynetdicom's ACSE 30 s + DIMSE 120 s timeouts in dicom_io.scu).
+#: Longer than one attempt can take (the connection, ACSE and DIMSE timeouts of dicom_io.scu: 30 + 30 + 120 s).
 ATTEMPT_LEASE = timedelta(minutes=5)
 #: A message may run this much before the row's ``next_attempt_at`` (clock differences between hosts).
 EARLY_SLACK = timedelta(seconds=5)
@@ -68,7 +68,6 @@ class AttemptOutcome:
     status: DeliveryStatus
     #: Seconds until the next attempt (``pending`` only); ``None`` when this message has nothing more to do.
     retry_in: float | None = None
-    attempted: bool = True
 
 
 def backoff_seconds(settings: Settings, attempts: int) -> float:
@@ -100,15 +99,14 @@ def send_sr(path: Path, destination: Destination, calling_ae: str) -> str | None
     return _store_failure_reason(status)
 
 
-def attempt_delivery(
-    database: Database, settings: Settings, delivery_pk: int, now: datetime | None = None
-) -> AttemptOutcome | None:
+def attempt_delivery(database: Database, settings: Settings, delivery_pk: int) -> AttemptOutcome | None:
     """Make one attempt to send a delivery's SR, if it is due, and record the outcome on its row.
 
-    Returns ``None`` for an unknown row, ``attempted=False`` when the row is settled or not due (another message
-    holds it); otherwise the row's new status and, if still pending, the seconds until its next attempt.
+    Returns ``None`` for an unknown row; the row's status, with no ``retry_in``, when it is settled or not due
+    (another message holds it); otherwise its status after the attempt and, if still pending, the seconds until
+    the next attempt.
     """
-    now = now or utcnow()
+    now = utcnow()
     with database.session() as session:
         delivery = session.get(SrDelivery, delivery_pk, with_for_update=True)
         if delivery is None:
@@ -116,9 +114,9 @@ def attempt_delivery(
             return None
         status = DeliveryStatus(delivery.status)
         if status is not DeliveryStatus.PENDING:
-            return AttemptOutcome(status, attempted=False)
+            return AttemptOutcome(status)
         if delivery.next_attempt_at is not None and delivery.next_attempt_at > now + EARLY_SLACK:
-            return AttemptOutcome(status, attempted=False)
+            return AttemptOutcome(status)
         delivery.attempts += 1
         delivery.next_attempt_at = now + ATTEMPT_LEASE
         delivery.updated_at = now

@@ -27,14 +27,13 @@ from dicom_io.archive import Archive
 from dicom_io.sr import AlgorithmInfo, ClassificationResult, SRError, build_classification_sr, read_classification_sr
 from models.tasks import get_task
 from worker.db import Database, Instance, Result, Review, Series, SrDelivery, SrDocument
+from worker.db.review import Decision
 from worker.delivery import DeliveryEnqueue, DeliveryStatus, delivery_enqueue
 
 log = logging.getLogger(__name__)
 
 #: The system writing the SRs (their Manufacturer; the model is the observer device).
 MANUFACTURER = "dicom-triage"
-#: The review decision whose label replaces the model's.
-CORRECTION = "correct"
 
 
 def _software_version() -> str:
@@ -60,7 +59,7 @@ class PublishedSr:
 def _current_label(session: Session, result: Result) -> str:
     correction = session.scalar(
         select(Review.label)
-        .where(Review.result_pk == result.id, Review.decision == CORRECTION)
+        .where(Review.result_pk == result.id, Review.decision == Decision.CORRECT.value)
         .order_by(Review.id.desc())
         .limit(1)
     )
