@@ -1,5 +1,5 @@
 """Retraining end to end with real components: a running ``dicom-triage serve`` (listener, scheduler, inference
-worker) and a ``dicom-triage training-worker`` (Celery, ``training`` queue), dcmtk's storescu pushing CT studies
+worker, and a ``training-worker`` child on the Celery ``training`` queue), dcmtk's storescu pushing CT studies
 made now from ../shared/data images, the web app's JSON API for decisions and for the admin's actions.
 
 The story of issue 6: radiologists confirm and correct results; the admin starts a retraining (export + an
@@ -198,11 +198,11 @@ def test_confirm_export_retrain_gate_promote_and_roll_back(tmp_path: Path, proce
         DICOM_TRIAGE_EXTERNAL_TRAINING_DATA=f"covid-ct={external}",
         CUDA_VISIBLE_DEVICES="", TF_CPP_MIN_LOG_LEVEL="2",
     )
+    # serve runs the training worker (the training queue) as a child, beside the inference and delivery workers.
     serve = Process(["serve", "--dicom-port", str(port), "--web-port", str(free_port())], env)
-    trainer = Process(["training-worker"], env)
-    processes += [serve, trainer]
+    processes.append(serve)
     serve.wait_for_line(lambda line: line.startswith("dicom-triage ready:"))
-    trainer.wait_for_line(lambda line: line.rstrip().endswith(" ready."))
+    serve.wait_for_line(lambda line: "training-" in line and line.rstrip().endswith(" ready."))
 
     settings = load_settings(env=env)
     database = Database(settings.effective_database_url)
@@ -262,7 +262,7 @@ def test_confirm_export_retrain_gate_promote_and_roll_back(tmp_path: Path, proce
         seen_phases.add(run["phase"])
         return run if run["state"] in ("done", "failed") else None
 
-    run = wait_for(finished, 420, "the training run", trainer)
+    run = wait_for(finished, 420, "the training run", serve)
     assert run["state"] == "done", run
     assert run["progress"] == 1.0 and len(run["history"]["loss"]) == 1 and "val_loss" in run["history"]
     assert seen_phases - {"queued", "done"}, seen_phases  # progress was visible while it ran

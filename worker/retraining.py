@@ -13,9 +13,11 @@ runs :func:`run_retraining`, which records its phase, progress (0..1) and per-ep
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -44,6 +46,7 @@ TRAINING_QUEUE = "training"
 RETRAIN_MODEL = "dicom_triage.retrain_model"
 #: Progress shares of the phases: export, training (per epoch), evaluation.
 _EXPORT_SHARE, _TRAIN_SHARE = 0.1, 0.8
+_PR_SET_PDEATHSIG = 1  # prctl option (linux/prctl.h)
 _EPOCH_LINE = re.compile(r"^epoch (\d+): (.*?)(?: lr=\S+)?$")
 
 
@@ -222,7 +225,7 @@ def _train(database: Database, run_id: int, command: list[str], epochs: int, log
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with log_path.open("w", encoding="utf-8") as log_file, subprocess.Popen(
         command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-        cwd=Path(__file__).resolve().parents[1],
+        cwd=Path(__file__).resolve().parents[1], preexec_fn=_die_with_parent,
     ) as process:
         assert process.stdout is not None
         for line in process.stdout:
@@ -239,6 +242,14 @@ def _train(database: Database, run_id: int, command: list[str], epochs: int, log
     if process.returncode != 0:
         raise RuntimeError(f"training exited with {process.returncode}: " + " | ".join(tail[-5:]))
     return history
+
+
+def _die_with_parent() -> None:
+    # Linux: the training child gets SIGTERM when its worker dies, even by SIGKILL, instead of training on unseen.
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    except OSError:
+        pass  # not glibc Linux: the child outlives a killed worker, as any child would
 
 
 def fail_orphaned_runs(database: Database) -> int:
