@@ -179,6 +179,14 @@ def worker_command(settings: Settings, config_file: Path | None, queue: str = IN
     return command
 
 
+def training_worker_command(settings: Settings, config_file: Path | None) -> list[str]:
+    """The command line of a ``dicom-triage training-worker`` child (the ``training`` queue's retraining runs)."""
+    command = [sys.executable, "-m", "worker.cli", "training-worker", "--data-dir", str(settings.data_dir)]
+    if config_file is not None:
+        command += ["--config", str(config_file)]
+    return command
+
+
 class WorkerChild:
     """A ``dicom-triage worker`` subprocess, restarted if it dies (at most every few seconds)."""
 
@@ -214,28 +222,32 @@ class WorkerChild:
 
 
 def run_serve(settings: Settings, config_file: Path | None) -> int:
-    """``dicom-triage serve``: listener, scheduler, a worker child and an SR delivery child; prints one line when
-    all are up."""
+    """``dicom-triage serve``: listener, scheduler, a worker child, an SR delivery child and a training child
+    (retraining runs); prints one line when all are up."""
     stop = stop_on_signals()
     database = open_database(settings)
     ingest = Ingest(settings, database)
     child = WorkerChild(worker_command(settings, config_file))
     delivery = WorkerChild(worker_command(settings, config_file, DELIVERY_QUEUE))
+    training = WorkerChild(training_worker_command(settings, config_file))
     ready = False
     try:
         ingest.start()
         child.ensure_running()
         delivery.ensure_running()
+        training.ensure_running()
         while not stop.wait(0.5):
             if not ready and child.pid is not None and worker_registered(database, child.pid):
                 ready = True
                 _ready(f"{ingest.describe()}, worker pid {child.pid}, data {settings.data_dir}")
             child.ensure_running()
             delivery.ensure_running()
+            training.ensure_running()
     finally:
         ingest.stop()
         child.stop()
         delivery.stop()
+        training.stop()
         database.dispose()
     return 0
 
