@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
+from io import BytesIO
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,8 @@ log = logging.getLogger(__name__)
 
 #: The system writing the SRs (their Manufacturer; the model is the observer device).
 MANUFACTURER = "dicom-triage"
+#: How often :func:`publish_result` starts over when its result changed while the SR was being built.
+PUBLISH_TRIES = 3
 
 
 def _software_version() -> str:
@@ -98,6 +101,62 @@ def _existing(document: SrDocument, session: Session) -> PublishedSr:
                       False, tuple(deliveries))
 
 
+@dataclass(frozen=True)
+class _Plan:
+    """What the SR of a result's current state needs, read in one short transaction."""
+
+    result: Result  # detached, fully loaded
+    label: str
+    source_paths: tuple[Path, ...]
+    #: The series' SRs by this model so far, oldest first: their number is the new SR's revision.
+    previous: tuple[SrDocument, ...]
+
+    @property
+    def predecessor(self) -> SrDocument | None:
+        return self.previous[-1] if self.previous else None
+
+    @property
+    def key(self) -> tuple[object, ...]:
+        """What must not change between planning and recording the SR."""
+        return self.label, self.source_paths, tuple(d.id for d in self.previous)
+
+
+def _plan(session: Session, result_pk: int) -> _Plan | None:
+    """The plan for result ``result_pk``, or ``None`` when it is superseded."""
+    result = session.get(Result, result_pk, populate_existing=True)
+    if result is None:
+        raise SRError(f"no result {result_pk}")
+    if result.superseded_by_pk is not None:
+        return None
+    previous = session.scalars(
+        select(SrDocument)
+        .join(Result, SrDocument.result_pk == Result.id)
+        .where(Result.series_pk == result.series_pk, Result.model_uid == result.model_uid)
+        .order_by(SrDocument.id)
+    ).all()
+    return _Plan(result, _current_label(session, result), tuple(_source_paths(session, result)), tuple(previous))
+
+
+def _build(plan: _Plan, predecessor: pydicom.Dataset | None) -> pydicom.Dataset:
+    result = plan.result
+    sources = [pydicom.dcmread(path, stop_before_pixels=True) for path in plan.source_paths]
+    return build_classification_sr(
+        sources,
+        _classification(result, plan.label),
+        AlgorithmInfo(
+            name=result.model_name,
+            version=result.model_version,
+            uid=result.model_uid,
+            manufacturer=MANUFACTURER,
+            parameters=(("aggregation", result.aggregation),),
+        ),
+        revision=len(plan.previous),
+        predecessor=predecessor,
+        manufacturer=MANUFACTURER,
+        software_version=_software_version(),
+    )
+
+
 def publish_result(
     database: Database, settings: Settings, result_pk: int, *, enqueue: DeliveryEnqueue | None = None
 ) -> PublishedSr | None:
@@ -107,75 +166,71 @@ def publish_result(
     Returns ``None`` for a superseded result. Raises :class:`~dicom_io.sr.SRError` when no valid SR can be made
     (an unknown result, no source instances), ``OSError`` when the archive fails; nothing is recorded then.
     ``enqueue`` sends the delivery messages (default: a Celery app for ``settings``).
+
+    The SR is built outside any transaction (reading a long series' headers takes a while, and on SQLite a
+    transaction holds the one write lock); the short transaction that records it locks the series and checks that
+    nothing it was built from changed meanwhile, else it starts over.
     """
-    archive = Archive(settings.archive_dir)
-    with database.session() as session:
-        result = session.get(Result, result_pk)
-        if result is None:
-            raise SRError(f"no result {result_pk}")
-        # Serialise publishing per series so that two revisions cannot take the same number.
-        session.get_one(Series, result.series_pk, with_for_update=True)
-        session.refresh(result)
-        if result.superseded_by_pk is not None:
+    for _ in range(PUBLISH_TRIES):
+        with database.session() as session:
+            plan = _plan(session, result_pk)
+        if plan is None:
             log.info("result %d is superseded; its series is reported by the newer result", result_pk)
             return None
-        label = _current_label(session, result)
-        previous = session.scalars(
-            select(SrDocument)
-            .join(Result, SrDocument.result_pk == Result.id)
-            .where(Result.series_pk == result.series_pk, Result.model_uid == result.model_uid)
-            .order_by(SrDocument.id)
-        ).all()
-        predecessor = previous[-1] if previous else None
+        predecessor = plan.predecessor
         predecessor_ds = pydicom.dcmread(predecessor.archive_path) if predecessor is not None else None
-        if predecessor is not None and predecessor.result_pk == result.id:
-            if read_classification_sr(predecessor_ds).finding == label:
-                return _existing(predecessor, session)
+        if predecessor is not None and predecessor.result_pk == result_pk:
+            if read_classification_sr(predecessor_ds).finding == plan.label:
+                with database.session() as session:
+                    return _existing(predecessor, session)
+        sr = _build(plan, predecessor_ds)
+        encoded = _encode(sr)
+        with database.session() as session:
+            session.get_one(Series, plan.result.series_pk, with_for_update=True)
+            current = _plan(session, result_pk)
+            if current is None or current.key != plan.key:
+                continue
+            published = _record(session, settings, plan, sr, encoded)
+        log.info("SR %s (revision %d) reports result %d: %s", published.sop_instance_uid, published.revision,
+                 result_pk, plan.label)
+        _enqueue_all(settings, published.delivery_pks, enqueue)
+        return published
+    raise SRError(f"result {result_pk} kept changing while its SR was made ({PUBLISH_TRIES} tries)")
 
-        paths = _source_paths(session, result)
-        sources = [pydicom.dcmread(path, stop_before_pixels=True) for path in paths]
-        revision = len(previous)
-        sr = build_classification_sr(
-            sources,
-            _classification(result, label),
-            AlgorithmInfo(
-                name=result.model_name,
-                version=result.model_version,
-                uid=result.model_uid,
-                manufacturer=MANUFACTURER,
-                parameters=(("aggregation", result.aggregation),),
-            ),
-            revision=revision,
-            predecessor=predecessor_ds,
-            manufacturer=MANUFACTURER,
-            software_version=_software_version(),
-        )
-        target = archive.path_for(sr.StudyInstanceUID, sr.SeriesInstanceUID, sr.SOPInstanceUID)
-        if target.exists():
-            # No row names this UID (revision numbers only grow), so the file is left from a publish whose
-            # database commit failed; it may report something else: replace it.
-            target.unlink()
-        stored = archive.store(sr)
-        document = SrDocument(
-            result_pk=result.id,
-            sop_instance_uid=stored.sop_instance_uid,
-            series_instance_uid=stored.series_instance_uid,
-            archive_path=str(stored.path),
-            predecessor_pk=predecessor.id if predecessor is not None else None,
-        )
-        session.add(document)
-        session.flush()
-        deliveries = [
-            SrDelivery(document_pk=document.id, destination=str(destination), status=DeliveryStatus.PENDING.value)
-            for destination in dict.fromkeys(settings.sr_destinations)
-        ]
-        session.add_all(deliveries)
-        session.flush()
-        published = PublishedSr(document.id, document.sop_instance_uid, stored.path, revision, True,
-                                tuple(d.id for d in deliveries))
-    log.info("SR %s (revision %d) reports result %d: %s", published.sop_instance_uid, revision, result_pk, label)
-    _enqueue_all(settings, published.delivery_pks, enqueue)
-    return published
+
+def _encode(sr: pydicom.Dataset) -> bytes:
+    buffer = BytesIO()
+    pydicom.dcmwrite(buffer, sr, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+def _record(session: Session, settings: Settings, plan: _Plan, sr: pydicom.Dataset, encoded: bytes) -> PublishedSr:
+    """Archive ``sr`` (as ``encoded``) and add its document row and one pending delivery per destination."""
+    archive = Archive(settings.archive_dir)
+    target = archive.path_for(sr.StudyInstanceUID, sr.SeriesInstanceUID, sr.SOPInstanceUID)
+    if target.exists():
+        # No row names this UID (revision numbers only grow), so the file is left from a publish whose database
+        # commit failed; it may report something else: replace it.
+        target.unlink()
+    stored = archive.store(sr, encoded=encoded)
+    predecessor = plan.predecessor
+    document = SrDocument(
+        result_pk=plan.result.id,
+        sop_instance_uid=stored.sop_instance_uid,
+        series_instance_uid=stored.series_instance_uid,
+        archive_path=str(stored.path),
+        predecessor_pk=predecessor.id if predecessor is not None else None,
+    )
+    session.add(document)
+    session.flush()
+    deliveries = [
+        SrDelivery(document_pk=document.id, destination=str(destination), status=DeliveryStatus.PENDING.value)
+        for destination in dict.fromkeys(settings.sr_destinations)
+    ]
+    session.add_all(deliveries)
+    session.flush()
+    return PublishedSr(document.id, document.sop_instance_uid, stored.path, len(plan.previous), True,
+                       tuple(d.id for d in deliveries))
 
 
 def _enqueue_all(settings: Settings, delivery_pks: tuple[int, ...], enqueue: DeliveryEnqueue | None) -> None:
