@@ -39,6 +39,7 @@ from worker.delivery import backoff_seconds, resume_deliveries
 from worker.inference import SeriesClassification
 from worker.ingest import DatabaseSink
 from worker.report import results_report
+from worker import reporting
 from worker.reporting import publish_missing, publish_result, publish_review
 from worker.tasks import finish_job
 
@@ -488,3 +489,38 @@ def test_publishing_on_postgresql(postgres_database: Database, tmp_path: Path) -
     check_sr_matches_result(second.archive_path, postgres_database, second_pk)
     assert read_classification_sr(pydicom.dcmread(second.archive_path)).predecessors == (first.sop_instance_uid,)
     assert publish_missing(postgres_database, settings) == 0
+
+
+def test_a_correction_while_the_sr_is_built_makes_publishing_start_over(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings = load_settings(env={}, data_dir=tmp_path)
+    database = Database(settings.effective_database_url)
+    upgrade_database(database)
+    try:
+        sink = DatabaseSink(Archive(settings.archive_dir), database)
+        series = mr_series(brain_images(2, seed=29))
+        for ds in series:
+            assert sink.accept(ds, "MODALITY") == 0
+        result_pk = record_result(database, series, label="glioma")
+        built: list[str] = []
+        build = reporting._build
+
+        def build_while_a_radiologist_corrects(plan: Any, predecessor: Dataset | None) -> Dataset:
+            built.append(plan.label)
+            if len(built) == 1:
+                with database.session() as session:
+                    user = User(name="radiologist", role="radiologist", password_hash="x")
+                    session.add(user)
+                    session.flush()
+                    record_decision(session, session.get_one(Result, result_pk), user, Decision.CORRECT, "meningioma")
+            return build(plan, predecessor)
+
+        monkeypatch.setattr(reporting, "_build", build_while_a_radiologist_corrects)
+        published = publish_result(database, settings, result_pk)
+        assert built == ["glioma", "meningioma"]
+        assert published is not None and published.revision == 0
+        assert read_classification_sr(pydicom.dcmread(published.archive_path)).finding == "meningioma"
+        assert list(published.archive_path.parent.iterdir()) == [published.archive_path]
+    finally:
+        database.dispose()
