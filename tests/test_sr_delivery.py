@@ -524,3 +524,21 @@ def test_a_correction_while_the_sr_is_built_makes_publishing_start_over(
         assert list(published.archive_path.parent.iterdir()) == [published.archive_path]
     finally:
         database.dispose()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["serve", "--sr-destination", "PACS@pacs.example.org"], "is not a destination of the form AE@HOST:PORT"),
+        (["worker", "--queue", "delivery", "--sr-destination", "A_VERY_LONG_AE_TITLE@h:104"], "not a valid AE title"),
+        (["sr", "show", "/nonexistent/sr.dcm"], "cannot read a DICOM file"),
+    ],
+)
+def test_bad_sr_arguments_are_clear_errors(tmp_path: Path, args: list[str], message: str) -> None:
+    if args[0] != "sr":
+        args += ["--data-dir", str(tmp_path)]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DICOM_TRIAGE_")}
+    run = subprocess.run([sys.executable, "-m", "worker.cli", *args], cwd=ROOT, env=env, capture_output=True,
+                         text=True, timeout=60)
+    assert run.returncode in (1, 2) and message in run.stderr, run.stderr
+    assert "Traceback" not in run.stderr
