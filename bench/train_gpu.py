@@ -1,7 +1,8 @@
 """Train models on the GPU host (Keras 3 on JAX, no TensorFlow) from data made by bench/train_gpu_data.py.
 
-Runs jobs in the order given, each ``NAME=TASK:ARCH:SIDE[:cv5][:ship][:seedN]``, until ``--deadline`` seconds have passed
-(later jobs are skipped and said to be). Uses the production code: models.architectures, training.fit (callbacks,
+Runs jobs in the order given, each ``NAME=TASK:ARCH:SIDE[:cv5][:ship][:seedN][:tSECONDS][:fSECONDS]``, until ``--deadline`` seconds have passed
+(later jobs are skipped and said to be); ``t``/``f`` flags cap one training's or one CV fold's wall time (training
+then stops as early stopping does, keeping the best epoch's weights). Uses the production code: models.architectures, training.fit (callbacks,
 Adam, class weights, augmentation) and training.metrics. ``ship`` jobs save ``model.keras`` + ``card.json`` under
 ``--out/NAME/``; every job's metrics go to ``--out/results.json``. The shipped models are evaluated again on the
 original image files, on TensorFlow, by ``dicom-triage evaluate`` (see bench/results.py).
@@ -54,19 +55,24 @@ def run_job(name: str, spec_text: str, data_dir: Path, out: Path, config: TrainC
     labels = arrays["labels"]
     if max_epochs:
         config = TrainConfig(**{**config.__dict__, "epochs": max_epochs})
+    budget = fold_budget = None
     for flag in flags:
         if flag.startswith("seed"):
             config = TrainConfig(**{**config.__dict__, "seed": int(flag[4:])})
+        elif flag.startswith("t"):
+            budget = float(flag[1:])
+        elif flag.startswith("f"):
+            fold_budget = float(flag[1:])
     y = one_hot(labels, task.num_classes)
     started = time.time()
 
-    def train(train_idx: np.ndarray, val_idx: np.ndarray, prefix: str):
+    def train(train_idx: np.ndarray, val_idx: np.ndarray, prefix: str, seconds: float | None):
         model = build_model(arch, task, spec, dropout=config.dropout, batch_norm=config.batch_norm)
         history = fit(model, (x[train_idx], y[train_idx]), (x[val_idx], y[val_idx]), labels[train_idx], config,
-                      None, prefix)
+                      None, prefix, max_seconds=seconds)
         return model, history
 
-    model, history = train(arrays["train"], arrays["validation"], f"{name}: ")
+    model, history = train(arrays["train"], arrays["validation"], f"{name}: ", budget)
     result: dict[str, Any] = {"task": task.name, "arch": arch, "input": spec.to_dict(), "seed": config.seed,
                               "epochs_run": len(history["loss"]),
                               "best_val_loss": min(history["val_loss"]), "metrics": {}}
@@ -81,7 +87,8 @@ def run_job(name: str, spec_text: str, data_dir: Path, out: Path, config: TrainC
     if "cv5" in flags:
         accuracies = []
         for fold in range(5):
-            fold_model, _ = train(arrays[f"cv{fold}_train"], arrays[f"cv{fold}_validation"], f"{name} fold {fold + 1}: ")
+            fold_model, _ = train(arrays[f"cv{fold}_train"], arrays[f"cv{fold}_validation"], f"{name} fold {fold + 1}: ",
+                                  fold_budget)
             test = arrays[f"cv{fold}_test"]
             predicted = np.asarray(fold_model.predict(x[test], batch_size=256, verbose=0)).argmax(1)
             accuracies.append(float((predicted == labels[test]).mean()))
@@ -110,9 +117,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=Path(".gpu"))
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--job", action="append", required=True, help="NAME=TASK:ARCH:SIDE[:cv5][:ship][:seedN]")
+    parser.add_argument("--job", action="append", required=True, help="NAME=TASK:ARCH:SIDE[:cv5][:ship][:seedN][:tS][:fS] (tS/fS: training/fold time budget)")
     parser.add_argument("--deadline", type=float, default=420, help="start no job after this many seconds")
     parser.add_argument("--epochs", type=int, default=80)
+    parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--max-epochs", type=int, default=None, help="cap for quick checks")
     parser.add_argument("--code-version", default="unknown")
     args = parser.parse_args()
@@ -125,7 +133,7 @@ def main() -> None:
             results[name] = {"skipped": f"deadline of {args.deadline:.0f} s passed"}
             print(f"{name}: skipped (deadline)", flush=True)
             continue
-        config = TrainConfig(epochs=args.epochs)
+        config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size)
         try:
             results[name] = run_job(name, spec_text, args.data, args.out, config, args.code_version, args.max_epochs)
         except Exception as exc:  # keep going: one failed job must not lose the others' results
