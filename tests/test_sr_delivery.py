@@ -32,14 +32,15 @@ from dicom_io.archive import Archive
 from dicom_io.sr import read_classification_sr
 from dicom_io.synthesis import ct_series, mr_series
 from models.tasks import get_task
-from worker.db import Database, Job, JobState, Result, Series, SrDelivery, SrDocument, User, upgrade_database
-from worker.db import utcnow
+from worker import reporting
+from worker.db import (
+    Database, Job, JobState, Result, Series, SrDelivery, SrDocument, User, upgrade_database, utcnow,
+)
 from worker.db.review import Decision, record_decision
 from worker.delivery import backoff_seconds, resume_deliveries
 from worker.inference import SeriesClassification
 from worker.ingest import DatabaseSink
 from worker.report import results_report
-from worker import reporting
 from worker.reporting import publish_missing, publish_result, publish_review
 from worker.tasks import finish_job
 
@@ -171,7 +172,6 @@ class World:
     database: Database
     sink: DatabaseSink
     delivery_worker: Process
-    tmp: Path
 
     def with_destinations(self, *destinations: str) -> Settings:
         return self.settings.model_copy(update={"sr_destinations": tuple(map(Destination.parse, destinations))})
@@ -241,7 +241,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
                              "--data-dir", str(settings.data_dir)], env=delivery_environment(settings))
     try:
         worker.wait_for_line(lambda line: line.rstrip().endswith(" ready."), 120, "the delivery worker")
-        yield World(netns, settings, database, DatabaseSink(Archive(settings.archive_dir), database), worker, tmp)
+        yield World(netns, settings, database, DatabaseSink(Archive(settings.archive_dir), database), worker)
     finally:
         worker.stop()
         netns.close()
