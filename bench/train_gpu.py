@@ -84,6 +84,23 @@ def run_job(name: str, spec_text: str, data_dir: Path, out: Path, config: TrainC
             metrics = classification_metrics(labels[idx], probabilities, task.class_names)
             result["metrics"][split_name] = {k: v for k, v in metrics.items() if k != "class_names"}
             print(f"{name}: {split_name} accuracy {metrics['accuracy']:.4f} (n={metrics['n']})", flush=True)
+    result["gpu_seconds"] = round(time.time() - started, 1)
+    card = None
+    if "ship" in flags:  # saved before cross-validation, so a run cut short still returns the model
+        folder = out / name
+        folder.mkdir(parents=True, exist_ok=True)
+        model.save(folder / MODEL_FILE)
+        card = ModelCard(
+            task=task.name, class_names=list(task.class_names), architecture=arch, input_spec=spec,
+            training={"config": config.to_dict(), "epochs_run": result["epochs_run"], "history": history,
+                      "trained_on": f"GPU, Keras {keras.__version__} on {keras.backend.backend()}",
+                      "train_wall_seconds": result["gpu_seconds"], "split": meta["split"],
+                      "skipped_files": meta["skipped_files"], "test_manifest_sha256": meta["test_manifest_sha256"],
+                      "input_rounding": "training inputs were prepare_batch output rounded to uint8"},
+            dataset_manifest_sha256=meta["dataset_manifest_sha256"], metrics=result["metrics"],
+            code_version=code_version,
+        )
+        card.save(folder)
     if "cv5" in flags:
         accuracies = []
         for fold in range(5):
@@ -95,21 +112,9 @@ def run_job(name: str, spec_text: str, data_dir: Path, out: Path, config: TrainC
             print(f"{name}: fold {fold + 1} accuracy {accuracies[-1]:.4f}", flush=True)
         result["metrics"]["cv5"] = {"accuracy": float(np.mean(accuracies)), "std": float(np.std(accuracies)),
                                     "folds": accuracies}
-    result["gpu_seconds"] = round(time.time() - started, 1)
-    if "ship" in flags:
-        folder = out / name
-        folder.mkdir(parents=True, exist_ok=True)
-        model.save(folder / MODEL_FILE)
-        ModelCard(
-            task=task.name, class_names=list(task.class_names), architecture=arch, input_spec=spec,
-            training={"config": config.to_dict(), "epochs_run": result["epochs_run"], "history": history,
-                      "trained_on": f"GPU, Keras {keras.__version__} on {keras.backend.backend()}",
-                      "train_wall_seconds": result["gpu_seconds"], "split": meta["split"],
-                      "skipped_files": meta["skipped_files"], "test_manifest_sha256": meta["test_manifest_sha256"],
-                      "input_rounding": "training inputs were prepare_batch output rounded to uint8"},
-            dataset_manifest_sha256=meta["dataset_manifest_sha256"], metrics=result["metrics"],
-            code_version=code_version,
-        ).save(folder)
+        if card is not None:
+            card.metrics["cv5"] = result["metrics"]["cv5"]
+            card.save(out / name)
     return result
 
 
