@@ -125,9 +125,9 @@ def test_orthanc_sends_a_study_and_gets_our_sr_back_in_the_same_study(
                 sr = entries[0]["sr"] if entries else None
                 statuses = {d["destination"].split("@")[0]: d for d in sr["deliveries"]} if sr else {}
                 sent = statuses.get(ORTHANC_AE, {}).get("status") == "sent"
-                return sr if sent and statuses[STORESCP_AE]["attempts"] >= 1 else None
+                return sr if sent and statuses[STORESCP_AE]["error"] else None
 
-            sr = wait_for(delivered_to_orthanc, 120, "the SR at Orthanc and a first attempt at storescp", serve)
+            sr = wait_for(delivered_to_orthanc, 120, "the SR at Orthanc and a failed attempt at storescp", serve)
             (entry,) = results_report(database)["series"]
             assert entry["status"] == "done" and entry["series_instance_uid"] == series[0].SeriesInstanceUID
             down = {d["destination"].split("@")[0]: d for d in sr["deliveries"]}[STORESCP_AE]
