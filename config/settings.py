@@ -61,7 +61,8 @@ class Destination(BaseModel):
         return cls(ae_title=match["ae"], host=match["host"].strip("[]"), port=int(match["port"]))
 
     def __str__(self) -> str:
-        return f"{self.ae_title}@{self.host}:{self.port}"
+        host = f"[{self.host}]" if ":" in self.host else self.host  # IPv6: parse() reads it back
+        return f"{self.ae_title}@{host}:{self.port}"
 
 
 class RoutingRule(BaseModel):
