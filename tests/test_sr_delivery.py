@@ -472,7 +472,7 @@ def postgres_database() -> Iterator[Database]:
 
 
 def test_publishing_on_postgresql(postgres_database: Database, tmp_path: Path) -> None:
-    settings = load_settings(env={}, data_dir=tmp_path, sr_destinations=["PACS@127.0.0.1:104", "VNA@127.0.0.1:105"])
+    settings = load_settings(env={}, data_dir=tmp_path, sr_destinations=["PACS@127.0.0.1:104", "VNA@[::1]:105"])
     sink = DatabaseSink(Archive(settings.archive_dir), postgres_database)
     series = ct_series(ct_images(2, seed=28))
     for ds in series:
@@ -481,6 +481,9 @@ def test_publishing_on_postgresql(postgres_database: Database, tmp_path: Path) -
     queued: list[int] = []
     first = publish_result(postgres_database, settings, first_pk, enqueue=lambda pk, _: queued.append(pk))
     assert first is not None and first.created and len(first.delivery_pks) == 2 and queued == list(first.delivery_pks)
+    with postgres_database.session() as session:
+        rows = session.scalars(select(SrDelivery).where(SrDelivery.id.in_(first.delivery_pks))).all()
+        assert {Destination.parse(row.destination) for row in rows} == set(settings.sr_destinations)  # IPv6 too
     assert not publish_result(postgres_database, settings, first_pk, enqueue=lambda pk, _: queued.append(pk)).created  # type: ignore[union-attr]
     second_pk = record_result(postgres_database, series, label="non-COVID")
     assert publish_result(postgres_database, settings, first_pk) is None
