@@ -331,3 +331,30 @@ def test_failed_job_keeps_its_reason(database: Database, sink: DatabaseSink, tmp
     with database.session() as session:
         job = session.get_one(Job, job_id)
         assert job.state == JobState.FAILED and "no Pixel Data" in job.reason
+
+
+def test_a_bad_row_fails_alone_in_a_group_commit(database: Database, sink: DatabaseSink) -> None:
+    if database.is_sqlite:
+        pytest.skip("SQLite stores any integer; PostgreSQL refuses one out of range")
+    series = _brain(12)
+    series[5].InstanceNumber = 2**40  # IS allows it; an INTEGER column does not
+    outcomes: dict[str, object] = {}
+
+    def send(part: list[Dataset]) -> None:
+        for ds in part:
+            try:
+                outcomes[ds.SOPInstanceUID] = sink.accept(ds, "PACS")
+            except Exception as exc:  # noqa: BLE001 - the listener turns it into a failure status
+                outcomes[ds.SOPInstanceUID] = exc
+
+    threads = [threading.Thread(target=send, args=(series[i::4],)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    bad = series[5].SOPInstanceUID
+    assert "out of range" in str(outcomes.pop(bad))
+    assert set(outcomes.values()) == {0}
+    with database.session() as session:
+        recorded = set(session.scalars(select(Instance.sop_instance_uid)))
+    assert recorded == {ds.SOPInstanceUID for ds in series} - {bad}
