@@ -230,6 +230,13 @@ def check_sr_matches_result(path: Path, database: Database, result_pk: int, labe
             s["sop_instance_uid"] for s in result.slice_probabilities}
 
 
+def start_delivery_worker(netns: NetworkNamespace, settings: Settings) -> Process:
+    worker = Process(netns, [sys.executable, "-m", "worker.cli", "worker", "--queue", "delivery",
+                             "--data-dir", str(settings.data_dir)], env=delivery_environment(settings))
+    worker.wait_for_line(lambda line: line.rstrip().endswith(" ready."), 120, "the delivery worker")
+    return worker
+
+
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     tmp = tmp_path_factory.mktemp("sr-delivery")
@@ -237,13 +244,14 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     database = Database(settings.effective_database_url)
     upgrade_database(database)
     netns = NetworkNamespace()
-    worker = Process(netns, [sys.executable, "-m", "worker.cli", "worker", "--queue", "delivery",
-                             "--data-dir", str(settings.data_dir)], env=delivery_environment(settings))
+    world = None
     try:
-        worker.wait_for_line(lambda line: line.rstrip().endswith(" ready."), 120, "the delivery worker")
-        yield World(netns, settings, database, DatabaseSink(Archive(settings.archive_dir), database), worker)
+        world = World(netns, settings, database, DatabaseSink(Archive(settings.archive_dir), database),
+                      start_delivery_worker(netns, settings))
+        yield world
     finally:
-        worker.stop()
+        if world is not None:
+            world.delivery_worker.stop()
         netns.close()
         database.dispose()
 
@@ -454,6 +462,28 @@ def test_missing_srs_are_made_at_start_and_pending_deliveries_resume(world: Worl
     assert (delivery.id, 0.0) in resent
     assert resume_deliveries(world.database, lambda pk, countdown: None, overdue=timedelta(hours=1)) == 0
     assert backoff_seconds(world.settings, 1) == 0.2 and backoff_seconds(world.settings, 50) == 1.0
+
+
+def test_a_killed_delivery_worker_loses_no_delivery(world: World, storescps: list[Process], tmp_path: Path) -> None:
+    settings = world.with_destinations("LATE@127.0.0.1:11251")
+    series = mr_series(brain_images(2, seed=30))
+    ingest(world, series)
+    published = publish_result(world.database, settings, record_result(world.database, series))
+    assert published is not None
+    wait_for(lambda: world.deliveries(published.document_pk)["LATE"].error, 30, "a failed attempt",
+             world.delivery_worker)
+    world.delivery_worker.popen.kill()
+    world.delivery_worker.popen.wait()
+
+    # The retry message died with the worker (the filesystem broker forgets fetched messages): nothing is sent...
+    storescps.append(start_storescp(world.netns, 11251, tmp_path / "late", ae_title="LATE"))
+    time.sleep(2 * world.settings.sr_delivery_backoff_max_seconds)
+    assert world.deliveries(published.document_pk)["LATE"].status == "pending" and not received(tmp_path / "late")
+    # ... until a delivery worker starts again and resumes every pending delivery.
+    world.delivery_worker = start_delivery_worker(world.netns, world.settings)
+    wait_for(lambda: world.deliveries(published.document_pk)["LATE"].status == "sent", 30, "the resumed delivery",
+             world.delivery_worker)
+    assert set(received(tmp_path / "late")) == {published.sop_instance_uid}
 
 
 @pytest.fixture
