@@ -15,7 +15,7 @@ def test_docker_compose_config_is_valid() -> None:
     config = subprocess.run([*COMPOSE, "config"], capture_output=True, text=True, check=False)
     assert config.returncode == 0, config.stderr
     services = subprocess.run([*COMPOSE, "config", "--services"], capture_output=True, text=True, check=True)
-    assert set(services.stdout.split()) == {"redis", "postgres", "listener", "worker", "web"}
+    assert set(services.stdout.split()) == {"redis", "postgres", "listener", "worker", "delivery", "training-worker", "web"}
     worker = config.stdout.split("\n  worker:\n", 1)[1].split("\nvolumes:", 1)[0]  # worker is the last service
     assert "- capabilities:\n            - gpu" in worker  # inference workers reserve a GPU
 
