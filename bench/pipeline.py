@@ -211,10 +211,11 @@ def main() -> None:
     parser.add_argument("--database-url")
     parser.add_argument("--timeout", type=float, default=600)
     parser.add_argument("--json", type=Path, help="also write the numbers here")
+    parser.add_argument("--work-dir", type=Path, help="keep the series, data directory and serve.log here")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="bench-pipeline-") as tmp:
-        work = Path(tmp)
+        work = args.work_dir or Path(tmp)
         models_dir = prepare_models_dir(args, work / "models")
         series = make_series(args.task, args.series, args.slices, work / "series")
         bare = bare_model(models_dir, args.task, args.batch_size, args.bare_seconds, series[0])

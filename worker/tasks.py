@@ -11,7 +11,8 @@ from __future__ import annotations
 import logging
 import random
 import time
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from celery import Celery, Task
@@ -59,6 +60,10 @@ class WorkerContext:
     database: Database
     models: ModelCache
     worker_pk: int
+    #: Makes the SRs of finished jobs beside inference, so the next series does not wait for highdicom.
+    sr_publisher: ThreadPoolExecutor = field(
+        default_factory=lambda: ThreadPoolExecutor(max_workers=1, thread_name_prefix="sr-publisher")
+    )
 
 
 def claim_job(database: Database, job_id: int, worker_pk: int) -> ClaimedJob | None:
@@ -180,7 +185,8 @@ def run_job(context: WorkerContext, job_id: int) -> None:
         seconds=time.perf_counter() - started,
     )
     log.info("job %d: series %s is %s", job_id, claimed.series_instance_uid, classification.label)
-    publish_job_sr(context, job_id)
+    # If the process dies before the SR is made, the next worker's start-up makes it (publish_missing).
+    context.sr_publisher.submit(publish_job_sr, context, job_id)
 
 
 def publish_job_sr(context: WorkerContext, job_id: int) -> None:
