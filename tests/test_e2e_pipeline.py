@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -260,6 +261,16 @@ def test_embedded_serve_classifies_routes_and_supersedes(
         assert len(second.slice_probabilities) == 5 and len(first.slice_probabilities) == 4
     finally:
         database.dispose()
+
+    # serve restarts a worker that dies; the new one classifies what arrives next.
+    worker_pid = int(re.search(r"worker pid (\d+)", serve.wait_ready()).group(1))
+    os.kill(worker_pid, signal.SIGKILL)
+    after = mr_series(brain_images(2, seed=21), study_instance_uid=study)
+    push(port, after, tmp_path / "after")
+    wait_for(lambda: all_final(report(url), {after[0].SeriesInstanceUID}), STARTUP_SECONDS, "the restarted worker",
+             serve)
+    check_classified(by_series(report(url))[after[0].SeriesInstanceUID], "brain-tumor", models_dir)
+    assert "restarting it" in serve.output
     assert serve.terminate() == 0
 
 
