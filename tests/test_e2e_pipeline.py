@@ -18,6 +18,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -216,12 +217,15 @@ def check_classified(entry: dict[str, Any], task: str, models_dir: Path) -> None
 def test_embedded_serve_classifies_routes_and_supersedes(
     models_dir: Path, tmp_path: Path, processes: list[Process]
 ) -> None:
-    data_dir, port = tmp_path / "data", free_port()
+    data_dir, port, web_port = tmp_path / "data", free_port(), free_port()
     env = environment(models_dir)
     serve = Process(["serve", "--data-dir", str(data_dir), "--dicom-port", str(port), "--web-port",
-                     str(free_port())], env)
+                     str(web_port)], env)
     processes.append(serve)
-    assert f"DICOM {OUR_AE}@127.0.0.1:{port}" in serve.wait_ready()
+    ready = serve.wait_ready()
+    assert f"DICOM {OUR_AE}@127.0.0.1:{port}, web http://127.0.0.1:{web_port}" in ready
+    with urllib.request.urlopen(f"http://127.0.0.1:{web_port}/login", timeout=10) as page:
+        assert page.status == 200  # the worklist runs in serve (its own tests are in test_web_*)
 
     study = "1.2.826.0.1.3680043.8.498.9001"
     mr = mr_series(brain_images(4), study_instance_uid=study)

@@ -111,7 +111,7 @@ def _sr_show(args: argparse.Namespace) -> int:
 
 def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
     """Add the worker's subcommands."""
-    serve = subparsers.add_parser("serve", help="listener, scheduler and an inference worker in one")
+    serve = subparsers.add_parser("serve", help="listener, scheduler, web worklist and workers in one")
     _add_settings_options(serve)
     _add_network_options(serve, web=True)
     _add_sr_destination_option(serve)
@@ -149,12 +149,14 @@ def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") 
 def build_parser() -> argparse.ArgumentParser:
     from training import cli as training_cli
     from worker.registry import cli as registry_cli
+    from worker.web import cli as web_cli
 
     parser = argparse.ArgumentParser(prog="dicom-triage", description=__doc__.splitlines()[0])
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     register(subparsers)
     training_cli.register(subparsers)
     registry_cli.register(subparsers)
+    web_cli.register(subparsers)
     return parser
 
 

@@ -222,29 +222,39 @@ class WorkerChild:
 
 
 def run_serve(settings: Settings, config_file: Path | None) -> int:
-    """``dicom-triage serve``: listener, scheduler, a worker child, an SR delivery child and a training child
-    (retraining runs); prints one line when all are up."""
+    """``dicom-triage serve``: listener, scheduler and the web worklist in this process; a worker child, an SR
+    delivery child and a training child (retraining runs); prints one line when all are up."""
+    from worker.web.cli import start_in_thread
+
     stop = stop_on_signals()
     database = open_database(settings)
     ingest = Ingest(settings, database)
     child = WorkerChild(worker_command(settings, config_file))
     delivery = WorkerChild(worker_command(settings, config_file, DELIVERY_QUEUE))
     training = WorkerChild(training_worker_command(settings, config_file))
+    web = web_thread = None
     ready = False
     try:
         ingest.start()
+        web, web_thread = start_in_thread(settings, database)
         child.ensure_running()
         delivery.ensure_running()
         training.ensure_running()
         while not stop.wait(0.5):
-            if not ready and child.pid is not None and worker_registered(database, child.pid):
+            if not web_thread.is_alive():  # uvicorn ends its thread when it cannot bind
+                raise StartupError(f"cannot serve the web worklist on {settings.web_host}:{settings.web_port}")
+            if not ready and web.started and child.pid is not None and worker_registered(database, child.pid):
                 ready = True
-                _ready(f"{ingest.describe()}, worker pid {child.pid}, data {settings.data_dir}")
+                web_url = f"http://{settings.web_host}:{settings.web_port}"
+                _ready(f"{ingest.describe()}, web {web_url}, worker pid {child.pid}, data {settings.data_dir}")
             child.ensure_running()
             delivery.ensure_running()
             training.ensure_running()
     finally:
         ingest.stop()
+        if web is not None and web_thread is not None:
+            web.should_exit = True
+            web_thread.join(timeout=10)
         child.stop()
         delivery.stop()
         training.stop()
