@@ -1,0 +1,104 @@
+"""`dicom-triage train` then `evaluate`, one epoch on a few dozen real images, for every architecture."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from models.card import ModelCard
+from models.inference import Classifier
+from models.tasks import BRAIN_TUMOR, COVID_CT
+from worker.cli import main
+
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+pytestmark = pytest.mark.skipif(not DATA.is_dir(), reason="../shared/data is not present")
+
+
+@pytest.fixture(scope="module")
+def brain_data(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("brain")
+    for split, count in (("Training", 8), ("Testing", 3)):
+        for name in BRAIN_TUMOR.class_names:
+            (root / split / name).mkdir(parents=True)
+            for path in sorted((DATA / "brain-tumor-mri" / split / name).iterdir())[:count]:
+                shutil.copy(path, root / split / name)
+    return root
+
+
+@pytest.fixture(scope="module")
+def covid_data(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("covid")
+    for name, prefix in zip(COVID_CT.class_names, ("Covid", "Non-Covid")):
+        (root / name).mkdir()
+        for number in range(300, 320):
+            shutil.copy(DATA / "covid-ct" / name / f"{prefix} ({number}).png", root / name)
+    return root
+
+
+ARCHES = [
+    ("triage-cnn", "brain", "64x64x1"),
+    ("study-brain-cnn", "covid", None),
+    ("study-covid-cnn", "brain", "128x128x1"),
+    ("threshold", "covid", "64x64x1"),
+    pytest.param("resnet50", "brain", "32x32x3", marks=pytest.mark.slow),
+]
+
+
+@pytest.mark.parametrize("arch,dataset,size", ARCHES)
+def test_train_then_evaluate(arch, dataset, size, brain_data, covid_data, tmp_path, capsys):
+    task, data = ("brain-tumor", brain_data) if dataset == "brain" else ("covid-ct", covid_data)
+    out = tmp_path / "model"
+    argv = ["train", task, "--data", str(data), "--arch", arch, "--out", str(out), "--epochs", "1",
+            "--batch-size", "8", "--validation-fraction", "0.25"]
+    if size:
+        argv += ["--input-size", size]
+    assert main(argv) == 0
+    card = ModelCard.load(out)
+    assert card.architecture == arch and card.task == task
+    expected = {"testing", "testing_dedup"} if task == "brain-tumor" else {"holdout"}
+    assert expected <= set(card.metrics)
+    if arch != "threshold":
+        assert len(card.training["history"]["loss"]) == 1
+        assert (out / f"training_curves_{task}.png").stat().st_size > 1000
+    classifier = Classifier.load(out)
+    assert classifier.card.uid == card.uid
+    report = tmp_path / "eval" / "metrics.json"
+    assert main(["evaluate", task, "--data", str(data), "--model", str(out), "--json", str(report)]) == 0
+    results = json.loads(report.read_text())
+    for split in expected:
+        assert results[split]["accuracy"] == pytest.approx(card.metrics[split]["accuracy"])
+        assert len(results[split]["confusion_matrix"]) == len(card.class_names)
+        assert (report.parent / f"confusion_{task}_{split}.png").is_file()
+    assert "accuracy=" in capsys.readouterr().out
+
+
+def test_cross_validation_is_recorded_in_the_card(covid_data, tmp_path):
+    out = tmp_path / "model"
+    assert main(["train", "covid-ct", "--data", str(covid_data), "--arch", "threshold", "--out", str(out),
+                 "--cv", "5", "--input-size", "64x64"]) == 0
+    cv = ModelCard.load(out).metrics["cv5"]
+    assert len(cv["folds"]) == 5 and 0.0 <= cv["accuracy"] <= 1.0 and cv["std"] >= 0.0
+
+
+@pytest.mark.parametrize("argv_tail,message", [
+    (["--data", "/nonexistent/data"], "/nonexistent/data: does not exist"),
+    (["--data", "DATA", "--input-size", "12by12"], "--input-size '12by12'"),
+    (["--data", "DATA", "--arch", "threshold", "--weights", "imagenet"], "--weights applies to resnet50 only"),
+])
+def test_bad_arguments_fail_with_a_clear_message(argv_tail, message, covid_data, tmp_path, capsys):
+    argv = ["train", "covid-ct", "--out", str(tmp_path / "m")] + [str(covid_data) if a == "DATA" else a for a in argv_tail]
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_wrong_task_folders_fail_with_a_clear_message(covid_data, tmp_path, capsys):
+    assert main(["train", "brain-tumor", "--data", str(covid_data), "--out", str(tmp_path / "m")]) == 2
+    assert "class folders do not match task brain-tumor" in capsys.readouterr().err
+
+
+def test_evaluate_bad_model_folder(covid_data, tmp_path, capsys):
+    assert main(["evaluate", "covid-ct", "--data", str(covid_data), "--model", str(tmp_path / "none")]) == 2
+    assert "does not exist" in capsys.readouterr().err
