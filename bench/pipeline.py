@@ -68,6 +68,7 @@ def prepare_models_dir(args: argparse.Namespace, directory: Path) -> Path:
 
     source = args.model_dir or default_model_dir(args.task)
     target = directory / args.task
+    directory.mkdir(parents=True, exist_ok=True)
     if (source / "model.keras").is_file():
         target.symlink_to(source.resolve(), target_is_directory=True)
         return directory
