@@ -186,10 +186,12 @@ NOTES = """## Why the shipped models miss their targets, and how to rerun
   ~50% and ~90% from epoch to epoch (the moving statistics trail the weights), early stopping fired on noise, and
   ReduceLROnPlateau cut the rate too early. `triage-cnn` now uses momentum 0.9: on a 3-epoch CPU check (COVID,
   64x64) validation accuracy rose 70 -> 78 -> 86% instead of sitting at 50.5%. The shipped weights predate this.
-- **Rerun** (one device call, about 6 minutes with the budgets below; then copy `$OUT/{brain,covid}` to
-  `models/weights/{brain-tumor,covid-ct}` and run this script with `--update-cards`):
+- **Rerun** (one device call of about 8 minutes with the budgets below: `run` with carry `[".gpu/j", ".whl"]`,
+  timeout 560; then copy `$OUT/{brain,covid}` to `models/weights/{brain-tumor,covid-ct}` and run this script with
+  `--update-cards`). Prepare here:
   `.venv/bin/python bench/train_gpu_data.py --data ../shared/data --out .gpu/j --jpeg-quality 92 --size brain-tumor=128 --size covid-ct=160`,
-  then on the device (carry `.gpu/j` and `.whl`, see bench/train_gpu.py):
+  and the wheels (keras 3.15.1, namex, optree for cp312) into `.whl/`; then on the device, after installing them
+  into a PYTHONPATH folder (the command in the device tool's README):
   `KERAS_BACKEND=jax python3 bench/train_gpu.py --data .gpu/j --out $OUT --deadline 300 --job brain=brain-tumor:triage-cnn:128:ship:t200 --job covid=covid-ct:triage-cnn:160:ship:cv5:t60:f30`.
 - **Duplicates.** 483 of the 1,311 brain `Testing` images are exact (216) or near (dHash-256 within 10 bits)
   copies of `Training` images, including 369 of the 405 `notumor` test images; `testing_dedup` leaves them out.

@@ -102,3 +102,11 @@ def test_wrong_task_folders_fail_with_a_clear_message(covid_data, tmp_path, caps
 def test_evaluate_bad_model_folder(covid_data, tmp_path, capsys):
     assert main(["evaluate", "covid-ct", "--data", str(covid_data), "--model", str(tmp_path / "none")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_cli_architecture_names_are_the_models_architectures():
+    # training.cli keeps its own list so building the parser does not import Keras; it must not drift.
+    from models.architectures import ARCHITECTURES
+    from training.cli import ARCHITECTURE_NAMES
+
+    assert set(ARCHITECTURE_NAMES) == set(ARCHITECTURES)

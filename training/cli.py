@@ -7,6 +7,7 @@ from typing import Any
 
 from models.tasks import TASKS
 
+# A copy of models.architectures.ARCHITECTURES (a test keeps them equal): importing that module loads Keras.
 ARCHITECTURE_NAMES = ("triage-cnn", "study-brain-cnn", "study-covid-cnn", "resnet50", "threshold")
 
 
