@@ -20,7 +20,7 @@ from config import RoutingRule, load_settings
 from dicom_factory import brain_images, ct_images
 from dicom_io.archive import Archive
 from dicom_io.synthesis import ct_series, mr_series
-from worker.db import Base, Database, Instance, Job, JobState, RejectedInstance, Result, Series, WorkerProcess
+from worker.db import Base, Database, Instance, Job, JobState, Patient, RejectedInstance, Result, Series, WorkerProcess
 from worker.db import upgrade_database
 from worker.ingest import DatabaseSink
 from worker.inference import SeriesClassification
@@ -110,6 +110,7 @@ def test_concurrent_upgrades(database_url: str) -> None:
 def test_ingest_records_rows_and_is_idempotent(database: Database, sink: DatabaseSink) -> None:
     series = _brain(3)
     for ds in series:
+        ds.PatientName = "Alpha^Ann"
         assert sink.accept(ds, "MODALITY1") == 0x0000
     assert sink.accept(series[0], "MODALITY1") == 0x0000  # repeated SOP Instance UID
     fresh = DatabaseSink(sink.archive, database)  # another listener process: no cache
@@ -123,6 +124,7 @@ def test_ingest_records_rows_and_is_idempotent(database: Database, sink: Databas
         row = session.scalars(select(Series)).one()
         assert (row.modality, row.body_part_examined, row.pending) == ("MR", "BRAIN", True)
         assert "ORIGINAL" in row.image_types.split("\\")
+        assert session.scalars(select(Patient.patient_name)).one() == "Alpha^Ann"  # not split into letters
 
 
 def test_reject_is_recorded(sink: DatabaseSink, database: Database) -> None:

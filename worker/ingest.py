@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 
 from pydicom import Dataset
+from pydicom.multival import MultiValue
 from sqlalchemy import Connection, Table, bindparam, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 
@@ -34,7 +35,8 @@ def _text(ds: Dataset, keyword: str, limit: int) -> str:
     value = ds.get(keyword)
     if value is None:
         return ""
-    if keyword == "ImageType" or (not isinstance(value, str) and hasattr(value, "__iter__")):
+    # Only a multi-valued element is joined: a PersonName iterates over its characters.
+    if isinstance(value, MultiValue):
         text = "\\".join(str(v) for v in value)
     else:
         text = str(value)
