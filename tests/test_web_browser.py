@@ -38,12 +38,8 @@ CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 STARTUP_SECONDS = 180  # TensorFlow's import is slow on a loaded 2-core machine
-WEB_SCRIPT = (
-    "import argparse, sys; from worker.web.cli import register; p = argparse.ArgumentParser(); "
-    "s = p.add_subparsers(); register(s); a = p.parse_args(sys.argv[1:]); sys.exit(a.handler(a))"
-)
 
-pytestmark = pytest.mark.slow  # about 2 minutes on a loaded 2-core machine: TensorFlow starts in two processes
+pytestmark = pytest.mark.slow  # about 2 minutes on a loaded 2-core machine
 
 
 def free_port() -> int:
@@ -115,24 +111,22 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, object
                DICOM_TRIAGE_DICOM_HOST="127.0.0.1", DICOM_TRIAGE_MIN_FREE_DISK_MB="0", CUDA_VISIBLE_DEVICES="",
                TF_CPP_MIN_LOG_LEVEL="2")
     data = ["--data-dir", str(settings.data_dir)]
-    serve = Child([sys.executable, "-m", "worker.cli", "serve", *data, "--dicom-port", str(dicom_port)], env)
-    web = Child([sys.executable, "-c", WEB_SCRIPT, "web", *data, "--web-port", str(web_port)], env)
+    serve = Child([sys.executable, "-m", "worker.cli", "serve", *data, "--dicom-port", str(dicom_port),
+                   "--web-port", str(web_port)], env)
     url = f"http://127.0.0.1:{web_port}"
     try:
         wait_until(lambda: any(l.startswith("dicom-triage ready:") for l in serve.lines), "serve", serve)
-        wait_until(lambda: web_up(url), "web", web)
+        wait_until(lambda: web_up(url), "web", serve)
         for index, (cls, name) in enumerate([("glioma", "Alpha^Ann"), ("notumor", XSS_NAME)]):
             datasets = mr_series(images(cls, 2), patient_name=name, patient_id=f"BROWSER-{index}",
                                  accession_number=f"ACCB{index}")
             files = write_files(datasets, tmp / f"push{index}")
             sent = storescu(dicom_port, files, called_ae="DICOM_TRIAGE")
             assert sent.returncode == 0 and sent.statuses == [0, 0], sent.output[-2000:]
-        yield {"url": url, "serve": serve, "web": web, "settings": settings}
+        yield {"url": url, "serve": serve, "settings": settings}
     finally:
-        for child in (web, serve):  # both at once: each takes a while to shut down
-            child.terminate()
-        for child in (web, serve):
-            child.wait()
+        serve.terminate()
+        serve.wait()
 
 
 def shoot(page: Page, tmp_path: Path, name: str) -> None:

@@ -203,7 +203,7 @@ def resume_deliveries(database: Database, enqueue: DeliveryEnqueue, overdue: tim
 def register_delivery_task(app: Celery, settings: Settings, database: Database) -> None:
     """Add ``deliver_sr`` to ``app``, bound to this process's settings and database."""
 
-    @app.task(bind=True, name=DELIVER_SR, acks_late=True, ignore_result=True, max_retries=None)
+    @app.task(bind=True, name=DELIVER_SR, acks_late=True, ignore_result=True, max_retries=None, shared=False)
     def deliver_sr(self: Task, delivery_pk: int) -> None:
         try:
             outcome = attempt_delivery(database, settings, delivery_pk)

@@ -277,7 +277,7 @@ def _alive(pid: int) -> bool:
 
 
 def register_retraining_task(app: Celery, settings: Settings, database: Database) -> None:
-    @app.task(name=RETRAIN_MODEL, acks_late=True, ignore_result=True)
+    @app.task(name=RETRAIN_MODEL, acks_late=True, ignore_result=True, shared=False)
     def retrain_model(run_id: int) -> None:
         run_retraining(settings, database, run_id)
 
