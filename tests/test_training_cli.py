@@ -52,12 +52,13 @@ def test_train_then_evaluate(arch, dataset, size, brain_data, covid_data, tmp_pa
     task, data = ("brain-tumor", brain_data) if dataset == "brain" else ("covid-ct", covid_data)
     out = tmp_path / "model"
     argv = ["train", task, "--data", str(data), "--arch", arch, "--out", str(out), "--epochs", "1",
-            "--batch-size", "8", "--validation-fraction", "0.25"]
+            "--batch-size", "8", "--validation-fraction", "0.25", "--augment", "zoom=0.2", "--augment", "flip=false"]
     if size:
         argv += ["--input-size", size]
     assert main(argv) == 0
     card = ModelCard.load(out)
     assert card.architecture == arch and card.task == task
+    assert card.training["config"]["augmentation"]["zoom"] == 0.2 and card.training["config"]["augmentation"]["flip"] is False
     expected = {"testing", "testing_dedup"} if task == "brain-tumor" else {"holdout"}
     assert expected <= set(card.metrics)
     if arch != "threshold":
@@ -87,6 +88,8 @@ def test_cross_validation_is_recorded_in_the_card(covid_data, tmp_path):
     (["--data", "/nonexistent/data"], "/nonexistent/data: does not exist"),
     (["--data", "DATA", "--input-size", "12by12"], "--input-size '12by12'"),
     (["--data", "DATA", "--arch", "threshold", "--weights", "imagenet"], "--weights applies to resnet50 only"),
+    (["--data", "DATA", "--augment", "zoom=2"], "zoom must be between 0 and 1"),
+    (["--data", "DATA", "--augment", "blur=0.1"], "--augment 'blur=0.1': expected NAME=VALUE"),
 ])
 def test_bad_arguments_fail_with_a_clear_message(argv_tail, message, covid_data, tmp_path, capsys):
     argv = ["train", "covid-ct", "--out", str(tmp_path / "m")] + [str(covid_data) if a == "DATA" else a for a in argv_tail]

@@ -42,7 +42,11 @@ def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") 
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--dropout", type=float, default=None, help="head dropout (default: the architecture's)")
     train.add_argument("--no-batch-norm", action="store_true", help="study CNNs without BatchNormalization")
-    train.add_argument("--no-augmentation", action="store_true")
+    train.add_argument("--no-augmentation", action="store_true", help="start from no augmentation at all")
+    train.add_argument("--augment", action="append", metavar="NAME=VALUE",
+                       help="set one augmentation: flip=true|false, or rotation, zoom, shear, translation, brightness, "
+                            "contrast = a factor 0..1 (repeatable; defaults: flip, rotation 0.03, zoom 0.1, shear "
+                            "0.05, translation 0.05, brightness 0.1, contrast 0.1)")
     train.add_argument("--no-class-weights", action="store_true")
     train.add_argument("--input-size", help="HxW or HxWxC (default: the architecture's)")
     train.add_argument("--weights", help="resnet50 only: 'imagenet' (from Keras' cache, never downloaded) or a file")

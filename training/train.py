@@ -100,6 +100,30 @@ def parse_input_size(text: str) -> InputSpec:
         raise ValueError(f"--input-size {text!r}: expected HxW or HxWxC with C 1 or 3 ({exc})") from None
 
 
+def parse_augmentation(base: "Augmentation", settings: list[str]) -> "Augmentation":
+    """Apply ``--augment NAME=VALUE`` settings (e.g. ``zoom=0.2``, ``flip=false``) to ``base``."""
+    from dataclasses import fields, replace
+
+    kinds = {f.name: f.type for f in fields(base)}
+    changes: dict[str, Any] = {}
+    for setting in settings:
+        name, _, value = setting.partition("=")
+        if name not in kinds or not value:
+            raise ValueError(f"--augment {setting!r}: expected NAME=VALUE with NAME one of {', '.join(kinds)}")
+        if name == "flip":
+            if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                raise ValueError(f"--augment {setting!r}: flip is true or false")
+            changes[name] = value.lower() in ("true", "1", "yes")
+        else:
+            try:
+                changes[name] = float(value)
+            except ValueError:
+                raise ValueError(f"--augment {setting!r}: {name} takes a number") from None
+            if not 0.0 <= changes[name] <= 1.0:
+                raise ValueError(f"--augment {setting!r}: {name} must be between 0 and 1")
+    return replace(base, **changes)
+
+
 def handle_train(args: Any) -> int:
     from models.architectures import Augmentation
 
@@ -109,7 +133,8 @@ def handle_train(args: Any) -> int:
             early_stopping_patience=args.patience, label_smoothing=args.label_smoothing,
             class_weights=not args.no_class_weights, validation_fraction=args.validation_fraction, seed=args.seed,
             dropout=args.dropout, batch_norm=not args.no_batch_norm,
-            augmentation=Augmentation.none() if args.no_augmentation else Augmentation(),
+            augmentation=parse_augmentation(Augmentation.none() if args.no_augmentation else Augmentation(),
+                                            args.augment or []),
         )
         spec = parse_input_size(args.input_size) if args.input_size else None
         return run_train(get_task(args.task), [Path(d) for d in args.data], args.arch, Path(args.out), config, spec,
