@@ -8,6 +8,7 @@ GPU training host). Only Keras is imported here, never TensorFlow.
 
 from __future__ import annotations
 
+import os
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -202,7 +203,8 @@ def resolve_resnet50_weights(weights: str | None) -> Path | None:
     if weights is None:
         return None
     if weights == "imagenet":
-        cached = Path(keras.config.keras_home() if hasattr(keras.config, "keras_home") else Path.home() / ".keras")
+        # Where keras.utils.get_file would have cached it: $KERAS_HOME, else ~/.keras.
+        cached = Path(os.environ.get("KERAS_HOME") or Path.home() / ".keras")
         candidate = cached / "models" / _RESNET50_NOTOP
         if candidate.is_file():
             return candidate
