@@ -16,138 +16,38 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
-import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import psycopg
 import pytest
 import redis
 from pydicom.uid import JPEG2000Lossless, JPEGLSLossless, RLELossless
 from sqlalchemy import select
 
-from dicom_factory import SHARED_DATA, brain_images, ct_images, storescu, write_files
+from dicom_factory import brain_images, ct_images, storescu, write_files
 from dicom_io.synthesis import ct_series, encode, mr_series
-from models.architectures import build_model, default_input_spec, fit_threshold_model
 from models.card import ModelCard
-from models.imagefiles import read_grey_image
-from models.preprocessing import prepare_batch
-from models.tasks import TASKS
+from processes import Child, celery_ready, free_port, serve_ready, triage_command, triage_environment, wait_for
 from worker.db import Database, Job, JobState, Result, Series
 from worker.report import results_report
 
 ROOT = Path(__file__).resolve().parents[1]
 OUR_AE = "DICOM_TRIAGE"
-PG_ADMIN = "host=127.0.0.1 port=5432 user=postgres dbname=test"
 REDIS_DB = 13
 STARTUP_SECONDS = 180  # TensorFlow's import is slow on a loaded 2-core CI machine
 
 
-@pytest.fixture(scope="module")
-def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("models")
-    for name, task in TASKS.items():
-        spec = default_input_spec("threshold", task)
-        model = build_model("threshold", task, spec)
-        folder = "brain-tumor-mri/Training" if name == "brain-tumor" else "covid-ct"
-        images, labels = [], []
-        for index, class_name in enumerate(task.class_names):
-            files = sorted((SHARED_DATA / folder / class_name).glob("*"))[:8]
-            if not files:
-                pytest.skip(f"no training images for {name}/{class_name} under {SHARED_DATA}")
-            images += [read_grey_image(f) for f in files]
-            labels += [index] * len(files)
-        fit_threshold_model(model, prepare_batch(images, spec), np.array(labels))
-        (root / name).mkdir()
-        model.save(root / name / "model.keras")
-        ModelCard(
-            task=name, class_names=list(task.class_names), architecture="threshold", input_spec=spec,
-            name=f"test-{name}",
-        ).save(root / name)
-    return root
+def start(args: list[str], env: dict[str, str]) -> Child:
+    """``dicom-triage ARGS``, named after its command."""
+    return Child(triage_command(*args), env, name=args[0])
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-class Process:
-    """A ``dicom-triage`` subprocess whose output is collected (and shown when a test fails)."""
-
-    def __init__(self, args: list[str], env: dict[str, str]) -> None:
-        self.args = args
-        self.popen = subprocess.Popen(
-            [sys.executable, "-m", "worker.cli", *args],
-            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        )
-        self.lines: list[str] = []
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        assert self.popen.stdout is not None
-        for line in self.popen.stdout:
-            self.lines.append(line)
-
-    @property
-    def output(self) -> str:
-        return "".join(self.lines)
-
-    def wait_ready(self, timeout: float = STARTUP_SECONDS) -> str:
-        """Wait for the ready line of ``serve``/``listen``, or Celery's for ``worker``."""
-        deadline = time.monotonic() + timeout
-        celery = self.args[0] == "worker"
-        while time.monotonic() < deadline:
-            for line in list(self.lines):
-                if line.rstrip().endswith(" ready.") if celery else line.startswith("dicom-triage ready:"):
-                    return line
-            if self.popen.poll() is not None:
-                raise AssertionError(f"{self.args[0]} exited with {self.popen.returncode}:\n{self.output}")
-            time.sleep(0.1)
-        raise AssertionError(f"{self.args[0]} not ready after {timeout} s:\n{self.output[-5000:]}")
-
-    def terminate(self, timeout: float = 60) -> int:
-        if self.popen.poll() is None:
-            self.popen.send_signal(signal.SIGTERM)
-        try:
-            return self.popen.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.popen.kill()
-            raise AssertionError(f"{self.args[0]} ignored SIGTERM for {timeout} s:\n{self.output[-5000:]}")
-
-    def kill(self) -> None:
-        self.popen.kill()
-        self.popen.wait()
-
-
-@pytest.fixture
-def processes() -> Iterator[list[Process]]:
-    started: list[Process] = []
-    yield started
-    for process in started:
-        if process.popen.poll() is None:
-            process.kill()
-
-
-def environment(models_dir: Path, **settings: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("DICOM_TRIAGE_")}
-    env.update(
-        DICOM_TRIAGE_MODELS_DIR=str(models_dir),
-        DICOM_TRIAGE_SERIES_QUIET_SECONDS="1",
-        DICOM_TRIAGE_DICOM_HOST="127.0.0.1",
-        DICOM_TRIAGE_MIN_FREE_DISK_MB="0",
-        CUDA_VISIBLE_DEVICES="",  # the tests' tiny models run on the CPU
-        TF_CPP_MIN_LOG_LEVEL="2",
-    )
-    env.update({f"DICOM_TRIAGE_{k.upper()}": v for k, v in settings.items()})
-    return env
+def wait_ready(child: Child, timeout: float = STARTUP_SECONDS) -> str:
+    """The ready line of ``serve``/``listen``, or Celery's for ``worker``."""
+    return child.wait_for_line(celery_ready if child.name == "worker" else serve_ready, timeout)
 
 
 def report(database_url: str) -> dict[str, Any]:
@@ -167,17 +67,6 @@ def results(data_dir: Path, env: dict[str, str], *extra: str) -> dict[str, Any]:
     )
     assert completed.returncode == 0, completed.stderr
     return json.loads(completed.stdout)
-
-
-def wait_for(condition: Callable[[], Any], timeout: float, what: str, *processes: Process) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.2)
-    logs = "\n".join(p.output[-3000:] for p in processes)
-    raise AssertionError(f"timed out waiting for {what}\n{logs}")
 
 
 def by_series(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -215,14 +104,14 @@ def check_classified(entry: dict[str, Any], task: str, models_dir: Path) -> None
 
 
 def test_embedded_serve_classifies_routes_and_supersedes(
-    models_dir: Path, tmp_path: Path, processes: list[Process]
+    models_dir: Path, tmp_path: Path, processes: list[Child]
 ) -> None:
     data_dir, port, web_port = tmp_path / "data", free_port(), free_port()
-    env = environment(models_dir)
-    serve = Process(["serve", "--data-dir", str(data_dir), "--dicom-port", str(port), "--web-port",
+    env = triage_environment(models_dir)
+    serve = start(["serve", "--data-dir", str(data_dir), "--dicom-port", str(port), "--web-port",
                      str(web_port)], env)
     processes.append(serve)
-    ready = serve.wait_ready()
+    ready = wait_ready(serve)
     assert f"DICOM {OUR_AE}@127.0.0.1:{port}, web http://127.0.0.1:{web_port}" in ready
     with urllib.request.urlopen(f"http://127.0.0.1:{web_port}/login", timeout=10) as page:
         assert page.status == 200  # the worklist runs in serve (its own tests are in test_web_*)
@@ -267,7 +156,7 @@ def test_embedded_serve_classifies_routes_and_supersedes(
         database.dispose()
 
     # serve restarts a worker that dies; the new one classifies what arrives next.
-    worker_pid = int(re.search(r"worker pid (\d+)", serve.wait_ready()).group(1))
+    worker_pid = int(re.search(r"worker pid (\d+)", wait_ready(serve)).group(1))
     os.kill(worker_pid, signal.SIGKILL)
     after = mr_series(brain_images(2, seed=21), study_instance_uid=study)
     push(port, after, tmp_path / "after")
@@ -279,18 +168,6 @@ def test_embedded_serve_classifies_routes_and_supersedes(
 
 
 @pytest.fixture
-def postgres_url() -> Iterator[str]:
-    name = f"triage_e2e_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(PG_ADMIN, autocommit=True) as admin:
-        admin.execute(f'CREATE DATABASE "{name}"')
-    try:
-        yield f"postgresql://postgres@127.0.0.1:5432/{name}"
-    finally:
-        with psycopg.connect(PG_ADMIN, autocommit=True) as admin:
-            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-
-
-@pytest.fixture
 def redis_url() -> Iterator[str]:
     client = redis.Redis(host="127.0.0.1", port=6379, db=REDIS_DB)
     client.flushdb()
@@ -299,15 +176,15 @@ def redis_url() -> Iterator[str]:
 
 
 def test_scale_out_on_redis_and_postgresql(
-    models_dir: Path, tmp_path: Path, processes: list[Process], postgres_url: str, redis_url: str
+    models_dir: Path, tmp_path: Path, processes: list[Child], postgres_url: str, redis_url: str
 ) -> None:
     data_dir, port = tmp_path / "data", free_port()
-    env = environment(models_dir, database_url=postgres_url, broker_url=redis_url)
-    listen = Process(["listen", "--data-dir", str(data_dir), "--dicom-port", str(port)], env)
-    worker = Process(["worker", "--data-dir", str(data_dir)], env)
+    env = triage_environment(models_dir, database_url=postgres_url, broker_url=redis_url)
+    listen = start(["listen", "--data-dir", str(data_dir), "--dicom-port", str(port)], env)
+    worker = start(["worker", "--data-dir", str(data_dir)], env)
     processes += [listen, worker]
-    listen.wait_ready()
-    worker.wait_ready()
+    wait_ready(listen)
+    wait_ready(worker)
 
     mr = [encode(ds, RLELossless) for ds in mr_series(brain_images(3, seed=5))]
     ct = [encode(ds, JPEG2000Lossless) for ds in ct_series(ct_images(2, seed=5))]
@@ -325,14 +202,14 @@ def test_scale_out_on_redis_and_postgresql(
 
 @pytest.mark.slow  # four process starts (TensorFlow imports): about a minute
 def test_pending_series_survive_killed_processes(
-    models_dir: Path, tmp_path: Path, processes: list[Process]
+    models_dir: Path, tmp_path: Path, processes: list[Child]
 ) -> None:
     data_dir, port = tmp_path / "data", free_port()
-    env = environment(models_dir, inference_batch_size="1")
+    env = triage_environment(models_dir, inference_batch_size="1")
     listen_args = ["listen", "--data-dir", str(data_dir), "--dicom-port", str(port)]
-    listen = Process(listen_args, env)
+    listen = start(listen_args, env)
     processes.append(listen)
-    listen.wait_ready()
+    wait_ready(listen)
 
     # 1. Series queued while no worker runs; then the listener is killed and restarted.
     a = mr_series(brain_images(2, seed=11))
@@ -341,9 +218,9 @@ def test_pending_series_survive_killed_processes(
     wait_for(lambda: by_series(report(url)).get(a[0].SeriesInstanceUID, {}).get("status") == "queued",
              30, "series A queued", listen)
     listen.kill()
-    listen = Process(listen_args, env)
+    listen = start(listen_args, env)
     processes.append(listen)
-    listen.wait_ready()
+    wait_ready(listen)
 
     # 2. A long series is being classified when its worker is killed.
     # JPEG 2000 and batches of one make it slow enough (seconds) to be caught mid-way.
@@ -359,7 +236,7 @@ def test_pending_series_survive_killed_processes(
                 ).first()
                 return (row[0], row[1]) if row else None
 
-        first_worker = Process(["worker", "--data-dir", str(data_dir)], env)
+        first_worker = start(["worker", "--data-dir", str(data_dir)], env)
         processes.append(first_worker)
         long_uid = long_series[0].SeriesInstanceUID
         deadline = time.monotonic() + STARTUP_SECONDS
@@ -368,7 +245,7 @@ def test_pending_series_survive_killed_processes(
         first_worker.kill()
         assert job_state(long_uid) == (JobState.RUNNING, 1), "the job finished before its worker was killed"
 
-        second_worker = Process(["worker", "--data-dir", str(data_dir)], env)
+        second_worker = start(["worker", "--data-dir", str(data_dir)], env)
         processes.append(second_worker)
         uids = {a[0].SeriesInstanceUID, long_uid}
         wait_for(lambda: all_final(report(url), uids), 180, "results", listen, second_worker)

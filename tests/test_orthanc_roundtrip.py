@@ -10,8 +10,6 @@ The models are the tiny threshold classifiers of test_e2e_pipeline.py (fitted at
 from __future__ import annotations
 
 import json
-import os
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -20,21 +18,11 @@ from sqlalchemy import select
 
 from dicom_factory import brain_images, write_files
 from dicom_io.synthesis import mr_series
-from test_e2e_pipeline import models_dir  # noqa: F401  (the fixture)
-from test_sr_delivery import (
-    RETRY_SETTINGS,
-    NetworkNamespace,
-    Process,
-    associations,
-    check_sr_matches_result,
-    received,
-    start_storescp,
-    wait_for,
-)
+from processes import Child, NetworkNamespace, serve_ready, triage_command, triage_environment, wait_for
+from test_sr_delivery import RETRY_SETTINGS, associations, check_sr_matches_result, received, start_storescp
 from worker.db import Database, Result, Series
 from worker.report import results_report
 
-ROOT = Path(__file__).resolve().parents[1]
 ORTHANC = "/usr/sbin/Orthanc"
 OUR_AE, OUR_PORT = "DICOM_TRIAGE", 11112
 ORTHANC_AE, ORTHANC_DICOM, ORTHANC_HTTP = "ORTHANC", 4242, 8042
@@ -62,7 +50,7 @@ class Orthanc:
         }
         directory.mkdir(parents=True, exist_ok=True)
         (directory / "orthanc.json").write_text(json.dumps(config))
-        self.process = Process(netns, [ORTHANC, str(directory / "orthanc.json")])
+        self.process = Child([ORTHANC, str(directory / "orthanc.json")], netns=netns)
         wait_for(lambda: self.netns.run(["curl", "-sf", self.url("/system")]).returncode == 0, 30, "Orthanc",
                  self.process)
 
@@ -86,7 +74,7 @@ class Orthanc:
 
 
 def test_orthanc_sends_a_study_and_gets_our_sr_back_in_the_same_study(
-    models_dir: Path, tmp_path: Path  # noqa: F811
+    models_dir: Path, tmp_path: Path
 ) -> None:
     netns = NetworkNamespace()
     started: list[Process] = []
@@ -94,21 +82,16 @@ def test_orthanc_sends_a_study_and_gets_our_sr_back_in_the_same_study(
         orthanc = Orthanc(netns, tmp_path / "orthanc")
         started.append(orthanc.process)
         data_dir = tmp_path / "data"
-        env = {k: v for k, v in os.environ.items() if not k.startswith("DICOM_TRIAGE_")}
-        env.update({f"DICOM_TRIAGE_{key.upper()}": str(value) for key, value in RETRY_SETTINGS.items()})
-        env.update(DICOM_TRIAGE_MODELS_DIR=str(models_dir), DICOM_TRIAGE_SERIES_QUIET_SECONDS="1",
-                   DICOM_TRIAGE_DICOM_HOST="127.0.0.1", DICOM_TRIAGE_MIN_FREE_DISK_MB="0",
-                   CUDA_VISIBLE_DEVICES="", TF_CPP_MIN_LOG_LEVEL="2")
         # storescp stays down until Orthanc has the SR: with a short backoff it must still be pending by then.
-        env["DICOM_TRIAGE_SR_DELIVERY_MAX_ATTEMPTS"] = "30"
-        serve = Process(netns, [
-            sys.executable, "-m", "worker.cli", "serve", "--data-dir", str(data_dir), "--dicom-port", str(OUR_PORT),
+        env = triage_environment(models_dir, **{**RETRY_SETTINGS, "sr_delivery_max_attempts": 30})
+        serve = Child(triage_command(
+            "serve", "--data-dir", str(data_dir), "--dicom-port", str(OUR_PORT),
             "--ae-title", OUR_AE, "--web-port", "8081",
             "--sr-destination", f"{ORTHANC_AE}@127.0.0.1:{ORTHANC_DICOM}",
             "--sr-destination", f"{STORESCP_AE}@127.0.0.1:{STORESCP_PORT}",
-        ], env=env)
+        ), env, name="serve", netns=netns)
         started.append(serve)
-        serve.wait_for_line(lambda line: line.startswith("dicom-triage ready:"), STARTUP_SECONDS, "serve")
+        serve.wait_for_line(serve_ready, STARTUP_SECONDS, "serve")
 
         # The PACS gets a study over REST, then sends it to us by C-STORE.
         series = mr_series(brain_images(3, seed=31), patient_name="Roundtrip^Orthanc")

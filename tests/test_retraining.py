@@ -11,15 +11,8 @@ worker; a rollback brings the old model back. The export holds no patient name, 
 
 from __future__ import annotations
 
-import os
 import re
-import signal
 import socket
-import subprocess
-import sys
-import threading
-import time
-from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +26,7 @@ from config import load_settings
 from dicom_factory import storescu, write_files
 from dicom_io.synthesis import ct_series
 from models.tasks import COVID_CT
+from processes import Child, celery_ready, free_port, serve_ready, triage_command, triage_environment, wait_for
 from test_registry_helpers import covid_files, make_reference_set, save_threshold_model
 from worker.db import Database, Result, Series, SrDocument, upgrade_database
 from worker.db.registry import TrainingRun
@@ -47,7 +41,6 @@ from worker.retraining import (
 from worker.web.app import create_app
 from worker.web.users import add_user
 
-ROOT = Path(__file__).resolve().parents[1]
 OUR_AE = "DICOM_TRIAGE"
 PASSWORD = "correct horse battery"
 KEY = "retraining-test-key-0123456789"
@@ -60,62 +53,6 @@ REVIEWED = [
     ("RT-PID-2004", "Retrain^Delphine", "19660404", "non-COVID"),
 ]
 SLICES = 3
-
-
-class Process:
-    """A ``dicom-triage`` subprocess whose output is collected (and shown when a test fails)."""
-
-    def __init__(self, args: list[str], env: dict[str, str]) -> None:
-        self.args = args
-        self.popen = subprocess.Popen([sys.executable, "-m", "worker.cli", *args], cwd=ROOT, env=env,
-                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        self.lines: list[str] = []
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self) -> None:
-        assert self.popen.stdout is not None
-        for line in self.popen.stdout:
-            self.lines.append(line)
-
-    @property
-    def output(self) -> str:
-        return "".join(self.lines)
-
-    def wait_for_line(self, predicate: Callable[[str], bool], timeout: float = STARTUP_SECONDS) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if any(predicate(line) for line in list(self.lines)):
-                return
-            if self.popen.poll() is not None:
-                raise AssertionError(f"{self.args[0]} exited with {self.popen.returncode}:\n{self.output[-5000:]}")
-            time.sleep(0.2)
-        raise AssertionError(f"{self.args[0]} not ready after {timeout} s:\n{self.output[-5000:]}")
-
-    def stop(self) -> None:
-        if self.popen.poll() is None:
-            self.popen.send_signal(signal.SIGTERM)
-            try:
-                self.popen.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                self.popen.kill()
-                self.popen.wait()
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def wait_for(condition: Callable[[], Any], timeout: float, what: str, *processes: Process) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.3)
-    logs = "\n".join(f"--- {p.args[0]}:\n{p.output[-4000:]}" for p in processes)
-    raise AssertionError(f"timed out waiting for {what}\n{logs}")
 
 
 def login(client: TestClient, user: str) -> str:
@@ -169,15 +106,7 @@ def test_runs_fail_visibly(tmp_path: Path) -> None:
     assert "training worker running it stopped" in errors[2]
 
 
-@pytest.fixture
-def processes() -> Iterator[list[Process]]:
-    started: list[Process] = []
-    yield started
-    for process in started:
-        process.stop()
-
-
-def test_confirm_export_retrain_gate_promote_and_roll_back(tmp_path: Path, processes: list[Process]) -> None:
+def test_confirm_export_retrain_gate_promote_and_roll_back(tmp_path: Path, processes: list[Child]) -> None:
     # The installed model, the reference set it gets all right, and an external labelled folder.
     installed = tmp_path / "installed"
     installed_uid = save_threshold_model(installed / "covid-ct", "installed")
@@ -189,20 +118,16 @@ def test_confirm_export_retrain_gate_promote_and_roll_back(tmp_path: Path, proce
             (external / class_name / f"ext{number}.png").symlink_to(path)
 
     data_dir, port = tmp_path / "data", free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("DICOM_TRIAGE_")}
-    env.update(
-        DICOM_TRIAGE_DATA_DIR=str(data_dir), DICOM_TRIAGE_MODELS_DIR=str(installed),
-        DICOM_TRIAGE_SERIES_QUIET_SECONDS="1", DICOM_TRIAGE_DICOM_HOST="127.0.0.1",
-        DICOM_TRIAGE_MIN_FREE_DISK_MB="0", DICOM_TRIAGE_PSEUDONYM_KEY=KEY,
-        DICOM_TRIAGE_REFERENCE_SETS=f"covid-ct={reference}", DICOM_TRIAGE_PROMOTION_TOLERANCE="0",
-        DICOM_TRIAGE_EXTERNAL_TRAINING_DATA=f"covid-ct={external}",
-        CUDA_VISIBLE_DEVICES="", TF_CPP_MIN_LOG_LEVEL="2",
+    env = triage_environment(
+        installed, data_dir=data_dir, pseudonym_key=KEY, reference_sets=f"covid-ct={reference}",
+        promotion_tolerance="0", external_training_data=f"covid-ct={external}",
     )
     # serve runs the training worker (the training queue) as a child, beside the inference and delivery workers.
-    serve = Process(["serve", "--dicom-port", str(port), "--web-port", str(free_port())], env)
+    serve = Child(triage_command("serve", "--dicom-port", str(port), "--web-port", str(free_port())), env,
+                  name="serve")
     processes.append(serve)
-    serve.wait_for_line(lambda line: line.startswith("dicom-triage ready:"))
-    serve.wait_for_line(lambda line: "training-" in line and line.rstrip().endswith(" ready."))
+    serve.wait_for_line(serve_ready, STARTUP_SECONDS)
+    serve.wait_for_line(lambda line: "training-" in line and celery_ready(line), STARTUP_SECONDS)
 
     settings = load_settings(env=env)
     database = Database(settings.effective_database_url)

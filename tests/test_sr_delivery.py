@@ -11,16 +11,13 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import threading
 import time
-import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-import psycopg
 import pydicom
 import pytest
 from pydicom import Dataset
@@ -32,6 +29,7 @@ from dicom_io.archive import Archive
 from dicom_io.sr import read_classification_sr
 from dicom_io.synthesis import ct_series, mr_series
 from models.tasks import get_task
+from processes import Child, NetworkNamespace, celery_ready, triage_command, wait_for
 from worker import reporting
 from worker.db import (
     Database, Job, JobState, Result, Series, SrDelivery, SrDocument, User, upgrade_database, utcnow,
@@ -48,82 +46,19 @@ ROOT = Path(__file__).resolve().parents[1]
 DCIODVFY = "/usr/bin/dciodvfy"
 DSRDUMP = "/usr/bin/dsrdump"
 STORESCP = "/usr/bin/storescp"
-PG_ADMIN = "host=127.0.0.1 port=5432 user=postgres dbname=test"
 MODEL_UID = "2.25.314159265358979323846264338327950288"
 #: Delivery retries in these tests: 0.2, 0.4, 0.8, 1, 1 ... s; failed after 8 attempts (about 6 s).
 RETRY_SETTINGS = {"sr_delivery_backoff_seconds": 0.2, "sr_delivery_backoff_max_seconds": 1.0,
                   "sr_delivery_max_attempts": 8}
 
 
-# --- network namespace, processes -------------------------------------------------------------------------------
-
-class NetworkNamespace:
-    """A fresh network namespace with only loopback up, held by a sleeping process; run commands in it."""
-
-    def __init__(self) -> None:
-        self.holder = subprocess.Popen(
-            ["unshare", "-n", "sh", "-c", "ip link set lo up && echo up && exec sleep 86400"],
-            stdout=subprocess.PIPE, text=True,
-        )
-        assert self.holder.stdout is not None and self.holder.stdout.readline().strip() == "up"
-
-    def command(self, args: list[str]) -> list[str]:
-        return ["nsenter", f"--net=/proc/{self.holder.pid}/ns/net", *args]
-
-    def run(self, args: list[str], **options: Any) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(self.command(args), capture_output=True, text=True, timeout=60, **options)
-
-    def close(self) -> None:
-        self.holder.kill()
-        self.holder.wait()
-
-
-class Process:
-    """A subprocess (inside a namespace) whose output is collected and shown when a test fails."""
-
-    def __init__(self, netns: NetworkNamespace, args: list[str], env: dict[str, str] | None = None,
-                 cwd: Path = ROOT) -> None:
-        self.args = args
-        self.popen = subprocess.Popen(netns.command(args), cwd=cwd, env=env, stdout=subprocess.PIPE,
-                                      stderr=subprocess.STDOUT, text=True)
-        self.lines: list[str] = []
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self) -> None:
-        assert self.popen.stdout is not None
-        for line in self.popen.stdout:
-            self.lines.append(line)
-
-    @property
-    def output(self) -> str:
-        return "".join(self.lines)
-
-    def wait_for_line(self, predicate: Callable[[str], bool], timeout: float, what: str) -> str:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            for line in list(self.lines):
-                if predicate(line):
-                    return line
-            if self.popen.poll() is not None:
-                raise AssertionError(f"{what}: exited with {self.popen.returncode}:\n{self.output[-5000:]}")
-            time.sleep(0.05)
-        raise AssertionError(f"{what}: not seen after {timeout} s:\n{self.output[-5000:]}")
-
-    def stop(self) -> None:
-        if self.popen.poll() is None:
-            self.popen.terminate()
-            try:
-                self.popen.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.popen.kill()
-                self.popen.wait()
-
+# --- storescp, delivery worker ----------------------------------------------------------------------------------
 
 def start_storescp(netns: NetworkNamespace, port: int, directory: Path, *options: str,
-                   ae_title: str = "STORESCP") -> Process:
+                   ae_title: str = "STORESCP") -> Child:
     """dcmtk's storescp in the namespace, verbose (one "Association Received" line per association)."""
     directory.mkdir(parents=True, exist_ok=True)
-    process = Process(netns, [STORESCP, "-v", "-aet", ae_title, "-od", str(directory), *options, str(port)])
+    process = Child([STORESCP, "-v", "-aet", ae_title, "-od", str(directory), *options, str(port)], netns=netns)
     deadline = time.monotonic() + 20
     while netns.run(["sh", "-c", f"ss -ltn | grep -q ':{port} '"]).returncode != 0:
         assert process.popen.poll() is None and time.monotonic() < deadline, process.output
@@ -131,7 +66,7 @@ def start_storescp(netns: NetworkNamespace, port: int, directory: Path, *options
     return process
 
 
-def associations(storescp: Process) -> int:
+def associations(storescp: Child) -> int:
     return storescp.output.count("Association Received")
 
 
@@ -139,16 +74,6 @@ def received(directory: Path) -> dict[str, Path]:
     """Files storescp wrote, by SOP Instance UID."""
     return {str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID): p
             for p in directory.iterdir() if p.is_file()}
-
-
-def wait_for(condition: Callable[[], Any], timeout: float, what: str, *processes: Process) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if value := condition():
-            return value
-        time.sleep(0.1)
-    logs = "\n".join(p.output[-4000:] for p in processes)
-    raise AssertionError(f"timed out waiting for {what}\n{logs}")
 
 
 def dciodvfy_errors(path: Path) -> list[str]:
@@ -171,7 +96,7 @@ class World:
     settings: Settings
     database: Database
     sink: DatabaseSink
-    delivery_worker: Process
+    delivery_worker: Child
 
     def with_destinations(self, *destinations: str) -> Settings:
         return self.settings.model_copy(update={"sr_destinations": tuple(map(Destination.parse, destinations))})
@@ -230,10 +155,10 @@ def check_sr_matches_result(path: Path, database: Database, result_pk: int, labe
             s["sop_instance_uid"] for s in result.slice_probabilities}
 
 
-def start_delivery_worker(netns: NetworkNamespace, settings: Settings) -> Process:
-    worker = Process(netns, [sys.executable, "-m", "worker.cli", "worker", "--queue", "delivery",
-                             "--data-dir", str(settings.data_dir)], env=delivery_environment(settings))
-    worker.wait_for_line(lambda line: line.rstrip().endswith(" ready."), 120, "the delivery worker")
+def start_delivery_worker(netns: NetworkNamespace, settings: Settings) -> Child:
+    worker = Child(triage_command("worker", "--queue", "delivery", "--data-dir", str(settings.data_dir)),
+                   delivery_environment(settings), name="worker", netns=netns)
+    worker.wait_for_line(celery_ready, 120, "the delivery worker")
     return worker
 
 
@@ -257,8 +182,8 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
 
 
 @pytest.fixture
-def storescps(world: World) -> Iterator[list[Process]]:
-    started: list[Process] = []
+def storescps(world: World) -> Iterator[list[Child]]:
+    started: list[Child] = []
     yield started
     for process in started:
         process.stop()
@@ -267,7 +192,7 @@ def storescps(world: World) -> Iterator[list[Process]]:
 # --- tests ------------------------------------------------------------------------------------------------------
 
 def test_sr_is_archived_recorded_and_reaches_every_destination_even_with_one_down(
-    world: World, storescps: list[Process], tmp_path: Path
+    world: World, storescps: list[Child], tmp_path: Path
 ) -> None:
     series = mr_series(brain_images(3, seed=21))
     ingest(world, series)
@@ -304,7 +229,7 @@ def test_sr_is_archived_recorded_and_reaches_every_destination_even_with_one_dow
 
 
 def test_refusing_destinations_are_retried_with_backoff_then_given_up_with_the_reason(
-    world: World, storescps: list[Process], tmp_path: Path
+    world: World, storescps: list[Child], tmp_path: Path
 ) -> None:
     profile = tmp_path / "mr-only.cfg"
     profile.write_text(
@@ -342,7 +267,7 @@ def test_refusing_destinations_are_retried_with_backoff_then_given_up_with_the_r
 
 
 def test_revisions_name_their_predecessor_and_publishing_twice_makes_one_sr(
-    world: World, storescps: list[Process], tmp_path: Path
+    world: World, storescps: list[Child], tmp_path: Path
 ) -> None:
     storescps.append(start_storescp(world.netns, 11221, tmp_path / "pacs", ae_title="PACS"))
     settings = world.with_destinations("PACS@127.0.0.1:11221")
@@ -409,7 +334,7 @@ def test_revisions_name_their_predecessor_and_publishing_twice_makes_one_sr(
 
 @pytest.mark.filterwarnings("ignore:The (value|PN component) length", "ignore:Invalid value for VR")
 def test_bad_source_headers_still_give_valid_srs_that_are_delivered(
-    world: World, storescps: list[Process], tmp_path: Path
+    world: World, storescps: list[Child], tmp_path: Path
 ) -> None:
     storescps.append(start_storescp(world.netns, 11231, tmp_path / "pacs", ae_title="PACS"))
     settings = world.with_destinations("PACS@127.0.0.1:11231")
@@ -464,7 +389,7 @@ def test_missing_srs_are_made_at_start_and_pending_deliveries_resume(world: Worl
     assert backoff_seconds(world.settings, 1) == 0.2 and backoff_seconds(world.settings, 50) == 1.0
 
 
-def test_a_killed_delivery_worker_loses_no_delivery(world: World, storescps: list[Process], tmp_path: Path) -> None:
+def test_a_killed_delivery_worker_loses_no_delivery(world: World, storescps: list[Child], tmp_path: Path) -> None:
     settings = world.with_destinations("LATE@127.0.0.1:11251")
     series = mr_series(brain_images(2, seed=30))
     ingest(world, series)
@@ -484,21 +409,6 @@ def test_a_killed_delivery_worker_loses_no_delivery(world: World, storescps: lis
     wait_for(lambda: world.deliveries(published.document_pk)["LATE"].status == "sent", 30, "the resumed delivery",
              world.delivery_worker)
     assert set(received(tmp_path / "late")) == {published.sop_instance_uid}
-
-
-@pytest.fixture
-def postgres_database() -> Iterator[Database]:
-    name = f"triage_sr_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(PG_ADMIN, autocommit=True) as admin:
-        admin.execute(f'CREATE DATABASE "{name}"')
-    database = Database(f"postgresql://postgres@127.0.0.1:5432/{name}")
-    try:
-        upgrade_database(database)
-        yield database
-    finally:
-        database.dispose()
-        with psycopg.connect(PG_ADMIN, autocommit=True) as admin:
-            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 def test_publishing_on_postgresql(postgres_database: Database, tmp_path: Path) -> None:

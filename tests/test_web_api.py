@@ -15,21 +15,20 @@ import stat
 import subprocess
 import sys
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
-from sqlalchemy import create_engine, func, select, text
+from sqlalchemy import func, select
 
 from test_web_helpers import (
     PASSWORD, XSS_DESCRIPTION, XSS_NAME, add_users, install_model, make_database, make_settings, seed_study,
 )
 from dicom_io.sr import read_classification_sr
 from pydicom import dcmread
-from worker.db import AuditEvent, Database, Instance, JobState, Review, Series, SrDocument, User, upgrade_database
+from worker.db import AuditEvent, Database, Instance, JobState, Review, Series, SrDocument, User
 from worker.db.review import TrainingExample
 from worker.registry import register_installed_models
 from worker.reporting import publish_result
@@ -38,7 +37,6 @@ from worker.web.security import SECRET_FILE
 from worker.web.worklist import WorklistFilter, load_worklist
 
 ROOT = Path(__file__).resolve().parents[1]
-PG_ADMIN_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 
 
 class Env:
@@ -457,23 +455,6 @@ def test_users_cli(tmp_path: Path) -> None:
         stored = session.scalar(select(User.password_hash).where(User.name == "alice"))
         assert stored is not None and stored.startswith("$argon2id$")
     database.dispose()
-
-
-@pytest.fixture
-def postgres_database(tmp_path: Path) -> Iterator[Database]:
-    name = f"web_test_{uuid.uuid4().hex[:12]}"
-    admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
-    with admin.connect() as connection:
-        connection.execute(text(f'CREATE DATABASE "{name}"'))
-    database = Database(f"postgresql://postgres@127.0.0.1:5432/{name}")
-    try:
-        upgrade_database(database)
-        yield database
-    finally:
-        database.dispose()
-        with admin.connect() as connection:
-            connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
 
 
 def test_worklist_query_on_postgresql(tmp_path: Path, postgres_database: Database) -> None:

@@ -7,15 +7,8 @@ sees the review states change. Screenshots go to the test's tmp dir and ``artifa
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
-import signal
-import socket
-import subprocess
-import sys
-import threading
-import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,6 +22,7 @@ from sqlalchemy import select
 from dicom_factory import storescu, write_files
 from dicom_io.sr import read_classification_sr
 from dicom_io.synthesis import mr_series
+from processes import Child, free_port, serve_ready, triage_command, triage_environment, wait_for
 from test_web_helpers import PASSWORD, XSS_NAME, add_users, images, install_model, make_database, make_settings
 from worker.db import Database, SrDocument
 
@@ -40,53 +34,6 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic"
 STARTUP_SECONDS = 180  # TensorFlow's import is slow on a loaded 2-core machine
 
 pytestmark = pytest.mark.slow  # about 2 minutes on a loaded 2-core machine
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-class Child:
-    """A subprocess whose output is kept, to show when something does not come up."""
-
-    def __init__(self, command: list[str], env: dict[str, str]) -> None:
-        self.popen = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                      text=True)
-        self.lines: list[str] = []
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self) -> None:
-        assert self.popen.stdout is not None
-        for line in self.popen.stdout:
-            self.lines.append(line)
-
-    @property
-    def output(self) -> str:
-        return "".join(self.lines)[-4000:]
-
-    def terminate(self) -> None:
-        if self.popen.poll() is None:
-            self.popen.send_signal(signal.SIGTERM)
-
-    def wait(self) -> None:
-        try:
-            self.popen.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.popen.kill()
-            self.popen.wait()
-
-
-def wait_until(condition: object, what: str, *children: Child, timeout: float = STARTUP_SECONDS) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():  # type: ignore[operator]
-            return
-        for child in children:
-            assert child.popen.poll() is None, f"{what}: a process exited:\n{child.output}"
-        time.sleep(0.25)
-    raise AssertionError(f"timed out waiting for {what}:\n" + "\n".join(c.output for c in children))
 
 
 def web_up(url: str) -> bool:
@@ -106,17 +53,13 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, object
     database.dispose()
     install_model(settings)
     dicom_port, web_port = free_port(), free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("DICOM_TRIAGE_")}
-    env.update(DICOM_TRIAGE_MODELS_DIR=str(settings.models_dir), DICOM_TRIAGE_SERIES_QUIET_SECONDS="1",
-               DICOM_TRIAGE_DICOM_HOST="127.0.0.1", DICOM_TRIAGE_MIN_FREE_DISK_MB="0", CUDA_VISIBLE_DEVICES="",
-               TF_CPP_MIN_LOG_LEVEL="2")
-    data = ["--data-dir", str(settings.data_dir)]
-    serve = Child([sys.executable, "-m", "worker.cli", "serve", *data, "--dicom-port", str(dicom_port),
-                   "--web-port", str(web_port)], env)
+    env = triage_environment(settings.models_dir)
+    serve = Child(triage_command("serve", "--data-dir", str(settings.data_dir), "--dicom-port", str(dicom_port),
+                                 "--web-port", str(web_port)), env, name="serve")
     url = f"http://127.0.0.1:{web_port}"
     try:
-        wait_until(lambda: any(l.startswith("dicom-triage ready:") for l in serve.lines), "serve", serve)
-        wait_until(lambda: web_up(url), "web", serve)
+        serve.wait_for_line(serve_ready, STARTUP_SECONDS)
+        wait_for(lambda: web_up(url), STARTUP_SECONDS, "web", serve, interval=0.25, alive=True)
         for index, (cls, name) in enumerate([("glioma", "Alpha^Ann"), ("notumor", XSS_NAME)]):
             datasets = mr_series(images(cls, 2), patient_name=name, patient_id=f"BROWSER-{index}",
                                  accession_number=f"ACCB{index}")
@@ -125,8 +68,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, object
             assert sent.returncode == 0 and sent.statuses == [0, 0], sent.output[-2000:]
         yield {"url": url, "serve": serve, "settings": settings}
     finally:
-        serve.terminate()
-        serve.wait()
+        serve.stop(timeout=30)
 
 
 def shoot(page: Page, tmp_path: Path, name: str) -> None:
@@ -157,7 +99,8 @@ def test_review_in_the_browser(stack: dict[str, object], tmp_path: Path) -> None
                 page.reload()
                 return page.locator("tr[data-study-id] .status.done").count() == 2
 
-            wait_until(classified, "both studies classified", stack["serve"], timeout=240)  # type: ignore[arg-type]
+            wait_for(classified, 240, "both studies classified", stack["serve"],  # type: ignore[arg-type]
+                     interval=0.25, alive=True)
             rows = page.locator("tr[data-study-id]")
             expect(rows.filter(has_text="BROWSER-0").get_by_test_id("review-state")).to_have_text("pending")
             # The PatientName markup is shown as text, never run: no script element, no alert.

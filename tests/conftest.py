@@ -1,0 +1,93 @@
+"""Fixtures shared by several test files: scratch databases on the real PostgreSQL, the tests' tiny models,
+and the child processes a test starts."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import psycopg
+import pytest
+
+from dicom_factory import SHARED_DATA
+from models.card import ModelCard
+from models.imagefiles import read_grey_image
+from models.preprocessing import prepare_batch
+from models.tasks import TASKS
+from processes import Child
+from worker.db import Database, upgrade_database
+
+#: The server's own database, used only to create and drop the scratch ones (trust authentication).
+PG_ADMIN = "host=127.0.0.1 port=5432 user=postgres dbname=test"
+
+
+@pytest.fixture
+def postgres_url() -> Iterator[str]:
+    """A fresh, empty PostgreSQL database on 127.0.0.1:5432, dropped after the test."""
+    name = f"triage_test_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(PG_ADMIN, autocommit=True) as admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield f"postgresql://postgres@127.0.0.1:5432/{name}"
+    finally:
+        with psycopg.connect(PG_ADMIN, autocommit=True) as admin:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """The test runs twice: on a SQLite file, then on a scratch PostgreSQL database."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'triage.sqlite3'}"
+    else:
+        yield request.getfixturevalue("postgres_url")
+
+
+@pytest.fixture
+def postgres_database(postgres_url: str) -> Iterator[Database]:
+    """A scratch PostgreSQL database with the schema, as a ``Database``."""
+    database = Database(postgres_url)
+    try:
+        upgrade_database(database)
+        yield database
+    finally:
+        database.dispose()
+
+
+@pytest.fixture(scope="module")
+def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A models folder with a threshold model for every task, fitted on a few images from ../shared/data."""
+    # Imported here: Keras takes seconds to import, and most test files never need it.
+    from models.architectures import build_model, default_input_spec, fit_threshold_model
+
+    root = tmp_path_factory.mktemp("models")
+    for name, task in TASKS.items():
+        spec = default_input_spec("threshold", task)
+        model = build_model("threshold", task, spec)
+        folder = "brain-tumor-mri/Training" if name == "brain-tumor" else "covid-ct"
+        images, labels = [], []
+        for index, class_name in enumerate(task.class_names):
+            files = sorted((SHARED_DATA / folder / class_name).glob("*"))[:8]
+            if not files:
+                pytest.skip(f"no training images for {name}/{class_name} under {SHARED_DATA}")
+            images += [read_grey_image(f) for f in files]
+            labels += [index] * len(files)
+        fit_threshold_model(model, prepare_batch(images, spec), np.array(labels))
+        (root / name).mkdir()
+        model.save(root / name / "model.keras")
+        ModelCard(
+            task=name, class_names=list(task.class_names), architecture="threshold", input_spec=spec,
+            name=f"test-{name}",
+        ).save(root / name)
+    return root
+
+
+@pytest.fixture
+def processes() -> Iterator[list[Child]]:
+    """Children the test starts; any still running at the end are stopped."""
+    started: list[Child] = []
+    yield started
+    for process in started:
+        process.stop()
