@@ -39,6 +39,7 @@ from worker.db.registry import RunState, TrainingRun
 from worker.export import ExportError, export_dataset
 from worker.registry import RegistryError, active_model, reference_metrics, register_model
 from worker.registry.gate import ReferenceSetError
+from worker.workers import other_process_alive
 
 log = logging.getLogger(__name__)
 
@@ -259,21 +260,11 @@ def fail_orphaned_runs(database: Database) -> int:
     with database.session() as session:
         for run in session.scalars(select(TrainingRun).where(TrainingRun.state == RunState.RUNNING)):
             owner_host, _, pid = run.claimed_by.rpartition(":")
-            if owner_host == host and pid.isdigit() and not _alive(int(pid)):
+            if owner_host == host and pid.isdigit() and not other_process_alive(int(pid)):
                 run.state, run.finished_at, run.phase = RunState.FAILED.value, utcnow(), "failed"
                 run.error = "the training worker running it stopped; start the retraining again"
                 failed += 1
     return failed
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return pid != os.getpid()
 
 
 def register_retraining_task(app: Celery, settings: Settings, database: Database) -> None:

@@ -24,14 +24,16 @@ HEARTBEAT_SECONDS = 5.0
 STALE_AFTER = timedelta(seconds=6 * HEARTBEAT_SECONDS)
 
 
-def _pid_alive(pid: int) -> bool:
+def other_process_alive(pid: int) -> bool:
+    """Whether a process other than this one runs on this host with ``pid``. Our own pid counts as gone: it was
+    recorded by an earlier process (before a container restart, pids start over)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return True
+    return pid != os.getpid()
 
 
 class WorkerRegistration:
@@ -56,7 +58,7 @@ class WorkerRegistration:
         # restart) is dead: release its jobs now rather than after STALE_AFTER.
         with self.database.session() as session:
             rows = session.scalars(select(WorkerProcess).where(WorkerProcess.hostname == self.hostname)).all()
-            dead = [row.id for row in rows if row.pid == self.pid or not _pid_alive(row.pid)]
+            dead = [row.id for row in rows if not other_process_alive(row.pid)]
             if dead:
                 session.execute(update(Job).where(Job.worker_pk.in_(dead)).values(worker_pk=None))
                 session.execute(delete(WorkerProcess).where(WorkerProcess.id.in_(dead)))
