@@ -7,6 +7,8 @@ prefetched per worker slot, and the ``inference`` queue for :data:`CLASSIFY_SERI
 
 from __future__ import annotations
 
+import os
+import socket
 from collections.abc import Callable
 from typing import Any
 
@@ -59,6 +61,23 @@ def create_celery_app(settings: Settings) -> Celery:
         worker_redirect_stdouts=False,
     )
     return app
+
+
+def run_celery_worker(app: Celery, name: str, queue: str, pool: str, concurrency: int) -> int:
+    """Consume ``queue`` in this process until signalled; return the worker's exit code. The worker is named
+    ``NAME-PID@HOST``. Without gossip, mingle and heartbeat events: liveness is in our database, not the broker."""
+    worker = app.Worker(
+        hostname=f"{name}-{os.getpid()}@{socket.gethostname()}",
+        queues=[queue],
+        pool=pool,
+        concurrency=concurrency,
+        without_gossip=True,
+        without_mingle=True,
+        without_heartbeat=True,
+        loglevel="INFO",
+    )
+    worker.start()
+    return int(worker.exitcode or 0)
 
 
 def make_enqueue(app: Celery) -> Callable[[int], None]:

@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import enum
 import logging
-import os
-import socket
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -33,7 +31,7 @@ from sqlalchemy.exc import OperationalError
 
 from config import Destination, Settings
 from dicom_io.scu import AssociationError, send_datasets
-from worker.celery_app import create_celery_app
+from worker.celery_app import create_celery_app, run_celery_worker
 from worker.db import Database, SrDelivery, SrDocument, upgrade_database, utcnow
 
 log = logging.getLogger(__name__)
@@ -234,18 +232,8 @@ def run_delivery_worker(settings: Settings) -> int:
         if resumed := resume_deliveries(database, enqueue):
             log.info("resumed %d pending SR deliveries", resumed)
         threading.Thread(target=_sweep, args=(database, enqueue, stop), name="delivery-sweep", daemon=True).start()
-        worker = app.Worker(
-            hostname=f"delivery-{os.getpid()}@{socket.gethostname()}",
-            queues=[DELIVERY_QUEUE],
-            pool="threads",
-            concurrency=DELIVERY_CONCURRENCY,
-            without_gossip=True,
-            without_mingle=True,
-            without_heartbeat=True,
-            loglevel="INFO",
-        )
-        worker.start()
-        return int(worker.exitcode or 0)
+        return run_celery_worker(app, "delivery", DELIVERY_QUEUE, pool="threads",
+                                 concurrency=DELIVERY_CONCURRENCY)
     finally:
         stop.set()
         database.dispose()

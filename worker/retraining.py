@@ -275,7 +275,7 @@ def register_retraining_task(app: Celery, settings: Settings, database: Database
 
 def run_training_worker(settings: Settings) -> int:
     """``dicom-triage training-worker``: a Celery worker on the ``training`` queue, one run at a time."""
-    from worker.celery_app import create_celery_app
+    from worker.celery_app import create_celery_app, run_celery_worker
     from worker.db import upgrade_database
 
     database = Database(settings.effective_database_url)
@@ -286,12 +286,7 @@ def run_training_worker(settings: Settings) -> int:
     app = create_celery_app(settings)
     register_retraining_task(app, settings, database)
     try:
-        worker = app.Worker(
-            hostname=f"training-{os.getpid()}@{socket.gethostname()}", queues=[TRAINING_QUEUE], pool="solo",
-            concurrency=1, without_gossip=True, without_mingle=True, without_heartbeat=True, loglevel="INFO",
-        )
-        worker.start()
-        return int(worker.exitcode or 0)
+        return run_celery_worker(app, "training", TRAINING_QUEUE, pool="solo", concurrency=1)
     finally:
         database.dispose()
 

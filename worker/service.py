@@ -24,7 +24,7 @@ from config import Settings
 from dicom_io.archive import Archive
 from dicom_io.listener import StorageListener
 from models.tasks import get_task
-from worker.celery_app import INFERENCE_QUEUE, create_celery_app, make_enqueue
+from worker.celery_app import INFERENCE_QUEUE, create_celery_app, make_enqueue, run_celery_worker
 from worker.db import Database, upgrade_database
 from worker.delivery import DELIVERY_QUEUE, run_delivery_worker
 from worker.errors import StartupError
@@ -151,18 +151,8 @@ def run_worker(settings: Settings, queue: str = INFERENCE_QUEUE) -> int:
     app = create_celery_app(settings)
     register_tasks(app, WorkerContext(settings, database, models, registration.id))
     try:
-        worker = app.Worker(
-            hostname=f"inference-{registration.pid}@{registration.hostname}",
-            queues=[INFERENCE_QUEUE],
-            pool="threads",
-            concurrency=settings.worker_concurrency,
-            without_gossip=True,
-            without_mingle=True,
-            without_heartbeat=True,
-            loglevel="INFO",
-        )
-        worker.start()
-        return int(worker.exitcode or 0)
+        return run_celery_worker(app, "inference", INFERENCE_QUEUE, pool="threads",
+                                 concurrency=settings.worker_concurrency)
     finally:
         registration.close()
         database.dispose()
