@@ -3,19 +3,20 @@
 
 from __future__ import annotations
 
+import dataclasses
 from datetime import datetime
-from typing import Any, Literal
+from typing import Any, Literal, get_type_hints
 
 from fastapi import APIRouter, Depends, HTTPException, Query, Request
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, create_model
 
 from worker.db import User
 from worker.db.review import audit
 from worker.web.auth import Principal, api_csrf, api_radiologist, api_user
 from worker.web.decisions import MAX_COMMENT, DecisionError, decide
 from worker.web.pages import parse_filters
-from worker.web.study import load_study
-from worker.web.worklist import PAGE_SIZE, load_worklist
+from worker.web.study import ReviewView, SeriesView, Slice, StudyView, load_study
+from worker.web.worklist import PAGE_SIZE, SeriesResult, WorklistRow, load_worklist
 
 router = APIRouter(prefix="/api", tags=["api"])
 
@@ -26,33 +27,17 @@ class Me(BaseModel):
     csrf_token: str = Field(description="send as X-CSRF-Token with every write")
 
 
-class ResultOut(BaseModel):
-    result_id: int
-    series_id: int
-    task: str
-    label: str
-    probability: float
-    suspected: bool
-    model_name: str
-    model_version: str
-    review_decision: str | None
-    review_label: str | None
+def _model_of(view: type, name: str, **changed: Any) -> type[BaseModel]:
+    """A response model with the fields of the dataclass ``view``, in its order, all required; ``changed`` gives
+    fields of other types (the API's own models for nested views) as ``(type, default)``. The API thus sends
+    exactly what the queries return, declared once."""
+    hints = get_type_hints(view)
+    fields: dict[str, Any] = {f.name: (hints[f.name], ...) for f in dataclasses.fields(view)}
+    return create_model(name, **{**fields, **changed})
 
 
-class WorklistItem(BaseModel):
-    study_id: int
-    patient_name: str
-    patient_id: str
-    accession_number: str
-    study_description: str
-    received_at: datetime
-    status: str
-    review_state: str
-    finding: str | None
-    probability: float | None
-    model_version: str | None
-    tasks: list[str]
-    results: list[ResultOut]
+ResultOut = _model_of(SeriesResult, "ResultOut")
+WorklistItem = _model_of(WorklistRow, "WorklistItem", results=(list[ResultOut], ...))
 
 
 class WorklistOut(BaseModel):
@@ -60,57 +45,24 @@ class WorklistOut(BaseModel):
     page_size: int
     total: int
     pages: int
-    items: list[WorklistItem]
+    items: list[WorklistItem]  # type: ignore[valid-type]
 
 
-class SliceOut(BaseModel):
-    instance_id: int
-    frame: int
-    probabilities: list[float] | None
-    thumbnail_url: str
+SliceOut = _model_of(Slice, "SliceOut", thumbnail_url=(str, ...))
+ReviewOut = _model_of(ReviewView, "ReviewOut")
 
 
-class ReviewOut(BaseModel):
-    decision: str
-    label: str
-    comment: str
-    user: str
-    created_at: datetime
-
-
-class StudyResultOut(ResultOut):
+class StudyResultOut(ResultOut):  # type: ignore[valid-type,misc]
     class_names: list[str]
     probabilities: dict[str, float]
     model_uid: str
     created_at: datetime
-    reviews: list[ReviewOut]
+    reviews: list[ReviewOut]  # type: ignore[valid-type]
     structured_report: list[tuple[int, str, str]] = Field(description="(depth, concept, value) of the latest SR")
 
 
-class SeriesOut(BaseModel):
-    series_id: int
-    series_number: int | None
-    modality: str
-    description: str
-    job_state: str | None
-    job_reason: str
-    slices: list[SliceOut]
-    results: list[StudyResultOut]
-
-
-class StudyOut(BaseModel):
-    study_id: int
-    patient_name: str
-    patient_id: str
-    birth_date: str
-    sex: str
-    accession_number: str
-    study_date: str
-    description: str
-    received_at: datetime
-    status: str
-    review_state: str
-    series: list[SeriesOut]
+SeriesOut = _model_of(SeriesView, "SeriesOut", slices=(list[SliceOut], ...), results=(list[StudyResultOut], ...))
+StudyOut = _model_of(StudyView, "StudyOut", series=(list[SeriesOut], ...))
 
 
 class DecisionIn(BaseModel):
