@@ -39,6 +39,11 @@ def _check_ae_title(value: str) -> str:
     return stripped
 
 
+def _comma_separated(text: str) -> list[str]:
+    """The items of an environment variable's ``a,b,c`` list, stripped, empty items dropped."""
+    return [item.strip() for item in text.split(",") if item.strip()]
+
+
 class Destination(BaseModel):
     """A DICOM peer we send Structured Reports to, written ``AE@HOST:PORT``."""
 
@@ -142,14 +147,14 @@ class Settings(BaseModel):
     @classmethod
     def _aes(cls, value: Any) -> Any:
         if isinstance(value, str):
-            value = [v for v in value.split(",") if v.strip()]
+            value = _comma_separated(value)
         return tuple(_check_ae_title(v) for v in value)
 
     @field_validator("sr_destinations", mode="before")
     @classmethod
     def _destinations(cls, value: Any) -> Any:
         if isinstance(value, str):
-            value = [v for v in value.split(",") if v.strip()]
+            value = _comma_separated(value)
         return tuple(Destination.parse(v) if isinstance(v, str) else v for v in value)
 
     @field_validator("reference_sets", "external_training_data", mode="before")
@@ -159,7 +164,7 @@ class Settings(BaseModel):
         if not isinstance(value, str):
             return value
         pairs: dict[str, list[str]] = {}
-        for item in (v.strip() for v in value.split(",") if v.strip()):
+        for item in _comma_separated(value):
             task, sep, path = item.partition("=")
             if not sep or not task.strip() or not path.strip():
                 raise ValueError(f"{item!r} is not of the form task=DIR")
