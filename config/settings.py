@@ -127,6 +127,11 @@ class Settings(BaseModel):
     models_dir: Path | None = None
     inference_batch_size: int = Field(default=32, ge=1, le=4096)
     worker_concurrency: int = Field(default=1, ge=1, le=64)
+    #: A job ``queued`` this long without a worker starting it is sent again (a broker may lose a message;
+    #: Celery's filesystem broker does when a worker dies between fetching and running it). Duplicates are harmless.
+    queued_job_timeout_seconds: float = Field(default=300.0, gt=0, le=7 * 86400)
+    #: Up to this many frames of queued series one worker classifies together (batches filled across series).
+    inference_group_frames: int = Field(default=128, ge=1, le=65536)
     #: Key of the keyed hash (HMAC-SHA256) that gives exported patients and series their pseudonymous IDs.
     #: Without it ``dataset export`` refuses to run: unkeyed hashes of patient IDs can be reversed by guessing.
     pseudonym_key: SecretStr | None = Field(default=None, min_length=16)

@@ -123,3 +123,35 @@ def test_bad_data_fails_the_job_with_its_reason(pipeline: Pipeline, tmp_path: Pa
     job = wait_for(lambda: (j := pipeline.job()).state.is_final and j)
     assert job.state == JobState.FAILED and job.attempts == 1
     assert "InvalidDicomError" in job.reason
+
+
+def test_a_lost_message_is_sent_again_once_per_timeout(pipeline: Pipeline) -> None:
+    # The broker loses the message of a queued job (Celery's filesystem broker can): the scheduler's sweep sends
+    # it again once it has been queued for the timeout without starting, and the real worker classifies it once.
+    for ds in mr_series(brain_images(2)):
+        pipeline.sink.accept(ds, "PACS")
+    settings = load_settings(env={}, data_dir=pipeline.settings.data_dir, models_dir=pipeline.settings.models_dir,
+                             queued_job_timeout_seconds=30)
+    now = datetime.now(timezone.utc) + timedelta(seconds=60)
+    lost: list[int] = []
+
+    def scheduler(enqueue: Callable[[int], None], at: datetime) -> SeriesScheduler:
+        return SeriesScheduler(settings, pipeline.database, enqueue, clock=lambda: at)
+
+    [job_id] = scheduler(lost.append, now).run_once()
+    assert lost == [job_id]
+    time.sleep(1.0)
+    assert pipeline.job().state == JobState.QUEUED  # nothing will ever run it
+    assert scheduler(lost.append, now + timedelta(seconds=29)).resend_lost_jobs() == 0  # not yet
+    later = now + timedelta(seconds=31)
+    assert scheduler(lost.append, later).resend_lost_jobs() == 1  # lost once more
+    assert scheduler(lost.append, later).resend_lost_jobs() == 0  # once per timeout, not every round
+    assert lost == [job_id, job_id] and "sent again" in pipeline.job().reason
+
+    sweeper = scheduler(pipeline.enqueue, later + timedelta(seconds=31))
+    assert sweeper.run_once() == []  # no new job: the sweep sends the lost one
+    job = wait_for(lambda: (j := pipeline.job()).state.is_final and j)
+    assert job.state == JobState.DONE and job.attempts == 1
+    assert sweeper.resend_lost_jobs() == 0  # a finished job is never sent again
+    with pipeline.database.session() as session:
+        assert session.scalar(select(func.count(Result.id))) == 1

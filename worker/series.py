@@ -5,7 +5,9 @@ transaction, clears the series' ``pending`` flag (only if no instance arrived si
 the last-received time it saw), routes it and creates the next job revision (``received``, or ``not_applicable``
 with the reason). After the commit it sends ``received`` jobs to the ``inference`` queue and marks them
 ``queued``. Everything lives in the database, so a restart of any process loses nothing: a job created but not
-yet sent is sent by the next round, and a ``running`` job whose worker process died is sent again.
+yet sent is sent by the next round, a ``running`` job whose worker process died is sent again, and a job left
+``queued`` for ``settings.queued_job_timeout_seconds`` without a worker starting it (its message lost by the
+broker) is sent again.
 
 Several schedulers (several ``listen`` processes) may run against one database; a job may then be sent twice,
 which the idempotent task tolerates.
@@ -51,11 +53,13 @@ class SeriesScheduler:
         self.quiet = timedelta(seconds=settings.series_quiet_seconds)
         #: Seconds between rounds: a fraction of the quiet time, so a series is picked up soon after it is ready.
         self.poll_seconds = min(1.0, max(0.05, settings.series_quiet_seconds / 4))
+        self.queued_timeout = timedelta(seconds=settings.queued_job_timeout_seconds)
 
     def run_once(self) -> list[int]:
         """One round; returns the ids of the jobs created."""
         created = self.open_ready_series()
         self.requeue_orphans()
+        self.resend_lost_jobs()
         self.send_received_jobs()
         return created
 
@@ -146,19 +150,57 @@ class SeriesScheduler:
                 log.warning("re-queued %d job(s) whose worker process died", len(ids))
         return len(ids)
 
+    def resend_lost_jobs(self) -> int:
+        """Send again every job ``queued`` longer than the timeout that no worker has started; returns how many.
+
+        Its ``queued_at`` is moved to now in the same transaction (only if it is still the one seen), so the job is
+        sent once per timeout, not every round, and two schedulers do not both send it. A duplicate message is
+        harmless: the task skips a job that is final or held by a live worker.
+        """
+        cutoff = self.clock() - self.queued_timeout
+        with self.database.session() as session:
+            stale = session.execute(
+                select(Job.id, Job.queued_at)
+                .where(Job.state == JobState.QUEUED, Job.queued_at <= cutoff)
+                .order_by(Job.id)
+                .limit(BATCH)
+            ).all()
+        sent = 0
+        for job_id, seen in stale:
+            with self.database.session() as session:
+                claimed = session.execute(
+                    update(Job)
+                    .where(Job.id == job_id, Job.state == JobState.QUEUED, Job.queued_at == seen)
+                    .values(queued_at=self.clock(), reason="queued too long without starting; sent again")
+                )
+                if claimed.rowcount == 0:
+                    continue  # a worker started it meanwhile, or another scheduler re-sent it
+                # Sent inside the transaction: if the broker refuses, nothing is marked and the next round retries.
+                self.enqueue(job_id)
+            sent += 1
+        if sent:
+            log.warning("sent %d job(s) again that stayed queued for %s without starting", sent, self.queued_timeout)
+        return sent
+
     def send_received_jobs(self) -> int:
-        """Send every ``received`` job to the queue and mark it ``queued``; returns how many were sent."""
+        """Send every ``received`` job to the queue and mark them ``queued``; returns how many were sent.
+
+        All are marked in one transaction after sending (one commit, not one per job): if this process dies in
+        between, they stay ``received`` and are sent again, which the idempotent task tolerates.
+        """
         with self.database.session() as session:
             ids = list(
                 session.scalars(select(Job.id).where(Job.state == JobState.RECEIVED).order_by(Job.id).limit(BATCH))
             )
+        if not ids:
+            return 0
         for job_id in ids:
             self.enqueue(job_id)
-            with self.database.session() as session:
-                # A fast worker may already have moved it on; only a still-received job becomes queued.
-                session.execute(
-                    update(Job)
-                    .where(Job.id == job_id, Job.state == JobState.RECEIVED)
-                    .values(state=JobState.QUEUED, queued_at=self.clock())
-                )
+        with self.database.session() as session:
+            # A fast worker may already have moved one on; only a still-received job becomes queued.
+            session.execute(
+                update(Job)
+                .where(Job.id.in_(ids), Job.state == JobState.RECEIVED)
+                .values(state=JobState.QUEUED, queued_at=self.clock())
+            )
         return len(ids)
