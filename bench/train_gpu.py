@@ -1,6 +1,6 @@
 """Train models on the GPU host (Keras 3 on JAX, no TensorFlow) from data made by bench/train_gpu_data.py.
 
-Runs jobs in the order given, each ``NAME=TASK:ARCH:SIDE[:cv5][:ship][:seedN][:tSECONDS][:fSECONDS]``, until ``--deadline`` seconds have passed
+Runs jobs in the order given, each ``NAME=TASK:ARCH:SIDE[:cv5][:ship][:seedN][:eEPOCHS][:cosine|:plateau][:tSECONDS][:fSECONDS]``, until ``--deadline`` seconds have passed
 (later jobs are skipped and said to be); ``t``/``f`` flags cap one training's or one CV fold's wall time (training
 then stops as early stopping does, keeping the best epoch's weights). Uses the production code: models.architectures, training.fit (callbacks,
 Adam, class weights, augmentation) and training.metrics. ``ship`` jobs save ``model.keras`` + ``card.json`` under
@@ -44,11 +44,28 @@ def load_data(path: Path) -> tuple[np.ndarray, dict[str, np.ndarray], dict[str, 
     return images[..., None].astype(np.float32), arrays, meta
 
 
+def load_task_data(data_dir: Path, task_name: str, side: int) -> tuple[np.ndarray, dict[str, np.ndarray], dict[str, Any]]:
+    """The task's inputs at ``side``; when only a larger size was carried (one device call takes 64 MiB), resized
+    from the nearest larger one (bilinear, antialiased: what prepare_batch's resize does), and said so in meta."""
+    exact = data_dir / f"{task_name}-{side}x{side}.npz"
+    if exact.is_file():
+        return load_data(exact)
+    sizes = sorted(int(p.stem.rsplit("-", 1)[1].split("x")[0]) for p in data_dir.glob(f"{task_name}-*x*.npz"))
+    larger = [s for s in sizes if s > side] or sizes[-1:]
+    if not larger:
+        raise FileNotFoundError(f"no {task_name} data under {data_dir}")
+    x, arrays, meta = load_data(data_dir / f"{task_name}-{larger[0]}x{larger[0]}.npz")
+    resized = keras.ops.convert_to_numpy(keras.ops.image.resize(x, (side, side), interpolation="bilinear",
+                                                                 antialias=True))
+    meta = {**meta, "derived_from": f"{larger[0]}x{larger[0]} inputs resized to {side}x{side} on the device"}
+    return np.clip(resized, 0, 255).astype(np.float32), arrays, meta
+
+
 def run_job(name: str, spec_text: str, data_dir: Path, out: Path, config: TrainConfig, code_version: str,
             max_epochs: int | None) -> dict[str, Any]:
     task_name, arch, side, *flags = spec_text.split(":")
     task = get_task(task_name)
-    x, arrays, meta = load_data(data_dir / f"{task.name}-{side}x{side}.npz")
+    x, arrays, meta = load_task_data(data_dir, task.name, int(side))
     spec = InputSpec(int(side), int(side), 3 if arch in ("study-brain-cnn", "resnet50") else 1)
     if spec.channels == 3:
         x = np.repeat(x, 3, axis=-1)  # as prepare_image's grayscale_to_rgb
@@ -59,6 +76,10 @@ def run_job(name: str, spec_text: str, data_dir: Path, out: Path, config: TrainC
     for flag in flags:
         if flag.startswith("seed"):
             config = TrainConfig(**{**config.__dict__, "seed": int(flag[4:])})
+        elif flag.startswith("e") and flag[1:].isdigit():
+            config = TrainConfig(**{**config.__dict__, "epochs": int(flag[1:])})
+        elif flag in ("cosine", "plateau"):
+            config = TrainConfig(**{**config.__dict__, "lr_schedule": flag})
         elif flag.startswith("t"):
             budget = float(flag[1:])
         elif flag.startswith("f"):
@@ -75,7 +96,8 @@ def run_job(name: str, spec_text: str, data_dir: Path, out: Path, config: TrainC
     model, history = train(arrays["train"], arrays["validation"], f"{name}: ", budget)
     result: dict[str, Any] = {"task": task.name, "arch": arch, "input": spec.to_dict(), "seed": config.seed,
                               "epochs_run": len(history["loss"]),
-                              "best_val_loss": min(history["val_loss"]), "metrics": {}}
+                              "best_val_loss": min(history["val_loss"]), "metrics": {},
+                              "config": config.to_dict(), "data": meta.get("derived_from", "prepared here")}
     for key, split in EVALUATION_SPLITS.items():
         if key in arrays:
             idx = arrays[key]
@@ -122,10 +144,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=Path(".gpu"))
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--job", action="append", required=True, help="NAME=TASK:ARCH:SIDE[:cv5][:ship][:seedN][:tS][:fS] (tS/fS: training/fold time budget)")
+    parser.add_argument("--job", action="append", required=True, help="NAME=TASK:ARCH:SIDE[:cv5][:ship][:seedN][:eN][:cosine|:plateau][:tS][:fS] (eN: epochs; tS/fS: training/fold time budget)")
     parser.add_argument("--deadline", type=float, default=420, help="start no job after this many seconds")
     parser.add_argument("--epochs", type=int, default=80)
     parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--learning-rate", type=float, default=1e-3)
+    parser.add_argument("--lr-schedule", choices=("plateau", "cosine"), default="plateau")
+    parser.add_argument("--warmup-epochs", type=int, default=3)
+    parser.add_argument("--label-smoothing", type=float, default=0.0)
+    parser.add_argument("--patience", type=int, default=12)
     parser.add_argument("--max-epochs", type=int, default=None, help="cap for quick checks")
     parser.add_argument("--code-version", default="unknown")
     args = parser.parse_args()
@@ -138,7 +165,9 @@ def main() -> None:
             results[name] = {"skipped": f"deadline of {args.deadline:.0f} s passed"}
             print(f"{name}: skipped (deadline)", flush=True)
             continue
-        config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size)
+        config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.learning_rate,
+                             lr_schedule=args.lr_schedule, warmup_epochs=args.warmup_epochs,
+                             label_smoothing=args.label_smoothing, early_stopping_patience=args.patience)
         try:
             results[name] = run_job(name, spec_text, args.data, args.out, config, args.code_version, args.max_epochs)
         except Exception as exc:  # keep going: one failed job must not lose the others' results

@@ -113,3 +113,26 @@ def test_cli_architecture_names_are_the_models_architectures():
     from training.cli import ARCHITECTURE_NAMES
 
     assert set(ARCHITECTURE_NAMES) == set(ARCHITECTURES)
+
+
+def test_cosine_schedule_warms_up_then_decays_to_the_floor():
+    from training.fit import TrainConfig, learning_rate
+
+    config = TrainConfig(epochs=10, learning_rate=1e-3, min_learning_rate=1e-5, lr_schedule="cosine", warmup_epochs=2)
+    schedule = learning_rate(config, steps_per_epoch=5)
+    at = lambda step: float(schedule(step))  # noqa: E731
+    assert at(0) == pytest.approx(1e-4)
+    assert at(10) == pytest.approx(1e-3)  # end of warm-up: the peak
+    assert at(10) > at(30) > at(50 - 1) and at(50) == pytest.approx(1e-5, rel=1e-3)
+    with pytest.raises(ValueError, match="choose one of plateau, cosine"):
+        learning_rate(TrainConfig(lr_schedule="step"), 5)
+
+
+def test_train_with_the_cosine_schedule_records_it(covid_data, tmp_path):
+    out = tmp_path / "model"
+    assert main(["train", "covid-ct", "--data", str(covid_data), "--arch", "triage-cnn", "--out", str(out),
+                 "--epochs", "2", "--batch-size", "8", "--input-size", "32x32", "--lr-schedule", "cosine",
+                 "--warmup-epochs", "1"]) == 0
+    config = ModelCard.load(out).training["config"]
+    assert config["lr_schedule"] == "cosine" and config["warmup_epochs"] == 1
+    assert len(ModelCard.load(out).training["history"]["loss"]) == 2

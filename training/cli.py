@@ -36,6 +36,9 @@ def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") 
     train.add_argument("--batch-size", type=int, default=32)
     train.add_argument("--learning-rate", type=float, default=1e-3)
     train.add_argument("--patience", type=int, default=12, help="early-stopping patience (epochs) on val_loss")
+    train.add_argument("--lr-schedule", choices=("plateau", "cosine"), default="plateau",
+                       help="plateau: ReduceLROnPlateau x0.5 on val_loss; cosine: warm-up then cosine decay")
+    train.add_argument("--warmup-epochs", type=int, default=3, help="cosine schedule: epochs of linear warm-up")
     train.add_argument("--label-smoothing", type=float, default=0.0)
     train.add_argument("--validation-fraction", type=float, default=0.15,
                        help="group-aware share of Training for validation (official splits and CV folds)")

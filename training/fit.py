@@ -27,6 +27,11 @@ class TrainConfig:
     early_stopping_patience: int = 12
     reduce_lr_patience: int = 4
     min_learning_rate: float = 1e-5
+    #: ``plateau``: ReduceLROnPlateau (x0.5) on val_loss. ``cosine``: linear warm-up over ``warmup_epochs``, then
+    #: cosine decay to ``min_learning_rate`` at the last epoch; the end of a decayed run is stable, where a plateau
+    #: schedule on a noisy val_loss cuts the rate on noise (measured: val accuracy swinging 51-88% between epochs).
+    lr_schedule: str = "plateau"
+    warmup_epochs: int = 3
     label_smoothing: float = 0.0
     class_weights: bool = True
     validation_fraction: float = 0.15
@@ -53,7 +58,26 @@ def balanced_class_weights(labels: np.ndarray, num_classes: int) -> dict[int, fl
     return {c: float(len(labels) / (num_classes * counts[c])) if counts[c] else 0.0 for c in range(num_classes)}
 
 
-def compile_for_training(model: keras.Model, config: TrainConfig) -> keras.Model:
+LR_SCHEDULES = ("plateau", "cosine")
+
+
+def learning_rate(config: TrainConfig, steps_per_epoch: int | None) -> float | keras.optimizers.schedules.LearningRateSchedule:
+    """Adam's learning rate: a number (``plateau``; the callback lowers it) or the warm-up + cosine schedule."""
+    if config.lr_schedule not in LR_SCHEDULES:
+        raise ValueError(f"learning-rate schedule {config.lr_schedule!r}: choose one of {', '.join(LR_SCHEDULES)}")
+    if config.lr_schedule == "plateau":
+        return config.learning_rate
+    if not steps_per_epoch:
+        raise ValueError("the cosine schedule needs the number of training steps per epoch")
+    warmup = min(config.warmup_epochs, max(config.epochs - 1, 0)) * steps_per_epoch
+    return keras.optimizers.schedules.CosineDecay(
+        initial_learning_rate=config.learning_rate / 10, warmup_target=config.learning_rate, warmup_steps=warmup,
+        decay_steps=max(config.epochs * steps_per_epoch - warmup, 1),
+        alpha=config.min_learning_rate / config.learning_rate,
+    )
+
+
+def compile_for_training(model: keras.Model, config: TrainConfig, steps_per_epoch: int | None = None) -> keras.Model:
     """The model to fit: ``model`` behind its augmentation, compiled with Adam and categorical cross-entropy."""
     keras.utils.set_random_seed(config.seed)
     trainable = with_augmentation(model, config.augmentation, seed=config.seed)
@@ -63,7 +87,7 @@ def compile_for_training(model: keras.Model, config: TrainConfig) -> keras.Model
         for layer in trainable._flatten_layers():
             layer.supports_jit = True
     trainable.compile(
-        optimizer=keras.optimizers.Adam(config.learning_rate),
+        optimizer=keras.optimizers.Adam(learning_rate(config, steps_per_epoch)),
         loss=keras.losses.CategoricalCrossentropy(label_smoothing=config.label_smoothing),
         metrics=["accuracy"],
     )
@@ -99,17 +123,18 @@ class _EpochLog(keras.callbacks.Callback):
 
 def training_callbacks(config: TrainConfig, checkpoint_dir: Path | None, prefix: str = "",
                        max_seconds: float | None = None) -> list[Any]:
-    """EarlyStopping on val_loss restoring the best weights, best-epoch checkpoint, ReduceLROnPlateau (x0.5),
-    and an optional wall-clock budget."""
+    """EarlyStopping on val_loss restoring the best weights, best-epoch checkpoint, ReduceLROnPlateau (x0.5) unless
+    a cosine schedule sets the rate, and an optional wall-clock budget."""
     callbacks: list[Any] = [
         keras.callbacks.EarlyStopping(
             monitor="val_loss", patience=config.early_stopping_patience, restore_best_weights=True
         ),
-        keras.callbacks.ReduceLROnPlateau(
-            monitor="val_loss", factor=0.5, patience=config.reduce_lr_patience, min_lr=config.min_learning_rate
-        ),
         _EpochLog(prefix, max_seconds),
     ]
+    if config.lr_schedule == "plateau":
+        callbacks.insert(1, keras.callbacks.ReduceLROnPlateau(
+            monitor="val_loss", factor=0.5, patience=config.reduce_lr_patience, min_lr=config.min_learning_rate
+        ))
     if checkpoint_dir is not None:
         checkpoint_dir.mkdir(parents=True, exist_ok=True)
         callbacks.append(keras.callbacks.ModelCheckpoint(
@@ -133,7 +158,12 @@ def fit(
     ``train``/``validation`` are batched ``tf.data`` datasets of (image, one-hot) or ``(x, y_onehot)`` numpy pairs.
     ``train_labels`` (integers) give the class weights.
     """
-    trainable = compile_for_training(model, config)
+    if isinstance(train, tuple):
+        steps_per_epoch = -(-len(train[0]) // config.batch_size)
+    else:
+        cardinality = int(train.cardinality())  # tf.data; negative when unknown
+        steps_per_epoch = cardinality if cardinality > 0 else None
+    trainable = compile_for_training(model, config, steps_per_epoch)
     num_classes = model.output_shape[-1]
     weights = balanced_class_weights(train_labels, num_classes) if config.class_weights else None
     arguments: dict[str, Any] = dict(
