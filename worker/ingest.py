@@ -8,9 +8,8 @@ re-runs it and the new result supersedes the old. A repeated SOP Instance UID ch
 
 from __future__ import annotations
 
-import queue
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 
 from pydicom import Dataset
@@ -51,29 +50,29 @@ def _integer(ds: Dataset, keyword: str) -> int | None:
         return None
 
 
-#: Most instances committed together.
-MAX_GROUP_COMMIT = 64
-
-
 @dataclass
 class _PendingRow:
-    """An archived instance waiting for the writer thread to commit its row."""
+    """An archived instance waiting for the group commit that records its row."""
 
     ds: Dataset
     stored: StoredInstance
     calling_ae: str
     received: datetime
-    done: threading.Event = field(default_factory=threading.Event)
+    #: Set once the row's transaction committed (or failed, with ``error``).
+    done: bool = False
+    committed: bool = False
     error: BaseException | None = None
 
 
 class DatabaseSink:
     """Archives instances and records them (and rejections) in the database; safe to call from many threads.
 
-    Group commit: one writer thread records the instances that concurrent associations hand in meanwhile in one
-    transaction (each in its own savepoint, so one bad row fails alone), so eight associations share one fsync
-    instead of queueing for eight. Each caller returns only after the commit that holds its row. The per-instance
-    statements are SQLAlchemy Core, built once (the ORM's per-statement work cost more than the rows themselves).
+    Group commit, leader/follower: the caller that finds no commit running records every row handed in meanwhile
+    in one transaction, so eight associations share one commit instead of queueing for eight, and a lone
+    association pays no hand-off to another thread. The batch is first written without savepoints; if any row
+    fails, it is written again with a savepoint per row, so one bad row fails alone. Each caller returns only
+    after the commit that holds its row. The per-instance statements are SQLAlchemy Core, built once (the ORM's
+    per-statement work cost more than the rows themselves).
     """
 
     def __init__(self, archive: Archive, database: Database) -> None:
@@ -81,7 +80,7 @@ class DatabaseSink:
         self.database = database
         # Series primary key and the image types recorded for it, per SeriesInstanceUID; rows are never deleted,
         # so the cache only saves the upserts of patient, study and series for every instance after the first.
-        # Read and written by the writer thread only.
+        # Read and written by the current leader only.
         self._series: dict[str, tuple[int, frozenset[str]]] = {}
         dialect = postgresql if database.engine.dialect.name == "postgresql" else sqlite
         self._insert_patient = dialect.insert(_PATIENTS).on_conflict_do_nothing(
@@ -95,56 +94,78 @@ class DatabaseSink:
             .where(_SERIES.c.id == bindparam("series_key"))
             .values(last_received_at=bindparam("received"), pending=True)
         )
-        self._queue: queue.SimpleQueue[_PendingRow] = queue.SimpleQueue()
-        threading.Thread(target=self._write_forever, name="ingest-writer", daemon=True).start()
+        self._turn = threading.Condition()
+        self._waiting: list[_PendingRow] = []  # rows handed in, not yet taken by a leader
+        self._leading = False
 
     def accept(self, ds: Dataset, calling_ae: str) -> int:
         """Archive ``ds`` and commit its row, then return 0x0000 (success): the instance is durable and will be
         classified. Errors propagate to the listener, which answers a failure status."""
         stored = self.archive.store(ds, encoded=received_file(ds))  # the bytes as received: no re-encoding
-        pending = _PendingRow(ds, stored, calling_ae, utcnow())
-        self._queue.put(pending)
-        pending.done.wait()
-        if pending.error is not None:
-            raise pending.error
+        row = _PendingRow(ds, stored, calling_ae, utcnow())
+        self._commit(row)
+        if row.error is not None:
+            raise row.error
+        if not row.committed:
+            raise RuntimeError(f"instance {stored.sop_instance_uid}: its commit was interrupted")
         return STATUS_SUCCESS
 
-    def _write_forever(self) -> None:
-        while True:
-            batch = [self._queue.get()]
-            while len(batch) < MAX_GROUP_COMMIT:
-                try:
-                    batch.append(self._queue.get_nowait())
-                except queue.Empty:
-                    break
+    def _commit(self, row: _PendingRow) -> None:
+        """Return once ``row``'s transaction has ended, leading the next group commit if no other caller is."""
+        with self._turn:
+            self._waiting.append(row)
+            while self._leading and not row.done:
+                self._turn.wait()
+            if row.done:  # an earlier leader took and committed it
+                return
+            self._leading = True
+            batch, self._waiting = self._waiting, []
+        try:
             self._write(batch)
+        finally:
+            with self._turn:
+                for pending in batch:
+                    pending.done = True
+                self._leading = False
+                self._turn.notify_all()
 
     def _write(self, batch: list[_PendingRow]) -> None:
-        recorded: list[tuple[str, tuple[int, frozenset[str]]]] = []
         try:
-            with self.database.engine.begin() as connection:
+            recorded = self._transaction(batch, isolate=False)
+        except Exception as exc:
+            if len(batch) == 1:
+                batch[0].error = exc
+                return
+            try:  # some row failed the batch: again, each row in its own savepoint so that it fails alone
+                recorded = self._transaction(batch, isolate=True)
+            except Exception as exc:  # the commit itself failed: no row of the batch is recorded
                 for row in batch:
-                    stored = row.stored
+                    row.error = row.error or exc
+                return
+        # Cached only after the commit: a rolled-back series row must never be referenced later.
+        self._series.update(recorded)
+        for row in batch:
+            row.committed = row.error is None
+
+    def _transaction(self, batch: list[_PendingRow], isolate: bool) -> dict[str, tuple[int, frozenset[str]]]:
+        """Record ``batch`` in one transaction; with ``isolate``, a failing row sets its ``error`` and is skipped."""
+        recorded: dict[str, tuple[int, frozenset[str]]] = {}
+        with self.database.engine.begin() as connection:
+            for row in batch:
+                series_uid = row.stored.series_instance_uid
+                cached = recorded.get(series_uid) or self._series.get(series_uid)
+                if isolate:
                     try:
                         with connection.begin_nested():
-                            result = self._record(
-                                connection, row.ds, stored, row.calling_ae, row.received,
-                                self._series.get(stored.series_instance_uid),
-                            )
+                            result = self._record(connection, row, cached)
                     except Exception as exc:  # this row only; its savepoint is rolled back
                         row.error = exc
                         continue
-                    if result is not None:
-                        recorded.append((stored.series_instance_uid, result))
-        except Exception as exc:  # the commit failed: no row of the batch is recorded
-            for row in batch:
-                row.error = row.error or exc
-            recorded = []
-        finally:
-            # Cached only after the commit: a rolled-back series row must never be referenced later.
-            self._series.update(recorded)
-            for row in batch:
-                row.done.set()
+                else:
+                    result = self._record(connection, row, cached)
+                if result is not None:
+                    recorded[series_uid] = result
+        return recorded
 
     def reject(self, calling_ae: str, sop_instance_uid: str | None, reason: str) -> None:
         """Record an instance (or, with ``sop_instance_uid`` None, an association) the listener refused."""
@@ -156,15 +177,10 @@ class DatabaseSink:
             )
 
     def _record(
-        self,
-        connection: Connection,
-        ds: Dataset,
-        stored: StoredInstance,
-        calling_ae: str,
-        now: datetime,
-        cached: tuple[int, frozenset[str]] | None,
+        self, connection: Connection, row: _PendingRow, cached: tuple[int, frozenset[str]] | None
     ) -> tuple[int, frozenset[str]] | None:
         """Insert the instance row; return the series' key and image types, or ``None`` for a repeat."""
+        ds, stored, calling_ae, now = row.ds, row.stored, row.calling_ae, row.received
         image_types = frozenset(t for t in _text(ds, "ImageType", 256).upper().split("\\") if t)
         series_pk = cached[0] if cached else self._upsert_series(connection, ds, stored, now)
         inserted = connection.execute(
