@@ -1,8 +1,9 @@
 """The durable instance archive: one DICOM file per SOP Instance UID.
 
 Layout: ``root/<StudyInstanceUID>/<SeriesInstanceUID>/<SOPInstanceUID>.dcm``. A file appears there only complete
-and on disk: it is written to a temporary file in the same directory, fsynced, linked into place and the directory
-fsynced, so an acknowledged instance survives a crash or power loss.
+and on disk: it is written to a temporary file in the same directory, fsynced (``fdatasync``: data and size),
+linked into place and the directory fsynced, so an acknowledged instance survives a crash or power loss. Stores
+into one directory from several threads share directory fsyncs: one that starts after a link covers it.
 """
 
 from __future__ import annotations
@@ -10,10 +11,12 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from pydicom import Dataset, dcmwrite
+from pydicom import Dataset, dcmread, dcmwrite
 
 from dicom_io.validation import is_valid_uid
 
@@ -42,6 +45,11 @@ def _uid(ds: Dataset, keyword: str) -> str:
     return value
 
 
+def _subdirectories(path: Path) -> list[Path]:
+    with os.scandir(path) as entries:
+        return [Path(e.path) for e in entries if not e.name.startswith(".") and e.is_dir(follow_symlinks=False)]
+
+
 def _fsync_directory(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
@@ -50,12 +58,41 @@ def _fsync_directory(path: Path) -> None:
         os.close(fd)
 
 
+class _DirectorySync:
+    """Group fsync of one directory: a caller returns once an fsync that began after its link has ended."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()  # guards the counters
+        self.syncing = threading.Lock()  # one fsync of the directory at a time
+        self.linked = 0  # links made in the directory so far
+        self.synced = 0  # links covered by a finished fsync
+
+    def sync(self, directory: Path) -> None:
+        with self.lock:
+            self.linked += 1
+            mine = self.linked
+        with self.syncing:
+            with self.lock:
+                if self.synced >= mine:  # an fsync that began after our link has finished meanwhile
+                    return
+                covered = self.linked  # every link counted so far happened before the fsync below begins
+            _fsync_directory(directory)
+            with self.lock:
+                self.synced = max(self.synced, covered)
+
+
+#: Directories whose group-fsync state is kept; beyond this the oldest is forgotten (a series is written in bursts).
+_DIRECTORY_SYNCS_KEPT = 256
+
+
 class Archive:
     """Durable, idempotent storage of DICOM instances under ``root``."""
 
     def __init__(self, root: Path | str) -> None:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
+        self._syncs: dict[Path, _DirectorySync] = {}
+        self._syncs_lock = threading.Lock()
 
     def path_for(self, study_instance_uid: str, series_instance_uid: str, sop_instance_uid: str) -> Path:
         """The file that holds (or would hold) an instance. Raises ``ValueError`` for a UID unsafe in a path."""
@@ -110,7 +147,7 @@ class Archive:
                     handle.write(encoded)
                 handle.flush()
                 size = handle.tell()
-                os.fsync(handle.fileno())
+                os.fdatasync(handle.fileno())  # data and size: all that reading the file back needs
             try:
                 # link() never replaces: when two associations race on one SOP Instance UID, the first wins.
                 os.link(temp_name, target)
@@ -118,8 +155,51 @@ class Archive:
                 return stored(target.stat().st_size, duplicate=True)
         finally:
             os.unlink(temp_name)
-        _fsync_directory(target.parent)
+        self._directory_sync(target.parent).sync(target.parent)
         return stored(size, duplicate=False)
+
+    def _directory_sync(self, directory: Path) -> _DirectorySync:
+        with self._syncs_lock:
+            state = self._syncs.pop(directory, None) or _DirectorySync()
+            self._syncs[directory] = state  # most recently used last
+            if len(self._syncs) > _DIRECTORY_SYNCS_KEPT:
+                del self._syncs[next(iter(self._syncs))]
+            return state
+
+    def series_directories(self, modified_since: float = 0.0) -> Iterator[Path]:
+        """Every series directory whose entries last changed at or after ``modified_since`` (a ``time.time()``).
+
+        A link into a directory sets its modification time, so this finds every series that got a file since.
+        Costs one ``stat`` per series directory.
+        """
+        for study in _subdirectories(self.root):
+            for series in _subdirectories(study):
+                if series.stat().st_mtime >= modified_since:
+                    yield series
+
+    def files_in(self, series_directory: Path) -> list[Path]:
+        """The instance files in a series directory (temporary files of unfinished stores left out)."""
+        with os.scandir(series_directory) as entries:
+            return [
+                Path(entry.path)
+                for entry in entries
+                if entry.name.endswith(_SUFFIX) and not entry.name.startswith(".") and entry.is_file()
+            ]
+
+    def read_stored(self, path: Path) -> tuple[Dataset, StoredInstance]:
+        """An archived file's header (no pixel data) and its :class:`StoredInstance`; ``ValueError`` if the file
+        does not belong at ``path``."""
+        ds = dcmread(path, stop_before_pixels=True)
+        study = _uid(ds, "StudyInstanceUID")
+        series = _uid(ds, "SeriesInstanceUID")
+        sop_instance = _uid(ds, "SOPInstanceUID")
+        if self.path_for(study, series, sop_instance) != path:
+            raise ValueError(f"{path} holds instance {sop_instance} of series {series}, which belongs elsewhere")
+        transfer_syntax = str(ds.file_meta.get("TransferSyntaxUID", ""))
+        size = path.stat().st_size
+        return ds, StoredInstance(
+            path, study, series, sop_instance, _uid(ds, "SOPClassUID"), transfer_syntax, size, duplicate=False
+        )
 
     def _make_directories(self, directory: Path) -> None:
         # Create study/series directories, fsyncing each parent whose entries changed.

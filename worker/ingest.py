@@ -4,13 +4,26 @@ For each instance: ``archive.store(ds)`` (durable file), then one transaction th
 series, inserts the instance (idempotent on SOP Instance UID) and marks the series pending with a fresh
 last-received time. A late instance of a series already classified marks it pending again; the scheduler then
 re-runs it and the new result supersedes the old. A repeated SOP Instance UID changes nothing.
+
+On SQLite the listener commits with ``synchronous=NORMAL`` (``Database(durable_commits=False)``): a commit is
+atomic and survives the process, but a power loss can drop the last commits before SQLite's next WAL sync. The
+acknowledged instance is not lost with it, because its file was fsynced before the commit: while such a sink is
+open, a marker file ``.ingest-open-<pid>`` in the archive root says so, and its modification time says from when
+rows may be missing (it moves forward each time the sink fsyncs the WAL itself, every few seconds). A sink that
+opens and finds the marker of a process that is gone re-records every archived file in the series directories
+changed since then that has no row (:meth:`DatabaseSink.recover`). A clean close fsyncs the WAL and removes the
+marker.
 """
 
 from __future__ import annotations
 
+import logging
+import os
 import threading
+import time
 from dataclasses import dataclass
 from datetime import datetime
+from pathlib import Path
 
 from pydicom import Dataset
 from pydicom.multival import MultiValue
@@ -20,13 +33,31 @@ from sqlalchemy.dialects import postgresql, sqlite
 from dicom_io.archive import Archive, StoredInstance
 from dicom_io.listener import received_file
 from worker.db import Database, Instance, Patient, RejectedInstance, Series, Study, utcnow
+from worker.workers import other_process_alive
+
+LOGGER = logging.getLogger(__name__)
 
 STATUS_SUCCESS = 0x0000
+
+#: Name prefix of the marker of an open sink with relaxed commits (see the module's docstring); then its pid.
+MARKER_PREFIX = ".ingest-open-"
+#: How often (at most) an open sink with relaxed commits fsyncs the WAL and moves its marker's time forward.
+DURABLE_EVERY_SECONDS = 5.0
+#: Subtracted from every time written to a marker: file systems stamp times from a coarser clock than time.time().
+_CLOCK_SLACK_SECONDS = 2.0
 
 _PATIENTS: Table = Patient.__table__  # type: ignore[assignment]
 _STUDIES: Table = Study.__table__  # type: ignore[assignment]
 _SERIES: Table = Series.__table__  # type: ignore[assignment]
 _INSTANCES: Table = Instance.__table__  # type: ignore[assignment]
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _text(ds: Dataset, keyword: str, limit: int) -> str:
@@ -97,37 +128,156 @@ class DatabaseSink:
         self._turn = threading.Condition()
         self._waiting: list[_PendingRow] = []  # rows handed in, not yet taken by a leader
         self._leading = False
+        # When each accept() now running began (time.time(), by thread): its file may be linked, its row not yet
+        # committed, so a durable point cannot be later than the earliest of these.
+        self._in_flight: dict[int, float] = {}
+        self._marker: Path | None = None  # ours, while open with relaxed commits
+        self._durable_at = time.monotonic()
+
+    @property
+    def relaxed_commits(self) -> bool:
+        """Whether a commit may be lost to a power loss (SQLite with ``synchronous=NORMAL``)."""
+        return self.database.is_sqlite and not self.database.durable_commits
+
+    def open(self) -> int:
+        """Call before serving: recover what a sink that ended uncleanly may have lost (see the module), then, with
+        relaxed commits, put down this process's marker. Returns how many instances were recovered."""
+        recovered = 0
+        stale = [m for m in self._markers() if not other_process_alive(int(m.name[len(MARKER_PREFIX):]))]
+        if stale:
+            since = min(m.stat().st_mtime for m in stale)
+            recovered = self.recover(since)
+            LOGGER.warning("an earlier listener ended uncleanly: re-recorded %d archived instance(s)", recovered)
+            self._sync_database()
+            for marker in stale:
+                marker.unlink(missing_ok=True)
+        if self.relaxed_commits:
+            marker = self.archive.root / f"{MARKER_PREFIX}{os.getpid()}"
+            fd = os.open(marker, os.O_WRONLY | os.O_CREAT, 0o644)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            since = time.time() - _CLOCK_SLACK_SECONDS
+            os.utime(marker, (since, since))
+            _fsync(self.archive.root)  # the marker exists on disk before any instance relies on it
+            self._marker = marker
+            self._durable_at = time.monotonic()
+        return recovered
+
+    def close(self) -> None:
+        """Call after the listener stopped: make every commit durable and remove this process's marker."""
+        if self._marker is not None:
+            self._sync_database()
+            self._marker.unlink(missing_ok=True)
+            self._marker = None
+
+    def _markers(self) -> list[Path]:
+        return [
+            path
+            for path in self.archive.root.glob(f"{MARKER_PREFIX}*")
+            if path.name[len(MARKER_PREFIX):].isdigit()
+        ]
+
+    def recover(self, modified_since: float) -> int:
+        """Record every archived file without a row in the series directories changed since ``modified_since``
+        (a ``time.time()``); return how many. Its calling AE comes from the file's Source Application Entity
+        Title (the listener writes it there)."""
+        recovered = 0
+        for directory in self.archive.series_directories(modified_since):
+            files = self.archive.files_in(directory)
+            if not files:
+                continue
+            with self.database.engine.connect() as connection:
+                known = set(
+                    connection.scalars(
+                        select(_INSTANCES.c.sop_instance_uid)
+                        .join(_SERIES, _SERIES.c.id == _INSTANCES.c.series_pk)
+                        .where(_SERIES.c.series_instance_uid == directory.name)
+                    )
+                )
+            rows = []
+            for path in files:
+                if path.name.removesuffix(".dcm") in known:
+                    continue
+                try:
+                    ds, stored = self.archive.read_stored(path)
+                except Exception as exc:  # a file we cannot read back is reported, not guessed at
+                    LOGGER.error("cannot re-record archived file %s: %s", path, exc)
+                    continue
+                calling_ae = str(ds.file_meta.get("SourceApplicationEntityTitle", "")).strip()
+                rows.append(_PendingRow(ds, stored, calling_ae, utcnow()))
+            if rows:
+                self._commit(rows)
+                for row in rows:
+                    if row.error is not None:
+                        LOGGER.error("cannot re-record archived file %s: %s", row.stored.path, row.error)
+                recovered += sum(row.committed for row in rows)
+        return recovered
 
     def accept(self, ds: Dataset, calling_ae: str) -> int:
         """Archive ``ds`` and commit its row, then return 0x0000 (success): the instance is durable and will be
         classified. Errors propagate to the listener, which answers a failure status."""
-        stored = self.archive.store(ds, encoded=received_file(ds))  # the bytes as received: no re-encoding
-        row = _PendingRow(ds, stored, calling_ae, utcnow())
-        self._commit(row)
+        caller = threading.get_ident()
+        with self._turn:
+            self._in_flight[caller] = time.time()
+        try:
+            stored = self.archive.store(ds, encoded=received_file(ds))  # the bytes as received: no re-encoding
+            row = _PendingRow(ds, stored, calling_ae, utcnow())
+            self._commit([row])
+        finally:
+            with self._turn:
+                del self._in_flight[caller]
         if row.error is not None:
             raise row.error
         if not row.committed:
             raise RuntimeError(f"instance {stored.sop_instance_uid}: its commit was interrupted")
         return STATUS_SUCCESS
 
-    def _commit(self, row: _PendingRow) -> None:
-        """Return once ``row``'s transaction has ended, leading the next group commit if no other caller is."""
+    def _commit(self, rows: list[_PendingRow]) -> None:
+        """Return once the transactions holding ``rows`` have ended, leading the next group commit if no other
+        caller is."""
         with self._turn:
-            self._waiting.append(row)
-            while self._leading and not row.done:
+            self._waiting.extend(rows)
+            while self._leading and not all(row.done for row in rows):
                 self._turn.wait()
-            if row.done:  # an earlier leader took and committed it
+            if all(row.done for row in rows):  # an earlier leader took and committed them
                 return
             self._leading = True
             batch, self._waiting = self._waiting, []
         try:
             self._write(batch)
+            if self._marker is not None and time.monotonic() - self._durable_at >= DURABLE_EVERY_SECONDS:
+                self._move_marker()
         finally:
             with self._turn:
                 for pending in batch:
                     pending.done = True
                 self._leading = False
                 self._turn.notify_all()
+
+    def _move_marker(self) -> None:
+        """Fsync the WAL, then move the marker's time to when the earliest row not surely covered began."""
+        assert self._marker is not None
+        with self._turn:
+            horizon = min(self._in_flight.values(), default=time.time()) - _CLOCK_SLACK_SECONDS
+        try:
+            self._sync_database()
+            os.utime(self._marker, (horizon, horizon))
+        except OSError as exc:  # the marker keeps its older time: a recovery would scan more, nothing is lost
+            LOGGER.warning("cannot move the ingest marker forward: %s", exc)
+        self._durable_at = time.monotonic()
+
+    def _sync_database(self) -> None:
+        """Make every commit so far durable: fsync SQLite's WAL and the directory that holds it."""
+        if not self.database.is_sqlite or not self.database.engine.url.database:
+            return
+        database_file = Path(self.database.engine.url.database)
+        try:
+            _fsync(Path(f"{database_file}-wal"))
+        except FileNotFoundError:  # no WAL now: every commit is in the database file, synced by the checkpoint
+            pass
+        _fsync(database_file.parent)
 
     def _write(self, batch: list[_PendingRow]) -> None:
         try:

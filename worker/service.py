@@ -71,16 +71,23 @@ def stop_on_signals() -> threading.Event:
 
 
 class Ingest:
-    """The listener, its database sink and the series scheduler (a background thread)."""
+    """The listener, its database sink and the series scheduler (a background thread).
+
+    The sink has its own engine with relaxed commits on SQLite (see :mod:`worker.ingest`): its archive files are
+    fsynced before each commit, and a start after an unclean end re-records any file whose row was lost. Every
+    other writer, the scheduler included, keeps synchronous commits.
+    """
 
     def __init__(self, settings: Settings, database: Database) -> None:
         self.settings = settings
         archive = Archive(settings.archive_dir)
+        self._ingest_database = Database(settings.effective_database_url, durable_commits=False)
+        self.sink = DatabaseSink(archive, self._ingest_database)
         self.listener = StorageListener(
             ae_title=settings.ae_title,
             host=settings.dicom_host,
             port=settings.dicom_port,
-            sink=DatabaseSink(archive, database),
+            sink=self.sink,
             allowed_calling_aes=settings.allowed_calling_aes,
             max_associations=settings.max_associations,
             min_free_bytes=settings.min_free_disk_mb * 1024 * 1024,
@@ -92,6 +99,10 @@ class Ingest:
 
     def start(self) -> None:
         try:
+            self.sink.open()  # before the first association: recovery, then this process's marker
+        except OSError as exc:
+            raise StartupError(f"cannot use archive {self.settings.archive_dir}: {exc}") from exc
+        try:
             self.listener.start()
         except OSError as exc:
             where = f"{self.settings.dicom_host}:{self.settings.dicom_port}"
@@ -100,6 +111,8 @@ class Ingest:
 
     def stop(self) -> None:
         self.listener.stop()
+        self.sink.close()
+        self._ingest_database.dispose()
         self._stop.set()
         self._thread.join(timeout=10)
 

@@ -1,8 +1,16 @@
 """Engines and sessions for SQLite (embedded) and PostgreSQL (scale-out).
 
-SQLite is shared by the listener, the scheduler and the workers, each its own process, so it runs in WAL mode
-(readers never block the writer), with a busy timeout, and every transaction starts ``BEGIN IMMEDIATE``: a deferred
-transaction that later tries to write can fail at once with "database is locked" instead of waiting.
+SQLite is shared by the listener, the scheduler, the workers and the web app, each its own process, so it runs in
+WAL mode (readers never block the writer, nor the writer them), with a busy timeout, and every writing
+transaction starts ``BEGIN IMMEDIATE``: a deferred transaction that later tries to write can fail at once with
+"database is locked" instead of waiting. :meth:`Database.read_session` is for pure readers (the web pages): a
+plain deferred ``BEGIN`` on a query-only connection, so a page never queues behind a writer's lock.
+
+A commit is on disk before it returns (``synchronous=FULL``) unless the engine is made with
+``durable_commits=False`` (``synchronous=NORMAL``): then a commit is still atomic and survives a crash of the
+process, and only a power loss or an OS crash can drop the last commits before SQLite's next WAL sync. The
+listener's ingest uses that, because its archive files are fsynced first and a start-up scan re-records any
+archived file whose row was lost (see :mod:`worker.ingest`).
 """
 
 from __future__ import annotations
@@ -19,44 +27,58 @@ from sqlalchemy.orm import Session, sessionmaker
 SQLITE_BUSY_TIMEOUT_MS = 60_000
 
 
-def create_database_engine(url: str) -> Engine:
-    """An engine for ``url``; for SQLite, the parent directory is created and the pragmas above are set."""
+def create_database_engine(url: str, *, durable_commits: bool = True, read_only: bool = False) -> Engine:
+    """An engine for ``url``; for SQLite, the parent directory is created and the pragmas above are set.
+
+    ``read_only`` (SQLite): deferred transactions on query-only connections, for readers.
+    """
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
         if parsed.database and parsed.database != ":memory:":
             Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
         engine = create_engine(url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000})
-        _configure_sqlite(engine)
+        _configure_sqlite(engine, durable_commits=durable_commits, read_only=read_only)
         return engine
     if parsed.drivername == "postgresql":
         url = str(parsed.set(drivername="postgresql+psycopg"))  # psycopg 3 is the driver we ship
+    if read_only:
+        return create_engine(url, pool_pre_ping=True, execution_options={"postgresql_readonly": True})
     return create_engine(url, pool_pre_ping=True)
 
 
-def _configure_sqlite(engine: Engine) -> None:
+def _configure_sqlite(engine: Engine, *, durable_commits: bool, read_only: bool) -> None:
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_connection: Any, _record: Any) -> None:
         dbapi_connection.isolation_level = None  # we issue BEGIN ourselves (below)
         cursor = dbapi_connection.cursor()
         cursor.execute("PRAGMA journal_mode=WAL")
-        # FULL: a commit is on disk before the listener acknowledges the instance.
-        cursor.execute("PRAGMA synchronous=FULL")
+        cursor.execute(f"PRAGMA synchronous={'FULL' if durable_commits else 'NORMAL'}")
         cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
         cursor.execute("PRAGMA foreign_keys=ON")
+        if read_only:
+            cursor.execute("PRAGMA query_only=ON")
         cursor.close()
+
+    begin = "BEGIN" if read_only else "BEGIN IMMEDIATE"
 
     @event.listens_for(engine, "begin")
     def _on_begin(connection: Any) -> None:
-        connection.exec_driver_sql("BEGIN IMMEDIATE")
+        connection.exec_driver_sql(begin)
 
 
 class Database:
-    """An engine and its session factory; ``with db.session() as s:`` is one committed transaction."""
+    """An engine and its session factories; ``with db.session() as s:`` is one committed transaction.
 
-    def __init__(self, url: str) -> None:
+    ``durable_commits=False``: see the module's docstring (SQLite only; PostgreSQL commits stay synchronous).
+    """
+
+    def __init__(self, url: str, *, durable_commits: bool = True) -> None:
         self.url = url
-        self.engine = create_database_engine(url)
+        self.durable_commits = durable_commits
+        self.engine = create_database_engine(url, durable_commits=durable_commits)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+        self._read_engine: Engine | None = None
+        self._read_sessions: sessionmaker[Session] | None = None
 
     @property
     def is_sqlite(self) -> bool:
@@ -68,5 +90,18 @@ class Database:
         with self._sessions.begin() as session:
             yield session
 
+    @contextmanager
+    def read_session(self) -> Iterator[Session]:
+        """A session for reading only: it never waits for a writer's lock and is rolled back at the end; a
+        write in it fails (SQLite: query-only connection; PostgreSQL: a read-only transaction)."""
+        if self._read_sessions is None:
+            # Made on first use: most processes (listener, workers) never read this way.
+            self._read_engine = create_database_engine(self.url, read_only=True)
+            self._read_sessions = sessionmaker(self._read_engine, expire_on_commit=False)
+        with self._read_sessions() as session:
+            yield session
+
     def dispose(self) -> None:
         self.engine.dispose()
+        if self._read_engine is not None:
+            self._read_engine.dispose()
