@@ -21,7 +21,7 @@ import logging
 import os
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
@@ -89,10 +89,18 @@ class _PendingRow:
     stored: StoredInstance
     calling_ae: str
     received: datetime
-    #: Set once the row's transaction committed (or failed, with ``error``).
-    done: bool = False
     committed: bool = False
     error: BaseException | None = None
+
+
+@dataclass
+class _Ticket:
+    """The rows of one caller of :meth:`DatabaseSink._commit`, waiting for a leader (or to become one)."""
+
+    rows: list[_PendingRow]
+    wake: threading.Event = field(default_factory=threading.Event)
+    #: Set before ``wake`` when the finishing leader hands this caller the lead instead of its rows' outcome.
+    lead: bool = False
 
 
 class DatabaseSink:
@@ -119,14 +127,19 @@ class DatabaseSink:
         )
         self._insert_study = dialect.insert(_STUDIES).on_conflict_do_nothing(index_elements=["study_instance_uid"])
         self._insert_series = dialect.insert(_SERIES).on_conflict_do_nothing(index_elements=["series_instance_uid"])
-        self._insert_instance = dialect.insert(_INSTANCES).on_conflict_do_nothing(index_elements=["sop_instance_uid"])
+        # RETURNING names the rows really inserted: one statement for a series' rows of a batch, repeats told apart.
+        self._insert_instances = (
+            dialect.insert(_INSTANCES)
+            .on_conflict_do_nothing(index_elements=["sop_instance_uid"])
+            .returning(_INSTANCES.c.sop_instance_uid)
+        )
         self._touch_series = (
             update(_SERIES)
             .where(_SERIES.c.id == bindparam("series_key"))
             .values(last_received_at=bindparam("received"), pending=True)
         )
-        self._turn = threading.Condition()
-        self._waiting: list[_PendingRow] = []  # rows handed in, not yet taken by a leader
+        self._lock = threading.Lock()
+        self._waiting: list[_Ticket] = []  # callers whose rows no leader has taken yet, oldest first
         self._leading = False
         # When each accept() now running began (time.time(), by thread): its file may be linked, its row not yet
         # committed, so a durable point cannot be later than the earliest of these.
@@ -219,14 +232,14 @@ class DatabaseSink:
         """Archive ``ds`` and commit its row, then return 0x0000 (success): the instance is durable and will be
         classified. Errors propagate to the listener, which answers a failure status."""
         caller = threading.get_ident()
-        with self._turn:
+        with self._lock:
             self._in_flight[caller] = time.time()
         try:
             stored = self.archive.store(ds, encoded=received_file(ds))  # the bytes as received: no re-encoding
             row = _PendingRow(ds, stored, calling_ae, utcnow())
             self._commit([row])
         finally:
-            with self._turn:
+            with self._lock:
                 del self._in_flight[caller]
         if row.error is not None:
             raise row.error
@@ -235,31 +248,40 @@ class DatabaseSink:
         return STATUS_SUCCESS
 
     def _commit(self, rows: list[_PendingRow]) -> None:
-        """Return once the transactions holding ``rows`` have ended, leading the next group commit if no other
-        caller is."""
-        with self._turn:
-            self._waiting.extend(rows)
-            while self._leading and not all(row.done for row in rows):
-                self._turn.wait()
-            if all(row.done for row in rows):  # an earlier leader took and committed them
+        """Return once the transaction holding ``rows`` has ended, leading the next group commit if no other caller
+        is. Each waiting caller is woken once: with its outcome, or to lead."""
+        ticket = _Ticket(rows)
+        with self._lock:
+            if self._leading:
+                self._waiting.append(ticket)
+            else:
+                self._leading = ticket.lead = True
+        if not ticket.lead:
+            ticket.wake.wait()
+            if not ticket.lead:  # a leader took and committed our rows
                 return
-            self._leading = True
-            batch, self._waiting = self._waiting, []
+        with self._lock:
+            taken, self._waiting = self._waiting, []
+        batch = rows + [row for waiting in taken for row in waiting.rows]
         try:
             self._write(batch)
             if self._marker is not None and time.monotonic() - self._durable_at >= DURABLE_EVERY_SECONDS:
                 self._move_marker()
         finally:
-            with self._turn:
-                for pending in batch:
-                    pending.done = True
-                self._leading = False
-                self._turn.notify_all()
+            for waiting in taken:
+                waiting.wake.set()
+            with self._lock:
+                if self._waiting:  # hand the lead to the oldest caller that came meanwhile
+                    successor = self._waiting.pop(0)
+                    successor.lead = True
+                    successor.wake.set()
+                else:
+                    self._leading = False
 
     def _move_marker(self) -> None:
         """Fsync the WAL, then move the marker's time to when the earliest row not surely covered began."""
         assert self._marker is not None
-        with self._turn:
+        with self._lock:
             horizon = min(self._in_flight.values(), default=time.time()) - _CLOCK_SLACK_SECONDS
         try:
             self._sync_database()
@@ -297,26 +319,6 @@ class DatabaseSink:
         for row in batch:
             row.committed = row.error is None
 
-    def _transaction(self, batch: list[_PendingRow], isolate: bool) -> dict[str, tuple[int, frozenset[str]]]:
-        """Record ``batch`` in one transaction; with ``isolate``, a failing row sets its ``error`` and is skipped."""
-        recorded: dict[str, tuple[int, frozenset[str]]] = {}
-        with self.database.engine.begin() as connection:
-            for row in batch:
-                series_uid = row.stored.series_instance_uid
-                cached = recorded.get(series_uid) or self._series.get(series_uid)
-                if isolate:
-                    try:
-                        with connection.begin_nested():
-                            result = self._record(connection, row, cached)
-                    except Exception as exc:  # this row only; its savepoint is rolled back
-                        row.error = exc
-                        continue
-                else:
-                    result = self._record(connection, row, cached)
-                if result is not None:
-                    recorded[series_uid] = result
-        return recorded
-
     def reject(self, calling_ae: str, sop_instance_uid: str | None, reason: str) -> None:
         """Record an instance (or, with ``sop_instance_uid`` None, an association) the listener refused."""
         with self.database.session() as session:
@@ -326,30 +328,65 @@ class DatabaseSink:
                 )
             )
 
+    def _transaction(self, batch: list[_PendingRow], isolate: bool) -> dict[str, tuple[int, frozenset[str]]]:
+        """Record ``batch`` in one transaction, the rows of each series together; with ``isolate``, each row in its
+        own savepoint, and a failing row sets its ``error`` and is skipped."""
+        recorded: dict[str, tuple[int, frozenset[str]]] = {}
+        groups: dict[str, list[_PendingRow]] = {}
+        for row in batch:
+            groups.setdefault(row.stored.series_instance_uid, []).append(row)
+        with self.database.engine.begin() as connection:
+            for series_uid, rows in groups.items():
+                if not isolate:
+                    result = self._record(connection, rows, recorded.get(series_uid) or self._series.get(series_uid))
+                    if result is not None:
+                        recorded[series_uid] = result
+                    continue
+                for row in rows:
+                    try:
+                        with connection.begin_nested():
+                            cached = recorded.get(series_uid) or self._series.get(series_uid)
+                            result = self._record(connection, [row], cached)
+                    except Exception as exc:  # this row only; its savepoint is rolled back
+                        row.error = exc
+                        continue
+                    if result is not None:
+                        recorded[series_uid] = result
+        return recorded
+
     def _record(
-        self, connection: Connection, row: _PendingRow, cached: tuple[int, frozenset[str]] | None
+        self, connection: Connection, rows: list[_PendingRow], cached: tuple[int, frozenset[str]] | None
     ) -> tuple[int, frozenset[str]] | None:
-        """Insert the instance row; return the series' key and image types, or ``None`` for a repeat."""
-        ds, stored, calling_ae, now = row.ds, row.stored, row.calling_ae, row.received
-        image_types = frozenset(t for t in _text(ds, "ImageType", 256).upper().split("\\") if t)
-        series_pk = cached[0] if cached else self._upsert_series(connection, ds, stored, now)
-        inserted = connection.execute(
-            self._insert_instance,
-            {
-                "sop_instance_uid": stored.sop_instance_uid,
-                "series_pk": series_pk,
-                "sop_class_uid": stored.sop_class_uid,
-                "instance_number": _integer(ds, "InstanceNumber"),
-                "number_of_frames": max(1, _integer(ds, "NumberOfFrames") or 1),
-                "transfer_syntax_uid": stored.transfer_syntax_uid,
-                "archive_path": str(stored.path),
-                "calling_ae": calling_ae[:16],
-                "received_at": now,
-            },
+        """Insert the instance rows of one series; return the series' key and image types, or ``None`` when every
+        row was a repeat."""
+        first = rows[0]
+        series_pk = cached[0] if cached else self._upsert_series(connection, first.ds, first.stored, first.received)
+        inserted = set(
+            connection.execute(
+                self._insert_instances,
+                [
+                    {
+                        "sop_instance_uid": row.stored.sop_instance_uid,
+                        "series_pk": series_pk,
+                        "sop_class_uid": row.stored.sop_class_uid,
+                        "instance_number": _integer(row.ds, "InstanceNumber"),
+                        "number_of_frames": max(1, _integer(row.ds, "NumberOfFrames") or 1),
+                        "transfer_syntax_uid": row.stored.transfer_syntax_uid,
+                        "archive_path": str(row.stored.path),
+                        "calling_ae": row.calling_ae[:16],
+                        "received_at": row.received,
+                    }
+                    for row in rows
+                ],
+            ).scalars()
         )
-        if inserted.rowcount == 0:
-            return None  # a repeated SOP Instance UID: already recorded, nothing changes
-        connection.execute(self._touch_series, {"series_key": series_pk, "received": now})
+        new = [row for row in rows if row.stored.sop_instance_uid in inserted]
+        if not new:
+            return None  # repeated SOP Instance UIDs: already recorded, nothing changes
+        connection.execute(self._touch_series, {"series_key": series_pk, "received": max(r.received for r in new)})
+        image_types = frozenset(
+            t for row in new for t in _text(row.ds, "ImageType", 256).upper().split("\\") if t
+        )
         known_types = cached[1] if cached else None
         if known_types is None or not image_types <= known_types:
             current = connection.scalar(select(_SERIES.c.image_types).where(_SERIES.c.id == series_pk)) or ""
