@@ -10,7 +10,8 @@ yet sent is sent by the next round, a ``running`` job whose worker process died 
 broker) is sent again.
 
 Several schedulers (several ``listen`` processes) may run against one database; a job may then be sent twice,
-which the idempotent task tolerates.
+which the idempotent task tolerates. What a round only reads is read without the write lock (SQLite), so an idle
+round never holds up the listener's commits; every change is conditional on what was read.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import threading
 from collections.abc import Callable
 from datetime import datetime, timedelta
 
-from sqlalchemy import func, or_, select, update
+from sqlalchemy import exists, func, or_, select, update
 
 from config import Settings
 from worker.db import Database, Instance, Job, JobState, Series, Study, WorkerProcess, utcnow
@@ -54,6 +55,7 @@ class SeriesScheduler:
         #: Seconds between rounds: a fraction of the quiet time, so a series is picked up soon after it is ready.
         self.poll_seconds = min(1.0, max(0.05, settings.series_quiet_seconds / 4))
         self.queued_timeout = timedelta(seconds=settings.queued_job_timeout_seconds)
+        self.next_ready: datetime | None = None
 
     def run_once(self) -> list[int]:
         """One round; returns the ids of the jobs created."""
@@ -64,7 +66,10 @@ class SeriesScheduler:
         return created
 
     def run(self, stop: threading.Event) -> None:
-        """Rounds until ``stop`` is set; errors (database or broker briefly away) are logged and retried."""
+        """Rounds until ``stop`` is set; errors (database or broker briefly away) are logged and retried.
+
+        Between rounds it sleeps the poll period, or less when a pending series becomes quiet sooner: a series is
+        taken the moment its quiet time ends, not up to a poll period later."""
         while not stop.is_set():
             try:
                 self.run_once()
@@ -72,17 +77,27 @@ class SeriesScheduler:
                 log.exception("scheduler round failed; retrying")
                 stop.wait(min(5.0, 10 * self.poll_seconds))
                 continue
-            stop.wait(self.poll_seconds)
+            wait = self.poll_seconds
+            if self.next_ready is not None:
+                wait = min(wait, max(0.01, (self.next_ready - self.clock()).total_seconds()))
+            stop.wait(wait)
 
     def open_ready_series(self) -> list[int]:
         cutoff = self.clock() - self.quiet
-        with self.database.session() as session:
+        with self.database.read_session() as session:
             ready = session.execute(
                 select(Series.id, Series.last_received_at)
                 .where(Series.pending.is_(True), Series.last_received_at <= cutoff)
                 .order_by(Series.last_received_at)
                 .limit(BATCH)
             ).all()
+            waiting = session.scalar(
+                select(func.min(Series.last_received_at)).where(
+                    Series.pending.is_(True), Series.last_received_at > cutoff
+                )
+            )
+        # When the next pending series becomes quiet (None: none is waiting).
+        self.next_ready = waiting + self.quiet if waiting is not None else None
         created = []
         for series_pk, seen in ready:
             job_id = self._open_job(series_pk, seen)
@@ -135,11 +150,14 @@ class SeriesScheduler:
     def requeue_orphans(self) -> int:
         """Put ``running`` jobs whose worker process is gone back to ``received``; returns how many."""
         stale = self.clock() - STALE_AFTER
+        orphans = select(Job.id).outerjoin(WorkerProcess, Job.worker_pk == WorkerProcess.id).where(
+            Job.state == JobState.RUNNING,
+            or_(WorkerProcess.id.is_(None), WorkerProcess.heartbeat_at < stale),
+        )
+        with self.database.read_session() as session:  # the usual answer, none, without the write lock
+            if session.scalar(select(exists(orphans))) is not True:
+                return 0
         with self.database.session() as session:
-            orphans = select(Job.id).outerjoin(WorkerProcess, Job.worker_pk == WorkerProcess.id).where(
-                Job.state == JobState.RUNNING,
-                or_(WorkerProcess.id.is_(None), WorkerProcess.heartbeat_at < stale),
-            )
             ids = list(session.scalars(orphans))
             if ids:
                 session.execute(
@@ -158,7 +176,7 @@ class SeriesScheduler:
         harmless: the task skips a job that is final or held by a live worker.
         """
         cutoff = self.clock() - self.queued_timeout
-        with self.database.session() as session:
+        with self.database.read_session() as session:
             stale = session.execute(
                 select(Job.id, Job.queued_at)
                 .where(Job.state == JobState.QUEUED, Job.queued_at <= cutoff)
@@ -188,7 +206,7 @@ class SeriesScheduler:
         All are marked in one transaction after sending (one commit, not one per job): if this process dies in
         between, they stay ``received`` and are sent again, which the idempotent task tolerates.
         """
-        with self.database.session() as session:
+        with self.database.read_session() as session:
             ids = list(
                 session.scalars(select(Job.id).where(Job.state == JobState.RECEIVED).order_by(Job.id).limit(BATCH))
             )
