@@ -99,6 +99,13 @@ class Classifier:
             outputs.append(self.predict_prepared(batch))
         return np.concatenate(outputs, axis=0)
 
+    def warm_up(self, batch_size: int) -> None:
+        """Trace the model now rather than in the first request: Keras compiles a graph for the first batch shape and
+        a second one, shape-relaxed, for the next different shape (half a second each on a CPU); every later batch
+        size reuses the relaxed one."""
+        for size in dict.fromkeys((batch_size, max(1, batch_size // 2))):
+            self.predict_prepared(np.zeros((size, *self.card.input_spec.shape), dtype=np.float32))
+
     def predict_prepared(self, batch: np.ndarray) -> np.ndarray:
         """Model input ``(N, H, W, C)`` float32 0..255 (from :func:`prepare_batch`) -> probabilities."""
         # predict_on_batch runs a compiled graph without predict()'s per-call dataset set-up: 2.5x an eager call.

@@ -102,7 +102,7 @@ def test_transient_error_is_retried_then_succeeds(pipeline: Pipeline, tmp_path: 
     with pipeline.database.session() as session:
         session.execute(update(Instance).where(Instance.id == instance.id).values(archive_path=real_path))
     job = wait_for(lambda: (j := pipeline.job()).state.is_final and j, timeout=30)
-    assert job.state == JobState.DONE and job.attempts == 2
+    assert (job.state, job.attempts) == (JobState.DONE, 2), job.reason
 
     # The same message again (a broker redelivery, a re-sent job) changes nothing.
     pipeline.enqueue(job.id)

@@ -1,4 +1,6 @@
-"""Classify one series: archive files -> display frames -> model -> slice probabilities -> series result.
+"""Classify series: archive files -> display frames -> model -> slice probabilities -> series result.
+
+:class:`SeriesBatcher` classifies several series at once with model batches filled across them.
 
 Aggregation (:data:`AGGREGATION`): each slice gets a *suspicion* score, one minus the probability of the task's
 negative classes (``notumor``, ``non-COVID``). The series probabilities are the mean class probabilities of the
@@ -16,15 +18,17 @@ import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import numpy as np
 from pydicom import dcmread
 
-from dicom_io.imaging import series_frame_records
+from dicom_io.imaging import SeriesFrame, series_frame_records
 from models.inference import Classifier, default_model_dir
 from models.preprocessing import prepare_batch
 from models.tasks import Task
+
+K = TypeVar("K")
 
 #: Fraction of slices (the most suspicious) whose mean gives the series probabilities.
 TOP_FRACTION = 0.25
@@ -67,29 +71,41 @@ def batch_shapes(count: int, batch_size: int) -> list[int]:
     return sizes
 
 
+#: One model call at a time per process: TensorFlow spreads each call over every core already, so two worker
+#: threads predicting at once only fight over them; the other thread decodes its series meanwhile.
+PREDICT_LOCK = threading.Lock()
+
+
 def predict_in_fixed_batches(classifier: Classifier, images: Sequence[np.ndarray], batch_size: int) -> np.ndarray:
     """``(N, C)`` probabilities, predicted in batches padded to :func:`batch_shapes` (padding rows dropped)."""
     spec = classifier.card.input_spec
     outputs, start = [], 0
     for size in batch_shapes(len(images), batch_size):
         chunk = images[start:start + size]
-        batch = prepare_batch(chunk, spec)
-        if len(chunk) < size:
-            batch = np.concatenate([batch, np.zeros((size - len(chunk), *batch.shape[1:]), batch.dtype)])
-        outputs.append(classifier.predict_prepared(batch)[: len(chunk)])
+        with PREDICT_LOCK:
+            batch = prepare_batch(chunk, spec)
+            if len(chunk) < size:
+                batch = np.concatenate([batch, np.zeros((size - len(chunk), *batch.shape[1:]), batch.dtype)])
+            outputs.append(classifier.predict_prepared(batch)[: len(chunk)])
         start += size
     return np.concatenate(outputs, axis=0)
 
 
-def classify_series_files(paths: Sequence[Path], classifier: Classifier, batch_size: int) -> SeriesClassification:
-    """Read a series' instances from ``paths``, classify every frame and aggregate.
+def decode_series(paths: Sequence[Path]) -> list[SeriesFrame]:
+    """A series' frames from its archive files, as display images in spatial order.
 
-    Raises ``dicom_io.imaging.ImagingError`` (or pydicom's errors) for instances that cannot be decoded.
+    Raises ``dicom_io.imaging.ImagingError`` (or pydicom's errors) for instances that cannot be decoded, and
+    ``ValueError`` for a series without frames.
     """
     frames = series_frame_records(dcmread(path) for path in paths)
     if not frames:
         raise ValueError("the series has no frames")
-    probabilities = predict_in_fixed_batches(classifier, [frame.image for frame in frames], batch_size)
+    return frames
+
+
+def series_classification(frames: Sequence[SeriesFrame], probabilities: np.ndarray, classifier: Classifier
+                          ) -> SeriesClassification:
+    """The series result from its frames' probabilities ``(N, C)`` (:func:`aggregate`), keeping every slice's."""
     series = aggregate(probabilities, classifier.task)
     class_names = classifier.class_names
     return SeriesClassification(
@@ -106,6 +122,63 @@ def classify_series_files(paths: Sequence[Path], classifier: Classifier, batch_s
     )
 
 
+def classify_series_files(paths: Sequence[Path], classifier: Classifier, batch_size: int) -> SeriesClassification:
+    """Read a series' instances from ``paths``, classify every frame and aggregate.
+
+    Raises ``dicom_io.imaging.ImagingError`` (or pydicom's errors) for instances that cannot be decoded.
+    """
+    frames = decode_series(paths)
+    probabilities = predict_in_fixed_batches(classifier, [frame.image for frame in frames], batch_size)
+    return series_classification(frames, probabilities, classifier)
+
+
+class SeriesBatcher(Generic[K]):
+    """Classifies several series with model batches filled across them.
+
+    :meth:`add` a series' frames: every full batch of ``batch_size`` frames waiting (from this and earlier series)
+    is predicted at once, and the series whose frames are then all predicted are returned with their results. So
+    series of 24 slices fill batches of 32 instead of each padding its own, and a series' result comes as soon as
+    its last frame is predicted. :meth:`flush` predicts the rest (padded by :func:`batch_shapes`).
+    """
+
+    def __init__(self, classifier: Classifier, batch_size: int) -> None:
+        self.classifier = classifier
+        self.batch_size = batch_size
+        self._series: dict[K, tuple[list[SeriesFrame], np.ndarray]] = {}
+        self._left: dict[K, int] = {}
+        #: Frames not yet predicted, in arrival order: (series key, index in that series).
+        self._waiting: list[tuple[K, int]] = []
+
+    def add(self, key: K, frames: Sequence[SeriesFrame]) -> list[tuple[K, SeriesClassification]]:
+        if key in self._series:
+            raise ValueError(f"series {key!r} was added twice")
+        if not frames:
+            raise ValueError("the series has no frames")
+        classes = len(self.classifier.class_names)
+        self._series[key] = (list(frames), np.zeros((len(frames), classes), dtype=np.float32))
+        self._left[key] = len(frames)
+        self._waiting += [(key, index) for index in range(len(frames))]
+        full = len(self._waiting) // self.batch_size * self.batch_size
+        return self._predict(full) if full else []
+
+    def flush(self) -> list[tuple[K, SeriesClassification]]:
+        return self._predict(len(self._waiting))
+
+    def _predict(self, count: int) -> list[tuple[K, SeriesClassification]]:
+        todo, self._waiting = self._waiting[:count], self._waiting[count:]
+        images = [self._series[key][0][index].image for key, index in todo]
+        probabilities = predict_in_fixed_batches(self.classifier, images, self.batch_size)
+        done = []
+        for (key, index), row in zip(todo, probabilities):
+            self._series[key][1][index] = row
+            self._left[key] -= 1
+            if self._left[key] == 0:
+                frames, rows = self._series.pop(key)
+                del self._left[key]
+                done.append((key, series_classification(frames, rows, self.classifier)))
+        return done
+
+
 class ModelCache:
     """Each task's classifier, loaded once per process on first use (thread-safe).
 
@@ -117,6 +190,8 @@ class ModelCache:
     def __init__(self, models_dir: Path | None, active_dir: Callable[[str], Path | None] | None = None) -> None:
         self.models_dir = models_dir
         self.active_dir = active_dir
+        #: When set, each model is traced for this batch size as it is loaded (:meth:`warm_up`).
+        self.warm_batch_size: int | None = None
         self._loaded: dict[str, tuple[Path, Classifier]] = {}
         self._lock = threading.Lock()
 
@@ -129,5 +204,19 @@ class ModelCache:
         with self._lock:
             loaded = self._loaded.get(task_name)
             if loaded is None or loaded[0] != folder:
-                self._loaded[task_name] = (folder, Classifier.load(folder))
+                classifier = Classifier.load(folder)
+                if self.warm_batch_size is not None:
+                    with PREDICT_LOCK:
+                        classifier.warm_up(self.warm_batch_size)
+                self._loaded[task_name] = (folder, classifier)
             return self._loaded[task_name][1]
+
+    def warm_up(self, batch_size: int) -> None:
+        """Trace every loaded model for ``batch_size`` now, and each model loaded later as it is loaded, so no
+        series waits for a compilation (a worker calls this before it takes jobs)."""
+        with self._lock:
+            self.warm_batch_size = batch_size
+            classifiers = [classifier for _, classifier in self._loaded.values()]
+        for classifier in classifiers:
+            with PREDICT_LOCK:
+                classifier.warm_up(batch_size)
