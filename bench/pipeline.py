@@ -13,6 +13,9 @@
    with ``--associations`` parallel dcmtk ``storescu`` processes (TCP_NODELAY on), and waits for every result.
    Images/s = slices / (last job finished - first C-STORE sent). Latency per series = job finished - the series'
    last instance received - ``--quiet`` (the completion wait is a setting, not work), reported as p50 and p95.
+   Where the latency goes, from the job rows (medians): waiting to be scheduled beyond the quiet time, on the
+   queue, and classifying. Then it waits for every result's SR (made after the burst, see ``worker.tasks.SrQueue``)
+   and reports when the last one was made.
 
 Prints both side by side and their ratio (issue 3's target: whole system >= 0.7x the bare model).
 """
@@ -117,7 +120,7 @@ def free_port() -> int:
 def whole_system(args: argparse.Namespace, models_dir: Path, series: list[list[Path]], work: Path) -> dict[str, Any]:
     from sqlalchemy import select
 
-    from worker.db import Database, Job, JobState
+    from worker.db import Database, Job, JobState, SrDocument
 
     data_dir, port = work / "data", free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("DICOM_TRIAGE_")}
@@ -171,6 +174,12 @@ def whole_system(args: argparse.Namespace, models_dir: Path, series: list[list[P
             if time.monotonic() > deadline:
                 raise SystemExit(f"not all series classified after {args.timeout} s; see {work / 'serve.log'}")
             time.sleep(0.2)
+        while True:  # the SRs come after the results
+            with database.session() as session:
+                documents = session.scalars(select(SrDocument.created_at)).all()
+            if len(documents) >= len(jobs) or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
         database.dispose()
     finally:
         serve.terminate()
@@ -185,8 +194,22 @@ def whole_system(args: argparse.Namespace, models_dir: Path, series: list[list[P
         (job.finished_at - job.series_last_received_at).total_seconds() - args.quiet
         for job in jobs if job.finished_at
     )
+    def median(values: list[float]) -> float:
+        return statistics.median(values) if values else float("nan")
+
+    def seconds(later: Any, earlier: Any) -> float:
+        return (later - earlier).total_seconds()
+
     return {
         "images": images,
+        "schedule_wait_median_seconds": median(
+            [seconds(job.created_at, job.series_last_received_at) - args.quiet for job in jobs]),
+        "queue_wait_median_seconds": median(
+            [seconds(job.started_at, job.queued_at) for job in jobs if job.started_at and job.queued_at]),
+        "run_median_seconds": median(
+            [seconds(job.finished_at, job.started_at) for job in jobs if job.finished_at and job.started_at]),
+        "srs": len(documents),
+        "last_sr_after_last_result_seconds": (max(documents).timestamp() - last) if documents else float("nan"),
         "send_seconds": sent_wall - started_wall,
         "pipeline_seconds": last - started_wall,
         "images_per_second": images / (last - started_wall),
@@ -215,6 +238,7 @@ def main() -> None:
     parser.add_argument("--work-dir", type=Path, help="keep the series, data directory and serve.log here")
     args = parser.parse_args()
 
+    load_before = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="bench-pipeline-") as tmp:
         work = args.work_dir or Path(tmp)
         models_dir = prepare_models_dir(args, work / "models")
@@ -229,6 +253,13 @@ def main() -> None:
     print(f"{'latency last instance->result':<28} p50 {system['latency_p50_seconds']:.2f} s, "
           f"p95 {system['latency_p95_seconds']:.2f} s (quiet time excluded)")
     print(f"sending took {system['send_seconds']:.1f} s of {system['pipeline_seconds']:.1f} s")
+    print(f"per job (medians): scheduled {system['schedule_wait_median_seconds']:.2f} s after the quiet time, "
+          f"queued {system['queue_wait_median_seconds']:.2f} s, classified in {system['run_median_seconds']:.2f} s")
+    print(f"{system['srs']} SR(s), the last made {system['last_sr_after_last_result_seconds']:.1f} s after the "
+          f"last result")
+    load_after = os.getloadavg()
+    print(f"load average (1, 5, 15 min) before {' '.join(f'{v:.2f}' for v in load_before)}, "
+          f"after {' '.join(f'{v:.2f}' for v in load_after)}")
     if args.json:
         args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
                                          "bare_images_per_second": bare, **system, "ratio": ratio}, indent=2))
