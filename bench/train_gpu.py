@@ -116,9 +116,10 @@ def run_job(name: str, spec_text: str, data_dir: Path, out: Path, config: TrainC
             task=task.name, class_names=list(task.class_names), architecture=arch, input_spec=spec,
             training={"config": config.to_dict(), "epochs_run": result["epochs_run"], "history": history,
                       "trained_on": f"GPU, Keras {keras.__version__} on {keras.backend.backend()}",
-                      "train_wall_seconds": result["gpu_seconds"], "split": meta["split"],
+                      "train_wall_seconds": result["gpu_seconds"], "split": meta["split"], "split_seed": meta["seed"],
                       "skipped_files": meta["skipped_files"], "test_manifest_sha256": meta["test_manifest_sha256"],
-                      "input_rounding": "training inputs were prepare_batch output rounded to uint8"},
+                      "input_rounding": "training inputs were prepare_batch output rounded to uint8"
+                                        + (f" and stored as JPEG quality {meta['jpeg_quality']}" if meta.get("jpeg_quality") else "")},
             dataset_manifest_sha256=meta["dataset_manifest_sha256"], metrics=result["metrics"],
             code_version=code_version,
         )

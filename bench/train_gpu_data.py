@@ -54,7 +54,7 @@ def main() -> None:
             "task": task.name, "seed": SEED, "validation_fraction": VALIDATION_FRACTION, "official": splits.official,
             "split": splits.describe(), "dataset_manifest_sha256": splits.images.manifest_sha256(),
             "test_manifest_sha256": splits.images.subset(splits.test).manifest_sha256(),
-            "skipped_files": [str(p) for p, _ in splits.images.skipped],
+            "skipped_files": [str(p) for p, _ in splits.images.skipped], "jpeg_quality": args.jpeg_quality,
         }
         for side in sides.split(","):
             spec = InputSpec(int(side), int(side), 1)

@@ -55,7 +55,7 @@ def run_train(task: Task, data_dirs: list[Path], arch: str, out_dir: Path, confi
         training={
             "config": config.to_dict(), "weights": weights, "epochs_run": len(history.get("loss", [])),
             "history": history, "train_cpu_seconds": round(cpu_seconds, 1), "train_wall_seconds": round(wall_seconds, 1),
-            "sources": [str(d) for d in data_dirs], "split": splits.describe(), "skipped_files": [str(p) for p, _ in splits.images.skipped],
+            "sources": [str(d) for d in data_dirs], "split": splits.describe(), "split_seed": config.seed, "skipped_files": [str(p) for p, _ in splits.images.skipped],
             "test_manifest_sha256": splits.images.subset(splits.test).manifest_sha256(),
         },
         dataset_manifest_sha256=splits.images.manifest_sha256(),
