@@ -75,7 +75,7 @@ def _audit(request: Request, who: Principal, action: str, target: str) -> None:
 def _overview(request: Request) -> dict[str, Any]:
     state = _state(request)
     register_installed_models(state.database, state.settings)
-    with state.database.session() as session:
+    with state.database.read_session() as session:
         models = [describe(m) for m in list_models(session)]
     return {"models": models, "runs": load_runs(state.database)}
 
@@ -90,7 +90,7 @@ def _comparison(request: Request, uid: str) -> dict[str, Any]:
     """A model, its events and card, and the task's active model beside it with the gate's verdict if both were
     evaluated on the same reference set."""
     state = _state(request)
-    with state.database.session() as session:
+    with state.database.read_session() as session:
         model = get_model(session, uid)
         shown = describe(model)
         shown["card"], shown["data_manifest"] = model.card, model.data_manifest
@@ -193,7 +193,7 @@ def model_page(request: Request, uid: str, who: Principal = Depends(page_admin),
 
 @router.get("/admin/registry/models/{uid}/figures/{name}")
 def model_figure(request: Request, uid: str, name: str, _who: Principal = Depends(page_admin)) -> Response:
-    with _state(request).database.session() as session:
+    with _state(request).database.read_session() as session:
         try:
             folder = Path(get_model(session, uid).model_dir)
         except RegistryError as exc:
@@ -258,7 +258,7 @@ def api_models(request: Request, task: str | None = None, state: str | None = No
                _who: Principal = Depends(api_admin)) -> list[dict[str, Any]]:
     register_installed_models(_state(request).database, _state(request).settings)
     try:
-        with _state(request).database.session() as session:
+        with _state(request).database.read_session() as session:
             return [describe(m) for m in list_models(session, task, state)]
     except (KeyError, ValueError) as exc:
         raise HTTPException(422, str(exc)) from None

@@ -95,7 +95,7 @@ def worklist(
     _who: Principal = Depends(api_user),
 ) -> WorklistOut:
     filters = parse_filters(status, task, finding, review)
-    with request.app.state.web.database.session() as session:
+    with request.app.state.web.database.read_session() as session:
         result = load_worklist(session, filters, page=page, page_size=page_size)
     items = [
         WorklistItem(**{k: v for k, v in vars(row).items() if k != "results"},

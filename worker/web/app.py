@@ -78,7 +78,7 @@ def _model_dirs(settings: Settings, database: Database) -> Callable[[str, str], 
     from worker.registry.store import installed_model_dir
 
     def model_dir_for(task: str, model_uid: str) -> Path:
-        with database.session() as session:
+        with database.read_session() as session:
             try:
                 return Path(get_model(session, model_uid).model_dir)
             except RegistryError:

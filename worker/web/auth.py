@@ -56,7 +56,7 @@ def principal(request: Request) -> Principal | None:
     token = app.signer.unsign(request.cookies.get(SESSION_COOKIE))
     found: Principal | None = None
     if token is not None:
-        with app.database.session() as session:
+        with app.database.read_session() as session:
             row = session.execute(
                 select(User.id, User.name, User.role)
                 .join(WebSession, WebSession.user_pk == User.id)

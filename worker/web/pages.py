@@ -85,7 +85,7 @@ def worklist_page(
     who: Principal = Depends(page_user),
 ) -> Response:
     filters = parse_filters(status, task, finding, review)
-    with _state(request).database.session() as session:
+    with _state(request).database.read_session() as session:
         result = load_worklist(session, filters, page=max(1, page), page_size=PAGE_SIZE)
     query = {k: v for k, v in vars(filters).items() if v}
     return _render(
@@ -127,7 +127,7 @@ def decision_form(
 
 
 def _instance_file(request: Request, instance_id: int) -> tuple[str, Path]:
-    with _state(request).database.session() as session:
+    with _state(request).database.read_session() as session:
         instance = session.get(Instance, instance_id)
         if instance is None:
             raise HTTPException(404, f"no instance {instance_id}")
@@ -149,7 +149,7 @@ def heatmap(
     request: Request, result_id: int, instance_id: int, frame: int, who: Principal = Depends(page_user)
 ) -> Response:
     sop_uid, path = _instance_file(request, instance_id)
-    with _state(request).database.session() as session:
+    with _state(request).database.read_session() as session:
         result = session.get(Result, result_id)
         instance_series = session.scalar(select(Instance.series_pk).where(Instance.id == instance_id))
         if result is None or result.series_pk != instance_series:
@@ -164,7 +164,7 @@ def heatmap(
 
 @router.get("/admin/users")
 def users_page(request: Request, who: Principal = Depends(page_admin), error: str | None = None) -> Response:
-    with _state(request).database.session() as session:
+    with _state(request).database.read_session() as session:
         users = list_users(session)
     return _render(request, "admin_users.html", who, users=users, roles=[r.value for r in Role], error=error)
 
@@ -176,7 +176,7 @@ def users_add(request: Request, who: Principal = Depends(page_admin), form: dict
             add_user(session, form.get("username", ""), form.get("role", ""), form.get("password", ""),
                      by=session.get(User, who.user_id))
     except UserError as exc:
-        with _state(request).database.session() as session:
+        with _state(request).database.read_session() as session:
             users = list_users(session)
         page = _render(request, "admin_users.html", who, users=users, roles=[r.value for r in Role], error=str(exc))
         page.status_code = 422
@@ -203,7 +203,7 @@ def models_page(request: Request, who: Principal = Depends(page_admin)) -> Respo
     """The registry's models per task (state, metrics) and how many results each model produced."""
     from worker.registry import describe, list_models
 
-    with _state(request).database.session() as session:
+    with _state(request).database.read_session() as session:
         registered = [describe(model) for model in list_models(session)]
         rows = session.execute(select(Result.model_uid, func.count(Result.id)).group_by(Result.model_uid))
         counts = {model_uid: count for model_uid, count in rows}
@@ -224,7 +224,7 @@ def audit_page(request: Request, who: Principal = Depends(page_admin), before: i
     )
     if before is not None:
         query = query.where(AuditEvent.id < before)
-    with _state(request).database.session() as session:
+    with _state(request).database.read_session() as session:
         events = session.execute(query).all()
     older = events[-1].id if len(events) == AUDIT_PAGE_SIZE else None
     return _render(request, "admin_audit.html", who, events=events, older=older)

@@ -1,0 +1,38 @@
+"""Database.read_session: readers never wait behind a writer's lock, and cannot write."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+import pytest
+from sqlalchemy import func, select, text
+from sqlalchemy.exc import DBAPIError
+
+from worker.db import Database, RejectedInstance, upgrade_database
+
+
+@pytest.fixture
+def database(database_url: str) -> Iterator[Database]:
+    upgrade_database(database_url)
+    db = Database(database_url)
+    yield db
+    db.dispose()
+
+
+def test_reads_while_a_writer_holds_its_lock(database: Database) -> None:
+    with database.session() as writer:
+        writer.add(RejectedInstance(calling_ae="A", sop_instance_uid="1.2", reason="test"))
+        writer.flush()  # SQLite: the write lock (BEGIN IMMEDIATE) is held until the block ends
+        started = time.monotonic()
+        with database.read_session() as reader:
+            assert reader.scalar(select(func.count(RejectedInstance.id))) == 0  # the uncommitted row is not seen
+        assert time.monotonic() - started < 1.0  # not the busy timeout
+    with database.read_session() as reader:
+        assert reader.scalar(select(func.count(RejectedInstance.id))) == 1
+
+
+def test_a_read_session_cannot_write(database: Database) -> None:
+    with pytest.raises(DBAPIError, match="readonly|read-only"):
+        with database.read_session() as reader:
+            reader.execute(text("DELETE FROM rejected_instances"))
