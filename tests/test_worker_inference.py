@@ -15,9 +15,11 @@ from models.inference import Classifier
 from models.tasks import BRAIN_TUMOR, COVID_CT
 from worker.inference import (
     ModelCache,
+    SeriesBatcher,
     aggregate,
     batch_shapes,
     classify_series_files,
+    decode_series,
     predict_in_fixed_batches,
 )
 
@@ -84,3 +86,34 @@ def test_a_file_without_pixel_data_is_a_clear_error(classifier: Classifier, tmp_
     del ds.PixelData
     with pytest.raises(ValueError, match="no Pixel Data"):
         classify_series_files(write_files([ds], tmp_path), classifier, batch_size=8)
+
+
+def test_batcher_fills_batches_across_series(classifier: Classifier, tmp_path: Path) -> None:
+    # Three series of three slices, batches of four: the first batch takes all of series 0 and one slice of
+    # series 1, and each series' result comes as soon as its last slice is predicted.
+    paths = [write_files(mr_series(brain_images(3, seed=seed)), tmp_path / str(seed)) for seed in (1, 2, 3)]
+    shapes: list[int] = []
+    predict = classifier.predict_prepared
+
+    def recording(batch: np.ndarray) -> np.ndarray:
+        shapes.append(len(batch))
+        return predict(batch)
+
+    batcher: SeriesBatcher[int] = SeriesBatcher(classifier, batch_size=4)
+    classifier.predict_prepared = recording  # type: ignore[method-assign]
+    try:
+        done = [[key for key, _ in batcher.add(index, decode_series(p))] for index, p in enumerate(paths)]
+        flushed = batcher.flush()
+    finally:
+        del classifier.predict_prepared
+    assert done == [[], [0], [1]] and [key for key, _ in flushed] == [2]
+    assert shapes == [4, 4, 1]
+    batcher = SeriesBatcher(classifier, batch_size=4)
+    results = {key: c for index, p in enumerate(paths) for key, c in batcher.add(index, decode_series(p))}
+    results.update(batcher.flush())
+    for index, p in enumerate(paths):  # the same as classifying each series alone
+        alone = classify_series_files(p, classifier, batch_size=32)
+        assert results[index].label == alone.label
+        for a, b in zip(results[index].slice_probabilities, alone.slice_probabilities):
+            assert a["sop_instance_uid"] == b["sop_instance_uid"]
+            np.testing.assert_allclose(a["probabilities"], b["probabilities"], atol=1e-5)

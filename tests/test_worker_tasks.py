@@ -1,5 +1,6 @@
 """The classify_series task on a real Celery worker and broker (filesystem, as embedded) with a real model:
-transient errors are retried with backoff, others fail the job with the reason, duplicates change nothing."""
+transient errors are retried with backoff, others fail the job with the reason, duplicates change nothing, queued
+jobs are classified together, lost messages are sent again; SRs wait for the burst to end."""
 
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ from worker.db import Database, Instance, Job, JobState, Result, upgrade_databas
 from worker.inference import ModelCache
 from worker.ingest import DatabaseSink
 from worker.series import SeriesScheduler
-from worker.tasks import WorkerContext, register_tasks
+from worker.tasks import SrQueue, WorkerContext, claim_group, register_tasks
 from worker.workers import WorkerRegistration
 
 
@@ -47,6 +48,8 @@ def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 class Pipeline:
     """Listener-side (sink, scheduler) and a real Celery worker thread, sharing one SQLite database."""
 
+    worker_pk: int
+
     def __init__(self, settings: Settings, database: Database) -> None:
         self.settings = settings
         self.database = database
@@ -60,6 +63,20 @@ class Pipeline:
         with self.database.session() as session:
             return session.scalars(select(Job)).one()
 
+    def jobs(self) -> dict[int, Job]:
+        with self.database.session() as session:
+            return {job.id: job for job in session.scalars(select(Job))}
+
+    def queue_without_messages(self, count: int, slices: int = 2) -> list[int]:
+        """``count`` series of ``slices`` received and their jobs queued, but no message sent (as if lost)."""
+        for index in range(count):
+            for ds in mr_series(brain_images(slices, seed=40 + index)):
+                self.sink.accept(ds, "PACS")
+        lost: list[int] = []
+        ids = SeriesScheduler(self.settings, self.database, lost.append, clock=self.scheduler.clock).run_once()
+        assert sorted(lost) == sorted(ids) and len(ids) == count
+        return sorted(ids)
+
 
 @pytest.fixture
 def pipeline(tmp_path: Path, models_dir: Path) -> Iterator[Pipeline]:
@@ -68,6 +85,7 @@ def pipeline(tmp_path: Path, models_dir: Path) -> Iterator[Pipeline]:
     database = Database(settings.effective_database_url)
     registration = WorkerRegistration(database)
     line = Pipeline(settings, database)
+    line.worker_pk = registration.id
     register_tasks(line.app, WorkerContext(settings, database, ModelCache(models_dir), registration.id))
     with start_worker(line.app, pool="threads", concurrency=1, perform_ping_check=False,
                       queues=[INFERENCE_QUEUE], shutdown_timeout=30):
@@ -155,3 +173,71 @@ def test_a_lost_message_is_sent_again_once_per_timeout(pipeline: Pipeline) -> No
     assert sweeper.resend_lost_jobs() == 0  # a finished job is never sent again
     with pipeline.database.session() as session:
         assert session.scalar(select(func.count(Result.id))) == 1
+
+
+def test_one_message_classifies_the_queued_jobs_together(pipeline: Pipeline) -> None:
+    ids = pipeline.queue_without_messages(3)
+    pipeline.enqueue(ids[0])  # the task takes the other two queued jobs along
+    jobs = wait_for(lambda: all((js := pipeline.jobs())[i].state.is_final for i in ids) and js)
+    assert [(jobs[i].state, jobs[i].attempts) for i in ids] == [(JobState.DONE, 1)] * 3
+    for job_id in ids[1:]:  # their own messages come later and change nothing
+        pipeline.enqueue(job_id)
+    time.sleep(1.5)
+    assert [pipeline.jobs()[i].attempts for i in ids] == [1, 1, 1]
+    with pipeline.database.session() as session:
+        assert session.scalar(select(func.count(Result.id))) == 3
+
+
+def test_a_group_keeps_to_its_frame_budget_and_skips_jobs_in_flight(pipeline: Pipeline, models_dir: Path) -> None:
+    ids = pipeline.queue_without_messages(3)  # two frames each
+    settings = load_settings(env={}, data_dir=pipeline.settings.data_dir, models_dir=models_dir,
+                             inference_group_frames=4)
+    context = WorkerContext(settings, pipeline.database, ModelCache(models_dir), pipeline.worker_pk)
+    group = claim_group(context, ids[0])
+    assert [job.job_id for job in group] == ids[:2] and [job.frames for job in group] == [2, 2]
+    assert context.in_flight == set(ids[:2])
+    assert claim_group(context, ids[1]) == []  # its duplicate message while this process classifies it
+    jobs = pipeline.jobs()
+    assert [jobs[i].state for i in ids] == [JobState.RUNNING, JobState.RUNNING, JobState.QUEUED]
+
+
+def test_a_job_taken_along_that_fails_transiently_is_queued_again(pipeline: Pipeline, tmp_path: Path) -> None:
+    first, second = pipeline.queue_without_messages(2)
+    blocker = tmp_path / "blocker"
+    blocker.write_text("")
+    with pipeline.database.session() as session:  # the second series' files are briefly unreadable
+        series_pk = session.get_one(Job, second).series_pk
+        instance = session.scalars(select(Instance).where(Instance.series_pk == series_pk)).first()
+        assert instance is not None
+        real_path = instance.archive_path
+        instance.archive_path = str(blocker / "instance.dcm")
+    pipeline.enqueue(first)
+    job = wait_for(lambda: (j := pipeline.jobs()[second]).reason.startswith("transient error") and j)
+    assert job.state == JobState.QUEUED and job.worker_pk is None and "retry 1 in" in job.reason
+    assert pipeline.jobs()[first].state == JobState.DONE
+    with pipeline.database.session() as session:
+        session.execute(update(Instance).where(Instance.id == instance.id).values(archive_path=real_path))
+    job = wait_for(lambda: (j := pipeline.jobs()[second]).state.is_final and j, timeout=30)
+    assert (job.state, job.attempts) == (JobState.DONE, 2), job.reason
+
+
+def test_srs_wait_for_the_burst_to_end() -> None:
+    made: list[int] = []
+    series_waiting = [True]
+    queue = SrQueue(made.append, lambda: series_waiting[0], idle_seconds=0.1, max_delay_seconds=30)
+    with queue.busy():
+        queue.submit(1)
+        time.sleep(0.4)
+        assert made == []  # a job is being classified
+    time.sleep(0.4)
+    assert made == []  # other series still wait to be classified
+    series_waiting[0] = False
+    wait_for(lambda: made == [1], timeout=5)
+
+    overdue = SrQueue(made.append, lambda: True, idle_seconds=0.1, max_delay_seconds=0.3)
+    overdue.submit(2)
+    wait_for(lambda: made == [1, 2], timeout=5)  # at the latest after the maximum delay
+
+    stopping = SrQueue(made.append, lambda: True, idle_seconds=0.1, max_delay_seconds=60)
+    stopping.submit(3)
+    assert stopping.drain(timeout=5) and made == [1, 2, 3]  # a shutting-down worker makes what waits

@@ -450,7 +450,8 @@ def run_job(context: WorkerContext, job_id: int) -> None:
         try:
             group.release_unsettled("the task classifying it stopped; re-queued")
         finally:
-            context.in_flight.difference_update(job.job_id for job in jobs)
+            with context.claim_lock:
+                context.in_flight.difference_update(job.job_id for job in jobs)
     if group.retry is not None:
         raise group.retry
 
