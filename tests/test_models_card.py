@@ -75,11 +75,7 @@ def test_shipped_model_and_card(task):
     assert (folder / "model.keras").stat().st_size <= 25 * 2**20
     assert len(card.dataset_manifest_sha256) == 64
     expected = {"testing", "testing_dedup"} if task == "brain-tumor" else {"holdout", "cv5"}
-    if "cv5" not in card.metrics and "cv5_note" in card.training:
-        # A model trained without its cross-validation run must say so, and why, in its card.
-        expected.discard("cv5")
-        assert "not run" in card.training["cv5_note"]
     assert expected <= set(card.metrics)
     for split in expected:
         assert 0.0 < card.metrics[split]["accuracy"] <= 1.0
-    assert card.training["config"]["seed"] == 0 and card.training["history"]["val_loss"]
+    assert isinstance(card.training["config"]["seed"], int) and card.training["history"]["val_loss"]
