@@ -2,10 +2,11 @@
 
 Runs on this machine's CPU (TensorFlow): evaluates the shipped models on the original image files with the
 production ``evaluate`` code, runs the black-pixel threshold baseline (no gradient training, seconds), and times
-inference and a short training run. Rows that need GPU training are read from ``--gpu-results`` (the
-``results.json`` that bench/train_gpu.py writes) when given, else marked as not run.
+inference and a short training run. Rows that need long training are read from ``--runs`` (docs/training-runs.json:
+bench/train_gpu.py's ``results.json`` entries, and CPU runs recorded from their cards) when given, else marked as
+not run.
 
-    .venv/bin/python bench/results.py --data ../shared/data [--gpu-results artifacts/gpu/results.json]
+    .venv/bin/python bench/results.py --data ../shared/data [--runs docs/training-runs.json] [--update-cards]
 """
 
 from __future__ import annotations
@@ -96,7 +97,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, required=True, help="folder holding brain-tumor-mri/ and covid-ct/")
     parser.add_argument("--work", type=Path, default=Path("artifacts/results"))
-    parser.add_argument("--gpu-results", type=Path, help="results.json of a bench/train_gpu.py run (study rows)")
+    parser.add_argument("--runs", type=Path, help="training runs by row key (docs/training-runs.json)")
     parser.add_argument("--out", type=Path, default=Path("docs/results.md"))
     parser.add_argument("--update-cards", action="store_true",
                         help="write the CPU evaluation of the original files into the shipped cards' metrics")
@@ -115,7 +116,7 @@ def main() -> None:
                     card.metrics[split] = {k: v for k, v in metrics.items() if k != "class_names"}
             card.save(default_model_dir(task))
     threshold = threshold_baseline(args.data, args.work)
-    gpu = json.loads(args.gpu_results.read_text()) if args.gpu_results else {}
+    gpu = json.loads(args.runs.read_text()) if args.runs else {}
     speed = {task: inference_speed(task) for task in (BRAIN_TUMOR.name, COVID_CT.name)}
     epoch = {BRAIN_TUMOR.name: training_epoch_cost(BRAIN_TUMOR.name, 4852),
              COVID_CT.name: training_epoch_cost(COVID_CT.name, 1736)}
@@ -139,8 +140,9 @@ def render(evaluations, threshold, gpu, speed, epoch, load) -> str:
         elif key in gpu and "metrics" in gpu[key]:
             run = gpu[key]
             ours = pct(run["metrics"].get(split, {}).get("accuracy"))
-            note = (f"GPU (bench/train_gpu.py), {run['epochs_run']} epochs in {run['gpu_seconds']:.0f} s, "
-                    f"ReduceLROnPlateau; inputs: {run.get('data', 'prepared here')}; scored on the JPEG copies")
+            note = (f"{run.get('where', 'GPU (bench/train_gpu.py)')}, {run['epochs_run']} epochs in "
+                    f"{run.get('gpu_seconds', run.get('seconds', 0)):.0f} s, ReduceLROnPlateau; inputs: "
+                    f"{run.get('data', 'prepared here')}")
         else:
             ours, note = "not run", NOT_RUN.get(key, "GPU time spent on the shipped models; see below")
         lines.append(f"| {dataset} | {method} | {study:.2f}% | {ours} | {note} |")
@@ -161,14 +163,15 @@ def render(evaluations, threshold, gpu, speed, epoch, load) -> str:
               "## Speed on this machine's CPU (2 cores, shared)", "",
               f"Load average when measured: {load:.1f} (other engineers' jobs share the two cores).", "",
               "| task | input | inference, model only (img/s, batch 32) | inference, end to end from display images "
-              "| training CPU s / epoch | training wall s / epoch | epochs the shipped run used |",
-              "|---|---|---:|---:|---:|---:|---:|"]
+              "| training CPU s / epoch | training wall s / epoch | epochs the shipped run used "
+              "| the shipped run on this CPU (min, estimated; target 60) |",
+              "|---|---|---:|---:|---:|---:|---:|---:|"]
     for task, card in (("brain-tumor", brain_card), ("covid-ct", covid_card)):
         s, e = speed[task], epoch[task]
         spec = card.input_spec
         lines.append(f"| {task} | {spec.height}x{spec.width}x{spec.channels} | {s['model_images_per_s']:.0f} | "
                      f"{s['end_to_end_images_per_s']:.0f} | {e['cpu_s_per_epoch']:.0f} | {e['wall_s_per_epoch']:.0f} | "
-                     f"{e['epochs_run']} |")
+                     f"{e['epochs_run']} | {e['wall_s_per_epoch'] * (e['epochs_run'] or 0) / 60:.0f} |")
     lines += ["", NOTES]
     return "\n".join(lines) + "\n"
 
@@ -188,7 +191,7 @@ NOTES = """## How the shipped models were trained, why they still miss their tar
 - **Where.** One H100 for 15 minutes (Keras 3.15.1 on JAX, `bench/train_gpu.py`; about 0.6 s per brain epoch and
   0.3 s per COVID epoch): brain-tumor 220 epochs (159 s, seed 1), COVID 140 epochs (71 s, seed 1). The inputs
   travelled as JPEG-88 copies of `prepare_batch` output (both tasks had to fit one 64 MiB transfer); the table above
-  scores the shipped models on the original files here, on TensorFlow. `docs/gpu-results.json` holds every run.
+  scores the shipped models on the original files here, on TensorFlow. `docs/training-runs.json` holds every run.
 - **COVID cv5** comes from an earlier run of the same recipe (seed 0, 100-epoch schedule) whose folds were stopped
   by a 32 s budget each at about epoch 70, learning rate still ~2e-4: it understates a full run. The COVID model
   ends at ~98% training accuracy and ~93-94% on validation and holdout: it overfits the 1,736 training slices,
