@@ -52,8 +52,10 @@ class SeriesScheduler:
         self.enqueue = enqueue
         self.clock = clock
         self.quiet = timedelta(seconds=settings.series_quiet_seconds)
-        #: Seconds between rounds: a fraction of the quiet time, so a series is picked up soon after it is ready.
-        self.poll_seconds = min(1.0, max(0.05, settings.series_quiet_seconds / 4))
+        #: Seconds between rounds at most. Half the quiet time loses nothing: a series that starts arriving after a
+        #: round becomes ready a whole quiet time later, so the next round sees it pending and :meth:`run` wakes at
+        #: the moment it is ready.
+        self.poll_seconds = min(1.0, max(0.05, settings.series_quiet_seconds / 2))
         self.queued_timeout = timedelta(seconds=settings.queued_job_timeout_seconds)
         self.next_ready: datetime | None = None
 
