@@ -12,8 +12,9 @@ and its own network namespace (``unshare -n``: loopback only, nothing else can r
 * ``bare``     a pynetdicom SCP with the same contexts, PDU size and TCP_NODELAY whose handler discards.
 * ``storescp`` dcmtk's storescp writing files (``--fork`` so it serves parallel associations).
 
-Prints instances/s, the receiver's CPU per instance (less distorted by machine load than wall time) and the
-ratios the issue's targets ask for (listener/bare >= 0.8, listener/storescp).
+Prints instances/s, the receiver's CPU per instance (less distorted by machine load than wall time), the
+1-minute load average at each run's start, and the ratios the issue's targets ask for (triage/bare >= 0.8,
+triage/storescp).
 """
 
 from __future__ import annotations
@@ -165,6 +166,7 @@ def run_one(kind: str, concurrency: int, files: list[Path], work: Path) -> dict[
         try:
             _wait_ready(PORT, receiver)
             cpu_at_start = _cpu_seconds(receiver.pid)
+            load = os.getloadavg()[0]  # other work on the machine skews wall time: report it beside each run
             chunks = [files[i::concurrency] for i in range(concurrency)]
             started = time.perf_counter()
             senders = [
@@ -200,6 +202,7 @@ def run_one(kind: str, concurrency: int, files: list[Path], work: Path) -> dict[
         "instances_per_second": round(successes / elapsed, 1),
         # CPU the receiver used while receiving: machine load distorts it far less than wall time.
         "receiver_cpu_ms_per_instance": round(cpu_seconds * 1000 / max(successes, 1), 2),
+        "load_1min": round(load, 2),
     }
 
 
@@ -265,7 +268,7 @@ def main() -> int:
 
 def _summarise(results: list[dict[str, object]], concurrencies: list[int], receivers: list[str]) -> str:
     lines = [
-        f"{'associations':>12} " + " ".join(f"{kind:>10}" for kind in receivers) + "   ratios (instances/s)",
+        f"{'associations':>12} " + " ".join(f"{kind:>10}" for kind in receivers) + "   load   ratios (instances/s)",
     ]
     for concurrency in concurrencies:
         rate = {
@@ -281,8 +284,12 @@ def _summarise(results: list[dict[str, object]], concurrencies: list[int], recei
             for a, b in (("listener", "bare"), ("triage", "bare"), ("listener", "storescp"), ("triage", "storescp"))
             if a in rate and b in rate and rate[b] > 0
         ]
+        load = statistics.median(
+            float(r["load_1min"]) for r in results if r["concurrency"] == concurrency  # type: ignore[arg-type]
+        )
         lines.append(
-            f"{concurrency:>12} " + " ".join(f"{rate[kind]:>10.1f}" for kind in receivers) + "   " + ", ".join(ratios)
+            f"{concurrency:>12} " + " ".join(f"{rate[kind]:>10.1f}" for kind in receivers)
+            + f"   {load:4.1f}   " + ", ".join(ratios)
         )
     return "\n".join(lines)
 
