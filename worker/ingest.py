@@ -156,6 +156,7 @@ class DatabaseSink:
         """Call before serving: recover what a sink that ended uncleanly may have lost (see the module), then, with
         relaxed commits, put down this process's marker. Returns how many instances were recovered."""
         recovered = 0
+        # A marker whose pid now names another live process is left for a later start (scanning is only deferred).
         stale = [m for m in self._markers() if not other_process_alive(int(m.name[len(MARKER_PREFIX):]))]
         if stale:
             since = min(m.stat().st_mtime for m in stale)
@@ -178,10 +179,18 @@ class DatabaseSink:
             self._durable_at = time.monotonic()
         return recovered
 
-    def close(self) -> None:
-        """Call after the listener stopped: make every commit durable and remove this process's marker."""
+    def close(self, timeout: float = 10.0) -> None:
+        """Call after the listener stopped: let the stores still running finish (at most ``timeout`` s), make every
+        commit durable and remove this process's marker (kept if a store is still running then)."""
         if self._marker is not None:
+            deadline = time.monotonic() + timeout
+            while self._in_flight and time.monotonic() < deadline:  # aborted associations' last commits
+                time.sleep(0.01)
             self._sync_database()
+            if self._in_flight:
+                LOGGER.warning("ingest closed with %d store(s) still running; a restart re-checks them",
+                               len(self._in_flight))
+                return
             self._marker.unlink(missing_ok=True)
             self._marker = None
 
