@@ -119,7 +119,7 @@ class SrQueue:
             self._waiting.append((job_id, time.monotonic()))
             self._changed.notify_all()
 
-    def drain(self, timeout: float = 60.0) -> bool:
+    def drain(self, timeout: float = 30.0) -> bool:
         """Make every waiting SR now; True when none is left within ``timeout`` seconds."""
         deadline = time.monotonic() + timeout
         with self._changed:
@@ -531,4 +531,4 @@ def register_tasks(app: Celery, context: WorkerContext) -> None:
     # A warm shutdown makes the SRs still waiting before the process exits.
     @worker_shutdown.connect(weak=False)
     def _drain_srs(**_: object) -> None:
-        context.sr_queue.drain()
+        context.sr_queue.drain()  # within serve's grace for a stopping worker (WORKER_SHUTDOWN_SECONDS)
