@@ -43,11 +43,15 @@ def grad_cam(model: Any, image_batch: np.ndarray, class_index: int, layer_name: 
     if not 0 <= class_index < num_classes:
         raise ValueError(f"class_index {class_index} is outside 0..{num_classes - 1}")
     layer = model.get_layer(layer_name) if layer_name else last_feature_layer(model)
-    probe = keras.Model(model.inputs, [layer.output, model.output])
-    inputs = tf.convert_to_tensor(batch)
+    # Two models split at the feature map, so the backward pass covers only the head. Through the whole model,
+    # TensorFlow also ran the earlier convolutions' filter gradients, which oneDNN's CPU kernel crashed on (a
+    # segfault on AVX-512/AMX machines) and which Grad-CAM never uses.
+    feature_model = keras.Model(model.input, layer.output)
+    head = keras.Model(layer.output, model.output)
+    features = tf.convert_to_tensor(feature_model(tf.convert_to_tensor(batch), training=False))
     with tf.GradientTape() as tape:
-        features, outputs = probe(inputs, training=False)
-        score = outputs[:, class_index]
+        tape.watch(features)
+        score = head(features, training=False)[:, class_index]
     grads = tape.gradient(score, features)
     channel_weights = tf.reduce_mean(grads, axis=(1, 2), keepdims=True)
     cam = tf.nn.relu(tf.reduce_sum(channel_weights * features, axis=-1))
