@@ -236,11 +236,15 @@ def test_confirm_export_retrain_gate_promote_and_roll_back(tmp_path: Path, proce
     # 5. The next study is classified by the new model, without restarting the worker.
     new_series = push_study("RT-PID-2005", "Retrain^Eugene", "19750505", "COVID")
     assert wait_for(lambda: result_of(new_series), 180, "the new study's result", serve).model_uid == candidate
-    with database.session() as session:
-        sr_paths = session.scalars(select(SrDocument.archive_path).join(Result, Result.id == SrDocument.result_pk)
+
+    def sr_paths_of(series_uid: str) -> list[str]:
+        with database.session() as session:
+            return session.scalars(select(SrDocument.archive_path).join(Result, Result.id == SrDocument.result_pk)
                                    .join(Series, Series.id == Result.series_pk)
-                                   .where(Series.series_instance_uid == new_series)).all()
-    assert sr_paths, "no SR was written for the new study's result"
+                                   .where(Series.series_instance_uid == series_uid)).all()
+
+    # The worker makes SRs once no series waits (at most 30 s after the result): wait for it, not for the result.
+    sr_paths = wait_for(lambda: sr_paths_of(new_series), 90, "the SR of the new study's result", serve)
     for path in sr_paths:
         assert candidate in str(dcmread(path))  # the SR's algorithm identification names the new model
 
