@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import logging
 import shutil
+import socket
 import struct
 import threading
 from collections.abc import Iterable
@@ -152,13 +153,23 @@ def _status(code: int, comment: str) -> Dataset:
     return status
 
 
+class _ReusePortServer(ThreadedAssociationServer):
+    """pynetdicom's threaded server with SO_REUSEPORT set before bind: several processes listen on one port and the
+    kernel spreads incoming connections across them."""
+
+    def server_bind(self) -> None:
+        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        super().server_bind()
+
+
 class StorageListener:
     """A Verification and Storage SCP on ``host:port`` (``port`` 0 picks a free port).
 
     ``allowed_calling_aes`` empty accepts any caller; otherwise others get A-ASSOCIATE-RJ (permanent,
     calling AE title not recognised). More than ``max_associations`` at once get A-ASSOCIATE-RJ (transient,
     local limit exceeded). When the archive's file system has less than ``min_free_bytes`` free, stores answer
-    0xA700 (out of resources) and nothing is handed to the sink.
+    0xA700 (out of resources) and nothing is handed to the sink. ``reuse_port`` binds with SO_REUSEPORT, so that
+    other processes (of the same user) that also set it listen on the same port.
     """
 
     def __init__(
@@ -173,6 +184,7 @@ class StorageListener:
         archive_root: Path | str | None = None,
         max_pdu_size: int = 0,
         acse_timeout: float = 30,
+        reuse_port: bool = False,
     ) -> None:
         if min_free_bytes > 0 and archive_root is None:
             raise ValueError("min_free_bytes needs archive_root: the file system whose free space is watched")
@@ -183,6 +195,7 @@ class StorageListener:
         self.min_free_bytes = min_free_bytes
         self.archive_root = Path(archive_root) if archive_root is not None else None
         self._requested_port = port
+        self.reuse_port = reuse_port
         self._server: ThreadedAssociationServer | None = None
         self._stopped = threading.Event()
         self._ae = self._build_ae(max_associations, max_pdu_size, acse_timeout)
@@ -225,7 +238,16 @@ class StorageListener:
             (evt.EVT_ABORTED, self._on_aborted),
         ]
         self._stopped.clear()
-        self._server = self._ae.start_server((self.host, self._requested_port), block=False, evt_handlers=handlers)
+        address = (self.host, self._requested_port)
+        if not self.reuse_port:
+            self._server = self._ae.start_server(address, block=False, evt_handlers=handlers)
+        else:
+            # make_server's server_class is pynetdicom's hook for custom servers; what start_server does after it
+            # (serve on a daemon thread, register the server with its AE, which shutdown() expects) is done here.
+            server = self._ae.make_server(address, evt_handlers=handlers, server_class=_ReusePortServer)
+            threading.Thread(target=server.serve_forever, name="AcceptorServer", daemon=True).start()
+            self._ae._servers.append(server)
+            self._server = server
         LOGGER.info("listening as %s on %s:%d", self.ae_title, self.host, self.port)
 
     def stop(self) -> None:

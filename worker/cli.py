@@ -37,6 +37,10 @@ def _add_network_options(parser: argparse.ArgumentParser, web: bool) -> None:
     parser.add_argument("--dicom-port", type=int, metavar="N", help="DICOM port to listen on")
     parser.add_argument("--dicom-host", metavar="ADDRESS", help="DICOM bind address")
     parser.add_argument("--ae-title", metavar="AE", help="our AE title")
+    parser.add_argument(
+        "--processes", type=int, dest="listen_processes", metavar="N",
+        help="listener processes sharing the DICOM port (listen_processes; max_associations is divided among them)",
+    )
     if web:
         parser.add_argument("--web-port", type=int, metavar="N", help="web worklist port")
 
@@ -51,6 +55,7 @@ def read_settings(args: argparse.Namespace) -> Settings:
         "dicom_host": getattr(args, "dicom_host", None),
         "ae_title": getattr(args, "ae_title", None),
         "web_port": getattr(args, "web_port", None),
+        "listen_processes": getattr(args, "listen_processes", None),
         "sr_destinations": getattr(args, "sr_destinations", None),
     }
     settings = load_settings(args.config, **overrides)

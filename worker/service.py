@@ -22,13 +22,13 @@ from sqlalchemy.exc import OperationalError
 
 from config import Settings
 from dicom_io.archive import Archive
-from dicom_io.listener import StorageListener
 from models.tasks import get_task
 from worker.celery_app import INFERENCE_QUEUE, create_celery_app, make_enqueue, run_celery_worker
 from worker.db import Database, upgrade_database
 from worker.delivery import DELIVERY_QUEUE, run_delivery_worker
 from worker.errors import StartupError
 from worker.ingest import DatabaseSink
+from worker.listeners import ListenerGroup, Receiver
 from worker.registry import active_model_dirs, register_installed_models
 from worker.reporting import publish_missing
 from worker.series import SeriesScheduler
@@ -71,53 +71,56 @@ def stop_on_signals() -> threading.Event:
 
 
 class Ingest:
-    """The listener, its database sink and the series scheduler (a background thread).
+    """The receiving side (a :class:`Receiver` in this process, or with ``listen_processes`` > 1 a supervised
+    :class:`ListenerGroup` of processes) and the series scheduler (a background thread of this process).
 
-    The sink has its own engine with relaxed commits on SQLite (see :mod:`worker.ingest`): its archive files are
-    fsynced before each commit, and a start after an unclean end re-records any file whose row was lost. Every
-    other writer, the scheduler included, keeps synchronous commits.
+    The listeners' sinks commit with relaxed durability on SQLite (see :mod:`worker.ingest`); every other writer,
+    the scheduler included, keeps synchronous commits.
     """
 
     def __init__(self, settings: Settings, database: Database) -> None:
         self.settings = settings
-        archive = Archive(settings.archive_dir)
-        self._ingest_database = Database(settings.effective_database_url, durable_commits=False)
-        self.sink = DatabaseSink(archive, self._ingest_database)
-        self.listener = StorageListener(
-            ae_title=settings.ae_title,
-            host=settings.dicom_host,
-            port=settings.dicom_port,
-            sink=self.sink,
-            allowed_calling_aes=settings.allowed_calling_aes,
-            max_associations=settings.max_associations,
-            min_free_bytes=settings.min_free_disk_mb * 1024 * 1024,
-            archive_root=settings.archive_dir,
-        )
+        self.database = database
+        self.receiver = Receiver(settings) if settings.listen_processes == 1 else None
+        self.group = ListenerGroup(settings) if settings.listen_processes > 1 else None
         self.scheduler = SeriesScheduler(settings, database, make_enqueue(create_celery_app(settings)))
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self.scheduler.run, args=(self._stop,), name="scheduler", daemon=True)
 
     def start(self) -> None:
-        try:
-            self.sink.open()  # before the first association: recovery, then this process's marker
-        except OSError as exc:
-            raise StartupError(f"cannot use archive {self.settings.archive_dir}: {exc}") from exc
-        try:
-            self.listener.start()
-        except OSError as exc:
-            where = f"{self.settings.dicom_host}:{self.settings.dicom_port}"
-            raise StartupError(f"cannot listen for DICOM on {where}: {exc.strerror or exc}") from exc
+        if self.receiver is not None:
+            self.receiver.start()
+        else:
+            assert self.group is not None
+            # Recover what an earlier unclean end left once, here, before the children start (each would).
+            try:
+                DatabaseSink(Archive(self.settings.archive_dir), self.database).open()
+            except OSError as exc:
+                raise StartupError(f"cannot use archive {self.settings.archive_dir}: {exc}") from exc
+            self.group.start()
         self._thread.start()
 
+    def supervise(self) -> None:
+        """Restart a listener process that died (call every half second or so)."""
+        if self.group is not None:
+            self.group.ensure_running()
+
     def stop(self) -> None:
-        self.listener.stop()
-        self.sink.close()
-        self._ingest_database.dispose()
+        if self.receiver is not None:
+            self.receiver.stop()
+        if self.group is not None:
+            self.group.stop()
         self._stop.set()
-        self._thread.join(timeout=10)
+        if self._thread.ident is not None:  # started
+            self._thread.join(timeout=10)
 
     def describe(self) -> str:
-        return f"DICOM {self.settings.ae_title}@{self.settings.dicom_host}:{self.listener.port}"
+        port = self.receiver.listener.port if self.receiver is not None else self.settings.dicom_port
+        where = f"DICOM {self.settings.ae_title}@{self.settings.dicom_host}:{port}"
+        if self.group is None:
+            return where
+        pids = ", ".join(map(str, self.group.pids))
+        return f"{where} ({self.settings.listen_processes} listener processes, pids {pids})"
 
 
 def _ready(message: str) -> None:
@@ -129,10 +132,11 @@ def run_listen(settings: Settings) -> int:
     stop = stop_on_signals()
     database = open_database(settings)
     ingest = Ingest(settings, database)
-    ingest.start()
-    _ready(f"{ingest.describe()}, data {settings.data_dir}")
     try:
-        stop.wait()
+        ingest.start()
+        _ready(f"{ingest.describe()}, data {settings.data_dir}")
+        while not stop.wait(0.5):
+            ingest.supervise()
     finally:
         ingest.stop()
         database.dispose()
@@ -250,6 +254,7 @@ def run_serve(settings: Settings, config_file: Path | None) -> int:
                 ready = True
                 web_url = f"http://{settings.web_host}:{settings.web_port}"
                 _ready(f"{ingest.describe()}, web {web_url}, worker pid {child.pid}, data {settings.data_dir}")
+            ingest.supervise()
             child.ensure_running()
             delivery.ensure_running()
             training.ensure_running()

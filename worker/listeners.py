@@ -1,0 +1,209 @@
+"""The DICOM receiving side of ``listen`` and ``serve``: one listener in this process, or several processes sharing
+the port.
+
+A :class:`Receiver` is a :class:`~dicom_io.listener.StorageListener` with its own :class:`~worker.ingest.DatabaseSink`.
+With ``listen_processes`` N > 1, a :class:`ListenerGroup` starts N child processes, each a Receiver bound with
+SO_REUSEPORT on the same address and port: the kernel hands each new association to one of them, so ingest is no
+longer bound to one core by the GIL. Each child has ``ceil(max_associations / N)`` associations (the kernel spreads
+by a hash of the peer's address and port, not by load: one child may refuse while another has room). The parent
+(which keeps the series scheduler) restarts a child that dies; a restarted child's sink re-records what the dead
+one may have left without a row (its ``.ingest-open-<pid>`` marker names a process that is gone).
+
+Children are spawned, not forked: the parent already runs threads (scheduler, web) and holds database connections.
+A second ``dicom-triage`` with ``listen_processes`` > 1 started on the same port would share it too (SO_REUSEPORT
+does not tell them apart); a single-process listener never sets it, so it still fails with "address in use".
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import multiprocessing
+import os
+import signal
+import threading
+import time
+from multiprocessing.process import BaseProcess
+from multiprocessing.synchronize import Event as ProcessEvent
+
+from config import Settings
+from dicom_io.archive import Archive
+from dicom_io.listener import StorageListener
+from worker.db import Database
+from worker.errors import StartupError
+from worker.ingest import DatabaseSink
+
+log = logging.getLogger(__name__)
+
+#: A child that started less than this long ago is not restarted yet (a child failing at once does not spin).
+RESTART_SECONDS = 3.0
+#: How long the group waits for all children to listen at start.
+START_TIMEOUT_SECONDS = 120.0
+#: How long a child gets to stop cleanly (its sink finishes the stores in flight) before it is killed.
+STOP_TIMEOUT_SECONDS = 30.0
+
+
+class Receiver:
+    """A listener and its database sink in this process.
+
+    The sink has its own engine with relaxed commits on SQLite (see :mod:`worker.ingest`): its archive files are
+    fsynced before each commit, and a start after an unclean end re-records any file whose row was lost.
+    """
+
+    def __init__(self, settings: Settings, *, max_associations: int | None = None, reuse_port: bool = False) -> None:
+        self.settings = settings
+        self._database = Database(settings.effective_database_url, durable_commits=False)
+        self.sink = DatabaseSink(Archive(settings.archive_dir), self._database)
+        self.listener = StorageListener(
+            ae_title=settings.ae_title,
+            host=settings.dicom_host,
+            port=settings.dicom_port,
+            sink=self.sink,
+            allowed_calling_aes=settings.allowed_calling_aes,
+            max_associations=max_associations or settings.max_associations,
+            min_free_bytes=settings.min_free_disk_mb * 1024 * 1024,
+            archive_root=settings.archive_dir,
+            reuse_port=reuse_port,
+        )
+
+    def start(self) -> None:
+        try:
+            self.sink.open()  # before the first association: recovery, then this process's marker
+        except OSError as exc:
+            raise StartupError(f"cannot use archive {self.settings.archive_dir}: {exc}") from exc
+        try:
+            self.listener.start()
+        except OSError as exc:
+            where = f"{self.settings.dicom_host}:{self.settings.dicom_port}"
+            raise StartupError(f"cannot listen for DICOM on {where}: {exc.strerror or exc}") from exc
+
+    def stop(self) -> None:
+        self.listener.stop()
+        self.sink.close()
+        self._database.dispose()
+
+
+def per_process_associations(settings: Settings) -> int:
+    """Each listener process's share of ``max_associations``."""
+    return math.ceil(settings.max_associations / settings.listen_processes)
+
+
+def _child_main(settings: Settings, index: int, ready: ProcessEvent, parent: int) -> None:
+    """A listener child: serve until SIGTERM or SIGINT (the parent, or Ctrl-C on the process group), or until the
+    parent ``parent`` is gone (an orphan would keep a share of the port after a restart of the service)."""
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s %(levelname)s %(name)s[{index}]: %(message)s")
+    for noisy in ("alembic", "pynetdicom"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    receiver = Receiver(settings, max_associations=per_process_associations(settings), reuse_port=True)
+    try:
+        receiver.start()
+    except StartupError as exc:
+        log.error("%s", exc)
+        raise SystemExit(1) from None
+    ready.set()
+    try:
+        while not stop.wait(1.0):
+            if os.getppid() != parent:
+                log.error("the supervising process %d is gone; stopping", parent)
+                break
+    finally:
+        receiver.stop()
+
+
+class _Child:
+    """One listener process of the group (a new process each time it is started)."""
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+        self.process: BaseProcess | None = None
+        self.ready: ProcessEvent | None = None
+        self.started = 0.0
+        self.announced = False  # its listening was logged (after a restart)
+
+
+class ListenerGroup:
+    """``settings.listen_processes`` listener processes on one port, supervised from this process."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._context = multiprocessing.get_context("spawn")
+        self._children = [_Child(index) for index in range(settings.listen_processes)]
+
+    @property
+    def pids(self) -> list[int]:
+        return [c.process.pid for c in self._children if c.process is not None and c.process.pid is not None]
+
+    def _spawn(self, child: _Child) -> None:
+        child.ready = self._context.Event()
+        child.process = self._context.Process(
+            target=_child_main, args=(self.settings, child.index, child.ready, os.getpid()),
+            name=f"listener-{child.index}",
+            daemon=False,
+        )
+        child.process.start()
+        child.started = time.monotonic()
+        child.announced = False
+
+    def start(self) -> None:
+        """Start every child and return once all listen; :class:`StartupError` if one exits first (the others
+        are stopped)."""
+        for child in self._children:
+            self._spawn(child)
+        deadline = time.monotonic() + START_TIMEOUT_SECONDS
+        try:
+            for child in self._children:
+                assert child.process is not None and child.ready is not None
+                while not child.ready.wait(0.1):
+                    if not child.process.is_alive():
+                        raise StartupError(
+                            f"listener process {child.index} exited with {child.process.exitcode} before listening"
+                            " (its error is logged above)"
+                        )
+                    if time.monotonic() > deadline:
+                        raise StartupError(f"listener process {child.index} not listening after "
+                                           f"{START_TIMEOUT_SECONDS:.0f} s")
+                child.announced = True
+        except StartupError:
+            self.stop()
+            raise
+
+    def ensure_running(self) -> None:
+        """Restart any child that has died (at most every :data:`RESTART_SECONDS`); log when a restarted one
+        listens again. Call often from the supervising loop."""
+        for child in self._children:
+            process = child.process
+            if process is None:
+                continue
+            if process.is_alive():
+                if not child.announced and child.ready is not None and child.ready.is_set():
+                    child.announced = True
+                    log.info("listener process %d listening again (pid %d)", child.index, process.pid)
+                continue
+            if time.monotonic() - child.started < RESTART_SECONDS:
+                continue
+            log.error("listener process %d (pid %s) exited with %s; restarting it", child.index, process.pid,
+                      process.exitcode)
+            process.close()
+            self._spawn(child)
+
+    def stop(self) -> None:
+        """SIGTERM to every child, then wait for each (killed after :data:`STOP_TIMEOUT_SECONDS`)."""
+        running = [c.process for c in self._children if c.process is not None and c.process.is_alive()]
+        for process in running:
+            process.terminate()
+        deadline = time.monotonic() + STOP_TIMEOUT_SECONDS
+        for process in running:
+            process.join(max(0.0, deadline - time.monotonic()))
+            if process.is_alive():
+                log.error("listener process pid %s did not stop within %.0f s; killing it", process.pid,
+                          STOP_TIMEOUT_SECONDS)
+                process.kill()
+                process.join()
+        for child in self._children:
+            child.process = None
+
+
+__all__ = ["ListenerGroup", "Receiver", "per_process_associations"]
