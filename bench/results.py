@@ -201,7 +201,8 @@ NOTES = """## How the shipped models were trained, why they still miss their tar
   input resolution than 128x128 (which the 64 MiB transfer ruled out) or more regularisation.
 - **Study rows.** `study-brain-cnn` and `study-covid-cnn` ran 30 epochs in a 25 s budget each, on inputs resized on
   the device from the carried sizes (64 from 128; 256 up from 160, so `study-covid-cnn` saw less detail than the
-  study's); the two cross rows were not reached within the device time.
+  study's). The two cross rows ran here on the CPU (`dicom-triage train`, 20 and 15 epochs; commands in
+  `docs/training-runs.json`).
 - **Rerun.** Prepare here: `.venv/bin/python bench/train_gpu_data.py --data ../shared/data --out .gpu/k
   --jpeg-quality 88 --size brain-tumor=128 --size covid-ct=160` and the wheels (keras 3.15.1, namex, optree for
   cp312) into `.whl/`; one device call with carry `[".gpu/k", ".whl"]`, after installing the wheels into a PYTHONPATH
