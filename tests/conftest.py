@@ -46,6 +46,15 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str
 
 
 @pytest.fixture
+def database(database_url: str) -> Iterator[Database]:
+    """``database_url``'s database (SQLite, then PostgreSQL) with the schema, as a ``Database``."""
+    upgrade_database(database_url)
+    db = Database(database_url)
+    yield db
+    db.dispose()
+
+
+@pytest.fixture
 def postgres_database(postgres_url: str) -> Iterator[Database]:
     """A scratch PostgreSQL database with the schema, as a ``Database``."""
     database = Database(postgres_url)

@@ -3,21 +3,12 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 
 import pytest
 from sqlalchemy import func, select, text
 from sqlalchemy.exc import DBAPIError
 
-from worker.db import Database, RejectedInstance, upgrade_database
-
-
-@pytest.fixture
-def database(database_url: str) -> Iterator[Database]:
-    upgrade_database(database_url)
-    db = Database(database_url)
-    yield db
-    db.dispose()
+from worker.db import Database, RejectedInstance
 
 
 def test_reads_while_a_writer_holds_its_lock(database: Database) -> None:

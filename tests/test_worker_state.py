@@ -4,7 +4,6 @@ series completion, job transitions and superseding."""
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -25,14 +24,6 @@ from worker.inference import SeriesClassification
 from worker.series import SeriesScheduler
 from worker.tasks import claim_job, fail_job, finish_job
 from worker.workers import STALE_AFTER
-
-
-@pytest.fixture
-def database(database_url: str) -> Iterator[Database]:
-    upgrade_database(database_url)
-    db = Database(database_url)
-    yield db
-    db.dispose()
 
 
 @pytest.fixture
