@@ -1,6 +1,6 @@
 """Ingest throughput: our listener vs a bare pynetdicom SCP vs dcmtk's storescp, side by side in one run.
 
-    .venv/bin/python bench/ingest.py [--instances 1000] [--concurrency 1 8] [--repeat 1]
+    .venv/bin/python bench/ingest.py [--instances 1000] [--concurrency 1 8] [--repeat 1] [--processes 2]
 
 Makes ``--instances`` MR and CT instances (alternating) from the images in ../shared/data, then for each
 concurrency and each receiver pushes all of them with ``--concurrency`` parallel dcmtk ``storescu`` processes
@@ -8,13 +8,15 @@ concurrency and each receiver pushes all of them with ``--concurrency`` parallel
 and its own network namespace (``unshare -n``: loopback only, nothing else can reach them):
 
 * ``triage``   ``dicom-triage listen`` (StorageListener + archive + SQLite rows): the product.
+* ``triage-N`` ``dicom-triage listen --processes N`` (``--processes``, default 2): N listener processes sharing
+  the port (SO_REUSEPORT), each with its own sink, one SQLite database.
 * ``listener`` dicom_io's StorageListener with a sink that only archives (fsynced files).
 * ``bare``     a pynetdicom SCP with the same contexts, PDU size and TCP_NODELAY whose handler discards.
 * ``storescp`` dcmtk's storescp writing files (``--fork`` so it serves parallel associations).
 
-Prints instances/s, the receiver's CPU per instance (less distorted by machine load than wall time), the
-1-minute load average at each run's start, and the ratios the issue's targets ask for (triage/bare >= 0.8,
-triage/storescp).
+Prints instances/s, the receiver's CPU per instance (its processes and their children together; less distorted
+by machine load than wall time), the 1-minute load average at each run's start, and the ratios the issue's targets
+ask for (triage/bare >= 0.8, triage/storescp, and the same for triage-N).
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ STORESCP = "/usr/bin/storescp"
 ECHOSCU = "/usr/bin/echoscu"
 AE_TITLE = "BENCH_SCP"
 PORT = 11112
-RECEIVERS = ("triage", "listener", "bare", "storescp")
+RECEIVERS = ("triage", "triage-N", "listener", "bare", "storescp")
 DCMTK_ENV = {"PATH": "/usr/bin:/bin", "TCP_NODELAY": "1"}
 
 
@@ -123,26 +125,40 @@ def serve(kind: str, port: int, directory: Path) -> None:
     server.shutdown()
 
 
-def _start_receiver(kind: str, port: int, directory: Path, log) -> subprocess.Popen:  # type: ignore[no-untyped-def]
+def _start_receiver(  # type: ignore[no-untyped-def]
+    kind: str, port: int, directory: Path, log, processes: int
+) -> subprocess.Popen:
     if kind == "storescp":
         command = [STORESCP, "--fork", "-pdu", "131072", "-aet", AE_TITLE, "-od", str(directory), str(port)]
         return subprocess.Popen(command, env=DCMTK_ENV, stdout=log, stderr=log)
-    if kind == "triage":
+    if kind in ("triage", "triage-N"):
         command = [
             sys.executable, "-m", "worker.cli", "listen", "--data-dir", str(directory),
             "--dicom-host", "127.0.0.1", "--dicom-port", str(port), "--ae-title", AE_TITLE,
         ]  # fmt: skip
-        env = {**os.environ, "DICOM_TRIAGE_MAX_ASSOCIATIONS": "16", "DICOM_TRIAGE_MIN_FREE_DISK_MB": "0"}
+        if kind == "triage-N":
+            command += ["--processes", str(processes)]
+        # 16 per process, as the other receivers have (listen divides max_associations among its processes).
+        associations = 16 * (processes if kind == "triage-N" else 1)
+        env = {**os.environ, "DICOM_TRIAGE_MAX_ASSOCIATIONS": str(associations), "DICOM_TRIAGE_MIN_FREE_DISK_MB": "0"}
         return subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=log)
     command = [sys.executable, __file__, "--serve", kind, "--port", str(port), "--directory", str(directory)]
     return subprocess.Popen(command, stdout=log, stderr=log)
 
 
-def _wait_ready(port: int, process: subprocess.Popen, timeout: float = 60) -> None:  # type: ignore[type-arg]
+def _wait_ready(  # type: ignore[type-arg]
+    port: int, process: subprocess.Popen, ready_log: Path | None, timeout: float = 60
+) -> None:
+    """Until the receiver answers an echo and, with ``ready_log`` (``listen``), has printed its ready line: with
+    --processes, one process answers echoes before all of them listen, and associations opened then all land on
+    it."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise RuntimeError(f"receiver exited with {process.returncode} before it was ready")
+        if ready_log is not None and "dicom-triage ready:" not in ready_log.read_text():
+            time.sleep(0.1)
+            continue
         done = subprocess.run([ECHOSCU, "-aec", AE_TITLE, "127.0.0.1", str(port)], capture_output=True, env=DCMTK_ENV)
         if done.returncode == 0:
             return
@@ -150,22 +166,34 @@ def _wait_ready(port: int, process: subprocess.Popen, timeout: float = 60) -> No
     raise RuntimeError("receiver not ready in time")
 
 
+def _children(pid: int) -> list[int]:
+    tasks = Path(f"/proc/{pid}/task").iterdir()
+    return [int(child) for task in tasks for child in (task / "children").read_text().split()]
+
+
 def _cpu_seconds(pid: int) -> float:
-    """User+system CPU of a process and its reaped children (storescp --fork) so far, from /proc."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return sum(int(v) for v in fields[11:15]) / os.sysconf("SC_CLK_TCK")
+    """User+system CPU so far of a process, its reaped children (storescp --fork) and its live descendants
+    (``listen --processes``' listener processes), from /proc."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        children = _children(pid)
+    except FileNotFoundError:  # exited meanwhile: its parent counts it once reaped
+        return 0.0
+    own = sum(int(v) for v in fields[11:15]) / os.sysconf("SC_CLK_TCK")
+    return own + sum(_cpu_seconds(child) for child in children)
 
 
-def run_one(kind: str, concurrency: int, files: list[Path], work: Path) -> dict[str, object]:
+def run_one(kind: str, concurrency: int, files: list[Path], work: Path, processes: int) -> dict[str, object]:
     """Inside a fresh network namespace: start ``kind``, push ``files`` over ``concurrency`` associations."""
     directory = work / f"{kind}-{concurrency}"
     directory.mkdir(parents=True)
     log_path = work / f"{kind}-{concurrency}.log"
     with log_path.open("w") as log:
-        receiver = _start_receiver(kind, PORT, directory, log)
+        receiver = _start_receiver(kind, PORT, directory, log, processes)
         try:
-            _wait_ready(PORT, receiver)
+            _wait_ready(PORT, receiver, log_path if kind in ("triage", "triage-N") else None)
             cpu_at_start = _cpu_seconds(receiver.pid)
+            children_at_start = {child: _cpu_seconds(child) for child in _children(receiver.pid)}
             load = os.getloadavg()[0]  # other work on the machine skews wall time: report it beside each run
             chunks = [files[i::concurrency] for i in range(concurrency)]
             started = time.perf_counter()
@@ -183,6 +211,10 @@ def run_one(kind: str, concurrency: int, files: list[Path], work: Path) -> dict[
             elapsed = time.perf_counter() - started
             time.sleep(0.5)  # storescp reaps its forked children (and so counts their CPU) asynchronously
             cpu_seconds = _cpu_seconds(receiver.pid) - cpu_at_start
+            # How the kernel's hash spread the work over listener processes (it is not balanced by load).
+            split = sorted(
+                (round(_cpu_seconds(child) - cpu, 2) for child, cpu in children_at_start.items()), reverse=True
+            )
         finally:
             receiver.send_signal(signal.SIGTERM if kind != "storescp" else signal.SIGINT)
             try:
@@ -194,6 +226,7 @@ def run_one(kind: str, concurrency: int, files: list[Path], work: Path) -> dict[
     written = sum(1 for p in directory.rglob("*") if p.is_file() and (kind == "storescp" or p.suffix == ".dcm"))
     return {
         "receiver": kind,
+        "processes": processes if kind == "triage-N" else 1,
         "concurrency": concurrency,
         "instances": len(files),
         "acknowledged": successes,
@@ -203,13 +236,14 @@ def run_one(kind: str, concurrency: int, files: list[Path], work: Path) -> dict[
         # CPU the receiver used while receiving: machine load distorts it far less than wall time.
         "receiver_cpu_ms_per_instance": round(cpu_seconds * 1000 / max(successes, 1), 2),
         "load_1min": round(load, 2),
+        **({"process_cpu_seconds": [s for s in split if s > 0.05]} if kind == "triage-N" else {}),
     }
 
 
-def _in_namespace(kind: str, concurrency: int, list_file: Path, work: Path) -> dict[str, object]:
+def _in_namespace(kind: str, concurrency: int, list_file: Path, work: Path, processes: int) -> dict[str, object]:
     inner = (
         f"ip link set lo up && exec {sys.executable} {__file__} --run-one {kind} --concurrency {concurrency} "
-        f"--files {list_file} --work {work}"
+        f"--files {list_file} --work {work} --processes {processes}"
     )
     done = subprocess.run(["unshare", "-n", "sh", "-c", inner], capture_output=True, text=True, cwd=ROOT)
     if done.returncode != 0:
@@ -224,6 +258,7 @@ def main() -> int:
     parser.add_argument("--receivers", nargs="+", choices=RECEIVERS, default=list(RECEIVERS))
     parser.add_argument("--repeat", type=int, default=1, help="runs per receiver; the median is reported")
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--processes", type=int, default=2, help="listener processes of the triage-N receiver")
     # Internal modes.
     parser.add_argument("--serve", choices=("listener", "bare"), help=argparse.SUPPRESS)
     parser.add_argument("--run-one", choices=RECEIVERS, help=argparse.SUPPRESS)
@@ -239,7 +274,7 @@ def main() -> int:
     if args.run_one:
         files = [Path(line) for line in args.files.read_text().splitlines()]
         work = Path(tempfile.mkdtemp(prefix=f"run-{args.run_one}-", dir=args.work))
-        print(json.dumps(run_one(args.run_one, args.concurrency[0], files, work)))
+        print(json.dumps(run_one(args.run_one, args.concurrency[0], files, work, args.processes)))
         return 0
 
     work = Path(tempfile.mkdtemp(prefix="bench-ingest-"))
@@ -254,10 +289,10 @@ def main() -> int:
         for concurrency in args.concurrency:
             for _ in range(args.repeat):
                 for kind in args.receivers:  # interleaved so drifting machine load hits all alike
-                    result = _in_namespace(kind, concurrency, list_file, work)
+                    result = _in_namespace(kind, concurrency, list_file, work, args.processes)
                     print(json.dumps(result), flush=True)
                     results.append(result)
-        summary = _summarise(results, args.concurrency, args.receivers)
+        summary = _summarise(results, args.concurrency, args.receivers, args.processes)
         print(summary)
         if args.json:
             args.json.write_text(json.dumps({"runs": results, "summary": summary}, indent=2))
@@ -266,9 +301,13 @@ def main() -> int:
     return 0
 
 
-def _summarise(results: list[dict[str, object]], concurrencies: list[int], receivers: list[str]) -> str:
+def _summarise(
+    results: list[dict[str, object]], concurrencies: list[int], receivers: list[str], processes: int
+) -> str:
+    label = {kind: kind.replace("-N", f"-{processes}") for kind in receivers}
     lines = [
-        f"{'associations':>12} " + " ".join(f"{kind:>10}" for kind in receivers) + "   load   ratios (instances/s)",
+        f"{'associations':>12} " + " ".join(f"{label[kind]:>10}" for kind in receivers)
+        + "   load   ratios (instances/s)",
     ]
     for concurrency in concurrencies:
         rate = {
@@ -279,9 +318,13 @@ def _summarise(results: list[dict[str, object]], concurrencies: list[int], recei
             )
             for kind in receivers
         }
+        pairs = (
+            ("listener", "bare"), ("triage", "bare"), ("triage-N", "bare"),
+            ("listener", "storescp"), ("triage", "storescp"), ("triage-N", "storescp"),
+        )
         ratios = [
-            f"{a}/{b} {rate[a] / rate[b]:.2f}"
-            for a, b in (("listener", "bare"), ("triage", "bare"), ("listener", "storescp"), ("triage", "storescp"))
+            f"{label[a]}/{label[b]} {rate[a] / rate[b]:.2f}"
+            for a, b in pairs
             if a in rate and b in rate and rate[b] > 0
         ]
         load = statistics.median(
