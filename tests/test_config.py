@@ -79,12 +79,7 @@ def test_unreadable_config_files(tmp_path: Path) -> None:
 
 def test_listen_processes_default_environment_and_bounds(tmp_path: Path) -> None:
     assert load_settings(env={}, data_dir=tmp_path).listen_processes == 1
-    env = {"DICOM_TRIAGE_LISTEN_PROCESSES": "4", "DICOM_TRIAGE_MAX_ASSOCIATIONS": "10"}
-    settings = load_settings(env=env, data_dir=tmp_path)
-    assert settings.listen_processes == 4
-    from worker.listeners import per_process_associations
-
-    assert per_process_associations(settings) == 3  # ceil(10 / 4): max_associations is divided among them
+    assert load_settings(env={"DICOM_TRIAGE_LISTEN_PROCESSES": "4"}, data_dir=tmp_path).listen_processes == 4
     for bad in ("0", "-1", "two"):
         with pytest.raises(ConfigError, match=r"listen_processes \[from DICOM_TRIAGE_LISTEN_PROCESSES\]"):
             load_settings(env={"DICOM_TRIAGE_LISTEN_PROCESSES": bad}, data_dir=tmp_path)

@@ -4,8 +4,9 @@ the port.
 A :class:`Receiver` is a :class:`~dicom_io.listener.StorageListener` with its own :class:`~worker.ingest.DatabaseSink`.
 With ``listen_processes`` N > 1, a :class:`ListenerGroup` starts N child processes, each a Receiver bound with
 SO_REUSEPORT on the same address and port: the kernel hands each new association to one of them, so ingest is no
-longer bound to one core by the GIL. Each child has ``ceil(max_associations / N)`` associations (the kernel spreads
-by a hash of the peer's address and port, not by load: one child may refuse while another has room). The parent
+longer bound to one core by the GIL. Each child accepts up to ``max_associations``: the kernel picks a child by a
+hash of the peer's address and port, not by load, so a divided limit refused a PACS's burst below the configured
+number whenever more than a share landed on one child; the whole group may then hold up to N x max. The parent
 (which keeps the series scheduler) restarts a child that dies; a restarted child's sink re-records what the dead
 one may have left without a row (its ``.ingest-open-<pid>`` marker names a process that is gone).
 
@@ -17,7 +18,6 @@ does not tell them apart); a single-process listener never sets it, so it still 
 from __future__ import annotations
 
 import logging
-import math
 import multiprocessing
 import os
 import signal
@@ -50,7 +50,7 @@ class Receiver:
     fsynced before each commit, and a start after an unclean end re-records any file whose row was lost.
     """
 
-    def __init__(self, settings: Settings, *, max_associations: int | None = None, reuse_port: bool = False) -> None:
+    def __init__(self, settings: Settings, *, reuse_port: bool = False) -> None:
         self.settings = settings
         self._database = Database(settings.effective_database_url, durable_commits=False)
         self.sink = DatabaseSink(Archive(settings.archive_dir), self._database)
@@ -60,7 +60,7 @@ class Receiver:
             port=settings.dicom_port,
             sink=self.sink,
             allowed_calling_aes=settings.allowed_calling_aes,
-            max_associations=max_associations or settings.max_associations,
+            max_associations=settings.max_associations,
             min_free_bytes=settings.min_free_disk_mb * 1024 * 1024,
             archive_root=settings.archive_dir,
             reuse_port=reuse_port,
@@ -83,11 +83,6 @@ class Receiver:
         self._database.dispose()
 
 
-def per_process_associations(settings: Settings) -> int:
-    """Each listener process's share of ``max_associations``."""
-    return math.ceil(settings.max_associations / settings.listen_processes)
-
-
 def _child_main(settings: Settings, index: int, ready: ProcessEvent, parent: int) -> None:
     """A listener child: serve until SIGTERM or SIGINT (the parent, or Ctrl-C on the process group), or until the
     parent ``parent`` is gone (an orphan would keep a share of the port after a restart of the service)."""
@@ -97,7 +92,7 @@ def _child_main(settings: Settings, index: int, ready: ProcessEvent, parent: int
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
-    receiver = Receiver(settings, max_associations=per_process_associations(settings), reuse_port=True)
+    receiver = Receiver(settings, reuse_port=True)  # each child takes the whole limit (see the module's note)
     try:
         receiver.start()
     except StartupError as exc:
@@ -206,4 +201,4 @@ class ListenerGroup:
             child.process = None
 
 
-__all__ = ["ListenerGroup", "Receiver", "per_process_associations"]
+__all__ = ["ListenerGroup", "Receiver"]
