@@ -1,7 +1,7 @@
 """Whole-system throughput and latency: first C-STORE to last result, against the bare model, in one run.
 
     .venv/bin/python bench/pipeline.py [--series 20] [--slices 24] [--task brain-tumor] [--batch-size 32]
-        [--concurrency 2] [--associations 2] [--quiet 1.0] [--model-dir DIR | --architecture triage-cnn]
+        [--concurrency 2] [--associations 2] [--listen-processes 1] [--quiet 1.0] [--model-dir DIR | --architecture triage-cnn]
         [--broker-url redis://127.0.0.1:6379/14 --database-url postgresql://...] [--json OUT]
 
 1. Makes ``--series`` series of ``--slices`` slices (MR 12-bit for brain-tumor, CT in HU for covid-ct) from the
@@ -131,6 +131,7 @@ def whole_system(args: argparse.Namespace, models_dir: Path, series: list[list[P
         DICOM_TRIAGE_MIN_FREE_DISK_MB="0",
         DICOM_TRIAGE_INFERENCE_BATCH_SIZE=str(args.batch_size),
         DICOM_TRIAGE_WORKER_CONCURRENCY=str(args.concurrency),
+        DICOM_TRIAGE_LISTEN_PROCESSES=str(args.listen_processes),
     )
     if args.broker_url:
         env["DICOM_TRIAGE_BROKER_URL"] = args.broker_url
@@ -227,6 +228,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--concurrency", type=int, default=2, help="worker threads (decode overlaps inference)")
     parser.add_argument("--associations", type=int, default=2)
+    parser.add_argument("--listen-processes", type=int, default=1, help="listener processes sharing the port")
     parser.add_argument("--quiet", type=float, default=1.0, help="series_quiet_seconds")
     parser.add_argument("--model-dir", type=Path)
     parser.add_argument("--architecture", default="triage-cnn", help="untrained model when none is shipped")
