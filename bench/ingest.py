@@ -138,9 +138,8 @@ def _start_receiver(  # type: ignore[no-untyped-def]
         ]  # fmt: skip
         if kind == "triage-N":
             command += ["--processes", str(processes)]
-        # 16 per process, as the other receivers have (listen divides max_associations among its processes).
-        associations = 16 * (processes if kind == "triage-N" else 1)
-        env = {**os.environ, "DICOM_TRIAGE_MAX_ASSOCIATIONS": str(associations), "DICOM_TRIAGE_MIN_FREE_DISK_MB": "0"}
+        # 16 per process (each listen process takes the whole limit), as the other receivers have.
+        env = {**os.environ, "DICOM_TRIAGE_MAX_ASSOCIATIONS": "16", "DICOM_TRIAGE_MIN_FREE_DISK_MB": "0"}
         return subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=log)
     command = [sys.executable, __file__, "--serve", kind, "--port", str(port), "--directory", str(directory)]
     return subprocess.Popen(command, stdout=log, stderr=log)

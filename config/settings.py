@@ -114,9 +114,8 @@ class Settings(BaseModel):
     allowed_calling_aes: tuple[str, ...] = ()
     max_associations: int = Field(default=10, ge=1, le=1000)
     #: Listener processes sharing the DICOM port (SO_REUSEPORT; the kernel spreads associations across them), each
-    #: with its own sink: more than one lets ingest use more than one core. ``max_associations`` is divided among
-    #: them (``ceil(max_associations / listen_processes)`` each; the kernel spreads by hash, not by load, so give
-    #: ``max_associations`` headroom).
+    #: with its own sink: more than one lets ingest use more than one core. Each accepts up to ``max_associations``
+    #: (the kernel spreads by hash, not by load), so together they may hold ``listen_processes`` times as many.
     listen_processes: int = Field(default=1, ge=1, le=64)
     min_free_disk_mb: int = Field(default=500, ge=0)
     database_url: str | None = None

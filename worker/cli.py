@@ -39,7 +39,7 @@ def _add_network_options(parser: argparse.ArgumentParser, web: bool) -> None:
     parser.add_argument("--ae-title", metavar="AE", help="our AE title")
     parser.add_argument(
         "--processes", type=int, dest="listen_processes", metavar="N",
-        help="listener processes sharing the DICOM port (listen_processes; max_associations is divided among them)",
+        help="listener processes sharing the DICOM port (listen_processes; each accepts up to max_associations)",
     )
     if web:
         parser.add_argument("--web-port", type=int, metavar="N", help="web worklist port")
