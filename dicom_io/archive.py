@@ -50,8 +50,9 @@ def _subdirectories(path: Path) -> list[Path]:
         return [Path(e.path) for e in entries if not e.name.startswith(".") and e.is_dir(follow_symlinks=False)]
 
 
-def _fsync_directory(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+def fsync_path(path: Path) -> None:
+    """Flush a file's or a directory's contents (a directory's: its entries) to disk."""
+    fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
@@ -76,7 +77,7 @@ class _DirectorySync:
                 if self.synced >= mine:  # an fsync that began after our link has finished meanwhile
                     return
                 covered = self.linked  # every link counted so far happened before the fsync below begins
-            _fsync_directory(directory)
+            fsync_path(directory)
             with self.lock:
                 self.synced = max(self.synced, covered)
 
@@ -213,4 +214,4 @@ class Archive:
                 path.mkdir()
             except FileExistsError:
                 continue
-            _fsync_directory(path.parent)
+            fsync_path(path.parent)

@@ -30,7 +30,7 @@ from pydicom.multival import MultiValue
 from sqlalchemy import Connection, Table, bindparam, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 
-from dicom_io.archive import Archive, StoredInstance
+from dicom_io.archive import Archive, StoredInstance, fsync_path
 from dicom_io.listener import received_file
 from worker.db import Database, Instance, Patient, RejectedInstance, Series, Study, utcnow
 from worker.workers import other_process_alive
@@ -50,14 +50,6 @@ _PATIENTS: Table = Patient.__table__  # type: ignore[assignment]
 _STUDIES: Table = Study.__table__  # type: ignore[assignment]
 _SERIES: Table = Series.__table__  # type: ignore[assignment]
 _INSTANCES: Table = Instance.__table__  # type: ignore[assignment]
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _text(ds: Dataset, keyword: str, limit: int) -> str:
@@ -167,14 +159,11 @@ class DatabaseSink:
                 marker.unlink(missing_ok=True)
         if self.relaxed_commits:
             marker = self.archive.root / f"{MARKER_PREFIX}{os.getpid()}"
-            fd = os.open(marker, os.O_WRONLY | os.O_CREAT, 0o644)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            marker.touch(mode=0o644)
+            fsync_path(marker)
             since = time.time() - _CLOCK_SLACK_SECONDS
             os.utime(marker, (since, since))
-            _fsync(self.archive.root)  # the marker exists on disk before any instance relies on it
+            fsync_path(self.archive.root)  # the marker exists on disk before any instance relies on it
             self._marker = marker
             self._durable_at = time.monotonic()
         return recovered
@@ -305,10 +294,10 @@ class DatabaseSink:
             return
         database_file = Path(self.database.engine.url.database)
         try:
-            _fsync(Path(f"{database_file}-wal"))
+            fsync_path(Path(f"{database_file}-wal"))
         except FileNotFoundError:  # no WAL now: every commit is in the database file, synced by the checkpoint
             pass
-        _fsync(database_file.parent)
+        fsync_path(database_file.parent)
 
     def _write(self, batch: list[_PendingRow]) -> None:
         try:
