@@ -28,7 +28,7 @@ from models.architectures import build_model
 from models.card import MODEL_FILE, ModelCard
 from models.preprocessing import InputSpec
 from models.tasks import get_task
-from training.fit import TrainConfig, fit, one_hot
+from training.fit import LR_SCHEDULES, TrainConfig, fit, one_hot
 from training.metrics import classification_metrics
 
 EVALUATION_SPLITS = {"test": "testing", "test_dedup": "testing_dedup"}
@@ -78,7 +78,7 @@ def run_job(name: str, spec_text: str, data_dir: Path, out: Path, config: TrainC
             config = TrainConfig(**{**config.__dict__, "seed": int(flag[4:])})
         elif flag.startswith("e") and flag[1:].isdigit():
             config = TrainConfig(**{**config.__dict__, "epochs": int(flag[1:])})
-        elif flag in ("cosine", "plateau"):
+        elif flag in LR_SCHEDULES:
             config = TrainConfig(**{**config.__dict__, "lr_schedule": flag})
         elif flag.startswith("t"):
             budget = float(flag[1:])
@@ -150,7 +150,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=80)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--learning-rate", type=float, default=1e-3)
-    parser.add_argument("--lr-schedule", choices=("plateau", "cosine"), default="plateau")
+    parser.add_argument("--lr-schedule", choices=LR_SCHEDULES, default="plateau")
     parser.add_argument("--warmup-epochs", type=int, default=3)
     parser.add_argument("--label-smoothing", type=float, default=0.0)
     parser.add_argument("--patience", type=int, default=12)

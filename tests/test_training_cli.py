@@ -115,6 +115,13 @@ def test_cli_architecture_names_are_the_models_architectures():
     assert set(ARCHITECTURE_NAMES) == set(ARCHITECTURES)
 
 
+def test_cli_schedule_names_are_the_training_schedules():
+    from training.cli import LR_SCHEDULE_NAMES
+    from training.fit import LR_SCHEDULES
+
+    assert LR_SCHEDULE_NAMES == LR_SCHEDULES
+
+
 def test_cosine_schedule_warms_up_then_decays_to_the_floor():
     from training.fit import TrainConfig, learning_rate
 

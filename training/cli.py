@@ -9,6 +9,8 @@ from models.tasks import TASKS
 
 # A copy of models.architectures.ARCHITECTURES (a test keeps them equal): importing that module loads Keras.
 ARCHITECTURE_NAMES = ("triage-cnn", "study-brain-cnn", "study-covid-cnn", "resnet50", "threshold")
+# Likewise a copy of training.fit.LR_SCHEDULES (training.fit imports Keras).
+LR_SCHEDULE_NAMES = ("plateau", "cosine")
 
 
 def _train(args: Any) -> int:
@@ -36,7 +38,7 @@ def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") 
     train.add_argument("--batch-size", type=int, default=32)
     train.add_argument("--learning-rate", type=float, default=1e-3)
     train.add_argument("--patience", type=int, default=12, help="early-stopping patience (epochs) on val_loss")
-    train.add_argument("--lr-schedule", choices=("plateau", "cosine"), default="plateau",
+    train.add_argument("--lr-schedule", choices=LR_SCHEDULE_NAMES, default="plateau",
                        help="plateau: ReduceLROnPlateau x0.5 on val_loss; cosine: warm-up then cosine decay")
     train.add_argument("--warmup-epochs", type=int, default=3, help="cosine schedule: epochs of linear warm-up")
     train.add_argument("--label-smoothing", type=float, default=0.0)
