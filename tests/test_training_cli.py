@@ -143,3 +143,26 @@ def test_train_with_the_cosine_schedule_records_it(covid_data, tmp_path):
     config = ModelCard.load(out).training["config"]
     assert config["lr_schedule"] == "cosine" and config["warmup_epochs"] == 1
     assert len(ModelCard.load(out).training["history"]["loss"]) == 2
+
+
+def test_ema_training_keeps_and_restores_the_averaged_weights_it_validated():
+    import keras
+    import numpy as np
+
+    from models.architectures import build_model
+    from models.preprocessing import InputSpec
+    from training.fit import TrainConfig, fit, one_hot
+
+    rng = np.random.default_rng(0)
+    labels = np.arange(48) % 2
+    x = rng.uniform(0, 255, (48, 32, 32, 1)).astype(np.float32) + labels[:, None, None, None] * 40
+    y = one_hot(labels, 2)
+    config = TrainConfig(epochs=4, batch_size=8, learning_rate=1e-2, ema_momentum=0.9, lr_schedule="cosine")
+    model = build_model("triage-cnn", COVID_CT, InputSpec(32, 32, 1))
+    history = fit(model, (x[:32], y[:32]), (x[32:], y[32:]), labels[:32], config)
+    assert len(history["val_loss"]) == 4
+    # The model left behind is the best epoch's averaged weights: the very ones whose val_loss was recorded.
+    loss = keras.losses.CategoricalCrossentropy()(y[32:], model.predict(x[32:], verbose=0))
+    assert float(loss) == pytest.approx(min(history["val_loss"]), rel=1e-5)
+    with pytest.raises(ValueError, match="EMA momentum 1.5"):
+        TrainConfig(ema_momentum=1.5)

@@ -42,6 +42,8 @@ def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") 
                        help="plateau: ReduceLROnPlateau x0.5 on val_loss; cosine: warm-up then cosine decay")
     train.add_argument("--warmup-epochs", type=int, default=3, help="cosine schedule: epochs of linear warm-up")
     train.add_argument("--label-smoothing", type=float, default=0.0)
+    train.add_argument("--ema", type=float, default=None, metavar="MOMENTUM",
+                       help="keep an exponential moving average of the weights (e.g. 0.999) and select, save by it")
     train.add_argument("--validation-fraction", type=float, default=0.15,
                        help="group-aware share of Training for validation (official splits and CV folds)")
     train.add_argument("--seed", type=int, default=0)

@@ -33,12 +33,19 @@ class TrainConfig:
     lr_schedule: str = "plateau"
     warmup_epochs: int = 3
     label_smoothing: float = 0.0
+    #: Exponential moving average of the weights (Adam's ``use_ema``), e.g. 0.999; ``None``: off. Validation,
+    #: best-epoch selection and the saved model then all use the averaged weights (SwapEMAWeights).
+    ema_momentum: float | None = None
     class_weights: bool = True
     validation_fraction: float = 0.15
     seed: int = 0
     dropout: float | None = None
     batch_norm: bool = True
     augmentation: Augmentation = field(default_factory=Augmentation)
+
+    def __post_init__(self) -> None:
+        if self.ema_momentum is not None and not 0.0 < self.ema_momentum < 1.0:
+            raise ValueError(f"EMA momentum {self.ema_momentum}: give a number between 0 and 1, e.g. 0.999")
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -87,7 +94,8 @@ def compile_for_training(model: keras.Model, config: TrainConfig, steps_per_epoc
         for layer in trainable._flatten_layers():
             layer.supports_jit = True
     trainable.compile(
-        optimizer=keras.optimizers.Adam(learning_rate(config, steps_per_epoch)),
+        optimizer=keras.optimizers.Adam(learning_rate(config, steps_per_epoch), use_ema=config.ema_momentum is not None,
+                                        ema_momentum=config.ema_momentum or 0.99),
         loss=keras.losses.CategoricalCrossentropy(label_smoothing=config.label_smoothing),
         metrics=["accuracy"],
     )
@@ -124,7 +132,8 @@ class _EpochLog(keras.callbacks.Callback):
 def training_callbacks(config: TrainConfig, checkpoint_dir: Path | None, prefix: str = "",
                        max_seconds: float | None = None) -> list[Any]:
     """EarlyStopping on val_loss restoring the best weights, best-epoch checkpoint, ReduceLROnPlateau (x0.5) unless
-    a cosine schedule sets the rate, and an optional wall-clock budget."""
+    a cosine schedule sets the rate, and an optional wall-clock budget. With EMA, the averaged weights are swapped in
+    before every epoch-end callback, so the best epoch is chosen, checkpointed and restored by its averaged weights."""
     callbacks: list[Any] = [
         keras.callbacks.EarlyStopping(
             monitor="val_loss", patience=config.early_stopping_patience, restore_best_weights=True
@@ -135,6 +144,8 @@ def training_callbacks(config: TrainConfig, checkpoint_dir: Path | None, prefix:
         callbacks.insert(1, keras.callbacks.ReduceLROnPlateau(
             monitor="val_loss", factor=0.5, patience=config.reduce_lr_patience, min_lr=config.min_learning_rate
         ))
+    if config.ema_momentum is not None:
+        callbacks.insert(0, keras.callbacks.SwapEMAWeights(swap_on_epoch=True))
     if checkpoint_dir is not None:
         checkpoint_dir.mkdir(parents=True, exist_ok=True)
         callbacks.append(keras.callbacks.ModelCheckpoint(

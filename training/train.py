@@ -131,7 +131,7 @@ def handle_train(args: Any) -> int:
         config = TrainConfig(
             epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.learning_rate,
             early_stopping_patience=args.patience, label_smoothing=args.label_smoothing,
-            lr_schedule=args.lr_schedule, warmup_epochs=args.warmup_epochs,
+            lr_schedule=args.lr_schedule, warmup_epochs=args.warmup_epochs, ema_momentum=args.ema,
             class_weights=not args.no_class_weights, validation_fraction=args.validation_fraction, seed=args.seed,
             dropout=args.dropout, batch_norm=not args.no_batch_norm,
             augmentation=parse_augmentation(Augmentation.none() if args.no_augmentation else Augmentation(),
