@@ -1,6 +1,6 @@
 """Train models on the GPU host (Keras 3 on JAX, no TensorFlow) from data made by bench/train_gpu_data.py.
 
-Runs jobs in the order given, each ``NAME=TASK:ARCH:SIDE[:cv5][:ship][:seedN][:eEPOCHS][:cosine|:plateau][:tSECONDS][:fSECONDS]``, until ``--deadline`` seconds have passed
+Runs jobs in the order given, each ``NAME=TASK:ARCH:SIDE[:cv5[:foldsA-B][:cvonly]][:ship][:seedN][:eEPOCHS][:cosine|:plateau][:tSECONDS][:fSECONDS]``, until ``--deadline`` seconds have passed
 (later jobs are skipped and said to be); ``t``/``f`` flags cap one training's or one CV fold's wall time (training
 then stops as early stopping does, keeping the best epoch's weights). Uses the production code: models.architectures, training.fit (callbacks,
 Adam, class weights, augmentation) and training.metrics. ``ship`` jobs save ``model.keras`` + ``card.json`` under
@@ -38,7 +38,9 @@ def load_data(path: Path) -> tuple[np.ndarray, dict[str, np.ndarray], dict[str, 
     """(images (N, S, S, 1) float32 0..255, index arrays by name, meta) from a .npz of PNGs."""
     with np.load(path) as data:
         blob, offsets = data["png"].tobytes(), data["offsets"]
-        images = np.stack([np.asarray(Image.open(io.BytesIO(blob[a:b]))) for a, b in zip(offsets[:-1], offsets[1:])])
+        # convert("L"): WebP decodes grey as RGB
+        images = np.stack([np.asarray(Image.open(io.BytesIO(blob[a:b])).convert("L"))
+                           for a, b in zip(offsets[:-1], offsets[1:])])
         arrays = {k: data[k] for k in data.files if k not in ("png", "offsets", "meta")}
         meta = json.loads(str(data["meta"]))
     return images[..., None].astype(np.float32), arrays, meta
@@ -73,6 +75,7 @@ def run_job(name: str, spec_text: str, data_dir: Path, out: Path, config: TrainC
     if max_epochs:
         config = TrainConfig(**{**config.__dict__, "epochs": max_epochs})
     budget = fold_budget = None
+    folds = range(5)
     for flag in flags:
         if flag.startswith("seed"):
             config = TrainConfig(**{**config.__dict__, "seed": int(flag[4:])})
@@ -80,6 +83,9 @@ def run_job(name: str, spec_text: str, data_dir: Path, out: Path, config: TrainC
             config = TrainConfig(**{**config.__dict__, "epochs": int(flag[1:])})
         elif flag in LR_SCHEDULES:
             config = TrainConfig(**{**config.__dict__, "lr_schedule": flag})
+        elif flag.startswith("folds"):  # foldsA-B: only CV folds A..B (1-based), so folds can run in parallel
+            first, last = flag[5:].split("-")
+            folds = range(int(first) - 1, int(last))
         elif flag.startswith("t"):
             budget = float(flag[1:])
         elif flag.startswith("f"):
@@ -93,40 +99,41 @@ def run_job(name: str, spec_text: str, data_dir: Path, out: Path, config: TrainC
                       None, prefix, max_seconds=seconds)
         return model, history
 
-    model, history = train(arrays["train"], arrays["validation"], f"{name}: ", budget)
     result: dict[str, Any] = {"task": task.name, "arch": arch, "input": spec.to_dict(), "seed": config.seed,
-                              "epochs_run": len(history["loss"]),
-                              "best_val_loss": min(history["val_loss"]), "metrics": {},
-                              "config": config.to_dict(), "data": meta.get("derived_from", "prepared here")}
-    for key, split in EVALUATION_SPLITS.items():
-        if key in arrays:
-            idx = arrays[key]
-            split_name = split if meta["official"] else "holdout"
-            probabilities = np.asarray(model.predict(x[idx], batch_size=256, verbose=0))
-            metrics = classification_metrics(labels[idx], probabilities, task.class_names)
-            result["metrics"][split_name] = {k: v for k, v in metrics.items() if k != "class_names"}
-            print(f"{name}: {split_name} accuracy {metrics['accuracy']:.4f} (n={metrics['n']})", flush=True)
-    result["gpu_seconds"] = round(time.time() - started, 1)
+                              "metrics": {}, "config": config.to_dict(),
+                              "data": meta.get("derived_from", "prepared here")}
     card = None
-    if "ship" in flags:  # saved before cross-validation, so a run cut short still returns the model
-        folder = out / name
-        folder.mkdir(parents=True, exist_ok=True)
-        model.save(folder / MODEL_FILE)
-        card = ModelCard(
-            task=task.name, class_names=list(task.class_names), architecture=arch, input_spec=spec,
-            training={"config": config.to_dict(), "epochs_run": result["epochs_run"], "history": history,
-                      "trained_on": f"GPU, Keras {keras.__version__} on {keras.backend.backend()}",
-                      "train_wall_seconds": result["gpu_seconds"], "split": meta["split"], "split_seed": meta["seed"],
-                      "skipped_files": meta["skipped_files"], "test_manifest_sha256": meta["test_manifest_sha256"],
-                      "input_rounding": "training inputs were prepare_batch output rounded to uint8"
-                                        + (f" and stored as JPEG quality {meta['jpeg_quality']}" if meta.get("jpeg_quality") else "")},
-            dataset_manifest_sha256=meta["dataset_manifest_sha256"], metrics=result["metrics"],
-            code_version=code_version,
-        )
-        card.save(folder)
+    if "cvonly" not in flags:  # cvonly: the folds alone (another process trains the model itself)
+        model, history = train(arrays["train"], arrays["validation"], f"{name}: ", budget)
+        result.update(epochs_run=len(history["loss"]), best_val_loss=min(history["val_loss"]))
+        for key, split in EVALUATION_SPLITS.items():
+            if key in arrays:
+                idx = arrays[key]
+                split_name = split if meta["official"] else "holdout"
+                probabilities = np.asarray(model.predict(x[idx], batch_size=256, verbose=0))
+                metrics = classification_metrics(labels[idx], probabilities, task.class_names)
+                result["metrics"][split_name] = {k: v for k, v in metrics.items() if k != "class_names"}
+                print(f"{name}: {split_name} accuracy {metrics['accuracy']:.4f} (n={metrics['n']})", flush=True)
+        result["gpu_seconds"] = round(time.time() - started, 1)
+        if "ship" in flags:  # saved before cross-validation, so a run cut short still returns the model
+            folder = out / name
+            folder.mkdir(parents=True, exist_ok=True)
+            model.save(folder / MODEL_FILE)
+            card = ModelCard(
+                task=task.name, class_names=list(task.class_names), architecture=arch, input_spec=spec,
+                training={"config": config.to_dict(), "epochs_run": result["epochs_run"], "history": history,
+                          "trained_on": f"GPU, Keras {keras.__version__} on {keras.backend.backend()}",
+                          "train_wall_seconds": result["gpu_seconds"], "split": meta["split"], "split_seed": meta["seed"],
+                          "skipped_files": meta["skipped_files"], "test_manifest_sha256": meta["test_manifest_sha256"],
+                          "input_rounding": "training inputs were prepare_batch output rounded to uint8"
+                                            + (f", stored as {meta['codec']}" if meta.get("codec", "png") != "png" else "")},
+                dataset_manifest_sha256=meta["dataset_manifest_sha256"], metrics=result["metrics"],
+                code_version=code_version,
+            )
+            card.save(folder)
     if "cv5" in flags:
         accuracies = []
-        for fold in range(5):
+        for fold in folds:
             fold_model, _ = train(arrays[f"cv{fold}_train"], arrays[f"cv{fold}_validation"], f"{name} fold {fold + 1}: ",
                                   fold_budget)
             test = arrays[f"cv{fold}_test"]
@@ -134,7 +141,7 @@ def run_job(name: str, spec_text: str, data_dir: Path, out: Path, config: TrainC
             accuracies.append(float((predicted == labels[test]).mean()))
             print(f"{name}: fold {fold + 1} accuracy {accuracies[-1]:.4f}", flush=True)
         result["metrics"]["cv5"] = {"accuracy": float(np.mean(accuracies)), "std": float(np.std(accuracies)),
-                                    "folds": accuracies}
+                                    "folds": accuracies, "fold_numbers": [fold + 1 for fold in folds]}
         if card is not None:
             card.metrics["cv5"] = result["metrics"]["cv5"]
             card.save(out / name)
@@ -145,7 +152,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=Path(".gpu"))
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--job", action="append", required=True, help="NAME=TASK:ARCH:SIDE[:cv5][:ship][:seedN][:eN][:cosine|:plateau][:tS][:fS] (eN: epochs; tS/fS: training/fold time budget)")
+    parser.add_argument("--job", action="append", required=True, help="NAME=TASK:ARCH:SIDE[:cv5[:foldsA-B][:cvonly]][:ship][:seedN][:eN][:cosine|:plateau][:tS][:fS] "
+                             "(eN: epochs; tS/fS: training/fold time budget; foldsA-B: only those CV folds; cvonly: "
+                             "no training on the main split)")
     parser.add_argument("--deadline", type=float, default=420, help="start no job after this many seconds")
     parser.add_argument("--epochs", type=int, default=80)
     parser.add_argument("--batch-size", type=int, default=32)
@@ -153,6 +162,7 @@ def main() -> None:
     parser.add_argument("--lr-schedule", choices=LR_SCHEDULES, default="plateau")
     parser.add_argument("--warmup-epochs", type=int, default=3)
     parser.add_argument("--label-smoothing", type=float, default=0.0)
+    parser.add_argument("--ema", type=float, default=None, metavar="MOMENTUM", help="weight EMA (training.fit)")
     parser.add_argument("--patience", type=int, default=12)
     parser.add_argument("--max-epochs", type=int, default=None, help="cap for quick checks")
     parser.add_argument("--code-version", default="unknown")
@@ -168,7 +178,8 @@ def main() -> None:
             continue
         config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.learning_rate,
                              lr_schedule=args.lr_schedule, warmup_epochs=args.warmup_epochs,
-                             label_smoothing=args.label_smoothing, early_stopping_patience=args.patience)
+                             label_smoothing=args.label_smoothing, early_stopping_patience=args.patience,
+                             ema_momentum=args.ema)
         try:
             results[name] = run_job(name, spec_text, args.data, args.out, config, args.code_version, args.max_epochs)
         except Exception as exc:  # keep going: one failed job must not lose the others' results

@@ -4,9 +4,10 @@ Decodes and splits each dataset here with the production code (training.data), p
 production preprocessing (models.preprocessing.prepare_batch) at each needed input size, and writes
 ``.gpu/<task>-<H>x<W>.npz``: grey inputs rounded to uint8 (a <= 0.5 grey-level change, so the arrays compress),
 labels, the split and cross-validation indices, and the manifest hashes the model card records. Images are stored
-as concatenated image files (``png`` bytes + ``offsets``): PNG (lossless), or with ``--jpeg-quality`` JPEG, whose
-mean error of 1-2 grey levels acts as mild noise in training and lets both tasks fit one 64 MiB device call (the
-shipped models are evaluated here on the original files either way).
+as concatenated image files (``png`` bytes + ``offsets``): PNG (lossless), or with ``--codec jpeg|webp --quality
+N`` a lossy copy, whose mean error of 1-2 grey levels acts as mild noise in training and lets both tasks fit one
+64 MiB device call (WebP: about 0.65x JPEG's bytes at equal quality; the shipped models are evaluated here on the
+original files either way).
 
     .venv/bin/python bench/train_gpu_data.py --data ../shared/data --out .gpu --size brain-tumor=128 --size covid-ct=160
 """
@@ -33,7 +34,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, required=True, help="folder holding brain-tumor-mri/ and covid-ct/")
     parser.add_argument("--out", type=Path, default=Path(".gpu"))
-    parser.add_argument("--jpeg-quality", type=int, default=None, help="store JPEG at this quality, not PNG")
+    parser.add_argument("--codec", choices=("png", "jpeg", "webp"), default="png")
+    parser.add_argument("--quality", type=int, default=90, help="jpeg/webp quality")
     parser.add_argument("--size", action="append", required=True, help="TASK=SIDE[,SIDE...], e.g. covid-ct=160,64")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -54,7 +56,8 @@ def main() -> None:
             "task": task.name, "seed": SEED, "validation_fraction": VALIDATION_FRACTION, "official": splits.official,
             "split": splits.describe(), "dataset_manifest_sha256": splits.images.manifest_sha256(),
             "test_manifest_sha256": splits.images.subset(splits.test).manifest_sha256(),
-            "skipped_files": [str(p) for p, _ in splits.images.skipped], "jpeg_quality": args.jpeg_quality,
+            "skipped_files": [str(p) for p, _ in splits.images.skipped],
+            "codec": args.codec if args.codec == "png" else f"{args.codec} quality {args.quality}",
         }
         for side in sides.split(","):
             spec = InputSpec(int(side), int(side), 1)
@@ -64,10 +67,10 @@ def main() -> None:
             blobs = []
             for image in np.round(x[..., 0]).astype(np.uint8):
                 buffer = io.BytesIO()
-                if args.jpeg_quality:
-                    Image.fromarray(image).save(buffer, "JPEG", quality=args.jpeg_quality)
-                else:
+                if args.codec == "png":
                     Image.fromarray(image).save(buffer, "PNG", optimize=True)
+                else:
+                    Image.fromarray(image).save(buffer, args.codec.upper(), quality=args.quality)
                 blobs.append(buffer.getvalue())
             offsets = np.cumsum([0] + [len(b) for b in blobs])
             np.savez(path, png=np.frombuffer(b"".join(blobs), np.uint8), offsets=offsets, meta=json.dumps(meta),
