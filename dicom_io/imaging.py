@@ -262,16 +262,24 @@ def _modality_values(stored: np.ndarray, ds: Dataset, affine: tuple[float, float
     return stored.astype(np.float64) * slope + intercept
 
 
-def _stored_value_range(stored: np.ndarray, affine: tuple[float, float] | None) -> tuple[int, np.ndarray] | None:
-    """For integer stored values of a small range under a linear modality LUT: the smallest stored value and the
-    modality value of every stored value from it to the largest; ``None`` otherwise."""
+def _small_integer_range(stored: np.ndarray, affine: tuple[float, float] | None) -> tuple[int, int] | None:
+    """``(smallest, largest)`` stored value when a frame can be handled per stored value rather than per pixel:
+    integers of a range of at most ``_MAX_HISTOGRAM_BINS`` under a linear modality LUT; ``None`` otherwise."""
     if affine is None or affine[0] == 0.0 or stored.dtype.kind not in "iu" or stored.size == 0:
         return None
     low, high = int(stored.min()), int(stored.max())
-    if high - low > _MAX_HISTOGRAM_BINS:
+    return (low, high) if high - low <= _MAX_HISTOGRAM_BINS else None
+
+
+def _stored_value_range(stored: np.ndarray, affine: tuple[float, float] | None) -> tuple[int, np.ndarray] | None:
+    """For a :func:`_small_integer_range` frame: the smallest stored value and the modality value of every stored
+    value from it to the largest; ``None`` otherwise."""
+    bounds = _small_integer_range(stored, affine)
+    if bounds is None or affine is None:
         return None
-    every = np.arange(low, high + 1, dtype=np.float64)
-    return low, _modality_values(every, Dataset(), affine)
+    low, high = bounds
+    slope, intercept = affine
+    return low, np.arange(low, high + 1, dtype=np.float64) * slope + intercept
 
 
 def _grey(
@@ -333,20 +341,19 @@ def _percentiles(
     """
     size = stored.size
     positions = [pct / 100.0 * (size - 1) for pct in percentiles]
-    if affine is not None and affine[0] != 0.0 and stored.dtype.kind in "iu" and (values is None or
-                                                                               values.size == size):
+    bounds = _small_integer_range(stored, affine) if values is None or values.size == size else None
+    if bounds is not None and affine is not None:
         slope, intercept = affine
-        low = int(stored.min())
-        if int(stored.max()) - low <= _MAX_HISTOGRAM_BINS:
-            cumulative = np.cumsum(np.bincount((stored.astype(np.int64) - low).ravel()))
-            result = []
-            for position in positions:
-                if slope < 0:  # a negative slope reverses the order of the values
-                    position = size - 1 - position
-                below = math.floor(position)
-                a, b = np.searchsorted(cumulative, [below, min(below + 1, size - 1)], side="right") + low
-                result.append(float((a + (b - a) * (position - below)) * slope + intercept))
-            return result
+        low = bounds[0]
+        cumulative = np.cumsum(np.bincount((stored.astype(np.int64) - low).ravel()))
+        result = []
+        for position in positions:
+            if slope < 0:  # a negative slope reverses the order of the values
+                position = size - 1 - position
+            below = math.floor(position)
+            a, b = np.searchsorted(cumulative, [below, min(below + 1, size - 1)], side="right") + low
+            result.append(float((a + (b - a) * (position - below)) * slope + intercept))
+        return result
     if values is None:
         raise ValueError("the frame's values are needed when its histogram cannot give the percentiles")
     flat = values.ravel()
