@@ -21,13 +21,17 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 from pydicom import Dataset
 from pydicom.multival import MultiValue
-from sqlalchemy import Connection, Table, bindparam, select, update
+from sqlalchemy import Dialect, Table, bindparam, select, update
+from sqlalchemy.sql import Executable
 from sqlalchemy.dialects import postgresql, sqlite
 
 from dicom_io.archive import Archive, StoredInstance, fsync_path
@@ -73,6 +77,39 @@ def _integer(ds: Dataset, keyword: str) -> int | None:
         return None
 
 
+class _Statement:
+    """A Core statement compiled once for one dialect and run on a DBAPI cursor.
+
+    SQLAlchemy's per-execution work (events, execution context, result object) cost several times what SQLite
+    itself spends on the row, on every instance; the SQL, the parameter order and each type's conversion (UTC
+    datetimes) are still SQLAlchemy's own.
+    """
+
+    def __init__(self, statement: Executable, dialect: Dialect, columns: list[str] | None = None) -> None:
+        compiled = statement.compile(dialect=dialect, column_keys=columns)
+        self._compiled = compiled
+        self.sql = compiled.string
+        self._order = tuple(compiled.positiontup) if compiled.positional and compiled.positiontup else None
+        processors = {}
+        for bind, name in compiled.bind_names.items():
+            processor = bind.type.dialect_impl(dialect).bind_processor(dialect)
+            if processor is not None:
+                processors[name] = processor
+        self._processors: dict[str, Callable[[Any], Any]] = processors
+
+    def parameters(self, values: Mapping[str, Any]) -> tuple[Any, ...] | dict[str, Any]:
+        """The DBAPI parameters for ``values`` (by bind name; literal values of the statement filled in)."""
+        params = self._compiled.construct_params(dict(values))
+        for name, processor in self._processors.items():
+            params[name] = processor(params[name])
+        return tuple(params[name] for name in self._order) if self._order is not None else params
+
+    def execute(self, cursor: Any, values: Mapping[str, Any]) -> list[tuple[Any, ...]]:
+        """Run with ``values``; the rows it returns (none for a statement without results)."""
+        cursor.execute(self.sql, self.parameters(values))
+        return cursor.fetchall() if cursor.description is not None else []
+
+
 @dataclass
 class _PendingRow:
     """An archived instance waiting for the group commit that records its row."""
@@ -102,8 +139,8 @@ class DatabaseSink:
     in one transaction, so eight associations share one commit instead of queueing for eight, and a lone
     association pays no hand-off to another thread. The batch is first written without savepoints; if any row
     fails, it is written again with a savepoint per row, so one bad row fails alone. Each caller returns only
-    after the commit that holds its row. The per-instance statements are SQLAlchemy Core, built once (the ORM's
-    per-statement work cost more than the rows themselves).
+    after the commit that holds its row. The per-instance statements are SQLAlchemy Core, compiled once and run on
+    a DBAPI cursor (see :class:`_Statement`): the ORM's, then Core's, per-statement work cost more than the rows.
     """
 
     def __init__(self, archive: Archive, database: Database) -> None:
@@ -113,22 +150,63 @@ class DatabaseSink:
         # so the cache only saves the upserts of patient, study and series for every instance after the first.
         # Read and written by the current leader only.
         self._series: dict[str, tuple[int, frozenset[str]]] = {}
-        dialect = postgresql if database.engine.dialect.name == "postgresql" else sqlite
-        self._insert_patient = dialect.insert(_PATIENTS).on_conflict_do_nothing(
-            index_elements=["patient_id", "issuer_of_patient_id"]
+        engine_dialect = database.engine.dialect
+        dialect = postgresql if engine_dialect.name == "postgresql" else sqlite
+
+        def compiled(statement: Executable, columns: list[str] | None = None) -> _Statement:
+            return _Statement(statement, engine_dialect, columns)
+
+        patient_columns = ["patient_id", "issuer_of_patient_id", "patient_name", "birth_date", "sex", "created_at"]
+        self._insert_patient = compiled(
+            dialect.insert(_PATIENTS).on_conflict_do_nothing(index_elements=["patient_id", "issuer_of_patient_id"]),
+            patient_columns,
         )
-        self._insert_study = dialect.insert(_STUDIES).on_conflict_do_nothing(index_elements=["study_instance_uid"])
-        self._insert_series = dialect.insert(_SERIES).on_conflict_do_nothing(index_elements=["series_instance_uid"])
-        # RETURNING names the rows really inserted: one statement for a series' rows of a batch, repeats told apart.
-        self._insert_instances = (
+        self._select_patient = compiled(
+            select(_PATIENTS.c.id).where(
+                _PATIENTS.c.patient_id == bindparam("patient_id"),
+                _PATIENTS.c.issuer_of_patient_id == bindparam("issuer_of_patient_id"),
+            )
+        )
+        study_columns = [
+            "study_instance_uid", "patient_pk", "accession_number", "study_date", "study_description", "created_at"
+        ]  # fmt: skip
+        self._insert_study = compiled(
+            dialect.insert(_STUDIES).on_conflict_do_nothing(index_elements=["study_instance_uid"]), study_columns
+        )
+        self._select_study = compiled(
+            select(_STUDIES.c.id).where(_STUDIES.c.study_instance_uid == bindparam("study_instance_uid"))
+        )
+        series_columns = [
+            "series_instance_uid", "study_pk", "modality", "body_part_examined", "series_description",
+            "series_number", "image_types", "first_received_at", "last_received_at", "pending", "revision",
+        ]  # fmt: skip
+        self._insert_series = compiled(
+            dialect.insert(_SERIES).on_conflict_do_nothing(index_elements=["series_instance_uid"]), series_columns
+        )
+        self._select_series = compiled(
+            select(_SERIES.c.id).where(_SERIES.c.series_instance_uid == bindparam("series_instance_uid"))
+        )
+        instance_columns = [
+            "sop_instance_uid", "series_pk", "sop_class_uid", "instance_number", "number_of_frames",
+            "transfer_syntax_uid", "archive_path", "calling_ae", "received_at",
+        ]  # fmt: skip
+        # RETURNING says whether the row was really inserted: repeats are told apart without another query.
+        self._insert_instance = compiled(
             dialect.insert(_INSTANCES)
             .on_conflict_do_nothing(index_elements=["sop_instance_uid"])
-            .returning(_INSTANCES.c.sop_instance_uid)
+            .returning(_INSTANCES.c.sop_instance_uid),
+            instance_columns,
         )
-        self._touch_series = (
+        self._touch_series = compiled(
             update(_SERIES)
             .where(_SERIES.c.id == bindparam("series_key"))
             .values(last_received_at=bindparam("received"), pending=True)
+        )
+        self._select_image_types = compiled(
+            select(_SERIES.c.image_types).where(_SERIES.c.id == bindparam("series_key"))
+        )
+        self._set_image_types = compiled(
+            update(_SERIES).where(_SERIES.c.id == bindparam("series_key")).values(image_types=bindparam("types"))
         )
         self._lock = threading.Lock()
         self._waiting: list[_Ticket] = []  # callers whose rows no leader has taken yet, oldest first
@@ -326,6 +404,26 @@ class DatabaseSink:
                 )
             )
 
+    @contextmanager
+    def _cursor(self) -> Iterator[Any]:
+        """A DBAPI cursor in one transaction (``BEGIN IMMEDIATE`` on SQLite, as the engine's own), committed on
+        leaving the block and rolled back on an exception; the connection comes from and goes back to the pool."""
+        connection = self.database.engine.raw_connection()
+        try:
+            cursor = connection.cursor()
+            try:
+                if self.database.is_sqlite:  # the engine's connections are in autocommit mode: we begin ourselves
+                    cursor.execute("BEGIN IMMEDIATE")
+                yield cursor
+                connection.commit()
+            except BaseException:
+                connection.rollback()
+                raise
+            finally:
+                cursor.close()
+        finally:
+            connection.close()
+
     def _transaction(self, batch: list[_PendingRow], isolate: bool) -> dict[str, tuple[int, frozenset[str]]]:
         """Record ``batch`` in one transaction, the rows of each series together; with ``isolate``, each row in its
         own savepoint, and a failing row sets its ``error`` and is skipped."""
@@ -333,92 +431,87 @@ class DatabaseSink:
         groups: dict[str, list[_PendingRow]] = {}
         for row in batch:
             groups.setdefault(row.stored.series_instance_uid, []).append(row)
-        with self.database.engine.begin() as connection:
+        with self._cursor() as cursor:
             for series_uid, rows in groups.items():
                 if not isolate:
-                    result = self._record(connection, rows, recorded.get(series_uid) or self._series.get(series_uid))
+                    result = self._record(cursor, rows, recorded.get(series_uid) or self._series.get(series_uid))
                     if result is not None:
                         recorded[series_uid] = result
                     continue
                 for row in rows:
+                    cursor.execute("SAVEPOINT ingest_row")
                     try:
-                        with connection.begin_nested():
-                            cached = recorded.get(series_uid) or self._series.get(series_uid)
-                            result = self._record(connection, [row], cached)
-                    except Exception as exc:  # this row only; its savepoint is rolled back
+                        cached = recorded.get(series_uid) or self._series.get(series_uid)
+                        result = self._record(cursor, [row], cached)
+                    except Exception as exc:  # this row only: its savepoint is rolled back
+                        cursor.execute("ROLLBACK TO SAVEPOINT ingest_row")
                         row.error = exc
                         continue
+                    finally:
+                        cursor.execute("RELEASE SAVEPOINT ingest_row")
                     if result is not None:
                         recorded[series_uid] = result
         return recorded
 
     def _record(
-        self, connection: Connection, rows: list[_PendingRow], cached: tuple[int, frozenset[str]] | None
+        self, cursor: Any, rows: list[_PendingRow], cached: tuple[int, frozenset[str]] | None
     ) -> tuple[int, frozenset[str]] | None:
         """Insert the instance rows of one series; return the series' key and image types, or ``None`` when every
         row was a repeat."""
         first = rows[0]
-        series_pk = cached[0] if cached else self._upsert_series(connection, first.ds, first.stored, first.received)
-        inserted = set(
-            connection.execute(
-                self._insert_instances,
-                [
-                    {
-                        "sop_instance_uid": row.stored.sop_instance_uid,
-                        "series_pk": series_pk,
-                        "sop_class_uid": row.stored.sop_class_uid,
-                        "instance_number": _integer(row.ds, "InstanceNumber"),
-                        "number_of_frames": max(1, _integer(row.ds, "NumberOfFrames") or 1),
-                        "transfer_syntax_uid": row.stored.transfer_syntax_uid,
-                        "archive_path": str(row.stored.path),
-                        "calling_ae": row.calling_ae[:16],
-                        "received_at": row.received,
-                    }
-                    for row in rows
-                ],
-            ).scalars()
-        )
-        new = [row for row in rows if row.stored.sop_instance_uid in inserted]
+        series_pk = cached[0] if cached else self._upsert_series(cursor, first.ds, first.stored, first.received)
+        new = []
+        for row in rows:
+            inserted = self._insert_instance.execute(
+                cursor,
+                {
+                    "sop_instance_uid": row.stored.sop_instance_uid,
+                    "series_pk": series_pk,
+                    "sop_class_uid": row.stored.sop_class_uid,
+                    "instance_number": _integer(row.ds, "InstanceNumber"),
+                    "number_of_frames": max(1, _integer(row.ds, "NumberOfFrames") or 1),
+                    "transfer_syntax_uid": row.stored.transfer_syntax_uid,
+                    "archive_path": str(row.stored.path),
+                    "calling_ae": row.calling_ae[:16],
+                    "received_at": row.received,
+                },
+            )
+            if inserted:  # else a repeated SOP Instance UID: already recorded, nothing changes
+                new.append(row)
         if not new:
-            return None  # repeated SOP Instance UIDs: already recorded, nothing changes
-        connection.execute(self._touch_series, {"series_key": series_pk, "received": max(r.received for r in new)})
+            return None
+        self._touch_series.execute(cursor, {"series_key": series_pk, "received": max(r.received for r in new)})
         image_types = frozenset(
             t for row in new for t in _text(row.ds, "ImageType", 256).upper().split("\\") if t
         )
         known_types = cached[1] if cached else None
         if known_types is None or not image_types <= known_types:
-            current = connection.scalar(select(_SERIES.c.image_types).where(_SERIES.c.id == series_pk)) or ""
+            found = self._select_image_types.execute(cursor, {"series_key": series_pk})
+            current = (found[0][0] if found else "") or ""
             known_types = frozenset(t for t in current.split("\\") if t) | image_types
-            connection.execute(
-                update(_SERIES)
-                .where(_SERIES.c.id == series_pk)
-                .values(image_types="\\".join(sorted(known_types))[:256])
+            self._set_image_types.execute(
+                cursor, {"series_key": series_pk, "types": "\\".join(sorted(known_types))[:256]}
             )
         return series_pk, known_types
 
-    def _upsert_series(self, connection: Connection, ds: Dataset, stored: StoredInstance, now: datetime) -> int:
-        patient_id = _text(ds, "PatientID", 64)
-        issuer = _text(ds, "IssuerOfPatientID", 64)
-        connection.execute(
-            self._insert_patient,
+    def _upsert_series(self, cursor: Any, ds: Dataset, stored: StoredInstance, now: datetime) -> int:
+        patient = {"patient_id": _text(ds, "PatientID", 64), "issuer_of_patient_id": _text(ds, "IssuerOfPatientID", 64)}
+        self._insert_patient.execute(
+            cursor,
             {
-                "patient_id": patient_id,
-                "issuer_of_patient_id": issuer,
+                **patient,
                 "patient_name": _text(ds, "PatientName", 324),
                 "birth_date": _text(ds, "PatientBirthDate", 8),
                 "sex": _text(ds, "PatientSex", 16),
                 "created_at": now,
             },
         )
-        patient_pk = connection.scalar(
-            select(_PATIENTS.c.id).where(
-                _PATIENTS.c.patient_id == patient_id, _PATIENTS.c.issuer_of_patient_id == issuer
-            )
-        )
-        connection.execute(
-            self._insert_study,
+        patient_pk = self._select_patient.execute(cursor, patient)[0][0]
+        study = {"study_instance_uid": stored.study_instance_uid}
+        self._insert_study.execute(
+            cursor,
             {
-                "study_instance_uid": stored.study_instance_uid,
+                **study,
                 "patient_pk": patient_pk,
                 "accession_number": _text(ds, "AccessionNumber", 16),
                 "study_date": _text(ds, "StudyDate", 8),
@@ -426,13 +519,12 @@ class DatabaseSink:
                 "created_at": now,
             },
         )
-        study_pk = connection.scalar(
-            select(_STUDIES.c.id).where(_STUDIES.c.study_instance_uid == stored.study_instance_uid)
-        )
-        connection.execute(
-            self._insert_series,
+        study_pk = self._select_study.execute(cursor, study)[0][0]
+        series = {"series_instance_uid": stored.series_instance_uid}
+        self._insert_series.execute(
+            cursor,
             {
-                "series_instance_uid": stored.series_instance_uid,
+                **series,
                 "study_pk": study_pk,
                 "modality": _text(ds, "Modality", 16),
                 "body_part_examined": _text(ds, "BodyPartExamined", 16).upper(),
@@ -445,9 +537,7 @@ class DatabaseSink:
                 "revision": 0,
             },
         )
-        series_pk = connection.scalar(
-            select(_SERIES.c.id).where(_SERIES.c.series_instance_uid == stored.series_instance_uid)
-        )
-        if series_pk is None:
+        found = self._select_series.execute(cursor, series)
+        if not found:
             raise RuntimeError(f"series {stored.series_instance_uid} was not recorded")
-        return int(series_pk)
+        return int(found[0][0])
