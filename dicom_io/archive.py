@@ -18,7 +18,7 @@ from pathlib import Path
 
 from pydicom import Dataset, dcmread, dcmwrite
 
-from dicom_io.validation import is_valid_uid
+from dicom_io.validation import element_text, is_valid_uid
 
 _SUFFIX = ".dcm"
 
@@ -39,7 +39,7 @@ class StoredInstance:
 
 
 def _uid(ds: Dataset, keyword: str) -> str:
-    value = str(ds.get(keyword, "")).rstrip("\x00 ")
+    value = (element_text(ds, keyword) or "").rstrip("\x00 ")
     if not is_valid_uid(value):
         raise ValueError(f"{keyword} {value[:80]!r} is not a valid UID; refusing to use it in an archive path")
     return value

@@ -16,11 +16,10 @@ import socket
 import struct
 import threading
 from collections.abc import Iterable
-from io import BytesIO
 from pathlib import Path
 from typing import Protocol
 
-from pydicom import Dataset, dcmread
+from pydicom import Dataset
 from pydicom.uid import UID
 from pynetdicom import AE, PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION, evt
 from pynetdicom.events import Event
@@ -28,6 +27,7 @@ from pynetdicom.sop_class import Verification
 from pynetdicom.transport import ThreadedAssociationServer
 
 from dicom_io.network import TCP_NODELAY_HANDLER
+from dicom_io.reading import read_received
 from dicom_io.validation import STATUS_CANNOT_UNDERSTAND, InvalidInstance, validate_instance
 
 LOGGER = logging.getLogger(__name__)
@@ -295,8 +295,8 @@ class StorageListener:
         try:
             meta = encode_file_meta(sop_class, sop_instance or "", transfer_syntax, calling_ae)
             received = meta + event.encoded_dataset(False)
-            # Elements stay raw (undecoded) until something reads them.
-            ds = dcmread(BytesIO(received))
+            # Elements stay raw (undecoded) until something reads them; sequence depth is checked on the way.
+            ds = read_received(received, transfer_syntax)
             validate_instance(
                 ds,
                 sop_class_uid=sop_class,

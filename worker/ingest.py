@@ -36,6 +36,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 
 from dicom_io.archive import Archive, StoredInstance, fsync_path
 from dicom_io.listener import received_file
+from dicom_io.validation import element_text
 from worker.db import Database, Instance, Patient, RejectedInstance, Series, Study, utcnow
 from worker.workers import other_process_alive
 
@@ -70,11 +71,18 @@ def _text(ds: Dataset, keyword: str, limit: int) -> str:
 
 
 def _integer(ds: Dataset, keyword: str) -> int | None:
+    """An IS attribute as an integer; None when absent, empty or not one integer."""
+    text = (element_text(ds, keyword) or "").strip(" \x00")
     try:
-        value = ds.get(keyword)
-        return None if value in (None, "") else int(value)
-    except (TypeError, ValueError):
+        return int(text) if text else None
+    except ValueError:
         return None
+
+
+def _image_types(ds: Dataset) -> frozenset[str]:
+    """The values of Image Type (CS: ASCII), upper case."""
+    values = (element_text(ds, "ImageType") or "").upper().split("\\")
+    return frozenset(t for t in (value.strip(" \x00") for value in values) if t)
 
 
 class _Statement:
@@ -481,9 +489,7 @@ class DatabaseSink:
         if not new:
             return None
         self._touch_series.execute(cursor, {"series_key": series_pk, "received": max(r.received for r in new)})
-        image_types = frozenset(
-            t for row in new for t in _text(row.ds, "ImageType", 256).upper().split("\\") if t
-        )
+        image_types = frozenset().union(*(_image_types(row.ds) for row in new))
         known_types = cached[1] if cached else None
         if known_types is None or not image_types <= known_types:
             found = self._select_image_types.execute(cursor, {"series_key": series_pk})
