@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -134,28 +133,37 @@ class Archive:
         def stored(size: int, duplicate: bool) -> StoredInstance:
             return StoredInstance(target, study, series, sop_instance, sop_class, transfer_syntax, size, duplicate)
 
+        # A temporary name that no other store uses meanwhile (a thread stores one instance at a time; the pid tells
+        # listener processes apart); one left by a crash is overwritten. Cheaper than mkstemp's random names.
         # No exists() check first: a repeat (rare) is found by link() below, and a stat per instance is not free.
+        temp = target.parent / f".incoming-{os.getpid()}-{threading.get_ident()}.tmp"
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
         try:
-            fd, temp_name = tempfile.mkstemp(prefix=".incoming-", suffix=".tmp", dir=target.parent)
+            fd = os.open(temp, flags, 0o600)
         except FileNotFoundError:  # the series' first instance
             self._make_directories(target.parent)
-            fd, temp_name = tempfile.mkstemp(prefix=".incoming-", suffix=".tmp", dir=target.parent)
+            fd = os.open(temp, flags, 0o600)
         try:
-            with os.fdopen(fd, "wb") as handle:
+            try:
                 if encoded is None:
-                    dcmwrite(handle, ds, enforce_file_format=True)
+                    with open(fd, "wb", closefd=False) as handle:
+                        dcmwrite(handle, ds, enforce_file_format=True)
                 else:
-                    handle.write(encoded)
-                handle.flush()
-                size = handle.tell()
-                os.fdatasync(handle.fileno())  # data and size: all that reading the file back needs
+                    data = memoryview(encoded)
+                    written = 0
+                    while written < len(data):
+                        written += os.write(fd, data[written:])
+                size = os.lseek(fd, 0, os.SEEK_CUR)
+                os.fdatasync(fd)  # data and size: all that reading the file back needs
+            finally:
+                os.close(fd)
             try:
                 # link() never replaces: when two associations race on one SOP Instance UID, the first wins.
-                os.link(temp_name, target)
+                os.link(temp, target)
             except FileExistsError:
                 return stored(target.stat().st_size, duplicate=True)
         finally:
-            os.unlink(temp_name)
+            os.unlink(temp)
         self._directory_sync(target.parent).sync(target.parent)
         return stored(size, duplicate=False)
 
