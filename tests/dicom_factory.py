@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 from pydicom import Dataset
+from pydicom.sequence import Sequence as DicomSequence
 
 from dicom_io.archive import Archive, StoredInstance
 from dicom_io.listener import StorageListener, received_file
@@ -41,6 +42,17 @@ def brain_images(count: int, seed: int = 1234) -> list[Path]:
 def ct_images(count: int, seed: int = 1234) -> list[Path]:
     """Lung CT slices (PNG, lung-window display images of various sizes)."""
     return sample_images("covid-ct/*/*.png", count, seed)
+
+
+def nested_sequence(depth: int) -> DicomSequence:
+    """A ContentSequence nested ``depth`` levels deep (the innermost item holds a CodeMeaning)."""
+    item = Dataset()
+    item.CodeMeaning = "innermost"
+    for _ in range(depth):
+        outer = Dataset()
+        outer.ContentSequence = DicomSequence([item])
+        item = outer
+    return item.ContentSequence
 
 
 def write_files(datasets: Sequence[Dataset], directory: Path) -> list[Path]:

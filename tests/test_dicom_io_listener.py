@@ -21,7 +21,6 @@ from pydicom import Dataset, dcmread
 from pydicom.data import get_testdata_file
 from pydicom.dataset import FileMetaDataset
 from pydicom.filewriter import write_file_meta_info
-from pydicom.sequence import Sequence
 from pydicom.uid import (
     DeflatedExplicitVRLittleEndian,
     ExplicitVRBigEndian,
@@ -48,6 +47,7 @@ from dicom_factory import (
     RecordingSink,
     brain_images,
     ct_images,
+    nested_sequence,
     running_listener,
     storescu,
     write_files,
@@ -250,19 +250,9 @@ def test_invalid_instances_from_storescu_are_refused_and_the_rest_archived(
     _assert_refused(sink, bad.SOPInstanceUID, reason)
 
 
-def _nested(depth: int) -> Sequence:
-    item = Dataset()
-    item.CodeMeaning = "innermost"
-    for _ in range(depth):
-        outer = Dataset()
-        outer.ContentSequence = Sequence([item])
-        item = outer
-    return item.ContentSequence
-
-
 def test_deeply_nested_sequence(tmp_path: Path, mr: list[Dataset]) -> None:
     bad = _variant(mr[0])
-    bad.ContentSequence = _nested(40)
+    bad.ContentSequence = nested_sequence(40)
     files = write_files([bad], tmp_path / "out")
     with running_listener(tmp_path) as (listener, sink):
         result = storescu(listener.port, files)

@@ -22,7 +22,7 @@ from pydicom.uid import (
     generate_uid,
 )
 
-from dicom_factory import brain_images
+from dicom_factory import brain_images, nested_sequence
 from dicom_io import synthesis
 from dicom_io.listener import encode_file_meta
 from dicom_io.reading import read_received
@@ -101,23 +101,13 @@ def test_pydicoms_own_test_files_read_alike() -> None:
     assert compared > 50
 
 
-def _nested(depth: int) -> Sequence:
-    item = Dataset()
-    item.CodeMeaning = "innermost"
-    for _ in range(depth):
-        outer = Dataset()
-        outer.ContentSequence = Sequence([item])
-        item = outer
-    return item.ContentSequence
-
-
 @pytest.mark.parametrize("transfer_syntax", [ExplicitVRLittleEndian, ImplicitVRLittleEndian, ExplicitVRBigEndian])
 def test_sequences_nested_too_deep_are_refused(mr: Dataset, transfer_syntax: str) -> None:
     ok, deep = Dataset(), Dataset()
     ok.update(mr)
     deep.update(mr)
-    ok.ContentSequence = _nested(MAX_SEQUENCE_DEPTH - 1)
-    deep.ContentSequence = _nested(MAX_SEQUENCE_DEPTH + 1)
+    ok.ContentSequence = nested_sequence(MAX_SEQUENCE_DEPTH - 1)
+    deep.ContentSequence = nested_sequence(MAX_SEQUENCE_DEPTH + 1)
     ok.file_meta = deep.file_meta = mr.file_meta
     read_received(_received(ok, transfer_syntax), UID(transfer_syntax))
     with pytest.raises(InvalidInstance) as refused:

@@ -164,35 +164,23 @@ class DatabaseSink:
         def compiled(statement: Executable, columns: list[str] | None = None) -> _Statement:
             return _Statement(statement, engine_dialect, columns)
 
-        patient_columns = ["patient_id", "issuer_of_patient_id", "patient_name", "birth_date", "sex", "created_at"]
-        self._insert_patient = compiled(
-            dialect.insert(_PATIENTS).on_conflict_do_nothing(index_elements=["patient_id", "issuer_of_patient_id"]),
-            patient_columns,
+        def upsert(table: Table, keys: list[str], columns: list[str]) -> tuple[_Statement, _Statement]:
+            # An insert that leaves an existing row alone, and the select of the row's id by its unique ``keys``.
+            insert = compiled(dialect.insert(table).on_conflict_do_nothing(index_elements=keys), columns)
+            return insert, compiled(select(table.c.id).where(*(table.c[key] == bindparam(key) for key in keys)))
+
+        self._insert_patient, self._select_patient = upsert(
+            _PATIENTS, ["patient_id", "issuer_of_patient_id"],
+            ["patient_id", "issuer_of_patient_id", "patient_name", "birth_date", "sex", "created_at"],
         )
-        self._select_patient = compiled(
-            select(_PATIENTS.c.id).where(
-                _PATIENTS.c.patient_id == bindparam("patient_id"),
-                _PATIENTS.c.issuer_of_patient_id == bindparam("issuer_of_patient_id"),
-            )
+        self._insert_study, self._select_study = upsert(
+            _STUDIES, ["study_instance_uid"],
+            ["study_instance_uid", "patient_pk", "accession_number", "study_date", "study_description", "created_at"],
         )
-        study_columns = [
-            "study_instance_uid", "patient_pk", "accession_number", "study_date", "study_description", "created_at"
-        ]  # fmt: skip
-        self._insert_study = compiled(
-            dialect.insert(_STUDIES).on_conflict_do_nothing(index_elements=["study_instance_uid"]), study_columns
-        )
-        self._select_study = compiled(
-            select(_STUDIES.c.id).where(_STUDIES.c.study_instance_uid == bindparam("study_instance_uid"))
-        )
-        series_columns = [
-            "series_instance_uid", "study_pk", "modality", "body_part_examined", "series_description",
-            "series_number", "image_types", "first_received_at", "last_received_at", "pending", "revision",
-        ]  # fmt: skip
-        self._insert_series = compiled(
-            dialect.insert(_SERIES).on_conflict_do_nothing(index_elements=["series_instance_uid"]), series_columns
-        )
-        self._select_series = compiled(
-            select(_SERIES.c.id).where(_SERIES.c.series_instance_uid == bindparam("series_instance_uid"))
+        self._insert_series, self._select_series = upsert(
+            _SERIES, ["series_instance_uid"],
+            ["series_instance_uid", "study_pk", "modality", "body_part_examined", "series_description",
+             "series_number", "image_types", "first_received_at", "last_received_at", "pending", "revision"],
         )
         instance_columns = [
             "sop_instance_uid", "series_pk", "sop_class_uid", "instance_number", "number_of_frames",
