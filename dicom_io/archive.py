@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -20,6 +21,8 @@ from pydicom import Dataset, dcmread, dcmwrite
 from dicom_io.validation import element_text, is_valid_uid
 
 _SUFFIX = ".dcm"
+#: This machine's name as a file-name part (temporary names; see Archive.store).
+_HOST = "".join(c if c.isalnum() or c in "-_" else "_" for c in socket.gethostname())[:64]
 
 
 @dataclass(frozen=True)
@@ -133,10 +136,11 @@ class Archive:
         def stored(size: int, duplicate: bool) -> StoredInstance:
             return StoredInstance(target, study, series, sop_instance, sop_class, transfer_syntax, size, duplicate)
 
-        # A temporary name that no other store uses meanwhile (a thread stores one instance at a time; the pid tells
-        # listener processes apart); one left by a crash is overwritten. Cheaper than mkstemp's random names.
+        # A temporary name that no other store uses meanwhile (a thread stores one instance at a time; host and pid
+        # tell listener processes apart, also on an archive shared by several machines); one left by a crash is
+        # overwritten. Cheaper than mkstemp's random names.
         # No exists() check first: a repeat (rare) is found by link() below, and a stat per instance is not free.
-        temp = target.parent / f".incoming-{os.getpid()}-{threading.get_ident()}.tmp"
+        temp = target.parent / f".incoming-{_HOST}-{os.getpid()}-{threading.get_ident()}.tmp"
         flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
         try:
             fd = os.open(temp, flags, 0o600)
