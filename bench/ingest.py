@@ -166,8 +166,13 @@ def _wait_ready(  # type: ignore[type-arg]
 
 
 def _children(pid: int) -> list[int]:
-    tasks = Path(f"/proc/{pid}/task").iterdir()
-    return [int(child) for task in tasks for child in (task / "children").read_text().split()]
+    children = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            children += [int(child) for child in (task / "children").read_text().split()]
+        except FileNotFoundError:  # the thread ended since the listing
+            continue
+    return children
 
 
 def _cpu_seconds(pid: int) -> float:
