@@ -125,6 +125,17 @@ def main() -> None:
     print(f"wrote {args.out}")
 
 
+def cpu_model() -> str:
+    """The processor's name as /proc/cpuinfo gives it."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown processor"
+
+
 def render(evaluations, threshold, gpu, speed, epoch, load) -> str:
     brain, covid = evaluations["brain-tumor"], evaluations["covid-ct"]
     brain_card, covid_card = (ModelCard.load(default_model_dir(t)) for t in ("brain-tumor", "covid-ct"))
@@ -161,7 +172,9 @@ def render(evaluations, threshold, gpu, speed, epoch, load) -> str:
                          f"{targets['cv5']} | – | – |")
     lines += ["", "Model UIDs: brain-tumor `" + brain_card.uid + "`, covid-ct `" + covid_card.uid + "`.", "",
               "## Speed on this machine's CPU (2 cores, shared)", "",
-              f"Load average when measured: {load:.1f} (other engineers' jobs share the two cores).", "",
+              f"CPU: {cpu_model()}, {os.cpu_count()} cores. Load average when measured: {load:.1f} (other engineers' "
+              "jobs share the cores). Sessions land on different processors (an Intel one with AVX-512 and AMX "
+              "trained about 2-4x faster per epoch than an AMD EPYC), so compare figures within one run.", "",
               "| task | input | inference, model only (img/s, batch 32) | inference, end to end from display images "
               "| training CPU s / epoch | training wall s / epoch | epochs the shipped run used "
               "| the shipped run on this CPU (min, estimated; target 60) |",
