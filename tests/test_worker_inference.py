@@ -17,10 +17,9 @@ from worker.inference import (
     ModelCache,
     SeriesBatcher,
     aggregate,
-    batch_shapes,
     classify_series_files,
     decode_series,
-    predict_in_fixed_batches,
+    predict_in_batches,
 )
 
 
@@ -42,14 +41,6 @@ def test_aggregate_normal_series_stays_normal_and_single_slice() -> None:
         aggregate(np.zeros((0, 2)), COVID_CT)
 
 
-@pytest.mark.parametrize(
-    ("count", "shapes"),
-    [(1, [1]), (3, [4]), (16, [16]), (17, [32]), (32, [32]), (33, [32, 1]), (70, [32, 32, 8])],
-)
-def test_batch_shapes(count: int, shapes: list[int]) -> None:
-    assert batch_shapes(count, 32) == shapes
-
-
 @pytest.fixture(scope="module")
 def classifier(tmp_path_factory: pytest.TempPathFactory) -> Classifier:
     folder = tmp_path_factory.mktemp("models") / "brain-tumor"
@@ -61,11 +52,12 @@ def classifier(tmp_path_factory: pytest.TempPathFactory) -> Classifier:
     return ModelCache(folder.parent).get("brain-tumor")
 
 
-def test_padding_does_not_change_predictions(classifier: Classifier) -> None:
+def test_batches_do_not_change_predictions(classifier: Classifier) -> None:
     rng = np.random.default_rng(0)
     images = [rng.uniform(0, 255, (100, 120)).astype(np.float32) for _ in range(5)]
-    padded = predict_in_fixed_batches(classifier, images, 4)  # batches of 4 and 1
-    np.testing.assert_allclose(padded, classifier.predict(images, batch_size=5), rtol=1e-5, atol=1e-6)
+    batched = predict_in_batches(classifier, images, 4)  # batches of 4 and 1
+    assert batched.shape == (5, len(BRAIN_TUMOR.class_names))
+    np.testing.assert_allclose(batched, classifier.predict(images, batch_size=5), rtol=1e-5, atol=1e-6)
 
 
 def test_classify_a_compressed_series(classifier: Classifier, tmp_path: Path) -> None:
