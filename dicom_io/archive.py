@@ -25,6 +25,27 @@ _SUFFIX = ".dcm"
 _HOST = "".join(c if c.isalnum() or c in "-_" else "_" for c in socket.gethostname())[:64]
 
 
+def temporary_path(directory: Path) -> Path:
+    """Where the calling thread writes an instance before linking it into ``directory`` under its final name.
+
+    No other store uses the name meanwhile: a thread stores one instance at a time, and host and pid tell listener
+    processes apart, also on an archive shared by several machines. Cheaper than mkstemp's random names.
+    """
+    return directory / f".incoming-{_HOST}-{os.getpid()}-{threading.get_ident()}.tmp"
+
+
+def _create_exclusive(path: Path) -> int:
+    """Open ``path`` as a new, empty file. One left by a crash is unlinked first, never truncated: a crash between
+    link() and unlink() leaves it a second name of an archived instance (pids and thread ids repeat after a
+    restart, in a container nearly always), and truncating it would empty that acknowledged file."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+    try:
+        return os.open(path, flags, 0o600)
+    except FileExistsError:
+        os.unlink(path)
+        return os.open(path, flags, 0o600)
+
+
 @dataclass(frozen=True)
 class StoredInstance:
     """Where an instance lies in the archive and what it is."""
@@ -136,17 +157,13 @@ class Archive:
         def stored(size: int, duplicate: bool) -> StoredInstance:
             return StoredInstance(target, study, series, sop_instance, sop_class, transfer_syntax, size, duplicate)
 
-        # A temporary name that no other store uses meanwhile (a thread stores one instance at a time; host and pid
-        # tell listener processes apart, also on an archive shared by several machines); one left by a crash is
-        # overwritten. Cheaper than mkstemp's random names.
         # No exists() check first: a repeat (rare) is found by link() below, and a stat per instance is not free.
-        temp = target.parent / f".incoming-{_HOST}-{os.getpid()}-{threading.get_ident()}.tmp"
-        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
+        temp = temporary_path(target.parent)
         try:
-            fd = os.open(temp, flags, 0o600)
+            fd = _create_exclusive(temp)
         except FileNotFoundError:  # the series' first instance
             self._make_directories(target.parent)
-            fd = os.open(temp, flags, 0o600)
+            fd = _create_exclusive(temp)
         try:
             try:
                 if encoded is None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import threading
 from pathlib import Path
@@ -12,7 +13,7 @@ from pydicom.uid import JPEGLSLossless, generate_uid
 
 from dicom_factory import brain_images
 from dicom_io import synthesis
-from dicom_io.archive import Archive
+from dicom_io.archive import Archive, temporary_path
 
 
 @pytest.fixture(scope="module")
@@ -118,3 +119,18 @@ def test_store_writes_the_given_encoding_as_is(tmp_path: Path, mr: list[Dataset]
     with pytest.raises(ValueError, match="Part 10"):
         Archive(tmp_path / "other").store(mr[1], encoded=b"not dicom" * 20)
     assert not (tmp_path / "other" / mr[1].StudyInstanceUID).exists()
+
+
+def test_a_temporary_name_left_by_a_crash_after_link_does_not_empty_the_archived_file(
+    tmp_path: Path, mr: list[Dataset]
+) -> None:
+    # A crash between link() and unlink() leaves the temporary name as a second link to the archived file; after a
+    # restart the same pid and thread id (usual in a container) give the same temporary name again.
+    archive = Archive(tmp_path)
+    first = archive.store(mr[0])
+    content = first.path.read_bytes()
+    os.link(first.path, temporary_path(first.path.parent))
+    second = archive.store(mr[1])  # same series directory, same thread
+    assert first.path.read_bytes() == content
+    assert dcmread(second.path).SOPInstanceUID == mr[1].SOPInstanceUID
+    assert _leftovers(tmp_path) == []
