@@ -25,7 +25,6 @@ from pydicom import dcmread
 
 from dicom_io.imaging import SeriesFrame, series_frame_records
 from models.inference import Classifier, default_model_dir
-from models.preprocessing import prepare_batch
 from models.tasks import Task
 
 K = TypeVar("K")
@@ -63,18 +62,15 @@ PREDICT_LOCK = threading.Lock()
 
 
 def predict_in_batches(classifier: Classifier, images: Sequence[np.ndarray], batch_size: int) -> np.ndarray:
-    """``(N, C)`` probabilities, predicted ``batch_size`` images at a time (the last batch as it comes).
+    """``(N, C)`` probabilities: :meth:`Classifier.predict` (``batch_size`` images at a time, the last batch as it
+    comes) under :data:`PREDICT_LOCK`.
 
     No padding to fixed batch shapes: after :meth:`Classifier.warm_up` Keras runs every batch size on one
     shape-relaxed graph without tracing again (measured: a first call at 24, 17, 9 or 5 images costs what the next
     one does), and padding 24 slices to 32 cost 28% more model time, 17 to 32 twice as much.
     """
-    spec = classifier.card.input_spec
-    outputs = [np.zeros((0, len(classifier.class_names)), dtype=np.float32)]
-    for start in range(0, len(images), batch_size):
-        with PREDICT_LOCK:
-            outputs.append(classifier.predict_prepared(prepare_batch(images[start:start + batch_size], spec)))
-    return np.concatenate(outputs, axis=0)
+    with PREDICT_LOCK:
+        return classifier.predict(images, batch_size)
 
 
 def decode_series(paths: Sequence[Path]) -> list[SeriesFrame]:
