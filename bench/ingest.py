@@ -94,7 +94,7 @@ def serve(kind: str, port: int, directory: Path) -> None:
 
         class ArchiveSink:
             def __init__(self) -> None:
-                self.archive = Archive(directory)
+                self.archive = Archive(directory, files_ahead=4)  # as the product's listener has
 
             def accept(self, ds, calling_ae):  # type: ignore[no-untyped-def]
                 self.archive.store(ds, encoded=received_file(ds))

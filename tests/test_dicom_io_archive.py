@@ -1,10 +1,16 @@
-"""dicom_io.archive: layout, durability protocol, idempotence, transfer syntax kept, unsafe UIDs refused."""
+"""dicom_io.archive: layout, durability protocol, idempotence, transfer syntax kept, unsafe UIDs refused.
+
+The storing tests run twice: through unnamed files (O_TMPFILE, what this machine's ext4 has) and through named
+temporary files (what a file system without O_TMPFILE gets; the switch is the archive's own, as on EOPNOTSUPP).
+"""
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -25,8 +31,24 @@ def _leftovers(root: Path) -> list[Path]:
     return [p for p in root.rglob("*") if p.is_file() and p.suffix != ".dcm"]
 
 
-def test_store_writes_one_file_per_instance_in_its_transfer_syntax(tmp_path: Path, mr: list[Dataset]) -> None:
-    archive = Archive(tmp_path)
+def _named(archive: Archive) -> Archive:
+    """``archive`` switched to named temporary files, as it switches itself where open(O_TMPFILE) fails."""
+    archive._no_unnamed_files(OSError(errno.EOPNOTSUPP, "no O_TMPFILE on this file system"))
+    return archive
+
+
+@pytest.fixture(params=["unnamed", "named"])
+def make_archive(request: pytest.FixtureRequest):  # type: ignore[no-untyped-def]
+    def make(root: Path) -> Archive:
+        archive = Archive(root, files_ahead=2)
+        request.addfinalizer(archive.close)
+        return _named(archive) if request.param == "named" else archive
+
+    return make
+
+
+def test_store_writes_one_file_per_instance_in_its_transfer_syntax(tmp_path: Path, mr: list[Dataset], make_archive) -> None:  # type: ignore[no-untyped-def]
+    archive = make_archive(tmp_path)
     compressed = synthesis.encode(mr[0], JPEGLSLossless)
     stored = archive.store(compressed)
     assert stored.path == tmp_path / mr[0].StudyInstanceUID / mr[0].SeriesInstanceUID / f"{mr[0].SOPInstanceUID}.dcm"
@@ -41,8 +63,8 @@ def test_store_writes_one_file_per_instance_in_its_transfer_syntax(tmp_path: Pat
     assert _leftovers(tmp_path) == []
 
 
-def test_repeated_sop_instance_uid_keeps_the_first_file(tmp_path: Path, mr: list[Dataset]) -> None:
-    archive = Archive(tmp_path)
+def test_repeated_sop_instance_uid_keeps_the_first_file(tmp_path: Path, mr: list[Dataset], make_archive) -> None:  # type: ignore[no-untyped-def]
+    archive = make_archive(tmp_path)
     first = archive.store(mr[0])
     content = first.path.read_bytes()
     changed = synthesis.encode(mr[0], mr[0].file_meta.TransferSyntaxUID)
@@ -53,8 +75,8 @@ def test_repeated_sop_instance_uid_keeps_the_first_file(tmp_path: Path, mr: list
     assert len(list(tmp_path.rglob("*.dcm"))) == 1
 
 
-def test_concurrent_stores_of_one_instance_make_one_file(tmp_path: Path, mr: list[Dataset]) -> None:
-    archive = Archive(tmp_path)
+def test_concurrent_stores_of_one_instance_make_one_file(tmp_path: Path, mr: list[Dataset], make_archive) -> None:  # type: ignore[no-untyped-def]
+    archive = make_archive(tmp_path)
     results = []
     barrier = threading.Barrier(8)
 
@@ -85,8 +107,8 @@ def test_unsafe_uids_never_reach_a_path(tmp_path: Path, mr: list[Dataset], bad: 
     assert list(tmp_path.rglob("*")) == [tmp_path / "archive"]
 
 
-def test_failed_write_leaves_nothing_behind(tmp_path: Path, mr: list[Dataset]) -> None:
-    archive = Archive(tmp_path)
+def test_failed_write_leaves_nothing_behind(tmp_path: Path, mr: list[Dataset], make_archive) -> None:  # type: ignore[no-untyped-def]
+    archive = make_archive(tmp_path)
     ds = synthesis.encode(mr[0], mr[0].file_meta.TransferSyntaxUID)
     ds.SOPInstanceUID = generate_uid()
     ds.add_new(0x00091001, "US", "not a number")  # cannot be encoded: dcmwrite fails half way
@@ -126,11 +148,37 @@ def test_a_temporary_name_left_by_a_crash_after_link_does_not_empty_the_archived
 ) -> None:
     # A crash between link() and unlink() leaves the temporary name as a second link to the archived file; after a
     # restart the same pid and thread id (usual in a container) give the same temporary name again.
-    archive = Archive(tmp_path)
+    archive = _named(Archive(tmp_path))
     first = archive.store(mr[0])
     content = first.path.read_bytes()
     os.link(first.path, temporary_path(first.path.parent))
     second = archive.store(mr[1])  # same series directory, same thread
     assert first.path.read_bytes() == content
     assert dcmread(second.path).SOPInstanceUID == mr[1].SOPInstanceUID
+    assert _leftovers(tmp_path) == []
+
+
+def test_files_made_ahead_are_not_shared_with_a_forked_child(tmp_path: Path, mr: list[Dataset]) -> None:
+    # A child inherits the parent's open files: were both to write into one file made ahead, each would append to
+    # the other's instance.
+    archive = Archive(tmp_path, files_ahead=2)
+    try:
+        archive.store(mr[0])
+        time.sleep(0.5)  # the background thread makes the next files
+        series = [synthesis.encode(ds, ds.file_meta.TransferSyntaxUID) for ds in synthesis.mr_series(brain_images(2, seed=8))]
+        pid = os.fork()
+        if pid == 0:  # the child stores one instance and leaves without any cleanup
+            try:
+                archive.store(series[0])
+            finally:
+                os._exit(0)
+        archive.store(series[1])
+        assert os.waitpid(pid, 0)[1] == 0
+        for ds in series:
+            path = archive.path_for(ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID)
+            back = dcmread(path)
+            assert back.SOPInstanceUID == ds.SOPInstanceUID
+            assert (back.pixel_array == ds.pixel_array).all()
+    finally:
+        archive.close()
     assert _leftovers(tmp_path) == []

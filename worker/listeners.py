@@ -53,7 +53,9 @@ class Receiver:
     def __init__(self, settings: Settings, *, reuse_port: bool = False) -> None:
         self.settings = settings
         self._database = Database(settings.effective_database_url, durable_commits=False)
-        self.sink = DatabaseSink(Archive(settings.archive_dir), self._database)
+        # Files made ahead for the next stores: one per association that may be storing at once, up to four.
+        self._archive = Archive(settings.archive_dir, files_ahead=min(settings.max_associations, 4))
+        self.sink = DatabaseSink(self._archive, self._database)
         self.listener = StorageListener(
             ae_title=settings.ae_title,
             host=settings.dicom_host,
@@ -80,6 +82,7 @@ class Receiver:
     def stop(self) -> None:
         self.listener.stop()
         self.sink.close()
+        self._archive.close()
         self._database.dispose()
 
 
