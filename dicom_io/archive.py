@@ -232,8 +232,9 @@ class Archive:
         self.root.mkdir(parents=True, exist_ok=True)
         self._syncs: dict[Path, _DirectorySync] = {}
         self._syncs_lock = threading.Lock()
-        # None once the file system turned out to have no unnamed files: named temporary files from then on.
-        self._unnamed: _UnnamedFiles | None = _UnnamedFiles(self.root, files_ahead)
+        # None without O_TMPFILE (a platform other than Linux), or once the file system turned out to have no
+        # unnamed files: named temporary files from then on.
+        self._unnamed = _UnnamedFiles(self.root, files_ahead) if hasattr(os, "O_TMPFILE") else None
 
     def close(self) -> None:
         """Release the files made ahead; later stores still work, making each file when needed."""
