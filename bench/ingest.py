@@ -10,6 +10,8 @@ and its own network namespace (``unshare -n``: loopback only, nothing else can r
 * ``triage``   ``dicom-triage listen`` (StorageListener + archive + SQLite rows): the product.
 * ``triage-N`` ``dicom-triage listen --processes N`` (``--processes``, default 2): N listener processes sharing
   the port (SO_REUSEPORT), each with its own sink, one SQLite database.
+* ``triage-cold`` (only when named in ``--receivers``) ``dicom-triage listen`` with ``archive_files_ahead`` 0: each
+  store creates its archive file, as before the archive made them ahead.
 * ``listener`` dicom_io's StorageListener with a sink that only archives (fsynced files).
 * ``bare``     a pynetdicom SCP with the same contexts, PDU size and TCP_NODELAY whose handler discards.
 * ``storescp`` dcmtk's storescp writing files (``--fork`` so it serves parallel associations).
@@ -43,6 +45,8 @@ ECHOSCU = "/usr/bin/echoscu"
 AE_TITLE = "BENCH_SCP"
 PORT = 11112
 RECEIVERS = ("triage", "triage-N", "listener", "bare", "storescp")
+OPTIONAL_RECEIVERS = ("triage-cold",)
+LISTEN_RECEIVERS = ("triage", "triage-N", "triage-cold")  # dicom-triage listen
 DCMTK_ENV = {"PATH": "/usr/bin:/bin", "TCP_NODELAY": "1"}
 
 
@@ -131,7 +135,7 @@ def _start_receiver(  # type: ignore[no-untyped-def]
     if kind == "storescp":
         command = [STORESCP, "--fork", "-pdu", "131072", "-aet", AE_TITLE, "-od", str(directory), str(port)]
         return subprocess.Popen(command, env=DCMTK_ENV, stdout=log, stderr=log)
-    if kind in ("triage", "triage-N"):
+    if kind in LISTEN_RECEIVERS:
         command = [
             sys.executable, "-m", "worker.cli", "listen", "--data-dir", str(directory),
             "--dicom-host", "127.0.0.1", "--dicom-port", str(port), "--ae-title", AE_TITLE,
@@ -140,6 +144,8 @@ def _start_receiver(  # type: ignore[no-untyped-def]
             command += ["--processes", str(processes)]
         # 16 per process (each listen process takes the whole limit), as the other receivers have.
         env = {**os.environ, "DICOM_TRIAGE_MAX_ASSOCIATIONS": "16", "DICOM_TRIAGE_MIN_FREE_DISK_MB": "0"}
+        if kind == "triage-cold":
+            env["DICOM_TRIAGE_ARCHIVE_FILES_AHEAD"] = "0"
         return subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=log)
     command = [sys.executable, __file__, "--serve", kind, "--port", str(port), "--directory", str(directory)]
     return subprocess.Popen(command, stdout=log, stderr=log)
@@ -195,7 +201,7 @@ def run_one(kind: str, concurrency: int, files: list[Path], work: Path, processe
     with log_path.open("w") as log:
         receiver = _start_receiver(kind, PORT, directory, log, processes)
         try:
-            _wait_ready(PORT, receiver, log_path if kind in ("triage", "triage-N") else None)
+            _wait_ready(PORT, receiver, log_path if kind in LISTEN_RECEIVERS else None)
             cpu_at_start = _cpu_seconds(receiver.pid)
             children_at_start = {child: _cpu_seconds(child) for child in _children(receiver.pid)}
             load = os.getloadavg()[0]  # other work on the machine skews wall time: report it beside each run
@@ -259,13 +265,13 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--instances", type=int, default=1000)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8])
-    parser.add_argument("--receivers", nargs="+", choices=RECEIVERS, default=list(RECEIVERS))
+    parser.add_argument("--receivers", nargs="+", choices=RECEIVERS + OPTIONAL_RECEIVERS, default=list(RECEIVERS))
     parser.add_argument("--repeat", type=int, default=1, help="runs per receiver; the median is reported")
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--processes", type=int, default=2, help="listener processes of the triage-N receiver")
     # Internal modes.
     parser.add_argument("--serve", choices=("listener", "bare"), help=argparse.SUPPRESS)
-    parser.add_argument("--run-one", choices=RECEIVERS, help=argparse.SUPPRESS)
+    parser.add_argument("--run-one", choices=RECEIVERS + OPTIONAL_RECEIVERS, help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, default=PORT, help=argparse.SUPPRESS)
     parser.add_argument("--directory", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--files", type=Path, help=argparse.SUPPRESS)
@@ -323,8 +329,8 @@ def _summarise(
             for kind in receivers
         }
         pairs = (
-            ("listener", "bare"), ("triage", "bare"), ("triage-N", "bare"),
-            ("listener", "storescp"), ("triage", "storescp"), ("triage-N", "storescp"),
+            ("listener", "bare"), ("triage", "bare"), ("triage-N", "bare"), ("triage-cold", "bare"),
+            ("listener", "storescp"), ("triage", "storescp"), ("triage-N", "storescp"), ("triage", "triage-cold"),
         )
         ratios = [
             f"{label[a]}/{label[b]} {rate[a] / rate[b]:.2f}"

@@ -77,6 +77,14 @@ def test_unreadable_config_files(tmp_path: Path) -> None:
         load_settings(broken, env={})
 
 
+def test_archive_files_ahead_default_environment_and_bounds(tmp_path: Path) -> None:
+    assert load_settings(env={}, data_dir=tmp_path).archive_files_ahead == 4
+    assert load_settings(env={"DICOM_TRIAGE_ARCHIVE_FILES_AHEAD": "0"}, data_dir=tmp_path).archive_files_ahead == 0
+    for bad in ("-1", "65", "four"):
+        with pytest.raises(ConfigError, match=r"archive_files_ahead \[from DICOM_TRIAGE_ARCHIVE_FILES_AHEAD\]"):
+            load_settings(env={"DICOM_TRIAGE_ARCHIVE_FILES_AHEAD": bad}, data_dir=tmp_path)
+
+
 def test_listen_processes_default_environment_and_bounds(tmp_path: Path) -> None:
     assert load_settings(env={}, data_dir=tmp_path).listen_processes == 1
     assert load_settings(env={"DICOM_TRIAGE_LISTEN_PROCESSES": "4"}, data_dir=tmp_path).listen_processes == 4

@@ -53,8 +53,7 @@ class Receiver:
     def __init__(self, settings: Settings, *, reuse_port: bool = False) -> None:
         self.settings = settings
         self._database = Database(settings.effective_database_url, durable_commits=False)
-        # Files made ahead for the next stores: one per association that may be storing at once, up to four.
-        self._archive = Archive(settings.archive_dir, files_ahead=min(settings.max_associations, 4))
+        self._archive = Archive(settings.archive_dir, files_ahead=settings.archive_files_ahead)
         self.sink = DatabaseSink(self._archive, self._database)
         self.listener = StorageListener(
             ae_title=settings.ae_title,
