@@ -82,6 +82,7 @@ def serve(kind: str, port: int, directory: Path) -> None:
 
     from pynetdicom import AE, evt
 
+    from config import Settings
     from dicom_io.archive import Archive
     from dicom_io.listener import (
         COMPRESSED_TRANSFER_SYNTAXES,
@@ -98,7 +99,8 @@ def serve(kind: str, port: int, directory: Path) -> None:
 
         class ArchiveSink:
             def __init__(self) -> None:
-                self.archive = Archive(directory, files_ahead=4)  # as the product's listener has
+                # Files made ahead as the product's listener makes them (the setting's default).
+                self.archive = Archive(directory, files_ahead=Settings().archive_files_ahead)
 
             def accept(self, ds, calling_ae):  # type: ignore[no-untyped-def]
                 self.archive.store(ds, encoded=received_file(ds))

@@ -103,7 +103,7 @@ class _UnnamedFiles:
             self._wanted.clear()
             while True:
                 with self._lock:
-                    if self._closed or self._pid != os.getpid():
+                    if self._closed:
                         return
                     if len(self._ready) >= self.ahead:
                         break

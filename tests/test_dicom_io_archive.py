@@ -11,6 +11,7 @@ import os
 import shutil
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -37,8 +38,11 @@ def _named(archive: Archive) -> Archive:
     return archive
 
 
+MakeArchive = Callable[[Path], Archive]
+
+
 @pytest.fixture(params=["unnamed", "named"])
-def make_archive(request: pytest.FixtureRequest):  # type: ignore[no-untyped-def]
+def make_archive(request: pytest.FixtureRequest) -> MakeArchive:
     def make(root: Path) -> Archive:
         archive = Archive(root, files_ahead=2)
         request.addfinalizer(archive.close)
@@ -47,7 +51,9 @@ def make_archive(request: pytest.FixtureRequest):  # type: ignore[no-untyped-def
     return make
 
 
-def test_store_writes_one_file_per_instance_in_its_transfer_syntax(tmp_path: Path, mr: list[Dataset], make_archive) -> None:  # type: ignore[no-untyped-def]
+def test_store_writes_one_file_per_instance_in_its_transfer_syntax(
+    tmp_path: Path, mr: list[Dataset], make_archive: MakeArchive
+) -> None:
     archive = make_archive(tmp_path)
     compressed = synthesis.encode(mr[0], JPEGLSLossless)
     stored = archive.store(compressed)
@@ -63,7 +69,9 @@ def test_store_writes_one_file_per_instance_in_its_transfer_syntax(tmp_path: Pat
     assert _leftovers(tmp_path) == []
 
 
-def test_repeated_sop_instance_uid_keeps_the_first_file(tmp_path: Path, mr: list[Dataset], make_archive) -> None:  # type: ignore[no-untyped-def]
+def test_repeated_sop_instance_uid_keeps_the_first_file(
+    tmp_path: Path, mr: list[Dataset], make_archive: MakeArchive
+) -> None:
     archive = make_archive(tmp_path)
     first = archive.store(mr[0])
     content = first.path.read_bytes()
@@ -75,7 +83,9 @@ def test_repeated_sop_instance_uid_keeps_the_first_file(tmp_path: Path, mr: list
     assert len(list(tmp_path.rglob("*.dcm"))) == 1
 
 
-def test_concurrent_stores_of_one_instance_make_one_file(tmp_path: Path, mr: list[Dataset], make_archive) -> None:  # type: ignore[no-untyped-def]
+def test_concurrent_stores_of_one_instance_make_one_file(
+    tmp_path: Path, mr: list[Dataset], make_archive: MakeArchive
+) -> None:
     archive = make_archive(tmp_path)
     results = []
     barrier = threading.Barrier(8)
@@ -107,7 +117,9 @@ def test_unsafe_uids_never_reach_a_path(tmp_path: Path, mr: list[Dataset], bad: 
     assert list(tmp_path.rglob("*")) == [tmp_path / "archive"]
 
 
-def test_failed_write_leaves_nothing_behind(tmp_path: Path, mr: list[Dataset], make_archive) -> None:  # type: ignore[no-untyped-def]
+def test_failed_write_leaves_nothing_behind(
+    tmp_path: Path, mr: list[Dataset], make_archive: MakeArchive
+) -> None:
     archive = make_archive(tmp_path)
     ds = synthesis.encode(mr[0], mr[0].file_meta.TransferSyntaxUID)
     ds.SOPInstanceUID = generate_uid()
@@ -165,7 +177,8 @@ def test_files_made_ahead_are_not_shared_with_a_forked_child(tmp_path: Path, mr:
     try:
         archive.store(mr[0])
         time.sleep(0.5)  # the background thread makes the next files
-        series = [synthesis.encode(ds, ds.file_meta.TransferSyntaxUID) for ds in synthesis.mr_series(brain_images(2, seed=8))]
+        series = [synthesis.encode(ds, ds.file_meta.TransferSyntaxUID)
+                  for ds in synthesis.mr_series(brain_images(2, seed=8))]
         pid = os.fork()
         if pid == 0:  # the child stores one instance and leaves without any cleanup
             try:

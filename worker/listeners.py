@@ -53,8 +53,8 @@ class Receiver:
     def __init__(self, settings: Settings, *, reuse_port: bool = False) -> None:
         self.settings = settings
         self._database = Database(settings.effective_database_url, durable_commits=False)
-        self._archive = Archive(settings.archive_dir, files_ahead=settings.archive_files_ahead)
-        self.sink = DatabaseSink(self._archive, self._database)
+        archive = Archive(settings.archive_dir, files_ahead=settings.archive_files_ahead)
+        self.sink = DatabaseSink(archive, self._database)
         self.listener = StorageListener(
             ae_title=settings.ae_title,
             host=settings.dicom_host,
@@ -81,7 +81,7 @@ class Receiver:
     def stop(self) -> None:
         self.listener.stop()
         self.sink.close()
-        self._archive.close()
+        self.sink.archive.close()
         self._database.dispose()
 
 
