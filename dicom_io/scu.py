@@ -6,8 +6,10 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from pydicom import Dataset, dcmread
-from pynetdicom import AE, build_context
+from pynetdicom import AE, build_context, evt
 from pynetdicom.association import Association
+from pynetdicom.events import Event
+from pynetdicom.pdu import A_ABORT_RQ, A_ASSOCIATE_RJ
 from pynetdicom.presentation import PresentationContext
 from pynetdicom.sop_class import Verification
 
@@ -27,16 +29,44 @@ class AssociationError(ConnectionError):
         self.statuses = list(statuses)
 
 
-def _describe_failure(assoc: Association) -> str:
-    if assoc.acceptor.primitive is None:  # the peer never answered our A-ASSOCIATE-RQ
-        return "no association (connection refused, timed out or aborted)"
-    if assoc.is_rejected:
-        primitive = assoc.acceptor.primitive
-        return f"association rejected ({primitive.result_str}, {primitive.source_str}: {primitive.reason_str})"
+class _PeerRefusal:
+    """The A-ASSOCIATE-RJ or A-ABORT PDU the peer sent while we negotiated, if any.
+
+    pynetdicom (3.0) can lose a rejection: its reactor thread decodes the A-ASSOCIATE-RJ and closes the socket, and
+    when that happens before the requesting thread checks the socket, ``associate()`` reports a failed connection
+    with no primitive. The PDU event still fires, so we keep the peer's answer from it.
+    """
+
+    def __init__(self) -> None:
+        self.pdu: A_ASSOCIATE_RJ | A_ABORT_RQ | None = None
+
+    def handler(self) -> tuple[evt.NotificationEvent, object]:
+        return (evt.EVT_PDU_RECV, self._record)
+
+    def _record(self, event: Event) -> None:
+        pdu = event.pdu  # type: ignore[attr-defined]
+        if isinstance(pdu, (A_ASSOCIATE_RJ, A_ABORT_RQ)) and self.pdu is None:
+            self.pdu = pdu
+
+
+def _describe_failure(assoc: Association, refusal: _PeerRefusal) -> str:
+    if isinstance(refusal.pdu, A_ASSOCIATE_RJ):
+        answer = refusal.pdu.to_primitive()  # the primitive's wording, as when pynetdicom itself reports it
+        return f"association rejected ({answer.result_str}, {answer.source_str}: {answer.reason_str})"
     if assoc.rejected_contexts and not assoc.accepted_contexts:  # pynetdicom aborts such an association itself
         refused = ", ".join(sorted({str(c.abstract_syntax.name) for c in assoc.rejected_contexts}))
         return f"association aborted: the peer accepted no presentation context (refused {refused})"
+    if isinstance(refusal.pdu, A_ABORT_RQ):
+        return f"association aborted by the peer ({refusal.pdu.source_str}: {refusal.pdu.reason_str})"
+    if assoc.acceptor.primitive is None:  # the peer never answered our A-ASSOCIATE-RQ
+        return "no association (connection refused, timed out or aborted)"
     return "association aborted"
+
+
+def _associate(ae: AE, host: str, port: int, called_ae: str) -> tuple[Association, _PeerRefusal]:
+    refusal = _PeerRefusal()
+    assoc = ae.associate(host, port, ae_title=called_ae, evt_handlers=[TCP_NODELAY_HANDLER, refusal.handler()])
+    return assoc, refusal
 
 
 def _contexts_for(items: Sequence[tuple[str, str]]) -> list[PresentationContext]:
@@ -89,9 +119,9 @@ def send_datasets(
     ae = _new_ae(calling_ae)
     ae.maximum_pdu_size = max_pdu_size
     ae.requested_contexts = _contexts_for([_identify(item) for item in items])
-    assoc = ae.associate(host, port, ae_title=called_ae, evt_handlers=[TCP_NODELAY_HANDLER])
+    assoc, refusal = _associate(ae, host, port, called_ae)
     if not assoc.is_established:
-        raise AssociationError(f"{called_ae}@{host}:{port}: {_describe_failure(assoc)}")
+        raise AssociationError(f"{called_ae}@{host}:{port}: {_describe_failure(assoc, refusal)}")
     statuses: list[int] = []
     try:
         for item in items:
@@ -99,7 +129,7 @@ def send_datasets(
             if "Status" not in response:
                 raise AssociationError(
                     f"{called_ae}@{host}:{port}: no response to instance {len(statuses) + 1} of {len(items)} "
-                    f"({_describe_failure(assoc)})",
+                    f"({_describe_failure(assoc, refusal)})",
                     statuses,
                 )
             statuses.append(int(response.Status))
@@ -113,9 +143,9 @@ def echo(host: str, port: int, called_ae: str, calling_ae: str = DEFAULT_CALLING
     """C-ECHO the peer and return its status; raises :class:`AssociationError` when it cannot be reached."""
     ae = _new_ae(calling_ae)
     ae.add_requested_context(Verification)
-    assoc = ae.associate(host, port, ae_title=called_ae, evt_handlers=[TCP_NODELAY_HANDLER])
+    assoc, refusal = _associate(ae, host, port, called_ae)
     if not assoc.is_established:
-        raise AssociationError(f"{called_ae}@{host}:{port}: {_describe_failure(assoc)}")
+        raise AssociationError(f"{called_ae}@{host}:{port}: {_describe_failure(assoc, refusal)}")
     try:
         response = assoc.send_c_echo()
     finally:

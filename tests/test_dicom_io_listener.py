@@ -10,6 +10,7 @@ import errno
 import socket
 import struct
 import subprocess
+import sys
 import threading
 import time
 from io import BytesIO
@@ -57,6 +58,7 @@ from dicom_io.archive import Archive
 from dicom_io.listener import StorageListener
 from dicom_io.network import TCP_NODELAY_HANDLER
 from dicom_io.scu import AssociationError, echo, send_datasets
+from processes import ROOT, Child, NetworkNamespace, wait_for
 
 #: storescu's option that proposes each transfer syntax (JPEG Lossless Process 14 non-SV1 has none: pynetdicom).
 STORESCU_PROPOSAL = {
@@ -147,6 +149,39 @@ def test_send_datasets_accepts_paths_and_reports_a_refused_association(tmp_path:
     assert len(list(sink.archive.root.rglob("*.dcm"))) == len(mr)
     with pytest.raises(AssociationError, match="no association"):
         send_datasets(files, "127.0.0.1", port, LISTENER_AE)
+
+
+
+_ECHO_EVERY_TIME = """
+import collections, sys
+from dicom_io.scu import AssociationError, echo
+answers = collections.Counter()
+for _ in range(int(sys.argv[2])):
+    try:
+        echo("127.0.0.1", int(sys.argv[1]), "REFUSE")
+    except AssociationError as exc:
+        answers[str(exc)] += 1
+for answer, count in answers.items():
+    print(count, answer)
+"""
+
+
+def test_a_rejection_is_reported_as_one_every_time(tmp_path: Path) -> None:
+    # dcmtk's storescp answers A-ASSOCIATE-RJ and closes at once: pynetdicom's reactor may close its socket before
+    # the requesting thread looks (about one association in five here), and the reason must survive that race.
+    netns = NetworkNamespace()
+    refusing = Child(["/usr/bin/storescp", "--refuse", "-od", str(tmp_path), "11300"], netns=netns)
+    try:
+        wait_for(lambda: netns.run(["sh", "-c", "ss -ltn | grep -q ':11300 '"]).returncode == 0, 20,
+                 "storescp to listen", refusing)
+        run = netns.run([sys.executable, "-c", _ECHO_EVERY_TIME, "11300", "60"], cwd=ROOT)
+        assert run.returncode == 0, run.stderr[-2000:]
+        assert run.stdout.splitlines() == [
+            "60 REFUSE@127.0.0.1:11300: association rejected (Rejected Permanent, Service User: No reason given)"
+        ]
+    finally:
+        refusing.stop()
+        netns.close()
 
 
 # Bad input: data.
