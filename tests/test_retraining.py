@@ -6,7 +6,7 @@ The story of issue 6: radiologists confirm and correct results; the admin starts
 external folder, one epoch of a tiny CNN), follows its progress, finds the candidate registered; the gate refuses
 it against the installed model on the reference set; a forced promotion needs a reason; the next study is
 classified by the new model (its UID in the result and in its SR) without restarting the
-worker; a rollback brings the old model back. The export holds no patient name, ID or birth date.
+worker; a fine-tune from that active model names it in its card; a rollback brings the old model back. The export holds no patient name, ID or birth date.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from sqlalchemy import select
 from config import load_settings
 from dicom_factory import storescu, write_files
 from dicom_io.synthesis import ct_series
+from models.card import ModelCard
 from models.tasks import COVID_CT
 from processes import Child, celery_ready, free_port, serve_ready, triage_command, triage_environment, wait_for
 from test_registry_helpers import covid_files, make_reference_set, save_threshold_model
@@ -90,6 +91,9 @@ def test_runs_fail_visibly(tmp_path: Path) -> None:
         queued = request_retraining(database, lambda run_id: None, "covid-ct", RetrainOptions(), "boss")
         run_retraining(settings, database, queued)  # nothing confirmed, no external folder
         run_retraining(settings, database, queued)  # a duplicate message: the run is not queued any more
+        no_model = request_retraining(database, lambda run_id: None, "covid-ct",
+                                      RetrainOptions(start_from_active=True, external=(str(tmp_path),)), "boss")
+        run_retraining(settings, database, no_model)  # nothing registered to start from
         orphan = request_retraining(database, lambda run_id: None, "covid-ct", RetrainOptions(), "boss")
         with database.session() as session:
             run = session.get(TrainingRun, orphan)
@@ -99,11 +103,12 @@ def test_runs_fail_visibly(tmp_path: Path) -> None:
             runs = {r.id: (r.state, r.error) for r in session.scalars(select(TrainingRun))}
     finally:
         database.dispose()
-    assert [state for state, _ in runs.values()] == ["failed"] * 3
+    assert [state for state, _ in runs.values()] == ["failed"] * 4
     errors = [error for _, error in runs.values()]
     assert "broker unreachable" in errors[0]
     assert "no labelled covid-ct series to train on" in errors[1]
-    assert "training worker running it stopped" in errors[2]
+    assert "no active covid-ct model to start from" in errors[2]
+    assert "training worker running it stopped" in errors[3]
 
 
 def test_confirm_export_retrain_gate_promote_and_roll_back(tmp_path: Path, processes: list[Child]) -> None:
@@ -182,12 +187,12 @@ def test_confirm_export_retrain_gate_promote_and_roll_back(tmp_path: Path, proce
     run_id = started.json()["run_id"]
     seen_phases: set[str] = set()
 
-    def finished() -> dict[str, Any] | None:
+    def finished(run_id: int) -> dict[str, Any] | None:
         run = admin.get(f"/api/admin/runs/{run_id}").json()
         seen_phases.add(run["phase"])
         return run if run["state"] in ("done", "failed") else None
 
-    run = wait_for(finished, 420, "the training run", serve)
+    run = wait_for(lambda: finished(run_id), 420, "the training run", serve)
     assert run["state"] == "done", run
     assert run["progress"] == 1.0 and len(run["history"]["loss"]) == 1 and "val_loss" in run["history"]
     assert seen_phases - {"queued", "done"}, seen_phases  # progress was visible while it ran
@@ -248,7 +253,23 @@ def test_confirm_export_retrain_gate_promote_and_roll_back(tmp_path: Path, proce
     for path in sr_paths:
         assert candidate in str(dcmread(path))  # the SR's algorithm identification names the new model
 
-    # 6. Roll back: the installed model is active again and classifies the next study.
+    # 6. A fine-tune from the active model, asked for on the registry page's form: the candidate's card names it.
+    page = admin.get("/admin/registry")
+    form_token = re.search(r'name="csrf_token" value="([^"]+)"', page.text)[1]
+    assert 'name="start_from_active"' in page.text
+    posted = admin.post("/admin/registry/retrain", data={
+        "csrf_token": form_token, "task": "covid-ct", "architecture": "triage-cnn", "epochs": "1",
+        "input_size": "32x32", "confirmed_only": "1", "start_from_active": "1"})
+    assert posted.status_code == 303, posted.text
+    tuned_run = int(posted.headers["location"].rsplit("/", 1)[1])
+    tuned = wait_for(lambda: finished(tuned_run), 420, "the fine-tuning run", serve)
+    assert tuned["state"] == "done", tuned
+    tuned_model = admin.get(f"/api/admin/models/{tuned['model_uid']}").json()["model"]
+    assert tuned_model["parent_uid"] == candidate
+    init_from = ModelCard.load(Path(tuned_model["model_dir"])).training["init_from"]
+    assert init_from["source_uid"] == candidate and init_from["fresh_layers"] == []
+
+    # 7. Roll back: the installed model is active again and classifies the next study.
     back = admin.post("/api/admin/tasks/covid-ct/rollback", json={"reason": "pilot over"},
                       headers={"X-CSRF-Token": boss_csrf})
     assert back.status_code == 200 and back.json()["model_uid"] == installed_uid, back.text

@@ -14,6 +14,7 @@ from models.tasks import BRAIN_TUMOR, COVID_CT
 from worker.cli import main
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+SHIPPED = Path(__file__).resolve().parents[1] / "models" / "weights"
 pytestmark = pytest.mark.skipif(not DATA.is_dir(), reason="../shared/data is not present")
 
 
@@ -90,11 +91,47 @@ def test_cross_validation_is_recorded_in_the_card(covid_data, tmp_path):
     (["--data", "DATA", "--arch", "threshold", "--weights", "imagenet"], "--weights applies to resnet50 only"),
     (["--data", "DATA", "--augment", "zoom=2"], "zoom must be between 0 and 1"),
     (["--data", "DATA", "--augment", "blur=0.1"], "--augment 'blur=0.1': expected NAME=VALUE"),
+    (["--data", "DATA", "--init-from", "/nonexistent/model"], "model directory /nonexistent/model does not exist"),
+    (["--data", "DATA", "--arch", "threshold", "--init-from", str(SHIPPED / "brain-tumor")],
+     "threshold is not trained by gradient descent"),
+    (["--data", "DATA", "--arch", "study-covid-cnn", "--epochs", "1",
+      "--init-from", str(SHIPPED / "brain-tumor")], "shares no layer (same name and weight shapes) with study-covid-cnn"),
 ])
 def test_bad_arguments_fail_with_a_clear_message(argv_tail, message, covid_data, tmp_path, capsys):
     argv = ["train", "covid-ct", "--out", str(tmp_path / "m")] + [str(covid_data) if a == "DATA" else a for a in argv_tail]
     assert main(argv) == 2
     assert message in capsys.readouterr().err
+
+
+def test_init_from_starts_from_another_tasks_model_and_says_so_in_the_card(brain_data, covid_data, tmp_path):
+    common = ["--arch", "triage-cnn", "--input-size", "48x48x1", "--epochs", "1", "--batch-size", "8",
+              "--validation-fraction", "0.25"]
+    brain = tmp_path / "brain"
+    assert main(["train", "brain-tumor", "--data", str(brain_data), "--out", str(brain), *common]) == 0
+    source = Classifier.load(brain)
+
+    # Every layer but the 4-class classifier is taken as it is; the 2-class one starts as initialised.
+    from models.architectures import build_model
+    from models.preprocessing import InputSpec
+    from models.transfer import copy_matching_weights
+
+    fresh = build_model("triage-cnn", COVID_CT, InputSpec(48, 48, 1))
+    transfer = copy_matching_weights(fresh, brain)
+    assert transfer.fresh == ["probabilities"] and transfer.source_uid == source.card.uid
+    for name in transfer.copied:
+        for mine, theirs in zip(fresh.get_layer(name).get_weights(), source.model.get_layer(name).get_weights()):
+            assert (mine == theirs).all(), name
+    assert len(transfer.copied) == len([layer for layer in fresh.layers if layer.get_weights()]) - 1
+
+    covid = tmp_path / "covid"
+    assert main(["train", "covid-ct", "--data", str(covid_data), "--out", str(covid), "--init-from", str(brain),
+                 *common]) == 0
+    card = ModelCard.load(covid)
+    assert card.training["init_from"] == {
+        "source": str(brain), "source_uid": source.card.uid, "source_task": "brain-tumor",
+        "source_architecture": "triage-cnn", "copied_layers": len(transfer.copied), "fresh_layers": ["probabilities"],
+    }
+    assert card.uid != source.card.uid
 
 
 def test_wrong_task_folders_fail_with_a_clear_message(covid_data, tmp_path, capsys):

@@ -58,6 +58,9 @@ def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") 
     train.add_argument("--input-size", help="HxW or HxWxC (default: the architecture's)")
     train.add_argument("--weights", help="resnet50 only: 'imagenet' (from Keras' cache, never downloaded) or a file")
     train.add_argument("--cv", type=int, default=0, metavar="K", help="also run K-fold cross-validation (cards: cvK)")
+    train.add_argument("--init-from", metavar="MODEL_DIR",
+                       help="start from a trained model's weights (a model folder: the shipped one, a registered "
+                            "one); every layer of the same name and shape is copied, the rest start as initialised")
     train.set_defaults(handler=_train)
 
     evaluate = subparsers.add_parser("evaluate", help="evaluate a saved classifier on a dataset's test splits")

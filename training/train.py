@@ -14,6 +14,7 @@ from models.card import CARD_FILE, MODEL_FILE, ModelCard
 from models.inference import Classifier
 from models.preprocessing import InputSpec
 from models.tasks import Task, get_task
+from models.transfer import WeightTransfer, copy_matching_weights
 from training.data import DataError, Splits, cross_validation_parts, load_and_split_sources
 from training.evaluate import evaluate_splits, write_figures
 from training.fit import TrainConfig, fit
@@ -22,38 +23,48 @@ from training.pipeline import image_dataset, prepared_array
 
 
 def train_one(arch: str, task: Task, spec: InputSpec, splits: Splits, train: np.ndarray, validation: np.ndarray,
-              config: TrainConfig, weights: str | None, checkpoint_dir: Path | None, prefix: str = ""):
-    """Build and train one model on index sets of ``splits.images``; return (model, history)."""
+              config: TrainConfig, weights: str | None, checkpoint_dir: Path | None, prefix: str = "",
+              init_from: Path | None = None) -> tuple[Any, dict[str, list[float]], WeightTransfer | None]:
+    """Build and train one model on index sets of ``splits.images``, first taking ``init_from``'s matching layers
+    when given; return (model, history, what was taken)."""
     images, labels = splits.images.images, splits.images.label_array
     model = build_model(arch, task, spec, dropout=config.dropout, batch_norm=config.batch_norm, weights=weights)
     if not is_gradient_trained(arch):
         means = fit_threshold_model(model, prepared_array([images[i] for i in train], spec), labels[train])
         print(f"{prefix}class means of the black-pixel fraction: {np.round(means, 4).tolist()}", flush=True)
-        return model, {}
+        return model, {}, None
+    transfer = copy_matching_weights(model, init_from) if init_from is not None else None
+    if transfer is not None:
+        print(f"{prefix}{transfer.describe()}", flush=True)
     def dataset(indices: np.ndarray, seed: int | None):
         return image_dataset([images[i] for i in indices], labels[indices], task.num_classes, spec,
                              config.batch_size, shuffle_seed=seed)
     history = fit(model, dataset(train, config.seed), dataset(validation, None), labels[train], config,
                   checkpoint_dir, prefix)
-    return model, history
+    return model, history, transfer
 
 
 def run_train(task: Task, data_dirs: list[Path], arch: str, out_dir: Path, config: TrainConfig,
-              spec: InputSpec | None, weights: str | None, cv_folds: int) -> int:
+              spec: InputSpec | None, weights: str | None, cv_folds: int, init_from: Path | None = None) -> int:
     spec = spec or default_input_spec(arch, task)
+    if init_from is not None:
+        if not is_gradient_trained(arch):
+            raise ValueError(f"--init-from: {arch} is not trained by gradient descent; there are no weights to start from")
+        Classifier.load(init_from)  # a bad folder fails now, not after the data are read
     splits = load_and_split_sources(data_dirs, task, config.seed, config.validation_fraction)
     print(splits.images.report(), file=sys.stderr)
     print(splits.describe(), file=sys.stderr)
     out_dir.mkdir(parents=True, exist_ok=True)
     started = time.process_time(), time.time()
-    model, history = train_one(arch, task, spec, splits, splits.train, splits.validation, config, weights,
-                               out_dir / "checkpoints")
+    model, history, transfer = train_one(arch, task, spec, splits, splits.train, splits.validation, config, weights,
+                                         out_dir / "checkpoints", init_from=init_from)
     cpu_seconds, wall_seconds = time.process_time() - started[0], time.time() - started[1]
     model.save(out_dir / MODEL_FILE)
     card = ModelCard(
         task=task.name, class_names=list(task.class_names), architecture=arch, input_spec=spec,
         training={
-            "config": config.to_dict(), "weights": weights, "epochs_run": len(history.get("loss", [])),
+            "config": config.to_dict(), "weights": weights,
+            "init_from": transfer.to_dict() if transfer is not None else None, "epochs_run": len(history.get("loss", [])),
             "history": history, "train_cpu_seconds": round(cpu_seconds, 1), "train_wall_seconds": round(wall_seconds, 1),
             "sources": [str(d) for d in data_dirs], "split": splits.describe(), "split_seed": config.seed, "skipped_files": [str(p) for p, _ in splits.images.skipped],
             "test_manifest_sha256": splits.images.subset(splits.test).manifest_sha256(),
@@ -68,7 +79,7 @@ def run_train(task: Task, data_dirs: list[Path], arch: str, out_dir: Path, confi
         print(format_metrics(name, metrics))
     card.metrics.update({name: {k: v for k, v in m.items() if k != "class_names"} for name, m in results.items()})
     if cv_folds:
-        card.metrics[f"cv{cv_folds}"] = cross_validate(arch, task, spec, splits, config, weights, cv_folds)
+        card.metrics[f"cv{cv_folds}"] = cross_validate(arch, task, spec, splits, config, weights, cv_folds, init_from)
     card.save(out_dir / CARD_FILE)
     write_figures(results, card, out_dir)
     print(f"saved {out_dir / MODEL_FILE} and {out_dir / CARD_FILE} (uid {card.uid})", file=sys.stderr)
@@ -76,13 +87,15 @@ def run_train(task: Task, data_dirs: list[Path], arch: str, out_dir: Path, confi
 
 
 def cross_validate(arch: str, task: Task, spec: InputSpec, splits: Splits, config: TrainConfig, weights: str | None,
-                   folds: int) -> dict[str, Any]:
-    """Group-aware k-fold cross-validation over every image; mean and standard deviation of fold accuracy."""
+                   folds: int, init_from: Path | None = None) -> dict[str, Any]:
+    """Group-aware k-fold cross-validation over every image (each fold starting from ``init_from`` when given);
+    mean and standard deviation of fold accuracy."""
     labels = splits.images.label_array
     accuracies = []
     for fold, (train, validation, test) in enumerate(
             cross_validation_parts(labels, splits.groups, folds, config.seed, config.validation_fraction)):
-        model, _ = train_one(arch, task, spec, splits, train, validation, config, weights, None, prefix=f"fold {fold + 1}: ")
+        model, _, _ = train_one(arch, task, spec, splits, train, validation, config, weights, None,
+                                prefix=f"fold {fold + 1}: ", init_from=init_from)
         probabilities = model.predict(prepared_array([splits.images.images[i] for i in test], spec), verbose=0)
         accuracies.append(float((probabilities.argmax(1) == labels[test]).mean()))
         print(f"fold {fold + 1}/{folds}: accuracy {accuracies[-1]:.2%} on {len(test)} images", flush=True)
@@ -139,8 +152,7 @@ def handle_train(args: Any) -> int:
         )
         spec = parse_input_size(args.input_size) if args.input_size else None
         return run_train(get_task(args.task), [Path(d) for d in args.data], args.arch, Path(args.out), config, spec,
-                         args.weights,
-                         args.cv)
+                         args.weights, args.cv, Path(args.init_from) if args.init_from else None)
     except (DataError, FileNotFoundError, ValueError) as exc:
         print(f"train: {exc}", file=sys.stderr)
         return 2

@@ -125,6 +125,7 @@ def _options(fields: dict[str, Any]) -> RetrainOptions:
             batch_size=int(fields.get("batch_size") or 32),
             confirmed_only=str(fields.get("confirmed_only", "1")) not in ("0", "false", "False", ""),
             since=str(fields["since"]) if fields.get("since") else None,
+            start_from_active=str(fields.get("start_from_active", "0")) not in ("0", "false", "False", ""),
         )
     except (TypeError, ValueError) as exc:
         raise HTTPException(422, f"bad retraining options: {exc}") from None
@@ -242,6 +243,7 @@ class RetrainIn(BaseModel):
     batch_size: int = Field(default=32, ge=1, le=4096)
     confirmed_only: bool = True
     since: str | None = None
+    start_from_active: bool = False
 
 
 class PromoteIn(BaseModel):

@@ -1,0 +1,71 @@
+"""Starting a model from another trained model's weights (fine-tuning, transfer between tasks).
+
+Layers are matched by name, and a layer's weights are copied only when every array has the same shape. Our
+architectures name their layers, so a ``triage-cnn`` of any task takes every layer of another ``triage-cnn`` but the
+classifier (its class count differs between tasks), and a different input size or channel count only leaves the
+layers whose shapes depend on it as initialised.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from models.inference import Classifier
+
+
+@dataclass(frozen=True)
+class WeightTransfer:
+    """What :func:`copy_matching_weights` did; recorded in the new model's card."""
+
+    source: str
+    source_uid: str
+    source_task: str
+    source_architecture: str
+    #: Layers whose weights came from the source, and those left as initialised (absent there, or shaped otherwise).
+    copied: list[str] = field(default_factory=list)
+    fresh: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "source": self.source, "source_uid": self.source_uid, "source_task": self.source_task,
+            "source_architecture": self.source_architecture, "copied_layers": len(self.copied),
+            "fresh_layers": self.fresh,
+        }
+
+    def describe(self) -> str:
+        fresh = ", ".join(self.fresh) if self.fresh else "none"
+        return (f"started from {self.source} ({self.source_task}, {self.source_architecture}, uid {self.source_uid}): "
+                f"{len(self.copied)} layers copied; as initialised: {fresh}")
+
+
+def copy_matching_weights(model: Any, source_dir: Path | str) -> WeightTransfer:
+    """Copy into ``model`` (a Keras model, in place) the weights of every same-named, same-shaped layer of the
+    model saved in ``source_dir`` (a folder with ``model.keras`` and ``card.json``).
+
+    Raises ``FileNotFoundError`` or ``ValueError`` (from :meth:`Classifier.load`) for a folder that holds no valid
+    model, and ``ValueError`` when not one layer with weights matches: nothing would be transferred.
+    """
+    source = Classifier.load(source_dir)
+    source_layers = {layer.name: layer for layer in source.model.layers}
+    copied: list[str] = []
+    fresh: list[str] = []
+    for layer in model.layers:
+        weights = layer.get_weights()
+        if not weights:
+            continue
+        donor = source_layers.get(layer.name)
+        donor_weights = donor.get_weights() if donor is not None else []
+        if len(donor_weights) == len(weights) and all(a.shape == b.shape for a, b in zip(donor_weights, weights)):
+            layer.set_weights(donor_weights)
+            copied.append(layer.name)
+        else:
+            fresh.append(layer.name)
+    if not copied:
+        raise ValueError(f"{source_dir}: its {source.card.architecture} model shares no layer (same name and weight "
+                         f"shapes) with {model.name}; nothing to start from")
+    return WeightTransfer(
+        source=str(source_dir), source_uid=source.card.uid, source_task=source.card.task,
+        source_architecture=source.card.architecture, copied=copied, fresh=fresh,
+    )
