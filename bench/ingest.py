@@ -1,13 +1,16 @@
 """Ingest throughput: our listener vs a bare pynetdicom SCP vs dcmtk's storescp, side by side in one run.
 
     .venv/bin/python bench/ingest.py [--instances 1000] [--concurrency 1 8] [--repeat 1] [--processes 2]
+        [--database-url 'postgresql://postgres@/test?host=/var/run/postgresql']
 
 Makes ``--instances`` MR and CT instances (alternating) from the images in ../shared/data, then for each
 concurrency and each receiver pushes all of them with ``--concurrency`` parallel dcmtk ``storescu`` processes
 (one association each, TCP_NODELAY=1) and times first byte to last response. Receivers, each in its own process
 and its own network namespace (``unshare -n``: loopback only, nothing else can reach them):
 
-* ``triage``   ``dicom-triage listen`` (StorageListener + archive + SQLite rows): the product.
+* ``triage``   ``dicom-triage listen`` (StorageListener + archive + SQLite rows): the product. With
+  ``--database-url`` (PostgreSQL, through its Unix socket: the namespace has no route to a TCP port outside it),
+  the ``listen`` receivers record their rows there instead, each run in a database of its own made for it.
 * ``triage-N`` ``dicom-triage listen --processes N`` (``--processes``, default 2): N listener processes sharing
   the port (SO_REUSEPORT), each with its own sink, one SQLite database.
 * ``triage-cold`` (only when named in ``--receivers``) ``dicom-triage listen`` with ``archive_files_ahead`` 0: each
@@ -24,8 +27,10 @@ ask for (triage/bare >= 0.8, triage/storescp, and the same for triage-N).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import shlex
 import shutil
 import signal
 import statistics
@@ -33,6 +38,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -132,7 +138,7 @@ def serve(kind: str, port: int, directory: Path) -> None:
 
 
 def _start_receiver(  # type: ignore[no-untyped-def]
-    kind: str, port: int, directory: Path, log, processes: int
+    kind: str, port: int, directory: Path, log, processes: int, database_url: str | None = None
 ) -> subprocess.Popen:
     if kind == "storescp":
         command = [STORESCP, "--fork", "-pdu", "131072", "-aet", AE_TITLE, "-od", str(directory), str(port)]
@@ -148,6 +154,8 @@ def _start_receiver(  # type: ignore[no-untyped-def]
         env = {**os.environ, "DICOM_TRIAGE_MAX_ASSOCIATIONS": "16", "DICOM_TRIAGE_MIN_FREE_DISK_MB": "0"}
         if kind == "triage-cold":
             env["DICOM_TRIAGE_ARCHIVE_FILES_AHEAD"] = "0"
+        if database_url:
+            env["DICOM_TRIAGE_DATABASE_URL"] = database_url
         return subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=log)
     command = [sys.executable, __file__, "--serve", kind, "--port", str(port), "--directory", str(directory)]
     return subprocess.Popen(command, stdout=log, stderr=log)
@@ -195,13 +203,14 @@ def _cpu_seconds(pid: int) -> float:
     return own + sum(_cpu_seconds(child) for child in children)
 
 
-def run_one(kind: str, concurrency: int, files: list[Path], work: Path, processes: int) -> dict[str, object]:
+def run_one(kind: str, concurrency: int, files: list[Path], work: Path, processes: int,
+            database_url: str | None = None) -> dict[str, object]:
     """Inside a fresh network namespace: start ``kind``, push ``files`` over ``concurrency`` associations."""
     directory = work / f"{kind}-{concurrency}"
     directory.mkdir(parents=True)
     log_path = work / f"{kind}-{concurrency}.log"
     with log_path.open("w") as log:
-        receiver = _start_receiver(kind, PORT, directory, log, processes)
+        receiver = _start_receiver(kind, PORT, directory, log, processes, database_url)
         try:
             _wait_ready(PORT, receiver, log_path if kind in LISTEN_RECEIVERS else None)
             cpu_at_start = _cpu_seconds(receiver.pid)
@@ -248,19 +257,76 @@ def run_one(kind: str, concurrency: int, files: list[Path], work: Path, processe
         # CPU the receiver used while receiving: machine load distorts it far less than wall time.
         "receiver_cpu_ms_per_instance": round(cpu_seconds * 1000 / max(successes, 1), 2),
         "load_1min": round(load, 2),
+        **({"database": "postgresql"} if database_url and kind in LISTEN_RECEIVERS else {}),
         **({"process_cpu_seconds": [s for s in split if s > 0.05]} if kind == "triage-N" else {}),
     }
 
 
-def _in_namespace(kind: str, concurrency: int, list_file: Path, work: Path, processes: int) -> dict[str, object]:
-    inner = (
-        f"ip link set lo up && exec {sys.executable} {__file__} --run-one {kind} --concurrency {concurrency} "
-        f"--files {list_file} --work {work} --processes {processes}"
-    )
-    done = subprocess.run(["unshare", "-n", "sh", "-c", inner], capture_output=True, text=True, cwd=ROOT)
-    if done.returncode != 0:
-        raise RuntimeError(f"{kind} x{concurrency} failed:\n{done.stdout}\n{done.stderr}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+def _in_namespace(kind: str, concurrency: int, list_file: Path, work: Path, processes: int,
+                  database_url: str | None = None) -> dict[str, object]:
+    with _fresh_database(database_url if kind in LISTEN_RECEIVERS else None) as run_url:
+        inner = (
+            f"ip link set lo up && exec {sys.executable} {__file__} --run-one {kind} --concurrency {concurrency} "
+            f"--files {list_file} --work {work} --processes {processes}"
+            + (f" --database-url {shlex.quote(run_url)}" if run_url else "")
+        )
+        done = subprocess.run(["unshare", "-n", "sh", "-c", inner], capture_output=True, text=True, cwd=ROOT)
+        if done.returncode != 0:
+            raise RuntimeError(f"{kind} x{concurrency} failed:\n{done.stdout}\n{done.stderr}")
+        result = json.loads(done.stdout.strip().splitlines()[-1])
+        if run_url:
+            result["rows"] = _count_instances(run_url)  # proof the rows went there, not to a SQLite file
+    return result
+
+
+def _count_instances(url: str) -> int:
+    from sqlalchemy import create_engine, text
+
+    engine = create_engine(url.replace("postgresql://", "postgresql+psycopg://", 1))
+    try:
+        with engine.connect() as connection:
+            return int(connection.execute(text("SELECT count(*) FROM instances")).scalar_one())
+    finally:
+        engine.dispose()
+
+
+def _unix_socket_url(url: str) -> None:
+    """Refuse a URL the receivers could not reach from their namespace (only loopback inside it)."""
+    from sqlalchemy.engine import make_url
+
+    parsed = make_url(url)
+    if not parsed.drivername.startswith("postgresql"):
+        raise SystemExit(f"--database-url {url}: PostgreSQL only (SQLite is the default)")
+    host = parsed.query.get("host") or parsed.host
+    if host and not str(host).startswith("/"):
+        raise SystemExit(f"--database-url {url}: the receivers run in a network namespace with only its own "
+                         "loopback; give the server's Unix socket, e.g. "
+                         "postgresql://postgres@/test?host=/var/run/postgresql")
+
+
+@contextlib.contextmanager
+def _fresh_database(url: str | None) -> Iterator[str | None]:
+    """A new, empty database on ``url``'s server for one run (the same SOP Instance UIDs go to every run), dropped
+    after it."""
+    if url is None:
+        yield None
+        return
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.engine import make_url
+
+    server = make_url(url).set(drivername="postgresql+psycopg")
+    name = f"bench_ingest_{os.getpid()}_{time.monotonic_ns()}"
+    admin = create_engine(server, isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as connection:
+            connection.execute(text(f'CREATE DATABASE "{name}"'))
+        try:
+            yield server.set(database=name).render_as_string(hide_password=False)
+        finally:
+            with admin.connect() as connection:
+                connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    finally:
+        admin.dispose()
 
 
 def main() -> int:
@@ -271,6 +337,7 @@ def main() -> int:
     parser.add_argument("--repeat", type=int, default=1, help="runs per receiver; the median is reported")
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--processes", type=int, default=2, help="listener processes of the triage-N receiver")
+    parser.add_argument("--database-url", help="PostgreSQL (its Unix socket) for the listen receivers' rows")
     # Internal modes.
     parser.add_argument("--serve", choices=("listener", "bare"), help=argparse.SUPPRESS)
     parser.add_argument("--run-one", choices=RECEIVERS + OPTIONAL_RECEIVERS, help=argparse.SUPPRESS)
@@ -286,9 +353,11 @@ def main() -> int:
     if args.run_one:
         files = [Path(line) for line in args.files.read_text().splitlines()]
         work = Path(tempfile.mkdtemp(prefix=f"run-{args.run_one}-", dir=args.work))
-        print(json.dumps(run_one(args.run_one, args.concurrency[0], files, work, args.processes)))
+        print(json.dumps(run_one(args.run_one, args.concurrency[0], files, work, args.processes, args.database_url)))
         return 0
 
+    if args.database_url:
+        _unix_socket_url(args.database_url)
     work = Path(tempfile.mkdtemp(prefix="bench-ingest-"))
     try:
         print(f"making {args.instances} instances in {work} ...", flush=True)
@@ -301,7 +370,7 @@ def main() -> int:
         for concurrency in args.concurrency:
             for _ in range(args.repeat):
                 for kind in args.receivers:  # interleaved so drifting machine load hits all alike
-                    result = _in_namespace(kind, concurrency, list_file, work, args.processes)
+                    result = _in_namespace(kind, concurrency, list_file, work, args.processes, args.database_url)
                     print(json.dumps(result), flush=True)
                     results.append(result)
         summary = _summarise(results, args.concurrency, args.receivers, args.processes)
