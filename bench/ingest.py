@@ -11,8 +11,8 @@ and its own network namespace (``unshare -n``: loopback only, nothing else can r
 * ``triage``   ``dicom-triage listen`` (StorageListener + archive + SQLite rows): the product. With
   ``--database-url`` (PostgreSQL, through its Unix socket: the namespace has no route to a TCP port outside it),
   the ``listen`` receivers record their rows there instead, each run in a database of its own made for it.
-* ``triage-N`` ``dicom-triage listen --processes N`` (``--processes``, default 2): N listener processes sharing
-  the port (SO_REUSEPORT), each with its own sink, one SQLite database.
+* ``triage-N`` ``dicom-triage listen --processes N`` (``--processes``, default 2): N listener processes accepting
+  on one listening socket, each with its own sink, one SQLite database.
 * ``triage-cold`` (only when named in ``--receivers``) ``dicom-triage listen`` with ``archive_files_ahead`` 0: each
   store creates its archive file, as before the archive made them ahead.
 * ``listener`` dicom_io's StorageListener with a sink that only archives (fsynced files).
@@ -232,7 +232,7 @@ def run_one(kind: str, concurrency: int, files: list[Path], work: Path, processe
             elapsed = time.perf_counter() - started
             time.sleep(0.5)  # storescp reaps its forked children (and so counts their CPU) asynchronously
             cpu_seconds = _cpu_seconds(receiver.pid) - cpu_at_start
-            # How the kernel's hash spread the work over listener processes (it is not balanced by load).
+            # How the work spread over the listener processes (whichever was free took each association).
             split = sorted(
                 (round(_cpu_seconds(child) - cpu, 2) for child, cpu in children_at_start.items()), reverse=True
             )

@@ -113,9 +113,9 @@ class Settings(BaseModel):
     web_port: int = Field(default=8080, ge=1, le=65535)
     allowed_calling_aes: tuple[str, ...] = ()
     max_associations: int = Field(default=10, ge=1, le=1000)
-    #: Listener processes sharing the DICOM port (SO_REUSEPORT; the kernel spreads associations across them), each
-    #: with its own sink: more than one lets ingest use more than one core. Each accepts up to ``max_associations``
-    #: (the kernel spreads by hash, not by load), so together they may hold ``listen_processes`` times as many.
+    #: Listener processes accepting on one listening socket (a free one takes each association), each with its own
+    #: sink: more than one lets ingest use more than one core. Each accepts up to ``max_associations`` (a burst need
+    #: not land evenly), so together they may hold ``listen_processes`` times as many.
     listen_processes: int = Field(default=1, ge=1, le=64)
     #: Empty archive files each listener process keeps made ahead by a background thread, so that creating a file
     #: (0.6-1.5 ms on an ext4 without a journal that recently freed inodes) is not part of a C-STORE's response

@@ -17,7 +17,7 @@ import struct
 import threading
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from pydicom import Dataset
 from pydicom.uid import UID
@@ -153,13 +153,30 @@ def _status(code: int, comment: str) -> Dataset:
     return status
 
 
-class _ReusePortServer(ThreadedAssociationServer):
-    """pynetdicom's threaded server with SO_REUSEPORT set before bind: several processes listen on one port and the
-    kernel spreads incoming connections across them."""
+class _SharedSocketServer(ThreadedAssociationServer):
+    """pynetdicom's threaded server accepting on a listening socket it is given, which other processes (listeners
+    started by one supervisor) accept on too: whichever is free takes the next connection. SO_REUSEPORT instead
+    hands each connection to one process by a hash of the peer's port, regardless of load, so 8 associations often
+    landed 6 to 2 (and those hashed to a stopped process waited on it)."""
+
+    def __init__(self, *args: Any, listening_socket: socket.socket, **kwargs: Any) -> None:
+        self._listening_socket = listening_socket
+        super().__init__(*args, **kwargs)
 
     def server_bind(self) -> None:
-        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        super().server_bind()
+        self.socket.close()  # the one TCPServer made for us
+        self.socket = self._listening_socket
+        # Every process's select() wakes for a connection and all but one find it taken: a blocking accept() would
+        # then wait for the next connection and hold shutdown() up until it came.
+        self.socket.setblocking(False)
+        self.server_address = self.socket.getsockname()
+
+    def server_activate(self) -> None:
+        pass  # it listens already
+
+    def server_close(self) -> None:
+        # Only our descriptor: shutdown() would stop the socket listening for every process that shares it.
+        self.socket.close()
 
 
 class StorageListener:
@@ -168,8 +185,9 @@ class StorageListener:
     ``allowed_calling_aes`` empty accepts any caller; otherwise others get A-ASSOCIATE-RJ (permanent,
     calling AE title not recognised). More than ``max_associations`` at once get A-ASSOCIATE-RJ (transient,
     local limit exceeded). When the archive's file system has less than ``min_free_bytes`` free, stores answer
-    0xA700 (out of resources) and nothing is handed to the sink. ``reuse_port`` binds with SO_REUSEPORT, so that
-    other processes (of the same user) that also set it listen on the same port.
+    0xA700 (out of resources) and nothing is handed to the sink. ``listening_socket``, a bound and listening TCP
+    socket (``host`` and ``port`` are then its own), is accepted on instead of binding one: processes given the
+    same socket share the port, each connection going to a process that is free to accept it.
     """
 
     def __init__(
@@ -184,7 +202,7 @@ class StorageListener:
         archive_root: Path | str | None = None,
         max_pdu_size: int = 0,
         acse_timeout: float = 30,
-        reuse_port: bool = False,
+        listening_socket: socket.socket | None = None,
     ) -> None:
         if min_free_bytes > 0 and archive_root is None:
             raise ValueError("min_free_bytes needs archive_root: the file system whose free space is watched")
@@ -195,7 +213,7 @@ class StorageListener:
         self.min_free_bytes = min_free_bytes
         self.archive_root = Path(archive_root) if archive_root is not None else None
         self._requested_port = port
-        self.reuse_port = reuse_port
+        self._listening_socket = listening_socket
         self._server: ThreadedAssociationServer | None = None
         self._stopped = threading.Event()
         self._ae = self._build_ae(max_associations, max_pdu_size, acse_timeout)
@@ -238,13 +256,15 @@ class StorageListener:
             (evt.EVT_ABORTED, self._on_aborted),
         ]
         self._stopped.clear()
-        address = (self.host, self._requested_port)
-        if not self.reuse_port:
+        if self._listening_socket is None:
+            address = (self.host, self._requested_port)
             self._server = self._ae.start_server(address, block=False, evt_handlers=handlers)
         else:
+            self.host, port = self._listening_socket.getsockname()[:2]
             # make_server's server_class is pynetdicom's hook for custom servers; what start_server does after it
             # (serve on a daemon thread, register the server with its AE, which shutdown() expects) is done here.
-            server = self._ae.make_server(address, evt_handlers=handlers, server_class=_ReusePortServer)
+            server = self._ae.make_server((self.host, port), evt_handlers=handlers, server_class=_SharedSocketServer,
+                                          listening_socket=self._listening_socket)
             threading.Thread(target=server.serve_forever, name="AcceptorServer", daemon=True).start()
             self._ae._servers.append(server)
             self._server = server

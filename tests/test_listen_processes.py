@@ -1,8 +1,9 @@
-"""``dicom-triage listen --processes N``: listener processes sharing the DICOM port (SO_REUSEPORT), supervised.
+"""``dicom-triage listen --processes N``: listener processes accepting on one listening socket, supervised.
 
 A real ``listen --processes 2`` on the embedded default (SQLite): dcmtk's storescu pushes a study over several
-parallel associations and every acknowledged instance is archived with its row; a child killed with SIGKILL is
-restarted while the port keeps answering; a bad ``listen_processes`` fails at start with a clear message.
+parallel associations and every acknowledged instance is archived with its row; while one child is stopped
+(SIGSTOP) the other takes every association; a child killed with SIGKILL is restarted while the port keeps
+answering; a bad ``listen_processes`` fails at start with a clear message.
 """
 
 from __future__ import annotations
@@ -36,9 +37,10 @@ def _push(port: int, datasets: list[Dataset], directory: Path, associations: int
         assert result.statuses == [0] * len(chunk), result.output[-3000:]
 
 
-def _echo(port: int) -> int:
-    return subprocess.run([ECHOSCU, "-aec", AE, "127.0.0.1", str(port)], capture_output=True, env=DCMTK_ENV,
-                          timeout=30).returncode
+def _echo(port: int, timeout: int = 30) -> int:
+    """echoscu's exit status; it gives up after ``timeout`` seconds without an answer (connection or ACSE)."""
+    return subprocess.run([ECHOSCU, "-to", str(timeout), "-ta", str(timeout), "-aec", AE, "127.0.0.1", str(port)],
+                          capture_output=True, env=DCMTK_ENV, timeout=timeout * 3).returncode
 
 
 def _child_pids(ready_line: str) -> list[int]:
@@ -59,8 +61,8 @@ def _recorded(data_dir: Path) -> dict[str, str]:
 
 def test_two_processes_share_the_port_restart_a_killed_child_and_lose_nothing(tmp_path: Path) -> None:
     data_dir, port = tmp_path / "data", free_port()
-    # The default limit (10) and six parallel associations: the kernel spreads them by hash, not by load, so all
-    # six can land on one process; each process takes the whole limit, so none is refused.
+    # The default limit (10) and six parallel associations: they need not land evenly, and each process takes the
+    # whole limit, so none is refused.
     env = triage_environment(tmp_path / "models")
     listen = Child(triage_command("listen", "--data-dir", str(data_dir), "--dicom-port", str(port),
                                   "--processes", "2"), env, name="listen")
@@ -74,6 +76,14 @@ def test_two_processes_share_the_port_restart_a_killed_child_and_lose_nothing(tm
         recorded = _recorded(data_dir)
         assert set(recorded) == {ds.SOPInstanceUID for ds in study}
         assert all(Path(path).is_file() for path in recorded.values())
+
+        # A stopped (hung) child takes no association: the other accepts every one at once. With SO_REUSEPORT about
+        # half of them were hashed to the stopped child and waited for it.
+        subprocess.run(["kill", "-STOP", str(pids[1])], check=True)
+        try:
+            assert [_echo(port, timeout=5) for _ in range(12)] == [0] * 12
+        finally:
+            subprocess.run(["kill", "-CONT", str(pids[1])], check=True)
 
         listen_lines = len(listen.lines)
         subprocess.run(["kill", "-9", str(pids[0])], check=True)

@@ -2,17 +2,18 @@
 the port.
 
 A :class:`Receiver` is a :class:`~dicom_io.listener.StorageListener` with its own :class:`~worker.ingest.DatabaseSink`.
-With ``listen_processes`` N > 1, a :class:`ListenerGroup` starts N child processes, each a Receiver bound with
-SO_REUSEPORT on the same address and port: the kernel hands each new association to one of them, so ingest is no
-longer bound to one core by the GIL. Each child accepts up to ``max_associations``: the kernel picks a child by a
-hash of the peer's address and port, not by load, so a divided limit refused a PACS's burst below the configured
-number whenever more than a share landed on one child; the whole group may then hold up to N x max. The parent
+With ``listen_processes`` N > 1, a :class:`ListenerGroup` binds the port itself and starts N child processes, each
+a Receiver accepting on that one listening socket, so ingest is no longer bound to one core by the GIL. A new
+association goes to a child that is free to accept it: the busy ones are slower to wake, a stopped or hung one
+takes none, and connections waiting while a child restarts stay queued on the socket. (SO_REUSEPORT, used before,
+hands each connection to one child by a hash of the peer's port: 8 associations often split 6 to 2, and those
+hashed to a stuck child waited on it.) Each child accepts up to ``max_associations``, as a single listener does, so a
+burst of up to that many is never refused for landing unevenly; the group may hold up to N x max. The parent
 (which keeps the series scheduler) restarts a child that dies; a restarted child's sink re-records what the dead
 one may have left without a row (its ``.ingest-open-<pid>`` marker names a process that is gone).
 
-Children are spawned, not forked: the parent already runs threads (scheduler, web) and holds database connections.
-A second ``dicom-triage`` with ``listen_processes`` > 1 started on the same port would share it too (SO_REUSEPORT
-does not tell them apart); a single-process listener never sets it, so it still fails with "address in use".
+Children are spawned, not forked: the parent already runs threads (scheduler, web) and holds database connections;
+the listening socket is passed to them. A second ``dicom-triage`` on the same port fails with "address in use".
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import logging
 import multiprocessing
 import os
 import signal
+import socket
 import threading
 import time
 from multiprocessing.process import BaseProcess
@@ -50,7 +52,7 @@ class Receiver:
     fsynced before each commit, and a start after an unclean end re-records any file whose row was lost.
     """
 
-    def __init__(self, settings: Settings, *, reuse_port: bool = False) -> None:
+    def __init__(self, settings: Settings, *, listening_socket: socket.socket | None = None) -> None:
         self.settings = settings
         self._database = Database(settings.effective_database_url, durable_commits=False)
         archive = Archive(settings.archive_dir, files_ahead=settings.archive_files_ahead)
@@ -64,7 +66,7 @@ class Receiver:
             max_associations=settings.max_associations,
             min_free_bytes=settings.min_free_disk_mb * 1024 * 1024,
             archive_root=settings.archive_dir,
-            reuse_port=reuse_port,
+            listening_socket=listening_socket,
         )
 
     def start(self) -> None:
@@ -85,7 +87,8 @@ class Receiver:
         self._database.dispose()
 
 
-def _child_main(settings: Settings, index: int, ready: ProcessEvent, parent: int) -> None:
+def _child_main(settings: Settings, index: int, ready: ProcessEvent, parent: int,
+                listening_socket: socket.socket) -> None:
     """A listener child: serve until SIGTERM or SIGINT (the parent, or Ctrl-C on the process group), or until the
     parent ``parent`` is gone (an orphan would keep a share of the port after a restart of the service)."""
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s %(levelname)s %(name)s[{index}]: %(message)s")
@@ -94,7 +97,7 @@ def _child_main(settings: Settings, index: int, ready: ProcessEvent, parent: int
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
-    receiver = Receiver(settings, reuse_port=True)  # each child takes the whole limit (see the module's note)
+    receiver = Receiver(settings, listening_socket=listening_socket)  # each takes the whole limit (module's note)
     try:
         receiver.start()
     except StartupError as exc:
@@ -128,6 +131,7 @@ class ListenerGroup:
         self.settings = settings
         self._context = multiprocessing.get_context("spawn")
         self._children = [_Child(index) for index in range(settings.listen_processes)]
+        self._socket: socket.socket | None = None
 
     @property
     def pids(self) -> list[int]:
@@ -136,7 +140,7 @@ class ListenerGroup:
     def _spawn(self, child: _Child) -> None:
         child.ready = self._context.Event()
         child.process = self._context.Process(
-            target=_child_main, args=(self.settings, child.index, child.ready, os.getpid()),
+            target=_child_main, args=(self.settings, child.index, child.ready, os.getpid(), self._socket),
             name=f"listener-{child.index}",
             daemon=False,
         )
@@ -145,8 +149,9 @@ class ListenerGroup:
         child.announced = False
 
     def start(self) -> None:
-        """Start every child and return once all listen; :class:`StartupError` if one exits first (the others
-        are stopped)."""
+        """Bind the port, start every child and return once all listen; :class:`StartupError` if the port cannot
+        be bound or a child exits first (the others are stopped)."""
+        self._socket = _listening_socket(self.settings.dicom_host, self.settings.dicom_port)
         for child in self._children:
             self._spawn(child)
         deadline = time.monotonic() + START_TIMEOUT_SECONDS
@@ -201,6 +206,19 @@ class ListenerGroup:
                 process.join()
         for child in self._children:
             child.process = None
+        if self._socket is not None:
+            self._socket.close()
+            self._socket = None
+
+
+def _listening_socket(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to ``host:port`` and listening, for the children to accept on."""
+    try:
+        family = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0][0]
+        # A backlog for a PACS's burst of associations while every child is busy (socketserver's default is 5).
+        return socket.create_server((host, port), family=family, backlog=socket.SOMAXCONN)
+    except OSError as exc:
+        raise StartupError(f"cannot listen for DICOM on {host}:{port}: {exc.strerror or exc}") from exc
 
 
 __all__ = ["ListenerGroup", "Receiver"]
