@@ -15,6 +15,8 @@ archived file whose row was lost (see :mod:`worker.ingest`).
 
 from __future__ import annotations
 
+import sqlite3
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -51,7 +53,7 @@ def _configure_sqlite(engine: Engine, *, durable_commits: bool, read_only: bool)
     def _on_connect(dbapi_connection: Any, _record: Any) -> None:
         dbapi_connection.isolation_level = None  # we issue BEGIN ourselves (below)
         cursor = dbapi_connection.cursor()
-        cursor.execute("PRAGMA journal_mode=WAL")
+        _use_wal(cursor)
         cursor.execute(f"PRAGMA synchronous={'FULL' if durable_commits else 'NORMAL'}")
         cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
         cursor.execute("PRAGMA foreign_keys=ON")
@@ -64,6 +66,26 @@ def _configure_sqlite(engine: Engine, *, durable_commits: bool, read_only: bool)
     @event.listens_for(engine, "begin")
     def _on_begin(connection: Any) -> None:
         connection.exec_driver_sql(begin)
+
+
+def _use_wal(cursor: Any) -> None:
+    """Put the database in WAL mode (kept in the file: only a new database needs it). The change takes an
+    exclusive lock, and SQLite answers "database is locked" at once, without the busy timeout, or leaves the mode
+    as it was, while another connection holds any lock: when several processes open a new database together
+    (``serve`` and its children), all but one retry until the timeout."""
+    deadline = time.monotonic() + SQLITE_BUSY_TIMEOUT_MS / 1000
+    while True:
+        try:
+            if str(cursor.execute("PRAGMA journal_mode=WAL").fetchone()[0]).lower() == "wal":
+                return
+            failure: Exception = sqlite3.OperationalError("the journal mode stayed as it was")
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc):
+                raise
+            failure = exc
+        if time.monotonic() > deadline:
+            raise sqlite3.OperationalError(f"cannot put the database in WAL mode: {failure}")
+        time.sleep(0.01)
 
 
 class Database:
