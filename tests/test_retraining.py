@@ -5,8 +5,9 @@ made now from ../shared/data images, the web app's JSON API for decisions and fo
 The story of issue 6: radiologists confirm and correct results; the admin starts a retraining (export + an
 external folder, one epoch of a tiny CNN), follows its progress, finds the candidate registered; the gate refuses
 it against the installed model on the reference set; a forced promotion needs a reason; the next study is
-classified by the new model (its UID in the result and in its SR) without restarting the
-worker; a fine-tune from that active model names it in its card; a rollback brings the old model back. The export holds no patient name, ID or birth date.
+classified by the new model (its UID in the result and in its SR) without restarting the worker; a fine-tune
+from that active model names it in its card; a rollback brings the old model back. The export holds no patient
+name, ID or birth date.
 """
 
 from __future__ import annotations

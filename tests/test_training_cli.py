@@ -95,7 +95,8 @@ def test_cross_validation_is_recorded_in_the_card(covid_data, tmp_path):
     (["--data", "DATA", "--arch", "threshold", "--init-from", str(SHIPPED / "brain-tumor")],
      "threshold is not trained by gradient descent"),
     (["--data", "DATA", "--arch", "study-covid-cnn", "--epochs", "1",
-      "--init-from", str(SHIPPED / "brain-tumor")], "shares no layer (same name and weight shapes) with study-covid-cnn"),
+      "--init-from", str(SHIPPED / "brain-tumor")],
+     "shares no layer (same name and weight shapes) with study-covid-cnn"),
 ])
 def test_bad_arguments_fail_with_a_clear_message(argv_tail, message, covid_data, tmp_path, capsys):
     argv = ["train", "covid-ct", "--out", str(tmp_path / "m")] + [str(covid_data) if a == "DATA" else a for a in argv_tail]

@@ -49,7 +49,8 @@ def run_train(task: Task, data_dirs: list[Path], arch: str, out_dir: Path, confi
     spec = spec or default_input_spec(arch, task)
     if init_from is not None:
         if not is_gradient_trained(arch):
-            raise ValueError(f"--init-from: {arch} is not trained by gradient descent; there are no weights to start from")
+            raise ValueError(f"--init-from: {arch} is not trained by gradient descent; it has no weights to start "
+                             "from")
         Classifier.load(init_from)  # a bad folder fails now, not after the data are read
     splits = load_and_split_sources(data_dirs, task, config.seed, config.validation_fraction)
     print(splits.images.report(), file=sys.stderr)
@@ -64,7 +65,8 @@ def run_train(task: Task, data_dirs: list[Path], arch: str, out_dir: Path, confi
         task=task.name, class_names=list(task.class_names), architecture=arch, input_spec=spec,
         training={
             "config": config.to_dict(), "weights": weights,
-            "init_from": transfer.to_dict() if transfer is not None else None, "epochs_run": len(history.get("loss", [])),
+            "init_from": transfer.to_dict() if transfer is not None else None,
+            "epochs_run": len(history.get("loss", [])),
             "history": history, "train_cpu_seconds": round(cpu_seconds, 1), "train_wall_seconds": round(wall_seconds, 1),
             "sources": [str(d) for d in data_dirs], "split": splits.describe(), "split_seed": config.seed, "skipped_files": [str(p) for p, _ in splits.images.skipped],
             "test_manifest_sha256": splits.images.subset(splits.test).manifest_sha256(),

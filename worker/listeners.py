@@ -6,7 +6,7 @@ With ``listen_processes`` N > 1, a :class:`ListenerGroup` binds the port itself 
 a Receiver accepting on that one listening socket, so ingest is no longer bound to one core by the GIL. A new
 association goes to a child that is free to accept it: the busy ones are slower to wake, a stopped or hung one
 takes none, and connections waiting while a child restarts stay queued on the socket. (SO_REUSEPORT, used before,
-hands each connection to one child by a hash of the peer's port: 8 associations often split 6 to 2, and those
+hands each connection to one child by a hash of the peer's port: 8 associations split 6 to 2 in some runs, and those
 hashed to a stuck child waited on it.) Each child accepts up to ``max_associations``, as a single listener does, so a
 burst of up to that many is never refused for landing unevenly; the group may hold up to N x max. The parent
 (which keeps the series scheduler) restarts a child that dies; a restarted child's sink re-records what the dead
@@ -90,7 +90,7 @@ class Receiver:
 def _child_main(settings: Settings, index: int, ready: ProcessEvent, parent: int,
                 listening_socket: socket.socket) -> None:
     """A listener child: serve until SIGTERM or SIGINT (the parent, or Ctrl-C on the process group), or until the
-    parent ``parent`` is gone (an orphan would keep a share of the port after a restart of the service)."""
+    parent ``parent`` is gone (an orphan would keep the shared socket open, and a restarted service could not bind)."""
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s %(levelname)s %(name)s[{index}]: %(message)s")
     for noisy in ("alembic", "pynetdicom"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
