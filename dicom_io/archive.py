@@ -4,7 +4,8 @@ Layout: ``root/<StudyInstanceUID>/<SeriesInstanceUID>/<SOPInstanceUID>.dcm``. A 
 and on disk: it is written to a file without a name (``O_TMPFILE``), fsynced (``fdatasync``: data and size), linked
 into place and the directory fsynced, so an acknowledged instance survives a crash or power loss, and a crash
 leaves no partial file or temporary name behind. Where the file system or the kernel has no ``O_TMPFILE`` (or
-``/proc`` is missing), a named temporary file in the series directory takes its place. Stores into one directory
+``/proc`` is missing: NFS, other platforms), a named temporary file in ``root/.incoming`` takes its place; one that
+a crashed process of this host left there is removed when the archive is next opened. Stores into one directory
 from several threads share directory fsyncs: one that starts after a link covers it.
 """
 
@@ -31,13 +32,51 @@ _SUFFIX = ".dcm"
 _HOST = "".join(c if c.isalnum() or c in "-_" else "_" for c in socket.gethostname())[:64]
 
 
-def temporary_path(directory: Path) -> Path:
-    """Where the calling thread writes an instance before linking it into ``directory`` under its final name.
+#: Where named temporary files are written (only without unnamed files), in the archive root.
+INCOMING = ".incoming"
+
+
+def temporary_path(root: Path) -> Path:
+    """Where the calling thread writes an instance before linking it into its series directory under its final name.
 
     No other store uses the name meanwhile: a thread stores one instance at a time, and host and pid tell listener
-    processes apart, also on an archive shared by several machines. Cheaper than mkstemp's random names.
+    processes apart, also on an archive shared by several machines. Cheaper than mkstemp's random names. One folder
+    for them all, so that those a crash left are found without walking the archive.
     """
-    return directory / f".incoming-{_HOST}-{os.getpid()}-{threading.get_ident()}.tmp"
+    return root / INCOMING / f"{_HOST}-{os.getpid()}-{threading.get_ident()}.tmp"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def remove_abandoned_temporaries(root: Path) -> list[Path]:
+    """Remove the named temporary files that processes of this host which have ended left in ``root``'s
+    :data:`INCOMING` folder (a crash between open and unlink); return them. Other hosts' files, and those of a pid
+    that runs now (possibly reused), are left: removing one still being written would only fail that store."""
+    removed = []
+    try:
+        entries = list(os.scandir(root / INCOMING))
+    except FileNotFoundError:
+        return removed
+    for entry in entries:
+        parts = entry.name.removesuffix(".tmp").rsplit("-", 2)  # host (may hold "-"), pid, thread
+        if len(parts) != 3 or parts[0] != _HOST or not parts[1].isdigit() or _pid_alive(int(parts[1])):
+            continue
+        try:
+            os.unlink(entry.path)
+        except FileNotFoundError:
+            continue
+        removed.append(Path(entry.path))
+    if removed:
+        LOGGER.warning("removed %d temporary file(s) that ended processes left in %s", len(removed), root / INCOMING)
+    return removed
 
 
 def _create_exclusive(path: Path) -> int:
@@ -235,6 +274,7 @@ class Archive:
         # None without O_TMPFILE (a platform other than Linux), or once the file system turned out to have no
         # unnamed files: named temporary files from then on.
         self._unnamed = _UnnamedFiles(self.root, files_ahead) if hasattr(os, "O_TMPFILE") else None
+        remove_abandoned_temporaries(self.root)
 
     def close(self) -> None:
         """Release the files made ahead; later stores still work, making each file when needed."""
@@ -337,13 +377,13 @@ class Archive:
             unnamed.close()
 
     def _store_named(self, target: Path, ds: Dataset, encoded: bytes | None) -> tuple[int, bool]:
-        """Store through a named temporary file in the series directory: (size, duplicate)."""
+        """Store through a named temporary file in :data:`INCOMING`: (size, duplicate)."""
         # No exists() check first: a repeat (rare) is found by link() below, and a stat per instance is not free.
-        temp = temporary_path(target.parent)
+        temp = temporary_path(self.root)
         try:
             fd = _create_exclusive(temp)
-        except FileNotFoundError:  # the series' first instance
-            self._make_directories(target.parent)
+        except FileNotFoundError:  # the first named store into this archive
+            temp.parent.mkdir(exist_ok=True)
             fd = _create_exclusive(temp)
         try:
             try:
@@ -355,6 +395,12 @@ class Archive:
                 os.link(temp, target)
             except FileExistsError:
                 return target.stat().st_size, True
+            except FileNotFoundError:  # the series' first instance
+                self._make_directories(target.parent)
+                try:
+                    os.link(temp, target)
+                except FileExistsError:
+                    return target.stat().st_size, True
         finally:
             os.unlink(temp)
         self._directory_sync(target.parent).sync(target.parent)

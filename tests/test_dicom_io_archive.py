@@ -20,7 +20,7 @@ from pydicom.uid import JPEGLSLossless, generate_uid
 
 from dicom_factory import brain_images
 from dicom_io import synthesis
-from dicom_io.archive import Archive, temporary_path
+from dicom_io.archive import INCOMING, Archive, temporary_path
 
 
 @pytest.fixture(scope="module")
@@ -163,11 +163,28 @@ def test_a_temporary_name_left_by_a_crash_after_link_does_not_empty_the_archived
     archive = _named(Archive(tmp_path))
     first = archive.store(mr[0])
     content = first.path.read_bytes()
-    os.link(first.path, temporary_path(first.path.parent))
+    os.link(first.path, temporary_path(tmp_path))
     second = archive.store(mr[1])  # same series directory, same thread
     assert first.path.read_bytes() == content
     assert dcmread(second.path).SOPInstanceUID == mr[1].SOPInstanceUID
     assert _leftovers(tmp_path) == []
+
+
+def test_temporaries_that_ended_processes_of_this_host_left_are_removed_at_open(
+    tmp_path: Path, mr: list[Dataset]
+) -> None:
+    archive = _named(Archive(tmp_path))
+    kept = archive.store(mr[0])  # a store in progress, from this (live) process
+    host = temporary_path(tmp_path).name.rsplit("-", 2)[0]
+    gone = 2**22 + 1  # above the kernel's largest pid: no such process
+    abandoned = tmp_path / INCOMING / f"{host}-{gone}-7.tmp"
+    os.link(kept.path, abandoned)  # as a crash between link() and unlink() leaves it
+    others = [tmp_path / INCOMING / f"{host}-{os.getpid()}-7.tmp", tmp_path / INCOMING / f"elsewhere-{gone}-7.tmp"]
+    for path in others:
+        path.write_bytes(b"being written")
+    Archive(tmp_path)
+    assert not abandoned.exists() and all(path.exists() for path in others)
+    assert dcmread(kept.path).SOPInstanceUID == mr[0].SOPInstanceUID  # the archived name is untouched
 
 
 def test_files_made_ahead_are_not_shared_with_a_forked_child(tmp_path: Path, mr: list[Dataset]) -> None:
