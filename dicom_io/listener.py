@@ -156,8 +156,8 @@ def _status(code: int, comment: str) -> Dataset:
 class _SharedSocketServer(ThreadedAssociationServer):
     """pynetdicom's threaded server accepting on a listening socket it is given, which other processes (listeners
     started by one supervisor) accept on too: whichever is free takes the next connection. SO_REUSEPORT instead
-    hands each connection to one process by a hash of the peer's port, regardless of load, so 8 associations often
-    landed 6 to 2 (and those hashed to a stopped process waited on it)."""
+    hands each connection to one process by a hash of the peer's port, regardless of load, so 8 associations landed
+    6 to 2 in some runs (and those hashed to a stopped process waited on it)."""
 
     def __init__(self, *args: Any, listening_socket: socket.socket, **kwargs: Any) -> None:
         self._listening_socket = listening_socket
