@@ -77,17 +77,16 @@ def test_unreadable_config_files(tmp_path: Path) -> None:
         load_settings(broken, env={})
 
 
-def test_archive_files_ahead_default_environment_and_bounds(tmp_path: Path) -> None:
-    assert load_settings(env={}, data_dir=tmp_path).archive_files_ahead == 4
-    assert load_settings(env={"DICOM_TRIAGE_ARCHIVE_FILES_AHEAD": "0"}, data_dir=tmp_path).archive_files_ahead == 0
-    for bad in ("-1", "65", "four"):
-        with pytest.raises(ConfigError, match=r"archive_files_ahead \[from DICOM_TRIAGE_ARCHIVE_FILES_AHEAD\]"):
-            load_settings(env={"DICOM_TRIAGE_ARCHIVE_FILES_AHEAD": bad}, data_dir=tmp_path)
-
-
-def test_listen_processes_default_environment_and_bounds(tmp_path: Path) -> None:
-    assert load_settings(env={}, data_dir=tmp_path).listen_processes == 1
-    assert load_settings(env={"DICOM_TRIAGE_LISTEN_PROCESSES": "4"}, data_dir=tmp_path).listen_processes == 4
-    for bad in ("0", "-1", "two"):
-        with pytest.raises(ConfigError, match=r"listen_processes \[from DICOM_TRIAGE_LISTEN_PROCESSES\]"):
-            load_settings(env={"DICOM_TRIAGE_LISTEN_PROCESSES": bad}, data_dir=tmp_path)
+@pytest.mark.parametrize("name,default,good,bad", [
+    ("archive_files_ahead", 4, 0, ("-1", "65", "four")),
+    ("listen_processes", 1, 4, ("0", "-1", "two")),
+])
+def test_integer_setting_default_environment_and_bounds(
+    name: str, default: int, good: int, bad: tuple[str, ...], tmp_path: Path
+) -> None:
+    variable = f"DICOM_TRIAGE_{name.upper()}"
+    assert getattr(load_settings(env={}, data_dir=tmp_path), name) == default
+    assert getattr(load_settings(env={variable: str(good)}, data_dir=tmp_path), name) == good
+    for value in bad:
+        with pytest.raises(ConfigError, match=rf"{name} \[from {variable}\]"):
+            load_settings(env={variable: value}, data_dir=tmp_path)
