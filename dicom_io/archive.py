@@ -379,32 +379,30 @@ class Archive:
     def _store_named(self, target: Path, ds: Dataset, encoded: bytes | None) -> tuple[int, bool]:
         """Store through a named temporary file in :data:`INCOMING`: (size, duplicate)."""
         # No exists() check first: a repeat (rare) is found by link() below, and a stat per instance is not free.
-        temp = temporary_path(self.root)
+        directory_fd = self._open_directory(target.parent)
         try:
-            fd = _create_exclusive(temp)
-        except FileNotFoundError:  # the first named store into this archive
-            temp.parent.mkdir(exist_ok=True)
-            fd = _create_exclusive(temp)
-        try:
+            temp = temporary_path(self.root)
             try:
-                size = _write_all(fd, ds, encoded)
-            finally:
-                os.close(fd)
+                fd = _create_exclusive(temp)
+            except FileNotFoundError:  # the first named store into this archive
+                temp.parent.mkdir(exist_ok=True)
+                fd = _create_exclusive(temp)
             try:
-                # link() never replaces: when two associations race on one SOP Instance UID, the first wins.
-                os.link(temp, target)
-            except FileExistsError:
-                return target.stat().st_size, True
-            except FileNotFoundError:  # the series' first instance
-                self._make_directories(target.parent)
                 try:
+                    size = _write_all(fd, ds, encoded)
+                finally:
+                    os.close(fd)
+                try:
+                    # link() never replaces: when two associations race on one SOP Instance UID, the first wins.
                     os.link(temp, target)
                 except FileExistsError:
                     return target.stat().st_size, True
+            finally:
+                os.unlink(temp)
+            self._directory_sync(target.parent).sync(target.parent, directory_fd)
+            return size, False
         finally:
-            os.unlink(temp)
-        self._directory_sync(target.parent).sync(target.parent)
-        return size, False
+            os.close(directory_fd)
 
     def _directory_sync(self, directory: Path) -> _DirectorySync:
         with self._syncs_lock:
