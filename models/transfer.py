@@ -9,7 +9,6 @@ layers whose shapes depend on it as initialised.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from models.inference import Classifier
@@ -40,14 +39,12 @@ class WeightTransfer:
                 f"{len(self.copied)} layers copied; as initialised: {fresh}")
 
 
-def copy_matching_weights(model: Any, source_dir: Path | str) -> WeightTransfer:
-    """Copy into ``model`` (a Keras model, in place) the weights of every same-named, same-shaped layer of the
-    model saved in ``source_dir`` (a folder with ``model.keras`` and ``card.json``).
+def copy_matching_weights(model: Any, source: Classifier) -> WeightTransfer:
+    """Copy into ``model`` (a Keras model, in place) the weights of every same-named, same-shaped layer of
+    ``source`` (:meth:`Classifier.load` of a model folder, which refuses a folder that holds no valid model).
 
-    Raises ``FileNotFoundError`` or ``ValueError`` (from :meth:`Classifier.load`) for a folder that holds no valid
-    model, and ``ValueError`` when not one layer with weights matches: nothing would be transferred.
+    Raises ``ValueError`` when not one layer with weights matches: nothing would be transferred.
     """
-    source = Classifier.load(source_dir)
     source_layers = {layer.name: layer for layer in source.model.layers}
     copied: list[str] = []
     fresh: list[str] = []
@@ -63,9 +60,9 @@ def copy_matching_weights(model: Any, source_dir: Path | str) -> WeightTransfer:
         else:
             fresh.append(layer.name)
     if not copied:
-        raise ValueError(f"{source_dir}: its {source.card.architecture} model shares no layer (same name and weight "
+        raise ValueError(f"{source.model_dir}: its {source.card.architecture} model shares no layer (same name and weight "
                          f"shapes) with {model.name}; nothing to start from")
     return WeightTransfer(
-        source=str(source_dir), source_uid=source.card.uid, source_task=source.card.task,
+        source=str(source.model_dir), source_uid=source.card.uid, source_task=source.card.task,
         source_architecture=source.card.architecture, copied=copied, fresh=fresh,
     )

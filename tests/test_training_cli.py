@@ -117,7 +117,7 @@ def test_init_from_starts_from_another_tasks_model_and_says_so_in_the_card(brain
     from models.transfer import copy_matching_weights
 
     fresh = build_model("triage-cnn", COVID_CT, InputSpec(48, 48, 1))
-    transfer = copy_matching_weights(fresh, brain)
+    transfer = copy_matching_weights(fresh, source)
     assert transfer.fresh == ["probabilities"] and transfer.source_uid == source.card.uid
     for name in transfer.copied:
         for mine, theirs in zip(fresh.get_layer(name).get_weights(), source.model.get_layer(name).get_weights()):

@@ -24,7 +24,7 @@ from training.pipeline import image_dataset, prepared_array
 
 def train_one(arch: str, task: Task, spec: InputSpec, splits: Splits, train: np.ndarray, validation: np.ndarray,
               config: TrainConfig, weights: str | None, checkpoint_dir: Path | None, prefix: str = "",
-              init_from: Path | None = None) -> tuple[Any, dict[str, list[float]], WeightTransfer | None]:
+              init_from: Classifier | None = None) -> tuple[Any, dict[str, list[float]], WeightTransfer | None]:
     """Build and train one model on index sets of ``splits.images``, first taking ``init_from``'s matching layers
     when given; return (model, history, what was taken)."""
     images, labels = splits.images.images, splits.images.label_array
@@ -47,18 +47,19 @@ def train_one(arch: str, task: Task, spec: InputSpec, splits: Splits, train: np.
 def run_train(task: Task, data_dirs: list[Path], arch: str, out_dir: Path, config: TrainConfig,
               spec: InputSpec | None, weights: str | None, cv_folds: int, init_from: Path | None = None) -> int:
     spec = spec or default_input_spec(arch, task)
+    source = None
     if init_from is not None:
         if not is_gradient_trained(arch):
             raise ValueError(f"--init-from: {arch} is not trained by gradient descent; it has no weights to start "
                              "from")
-        Classifier.load(init_from)  # a bad folder fails now, not after the data are read
+        source = Classifier.load(init_from)  # once, and before the data are read: a bad folder fails now
     splits = load_and_split_sources(data_dirs, task, config.seed, config.validation_fraction)
     print(splits.images.report(), file=sys.stderr)
     print(splits.describe(), file=sys.stderr)
     out_dir.mkdir(parents=True, exist_ok=True)
     started = time.process_time(), time.time()
     model, history, transfer = train_one(arch, task, spec, splits, splits.train, splits.validation, config, weights,
-                                         out_dir / "checkpoints", init_from=init_from)
+                                         out_dir / "checkpoints", init_from=source)
     cpu_seconds, wall_seconds = time.process_time() - started[0], time.time() - started[1]
     model.save(out_dir / MODEL_FILE)
     card = ModelCard(
@@ -81,7 +82,7 @@ def run_train(task: Task, data_dirs: list[Path], arch: str, out_dir: Path, confi
         print(format_metrics(name, metrics))
     card.metrics.update({name: {k: v for k, v in m.items() if k != "class_names"} for name, m in results.items()})
     if cv_folds:
-        card.metrics[f"cv{cv_folds}"] = cross_validate(arch, task, spec, splits, config, weights, cv_folds, init_from)
+        card.metrics[f"cv{cv_folds}"] = cross_validate(arch, task, spec, splits, config, weights, cv_folds, source)
     card.save(out_dir / CARD_FILE)
     write_figures(results, card, out_dir)
     print(f"saved {out_dir / MODEL_FILE} and {out_dir / CARD_FILE} (uid {card.uid})", file=sys.stderr)
@@ -89,7 +90,7 @@ def run_train(task: Task, data_dirs: list[Path], arch: str, out_dir: Path, confi
 
 
 def cross_validate(arch: str, task: Task, spec: InputSpec, splits: Splits, config: TrainConfig, weights: str | None,
-                   folds: int, init_from: Path | None = None) -> dict[str, Any]:
+                   folds: int, init_from: Classifier | None = None) -> dict[str, Any]:
     """Group-aware k-fold cross-validation over every image (each fold starting from ``init_from`` when given);
     mean and standard deviation of fold accuracy."""
     labels = splits.images.label_array
