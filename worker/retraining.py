@@ -37,7 +37,7 @@ from training.cli import ARCHITECTURE_NAMES
 from worker.db import Database, utcnow
 from worker.db.registry import RunState, TrainingRun
 from worker.export import ExportError, export_dataset
-from worker.registry import RegistryError, active_model, reference_metrics, register_model
+from worker.registry import RegistryError, active_model, active_model_dirs, reference_metrics, register_model
 from worker.registry.gate import ReferenceSetError
 from worker.workers import other_process_alive
 
@@ -192,13 +192,9 @@ def _run(settings: Settings, database: Database, run: TrainingRun) -> None:
     missing = [str(p) for p in external if not p.is_dir()]
     if missing:
         raise ExportError(f"external training folder(s) missing: {', '.join(missing)}")
-    init_from = None
-    if options.start_from_active:
-        with database.session() as session:
-            parent = active_model(session, task.name)
-            if parent is None:
-                raise RegistryError(f"no active {task.name} model to start from")
-            init_from = Path(parent.model_dir)
+    init_from = active_model_dirs(database)(task.name) if options.start_from_active else None
+    if options.start_from_active and init_from is None:
+        raise RegistryError(f"no active {task.name} model to start from")
     exported = export_dataset(database, settings, task, folder / "data", confirmed_only=options.confirmed_only,
                               since=date.fromisoformat(options.since) if options.since else None)
     if exported.images == 0 and not external:

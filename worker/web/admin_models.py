@@ -116,6 +116,11 @@ def _figures(model_dir: Path) -> list[str]:
     return sorted(p.name for p in model_dir.glob("*.png") if _FIGURE_NAME.match(p.name))
 
 
+def _flag(fields: dict[str, Any], name: str, default: str) -> bool:
+    """A form or JSON yes/no field: false for 0, false or empty."""
+    return str(fields.get(name, default)) not in ("0", "false", "False", "")
+
+
 def _options(fields: dict[str, Any]) -> RetrainOptions:
     try:
         return RetrainOptions(
@@ -123,9 +128,9 @@ def _options(fields: dict[str, Any]) -> RetrainOptions:
             architecture=str(fields.get("architecture") or "triage-cnn"),
             input_size=str(fields["input_size"]) if fields.get("input_size") else None,
             batch_size=int(fields.get("batch_size") or 32),
-            confirmed_only=str(fields.get("confirmed_only", "1")) not in ("0", "false", "False", ""),
+            confirmed_only=_flag(fields, "confirmed_only", "1"),
             since=str(fields["since"]) if fields.get("since") else None,
-            start_from_active=str(fields.get("start_from_active", "0")) not in ("0", "false", "False", ""),
+            start_from_active=_flag(fields, "start_from_active", "0"),
         )
     except (TypeError, ValueError) as exc:
         raise HTTPException(422, f"bad retraining options: {exc}") from None
