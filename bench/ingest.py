@@ -282,7 +282,7 @@ def _in_namespace(kind: str, concurrency: int, list_file: Path, work: Path, proc
 def _count_instances(url: str) -> int:
     from sqlalchemy import create_engine, text
 
-    engine = create_engine(url.replace("postgresql://", "postgresql+psycopg://", 1))
+    engine = create_engine(url)  # _fresh_database's URL names the driver already
     try:
         with engine.connect() as connection:
             return int(connection.execute(text("SELECT count(*) FROM instances")).scalar_one())

@@ -58,7 +58,8 @@ from dicom_io.archive import Archive
 from dicom_io.listener import StorageListener
 from dicom_io.network import TCP_NODELAY_HANDLER
 from dicom_io.scu import AssociationError, echo, send_datasets
-from processes import ROOT, Child, NetworkNamespace, wait_for
+from processes import ROOT, NetworkNamespace
+from test_sr_delivery import start_storescp
 
 #: storescu's option that proposes each transfer syntax (JPEG Lossless Process 14 non-SV1 has none: pynetdicom).
 STORESCU_PROPOSAL = {
@@ -170,17 +171,17 @@ def test_a_rejection_is_reported_as_one_every_time(tmp_path: Path) -> None:
     # dcmtk's storescp answers A-ASSOCIATE-RJ and closes at once: pynetdicom's reactor may close its socket before
     # the requesting thread looks (about one association in five here), and the reason must survive that race.
     netns = NetworkNamespace()
-    refusing = Child(["/usr/bin/storescp", "--refuse", "-od", str(tmp_path), "11300"], netns=netns)
+    refusing = None
     try:
-        wait_for(lambda: netns.run(["sh", "-c", "ss -ltn | grep -q ':11300 '"]).returncode == 0, 20,
-                 "storescp to listen", refusing)
+        refusing = start_storescp(netns, 11300, tmp_path, "--refuse", ae_title="REFUSE")
         run = netns.run([sys.executable, "-c", _ECHO_EVERY_TIME, "11300", "60"], cwd=ROOT)
         assert run.returncode == 0, run.stderr[-2000:]
         assert run.stdout.splitlines() == [
             "60 REFUSE@127.0.0.1:11300: association rejected (Rejected Permanent, Service User: No reason given)"
         ]
     finally:
-        refusing.stop()
+        if refusing is not None:
+            refusing.stop()
         netns.close()
 
 
