@@ -27,6 +27,7 @@ from pynetdicom.sop_class import Verification
 from pynetdicom.transport import ThreadedAssociationServer
 
 from dicom_io.network import TCP_NODELAY_HANDLER
+from dicom_io.reactor import EventDrivenRequestHandler
 from dicom_io.reading import read_received
 from dicom_io.validation import STATUS_CANNOT_UNDERSTAND, InvalidInstance, validate_instance
 
@@ -256,18 +257,21 @@ class StorageListener:
             (evt.EVT_ABORTED, self._on_aborted),
         ]
         self._stopped.clear()
+        # make_server's server_class and request_handler are pynetdicom's hooks for custom servers and associations;
+        # what start_server does after it (serve on a daemon thread, register the server with its AE, which
+        # shutdown() expects) is done here.
         if self._listening_socket is None:
-            address = (self.host, self._requested_port)
-            self._server = self._ae.start_server(address, block=False, evt_handlers=handlers)
+            server = self._ae.make_server((self.host, self._requested_port), evt_handlers=handlers,
+                                          server_class=ThreadedAssociationServer,
+                                          request_handler=EventDrivenRequestHandler)
         else:
             self.host, port = self._listening_socket.getsockname()[:2]
-            # make_server's server_class is pynetdicom's hook for custom servers; what start_server does after it
-            # (serve on a daemon thread, register the server with its AE, which shutdown() expects) is done here.
             server = self._ae.make_server((self.host, port), evt_handlers=handlers, server_class=_SharedSocketServer,
+                                          request_handler=EventDrivenRequestHandler,
                                           listening_socket=self._listening_socket)
-            threading.Thread(target=server.serve_forever, name="AcceptorServer", daemon=True).start()
-            self._ae._servers.append(server)
-            self._server = server
+        threading.Thread(target=server.serve_forever, name="AcceptorServer", daemon=True).start()
+        self._ae._servers.append(server)
+        self._server = server
         LOGGER.info("listening as %s on %s:%d", self.ae_title, self.host, self.port)
 
     def stop(self) -> None:
