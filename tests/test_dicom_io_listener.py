@@ -399,6 +399,30 @@ def test_more_than_max_associations_are_rejected_then_served(tmp_path: Path) -> 
     assert "more than 2 concurrent associations" in sink.rejections[0].reason
 
 
+def test_connections_cut_without_release_or_abort_free_their_slots(tmp_path: Path) -> None:
+    """A sender that vanishes (crash, cable) sends no A-ABORT: the closed socket alone must end its association."""
+    ae = AE(ae_title="VANISHER")
+    ae.add_requested_context("1.2.840.10008.1.1")
+    with running_listener(tmp_path, max_associations=2) as (listener, sink):
+        for assoc in [ae.associate("127.0.0.1", listener.port, ae_title=LISTENER_AE) for _ in range(2)]:
+            assert assoc.is_established
+            assoc.dul.socket.socket.shutdown(socket.SHUT_RDWR)  # the TCP connection ends, nothing more is said
+            assoc.dul.socket.close()
+        deadline = time.monotonic() + 5  # not the 120 s network timeout
+        while True:
+            held = [ae.associate("127.0.0.1", listener.port, ae_title=LISTENER_AE) for _ in range(2)]
+            if all(a.is_established for a in held) or time.monotonic() > deadline:
+                break
+            for assoc in held:
+                if assoc.is_established:
+                    assoc.abort()
+            time.sleep(0.1)
+        assert all(a.is_established for a in held)
+        for assoc in held:
+            assoc.release()
+        _assert_still_serving(listener)
+
+
 def test_free_disk_below_watermark_answers_out_of_resources(tmp_path: Path, mr: list[Dataset]) -> None:
     files = write_files([mr[0]], tmp_path / "out")
     free = Archive(tmp_path / "archive").free_bytes()

@@ -20,7 +20,7 @@ from pynetdicom.dul import DULServiceProvider
 from pynetdicom.sop_class import Verification
 from pynetdicom.transport import RequestHandler
 
-from tests.processes import Child, free_port, serve_ready, triage_command, triage_environment
+from processes import Child, free_port, serve_ready, triage_command, triage_environment
 
 AE_TITLE = "DICOM_TRIAGE"
 IDLE_ASSOCIATIONS = 8
