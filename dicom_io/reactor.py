@@ -12,14 +12,14 @@ poll on its way in and out. Here the two threads wait for what they serve instea
 * :class:`EventDrivenAssociation` waits on that event.
 
 Both still wake every :data:`POLL_SECONDS` for the timers (ARTIM, network timeout) and anything nothing signals.
-The loops are pynetdicom 3.0.4's own with only the waits changed (``tests/test_dicom_io_reactor.py`` fails when
-pynetdicom's change, so that these are re-checked against them). :class:`EventDrivenRequestHandler` is the
-``request_handler`` an ``AssociationServer`` takes (``AE.make_server(..., request_handler=...)``).
+The loops are pynetdicom 3.0.4's own with only the waits changed, and log to pynetdicom's loggers as those do;
+``tests/test_dicom_io_reactor.py`` fails when pynetdicom's change, so that these are checked against them again.
+:class:`EventDrivenRequestHandler` is the ``request_handler`` an ``AssociationServer`` takes
+(``AE.make_server(..., request_handler=...)``).
 """
 
 from __future__ import annotations
 
-import logging
 import queue
 import select
 import socket
@@ -30,16 +30,16 @@ from datetime import datetime
 from typing import Any, cast
 
 from pynetdicom import evt
+from pynetdicom.association import LOGGER as ASSOCIATION_LOGGER
 from pynetdicom.association import Association
+from pynetdicom.dul import LOGGER as DUL_LOGGER
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.pdu import A_ABORT_RQ
 from pynetdicom.pdu_primitives import A_ABORT, A_ASSOCIATE, A_P_ABORT, A_RELEASE, P_DATA
 from pynetdicom.transport import AssociationSocket, RequestHandler
 
-LOGGER = logging.getLogger(__name__)
-
-#: How often an idle thread wakes anyway: the timers' granularity (pynetdicom's own is seconds), and the longest a
-#: change nothing signals (e.g. a socket closed under an SSL layer) waits to be noticed.
+#: How often an idle thread wakes anyway: the granularity of the timers (ARTIM, network timeout), and the longest
+#: a change that nothing signals waits to be noticed.
 POLL_SECONDS = 0.02
 
 _Primitive = A_ASSOCIATE | A_RELEASE | A_ABORT | A_P_ABORT | P_DATA
@@ -126,8 +126,8 @@ class EventDrivenDUL(DULServiceProvider):
                 elif self._is_transport_event():
                     self._idle_timer.restart()
             except Exception as exc:
-                LOGGER.error("Exception in DUL.run(), aborting association")
-                LOGGER.exception(exc)
+                DUL_LOGGER.error("Exception in DUL.run(), aborting association")
+                DUL_LOGGER.exception(exc)
                 # Bypass the state machine, which an exception here leaves in an unknown state.
                 abort_pdu = A_ABORT_RQ()
                 abort_pdu.source = 0x02
@@ -182,7 +182,7 @@ class EventDrivenAssociation(Association):
 
             if self.is_established and self.acse.is_release_requested():
                 self.acse.send_release(is_response=True)
-                LOGGER.info("Association Released")
+                ASSOCIATION_LOGGER.info("Association Released")
                 self.is_released = True
                 self.is_established = False
                 evt.trigger(self, evt.EVT_RELEASED, {})
@@ -193,7 +193,7 @@ class EventDrivenAssociation(Association):
                 log_msg = "Association Aborted"
                 if self.acse.is_aborted("a-p-abort"):
                     log_msg += " (A-P-ABORT)"
-                LOGGER.info(log_msg)
+                ASSOCIATION_LOGGER.info(log_msg)
                 # Ensure that EVT_ACSE_RECV fires for subscribers
                 self.dul.receive_pdu(wait=False)
                 self.is_aborted = True
@@ -207,7 +207,7 @@ class EventDrivenAssociation(Association):
                 return
 
             if self.dul.idle_timer_expired():
-                LOGGER.error("Network timeout reached")
+                ASSOCIATION_LOGGER.error("Network timeout reached")
                 if self.network_timeout_response == "A-RELEASE":
                     self._is_paused = True
                     self._reactor_checkpoint.wait()

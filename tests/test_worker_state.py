@@ -11,7 +11,7 @@ import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from pydicom import Dataset
-from sqlalchemy import func, select, update
+from sqlalchemy import func, select, text, update
 
 from config import RoutingRule, load_settings
 from dicom_factory import brain_images, ct_images
@@ -336,3 +336,27 @@ def test_a_bad_row_fails_alone_in_a_group_commit(database: Database, sink: Datab
     with database.session() as session:
         recorded = set(session.scalars(select(Instance.sop_instance_uid)))
     assert recorded == {ds.SOPInstanceUID for ds in series} - {bad}
+
+
+def test_ingest_goes_on_after_its_database_connection_is_lost(
+    postgres_database: Database, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The sink keeps one connection between commits; a server restart or an idle timeout ends it. The store that
+    # finds it gone must still be recorded and succeed, on a new connection, and so must the next.
+    sink = DatabaseSink(Archive(tmp_path / "archive"), postgres_database)
+    series = _brain(3)
+    assert sink.accept(series[0], "PACS") == 0
+    with postgres_database.engine.connect() as admin:
+        ended = admin.execute(
+            text("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                 "WHERE datname = current_database() AND pid <> pg_backend_pid()")
+        ).scalar_one()
+    assert ended >= 1  # the sink's own connection among them
+    with caplog.at_level("WARNING", logger="worker.ingest"):
+        assert sink.accept(series[1], "PACS") == 0
+    assert "connection was lost" in caplog.text
+    assert sink.accept(series[2], "PACS") == 0
+    sink.close()
+    with postgres_database.session() as session:
+        recorded = set(session.scalars(select(Instance.sop_instance_uid)))
+    assert recorded == {ds.SOPInstanceUID for ds in series}

@@ -22,7 +22,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -211,6 +211,7 @@ class DatabaseSink:
         # committed, so a durable point cannot be later than the earliest of these.
         self._in_flight: dict[int, float] = {}
         self._marker: Path | None = None  # ours, while open with relaxed commits
+        self._connection: Any = None  # see _cursor
         self._durable_at = time.monotonic()
 
     @property
@@ -244,16 +245,19 @@ class DatabaseSink:
 
     def close(self, timeout: float = 10.0) -> None:
         """Call after the listener stopped: let the stores still running finish (at most ``timeout`` s), make every
-        commit durable and remove this process's marker (kept if a store is still running then)."""
+        commit durable, remove this process's marker and give the sink's connection back (both kept if a store is
+        still running then)."""
+        deadline = time.monotonic() + timeout
+        while self._in_flight and time.monotonic() < deadline:  # aborted associations' last commits
+            time.sleep(0.01)
         if self._marker is not None:
-            deadline = time.monotonic() + timeout
-            while self._in_flight and time.monotonic() < deadline:  # aborted associations' last commits
-                time.sleep(0.01)
             self._sync_database()
-            if self._in_flight:
-                LOGGER.warning("ingest closed with %d store(s) still running; a restart re-checks them",
-                               len(self._in_flight))
-                return
+        if self._in_flight:
+            LOGGER.warning("ingest closed with %d store(s) still running%s", len(self._in_flight),
+                           "; a restart re-checks them" if self._marker is not None else "")
+            return
+        self._release_connection()
+        if self._marker is not None:
             self._marker.unlink(missing_ok=True)
             self._marker = None
 
@@ -403,26 +407,58 @@ class DatabaseSink:
     @contextmanager
     def _cursor(self) -> Iterator[Any]:
         """A DBAPI cursor in one transaction (``BEGIN IMMEDIATE`` on SQLite, as the engine's own), committed on
-        leaving the block and rolled back on an exception; the connection comes from and goes back to the pool."""
-        connection = self.database.engine.raw_connection()
+        leaving the block and rolled back on an exception.
+
+        The connection is the sink's own, kept between commits (only the current leader uses it): a checkout from
+        the pool for each commit cost a round trip more on PostgreSQL (the pool's pre-ping) and the pool's own
+        work. A connection found lost (server restarted, idle timeout) is invalidated and :attr:`_connection`
+        left None, so that the next transaction takes a new one.
+        """
+        if self._connection is None:
+            self._connection = self.database.engine.raw_connection()
+        connection = self._connection
+        cursor = connection.cursor()
         try:
-            cursor = connection.cursor()
-            try:
-                if self.database.is_sqlite:  # the engine's connections are in autocommit mode: we begin ourselves
-                    cursor.execute("BEGIN IMMEDIATE")
-                yield cursor
-                connection.commit()
-            except BaseException:
-                connection.rollback()
-                raise
-            finally:
-                cursor.close()
+            if self.database.is_sqlite:  # the engine's connections are in autocommit mode: we begin ourselves
+                cursor.execute("BEGIN IMMEDIATE")
+            yield cursor
+            connection.commit()
+        except BaseException as exc:
+            dialect = self.database.engine.dialect
+            lost = isinstance(exc, dialect.loaded_dbapi.Error) and dialect.is_disconnect(
+                exc, connection.dbapi_connection, cursor
+            )
+            if not lost:
+                try:
+                    connection.rollback()
+                except Exception:  # a connection that cannot roll back is as good as lost
+                    lost = True
+            if lost:
+                connection.invalidate(exc)
+                self._connection = None
+            raise
         finally:
-            connection.close()
+            with suppress(Exception):  # a lost connection's cursor may fail to close; it is gone with it
+                cursor.close()
+
+    def _release_connection(self) -> None:
+        if self._connection is not None:
+            self._connection.close()  # back to the pool
+            self._connection = None
 
     def _transaction(self, batch: list[_PendingRow], isolate: bool) -> dict[str, tuple[int, frozenset[str]]]:
         """Record ``batch`` in one transaction, the rows of each series together; with ``isolate``, each row in its
-        own savepoint, and a failing row sets its ``error`` and is skipped."""
+        own savepoint, and a failing row sets its ``error`` and is skipped. A batch whose connection was found lost
+        is written once more on a new one (rows a lost commit did record are then repeats, which change nothing)."""
+        try:
+            return self._record_batch(batch, isolate)
+        except Exception:
+            if isolate or self._connection is not None:  # not a lost connection (or rows' errors already set)
+                raise
+            LOGGER.warning("the database connection was lost; writing %d instance row(s) again", len(batch))
+            return self._record_batch(batch, isolate)
+
+    def _record_batch(self, batch: list[_PendingRow], isolate: bool) -> dict[str, tuple[int, frozenset[str]]]:
         recorded: dict[str, tuple[int, frozenset[str]]] = {}
         groups: dict[str, list[_PendingRow]] = {}
         for row in batch:
