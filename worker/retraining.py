@@ -213,11 +213,12 @@ def _run(settings: Settings, database: Database, run: TrainingRun) -> None:
         "external": [str(p) for p in external],
         "dataset_manifest_sha256": card.dataset_manifest_sha256,
     }
+    # A fine-tune's parent is the model it started from, which an admin may have replaced as active meanwhile.
+    started_from = (card.training.get("init_from") or {}).get("source_uid")
     with database.session() as session:
         parent = active_model(session, task.name)
-        register_model(session, model_dir, actor=run.requested_by, data_manifest=manifest,
-                       parent_uid=parent.model_uid if parent else None)
-        parent_uid = parent.model_uid if parent else None
+        parent_uid = started_from or (parent.model_uid if parent else None)
+        register_model(session, model_dir, actor=run.requested_by, data_manifest=manifest, parent_uid=parent_uid)
     _update(database, run.id, model_uid=card.uid, phase="evaluating on the reference set")
     for uid in filter(None, (card.uid, parent_uid)):
         try:
