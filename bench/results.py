@@ -26,7 +26,7 @@ from models.inference import Classifier, default_model_dir
 from models.preprocessing import prepare_batch
 from models.tasks import BRAIN_TUMOR, COVID_CT, get_task
 from training.evaluate import run_evaluate
-from training.fit import TrainConfig, compile_for_training, one_hot
+from training.fit import TrainConfig, build_trainable, compile_for_training, one_hot
 from worker.cli import main as cli_main
 
 DATA_FOLDERS = {"brain-tumor": "brain-tumor-mri", "covid-ct": "covid-ct"}
@@ -79,7 +79,7 @@ def training_epoch_cost(task: str, train_images: int, steps: int = 6) -> dict[st
     card = ModelCard.load(default_model_dir(task))
     spec = card.input_spec
     config = TrainConfig(**{k: v for k, v in card.training["config"].items() if k != "augmentation"})
-    model = build_model(card.architecture, get_task(task), spec)
+    model, _ = build_trainable(lambda: build_model(card.architecture, get_task(task), spec), config)
     steps_per_epoch = int(np.ceil(train_images / config.batch_size))
     trainable = compile_for_training(model, config, steps_per_epoch)
     rng = np.random.default_rng(0)

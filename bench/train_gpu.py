@@ -28,7 +28,7 @@ from models.architectures import build_model
 from models.card import MODEL_FILE, ModelCard
 from models.preprocessing import InputSpec
 from models.tasks import get_task
-from training.fit import LR_SCHEDULES, TrainConfig, fit, one_hot
+from training.fit import LR_SCHEDULES, PRECISIONS, TrainConfig, build_trainable, fit, one_hot
 from training.metrics import classification_metrics
 
 EVALUATION_SPLITS = {"test": "testing", "test_dedup": "testing_dedup"}
@@ -94,10 +94,11 @@ def run_job(name: str, spec_text: str, data_dir: Path, out: Path, config: TrainC
     started = time.time()
 
     def train(train_idx: np.ndarray, val_idx: np.ndarray, prefix: str, seconds: float | None):
-        model = build_model(arch, task, spec, dropout=config.dropout, batch_norm=config.batch_norm)
+        model, trained_model = build_trainable(
+            lambda: build_model(arch, task, spec, dropout=config.dropout, batch_norm=config.batch_norm), config)
         history = fit(model, (x[train_idx], y[train_idx]), (x[val_idx], y[val_idx]), labels[train_idx], config,
                       None, prefix, max_seconds=seconds)
-        return model, history
+        return trained_model(), history
 
     result: dict[str, Any] = {"task": task.name, "arch": arch, "input": spec.to_dict(), "seed": config.seed,
                               "metrics": {}, "config": config.to_dict(),
@@ -163,6 +164,7 @@ def main() -> None:
     parser.add_argument("--warmup-epochs", type=int, default=3)
     parser.add_argument("--label-smoothing", type=float, default=0.0)
     parser.add_argument("--ema", type=float, default=None, metavar="MOMENTUM", help="weight EMA (training.fit)")
+    parser.add_argument("--precision", choices=PRECISIONS, default="float32", help="training.fit precision")
     parser.add_argument("--patience", type=int, default=12)
     parser.add_argument("--max-epochs", type=int, default=None, help="cap for quick checks")
     parser.add_argument("--code-version", default="unknown")
@@ -179,7 +181,7 @@ def main() -> None:
         config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.learning_rate,
                              lr_schedule=args.lr_schedule, warmup_epochs=args.warmup_epochs,
                              label_smoothing=args.label_smoothing, early_stopping_patience=args.patience,
-                             ema_momentum=args.ema)
+                             ema_momentum=args.ema, precision=args.precision)
         try:
             results[name] = run_job(name, spec_text, args.data, args.out, config, args.code_version, args.max_epochs)
         except Exception as exc:  # keep going: one failed job must not lose the others' results

@@ -280,7 +280,9 @@ def build_model(
         else:
             triage_options = {k: tuple(v) for k, v in options.items() if k in ("widths", "blocks")}
             x = _triage_cnn(x, task, 0.3 if dropout is None else dropout, batch_norm, **triage_options)
-    outputs = layers.Dense(task.num_classes, activation="softmax", name="probabilities")(x)
+    # float32 whatever the global policy: a softmax in bfloat16 rounds probabilities to 3 digits (mixed-precision
+    # training builds the model under a mixed policy; see training.fit.dtype_policy).
+    outputs = layers.Dense(task.num_classes, activation="softmax", dtype="float32", name="probabilities")(x)
     return keras.Model(inputs, outputs, name=arch)
 
 

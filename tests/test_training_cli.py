@@ -153,11 +153,12 @@ def test_cli_architecture_names_are_the_models_architectures():
     assert set(ARCHITECTURE_NAMES) == set(ARCHITECTURES)
 
 
-def test_cli_schedule_names_are_the_training_schedules():
-    from training.cli import LR_SCHEDULE_NAMES
-    from training.fit import LR_SCHEDULES
+def test_cli_schedule_and_precision_names_are_the_training_ones():
+    from training.cli import LR_SCHEDULE_NAMES, PRECISION_NAMES
+    from training.fit import LR_SCHEDULES, PRECISIONS
 
     assert LR_SCHEDULE_NAMES == LR_SCHEDULES
+    assert PRECISION_NAMES == PRECISIONS
 
 
 def test_cosine_schedule_warms_up_then_decays_to_the_floor():
@@ -204,3 +205,43 @@ def test_ema_training_keeps_and_restores_the_averaged_weights_it_validated():
     assert float(loss) == pytest.approx(min(history["val_loss"]), rel=1e-5)
     with pytest.raises(ValueError, match="EMA momentum 1.5"):
         TrainConfig(ema_momentum=1.5)
+
+
+def test_mixed_precision_builds_in_bfloat16_and_hands_over_float32_weights():
+    import numpy as np
+
+    from models.architectures import build_model
+    from models.preprocessing import InputSpec
+    from training.fit import TrainConfig, build_trainable
+
+    build = lambda: build_model("triage-cnn", COVID_CT, InputSpec(32, 32, 1))  # noqa: E731
+    model, trained_model = build_trainable(build, TrainConfig(precision="mixed_bfloat16"))
+    assert model.get_layer("stem_conv").compute_dtype == "bfloat16"
+    assert model.get_layer("probabilities").compute_dtype == "float32"  # the softmax stays float32
+    assert {w.dtype for w in model.weights} == {"float32"}  # Adam updates float32 weights
+    model.get_layer("probabilities").kernel.assign(np.full((256, 2), 0.5, np.float32))  # as if trained
+    saved = trained_model()
+    assert {layer.dtype_policy.name for layer in saved.layers} == {"float32"}
+    for a, b in zip(model.get_weights(), saved.get_weights()):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(ValueError, match="precision 'float16': choose one of float32, mixed_bfloat16"):
+        TrainConfig(precision="float16")
+
+
+def test_train_with_mixed_precision_saves_a_float32_model(covid_data, tmp_path):
+    import keras
+    import numpy as np
+
+    from models.preprocessing import prepare_batch
+    from training.data import load_image_folder
+
+    out = tmp_path / "model"
+    assert main(["train", "covid-ct", "--data", str(covid_data), "--arch", "triage-cnn", "--out", str(out),
+                 "--epochs", "2", "--batch-size", "8", "--input-size", "32x32", "--precision", "mixed_bfloat16"]) == 0
+    assert keras.config.dtype_policy().name == "float32"  # the global policy is back
+    card = ModelCard.load(out)
+    assert card.training["config"]["precision"] == "mixed_bfloat16"
+    classifier = Classifier.load(out)
+    assert {layer.dtype_policy.name for layer in classifier.model.layers} == {"float32"}
+    images = load_image_folder(covid_data, COVID_CT, progress=False).images[:4]
+    assert np.isfinite(classifier.predict_prepared(prepare_batch(images, card.input_spec))).all()

@@ -9,8 +9,9 @@ from models.tasks import TASKS
 
 # A copy of models.architectures.ARCHITECTURES (a test keeps them equal): importing that module loads Keras.
 ARCHITECTURE_NAMES = ("triage-cnn", "study-brain-cnn", "study-covid-cnn", "resnet50", "threshold")
-# Likewise a copy of training.fit.LR_SCHEDULES (training.fit imports Keras).
+# Likewise copies of training.fit.LR_SCHEDULES and PRECISIONS (training.fit imports Keras).
 LR_SCHEDULE_NAMES = ("plateau", "cosine")
+PRECISION_NAMES = ("float32", "mixed_bfloat16")
 
 
 def _train(args: Any) -> int:
@@ -44,6 +45,9 @@ def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") 
     train.add_argument("--label-smoothing", type=float, default=0.0)
     train.add_argument("--ema", type=float, default=None, metavar="MOMENTUM",
                        help="keep an exponential moving average of the weights (e.g. 0.999) and select, save by it")
+    train.add_argument("--precision", choices=PRECISION_NAMES, default="float32",
+                       help="mixed_bfloat16: compute in bfloat16 while training (faster on GPUs and CPUs with "
+                            "AVX-512 BF16); the saved model is float32 either way")
     train.add_argument("--validation-fraction", type=float, default=0.15,
                        help="group-aware share of Training for validation (official splits and CV folds)")
     train.add_argument("--seed", type=int, default=0)

@@ -7,6 +7,8 @@ from ``tf.data`` pipelines.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,6 +38,9 @@ class TrainConfig:
     #: Exponential moving average of the weights (Adam's ``use_ema``), e.g. 0.999; ``None``: off. Validation,
     #: best-epoch selection and the saved model then all use the averaged weights (SwapEMAWeights).
     ema_momentum: float | None = None
+    #: Keras dtype policy while training: ``mixed_bfloat16`` computes in bfloat16 with float32 weights (measured 1.34x
+    #: faster steps on an AVX-512 BF16 CPU; also GPUs). The saved model is float32 either way (:func:`build_trainable`).
+    precision: str = "float32"
     class_weights: bool = True
     validation_fraction: float = 0.15
     seed: int = 0
@@ -44,6 +49,8 @@ class TrainConfig:
     augmentation: Augmentation = field(default_factory=Augmentation)
 
     def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision {self.precision!r}: choose one of {', '.join(PRECISIONS)}")
         if self.ema_momentum is not None and not 0.0 < self.ema_momentum < 1.0:
             raise ValueError(f"EMA momentum {self.ema_momentum}: give a number between 0 and 1, e.g. 0.999")
 
@@ -57,6 +64,44 @@ class TrainConfig:
         values = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
         values["augmentation"] = Augmentation(**values.get("augmentation", {}))
         return cls(**values)
+
+
+#: No float16: it needs loss scaling, which Keras adds only when the compiled model itself (here the augmentation
+#: wrapper, built in float32) has that policy; bfloat16 has float32's range and needs none.
+PRECISIONS = ("float32", "mixed_bfloat16")
+
+
+@contextmanager
+def dtype_policy(name: str) -> Iterator[None]:
+    """Keras' global dtype policy set to ``name`` for the layers built meanwhile, then restored."""
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy(name)
+    try:
+        yield
+    finally:
+        keras.config.set_dtype_policy(previous)
+
+
+def build_trainable(build: Callable[[], keras.Model], config: TrainConfig) -> tuple[keras.Model, Callable[[], keras.Model]]:
+    """``build()`` under the training precision, and a function that returns the trained weights in a float32 model.
+
+    Layers keep their dtype policy in the saved file, so a model trained under a mixed policy would also predict in
+    reduced precision (slow where the CPU lacks bfloat16, and not what evaluation measured); the weights themselves
+    are float32 under every policy and move over unchanged.
+    """
+    if config.precision == "float32":
+        model = build()
+        return model, lambda: model
+    with dtype_policy(config.precision):
+        model = build()
+
+    def as_float32() -> keras.Model:
+        with dtype_policy("float32"):
+            saved = build()
+        saved.set_weights(model.get_weights())
+        return saved
+
+    return model, as_float32
 
 
 def balanced_class_weights(labels: np.ndarray, num_classes: int) -> dict[int, float]:

@@ -17,7 +17,7 @@ from models.tasks import Task, get_task
 from models.transfer import WeightTransfer, copy_matching_weights
 from training.data import DataError, Splits, cross_validation_parts, load_and_split_sources
 from training.evaluate import evaluate_splits, write_figures
-from training.fit import TrainConfig, fit
+from training.fit import TrainConfig, build_trainable, fit
 from training.metrics import format_metrics
 from training.pipeline import image_dataset, prepared_array
 
@@ -28,7 +28,9 @@ def train_one(arch: str, task: Task, spec: InputSpec, splits: Splits, train: np.
     """Build and train one model on index sets of ``splits.images``, first taking ``init_from``'s matching layers
     when given; return (model, history, what was taken)."""
     images, labels = splits.images.images, splits.images.label_array
-    model = build_model(arch, task, spec, dropout=config.dropout, batch_norm=config.batch_norm, weights=weights)
+    model, trained_model = build_trainable(
+        lambda: build_model(arch, task, spec, dropout=config.dropout, batch_norm=config.batch_norm, weights=weights),
+        config)
     if not is_gradient_trained(arch):
         means = fit_threshold_model(model, prepared_array([images[i] for i in train], spec), labels[train])
         print(f"{prefix}class means of the black-pixel fraction: {np.round(means, 4).tolist()}", flush=True)
@@ -41,7 +43,7 @@ def train_one(arch: str, task: Task, spec: InputSpec, splits: Splits, train: np.
                              config.batch_size, shuffle_seed=seed)
     history = fit(model, dataset(train, config.seed), dataset(validation, None), labels[train], config,
                   checkpoint_dir, prefix)
-    return model, history, transfer
+    return trained_model(), history, transfer
 
 
 def run_train(task: Task, data_dirs: list[Path], arch: str, out_dir: Path, config: TrainConfig,
@@ -148,7 +150,7 @@ def handle_train(args: Any) -> int:
             epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.learning_rate,
             early_stopping_patience=args.patience, label_smoothing=args.label_smoothing,
             lr_schedule=args.lr_schedule, warmup_epochs=args.warmup_epochs, ema_momentum=args.ema,
-            class_weights=not args.no_class_weights, validation_fraction=args.validation_fraction, seed=args.seed,
+            precision=args.precision, class_weights=not args.no_class_weights, validation_fraction=args.validation_fraction, seed=args.seed,
             dropout=args.dropout, batch_norm=not args.no_batch_norm,
             augmentation=parse_augmentation(Augmentation.none() if args.no_augmentation else Augmentation(),
                                             args.augment or []),
