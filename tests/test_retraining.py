@@ -206,6 +206,10 @@ def test_confirm_export_retrain_gate_promote_and_roll_back(tmp_path: Path, proce
     assert {s["label"] for s in manifest["series"]} == set(truths.values())
     assert manifest["external"] == [str(external)]
     assert detail["model"]["parent_uid"] == installed_uid
+    # Trained to the active model's recipe (its card), with the admin's epochs and input size over it.
+    candidate_card = ModelCard.load(Path(detail["model"]["model_dir"]))
+    assert candidate_card.training["recipe_from"] == installed_uid
+    assert candidate_card.training["config"]["epochs"] == 1 and candidate_card.input_spec.height == 32
     assert detail["reference"]["n"] == detail["active_reference"]["n"] == 12
     assert detail["active_reference"]["accuracy"] == 1.0
 

@@ -92,6 +92,7 @@ def test_cross_validation_is_recorded_in_the_card(covid_data, tmp_path):
     (["--data", "DATA", "--augment", "zoom=2"], "zoom must be between 0 and 1"),
     (["--data", "DATA", "--augment", "blur=0.1"], "--augment 'blur=0.1': expected NAME=VALUE"),
     (["--data", "DATA", "--init-from", "/nonexistent/model"], "model directory /nonexistent/model does not exist"),
+    (["--data", "DATA", "--recipe", "/nonexistent/model"], "--recipe /nonexistent/model: model card /nonexistent/model does not exist"),
     (["--data", "DATA", "--arch", "threshold", "--init-from", str(SHIPPED / "brain-tumor")],
      "threshold is not trained by gradient descent"),
     (["--data", "DATA", "--arch", "study-covid-cnn", "--epochs", "1",
@@ -102,6 +103,22 @@ def test_bad_arguments_fail_with_a_clear_message(argv_tail, message, covid_data,
     argv = ["train", "covid-ct", "--out", str(tmp_path / "m")] + [str(covid_data) if a == "DATA" else a for a in argv_tail]
     assert main(argv) == 2
     assert message in capsys.readouterr().err
+
+
+def test_recipe_trains_as_another_model_was_trained_with_the_given_options_over_it(covid_data, tmp_path):
+    first, second = tmp_path / "first", tmp_path / "second"
+    assert main(["train", "covid-ct", "--data", str(covid_data), "--out", str(first), "--input-size", "40x40",
+                 "--epochs", "2", "--batch-size", "8", "--lr-schedule", "cosine", "--label-smoothing", "0.1",
+                 "--ema", "0.9", "--precision", "mixed_bfloat16", "--seed", "3", "--augment", "zoom=0.3",
+                 "--no-class-weights"]) == 0
+    assert main(["train", "covid-ct", "--data", str(covid_data), "--out", str(second), "--recipe", str(first),
+                 "--epochs", "1"]) == 0
+    recipe, trained = ModelCard.load(first), ModelCard.load(second)
+    assert trained.training["recipe_from"] == recipe.uid and recipe.training["recipe_from"] is None
+    assert trained.training["config"] == {**recipe.training["config"], "epochs": 1}
+    assert trained.input_spec == recipe.input_spec  # same architecture: its input size too
+    assert trained.training["config"]["augmentation"]["zoom"] == 0.3
+    assert not trained.training["config"]["class_weights"]
 
 
 def test_init_from_starts_from_another_tasks_model_and_says_so_in_the_card(brain_data, covid_data, tmp_path):

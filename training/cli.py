@@ -35,22 +35,28 @@ def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") 
                             "several sources at once (e.g. an archive export and an external set)")
     train.add_argument("--arch", default="triage-cnn", choices=ARCHITECTURE_NAMES)
     train.add_argument("--out", required=True, help="folder to write model.keras, card.json and figures into")
-    train.add_argument("--epochs", type=int, default=60)
-    train.add_argument("--batch-size", type=int, default=32)
-    train.add_argument("--learning-rate", type=float, default=1e-3)
-    train.add_argument("--patience", type=int, default=12, help="early-stopping patience (epochs) on val_loss")
-    train.add_argument("--lr-schedule", choices=LR_SCHEDULE_NAMES, default="plateau",
-                       help="plateau: ReduceLROnPlateau x0.5 on val_loss; cosine: warm-up then cosine decay")
-    train.add_argument("--warmup-epochs", type=int, default=3, help="cosine schedule: epochs of linear warm-up")
-    train.add_argument("--label-smoothing", type=float, default=0.0)
+    # Training choices default to None: a --recipe fills those not given, then training.fit.TrainConfig's defaults.
+    train.add_argument("--recipe", metavar="MODEL_DIR",
+                       help="train as that model was trained (the shipped one, a registered one): every training "
+                            "choice below that is not given, and its input size for the same --arch, come from its "
+                            "card")
+    train.add_argument("--epochs", type=int, help="default 60")
+    train.add_argument("--batch-size", type=int, help="default 32")
+    train.add_argument("--learning-rate", type=float, help="default 1e-3")
+    train.add_argument("--patience", type=int, help="early-stopping patience (epochs) on val_loss; default 12")
+    train.add_argument("--lr-schedule", choices=LR_SCHEDULE_NAMES,
+                       help="plateau (default): ReduceLROnPlateau x0.5 on val_loss; cosine: warm-up then cosine decay")
+    train.add_argument("--warmup-epochs", type=int, help="cosine schedule: epochs of linear warm-up; default 3")
+    train.add_argument("--label-smoothing", type=float, help="default 0")
     train.add_argument("--ema", type=float, default=None, metavar="MOMENTUM",
                        help="keep an exponential moving average of the weights (e.g. 0.999) and select, save by it")
-    train.add_argument("--precision", choices=PRECISION_NAMES, default="float32",
-                       help="mixed_bfloat16: compute in bfloat16 while training (faster on GPUs and CPUs with "
+    train.add_argument("--precision", choices=PRECISION_NAMES,
+                       help="float32 (default) or mixed_bfloat16: compute in bfloat16 while training (faster on GPUs and CPUs with "
                             "AVX-512 BF16); the saved model is float32 either way")
-    train.add_argument("--validation-fraction", type=float, default=0.15,
-                       help="group-aware share of Training for validation (official splits and CV folds)")
-    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--validation-fraction", type=float,
+                       help="group-aware share of Training for validation (official splits and CV folds); default "
+                            "0.15")
+    train.add_argument("--seed", type=int, help="default 0")
     train.add_argument("--dropout", type=float, default=None, help="head dropout (default: the architecture's)")
     train.add_argument("--no-batch-norm", action="store_true", help="study CNNs without BatchNormalization")
     train.add_argument("--no-augmentation", action="store_true", help="start from no augmentation at all")

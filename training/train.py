@@ -47,7 +47,8 @@ def train_one(arch: str, task: Task, spec: InputSpec, splits: Splits, train: np.
 
 
 def run_train(task: Task, data_dirs: list[Path], arch: str, out_dir: Path, config: TrainConfig,
-              spec: InputSpec | None, weights: str | None, cv_folds: int, init_from: Path | None = None) -> int:
+              spec: InputSpec | None, weights: str | None, cv_folds: int, init_from: Path | None = None,
+              recipe_uid: str | None = None) -> int:
     spec = spec or default_input_spec(arch, task)
     source = None
     if init_from is not None:
@@ -67,7 +68,7 @@ def run_train(task: Task, data_dirs: list[Path], arch: str, out_dir: Path, confi
     card = ModelCard(
         task=task.name, class_names=list(task.class_names), architecture=arch, input_spec=spec,
         training={
-            "config": config.to_dict(), "weights": weights,
+            "config": config.to_dict(), "recipe_from": recipe_uid, "weights": weights,
             "init_from": transfer.to_dict() if transfer is not None else None,
             "epochs_run": len(history.get("loss", [])),
             "history": history, "train_cpu_seconds": round(cpu_seconds, 1), "train_wall_seconds": round(wall_seconds, 1),
@@ -142,22 +143,48 @@ def parse_augmentation(base: "Augmentation", settings: list[str]) -> "Augmentati
     return replace(base, **changes)
 
 
-def handle_train(args: Any) -> int:
+#: ``train`` options a ``--recipe`` supplies when they are not given: argparse name -> :class:`TrainConfig` field.
+_RECIPE_OPTIONS = {
+    "epochs": "epochs", "batch_size": "batch_size", "learning_rate": "learning_rate",
+    "patience": "early_stopping_patience", "lr_schedule": "lr_schedule", "warmup_epochs": "warmup_epochs",
+    "label_smoothing": "label_smoothing", "ema": "ema_momentum", "precision": "precision",
+    "validation_fraction": "validation_fraction", "seed": "seed", "dropout": "dropout",
+}
+
+
+def train_config(args: Any, recipe: ModelCard | None) -> TrainConfig:
+    """The command line's choices over ``recipe``'s (its card's training configuration), over the defaults."""
     from models.architectures import Augmentation
 
+    base = TrainConfig.from_dict(recipe.training.get("config", {})) if recipe is not None else TrainConfig()
+    chosen = {field: getattr(args, name) if getattr(args, name) is not None else getattr(base, field)
+              for name, field in _RECIPE_OPTIONS.items()}
+    return TrainConfig(
+        **chosen, class_weights=base.class_weights and not args.no_class_weights,
+        batch_norm=base.batch_norm and not args.no_batch_norm,
+        augmentation=parse_augmentation(Augmentation.none() if args.no_augmentation else base.augmentation,
+                                        args.augment or []),
+    )
+
+
+def _load_recipe(folder: str) -> ModelCard:
     try:
-        config = TrainConfig(
-            epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.learning_rate,
-            early_stopping_patience=args.patience, label_smoothing=args.label_smoothing,
-            lr_schedule=args.lr_schedule, warmup_epochs=args.warmup_epochs, ema_momentum=args.ema,
-            precision=args.precision, class_weights=not args.no_class_weights, validation_fraction=args.validation_fraction, seed=args.seed,
-            dropout=args.dropout, batch_norm=not args.no_batch_norm,
-            augmentation=parse_augmentation(Augmentation.none() if args.no_augmentation else Augmentation(),
-                                            args.augment or []),
-        )
-        spec = parse_input_size(args.input_size) if args.input_size else None
+        return ModelCard.load(folder)
+    except (FileNotFoundError, ValueError) as exc:
+        raise ValueError(f"--recipe {folder}: {exc}") from None
+
+
+def handle_train(args: Any) -> int:
+    try:
+        recipe = _load_recipe(args.recipe) if args.recipe else None
+        config = train_config(args, recipe)
+        if args.input_size:
+            spec = parse_input_size(args.input_size)
+        else:
+            spec = recipe.input_spec if recipe is not None and recipe.architecture == args.arch else None
         return run_train(get_task(args.task), [Path(d) for d in args.data], args.arch, Path(args.out), config, spec,
-                         args.weights, args.cv, Path(args.init_from) if args.init_from else None)
+                         args.weights, args.cv, Path(args.init_from) if args.init_from else None,
+                         recipe_uid=recipe.uid if recipe is not None else None)
     except (DataError, FileNotFoundError, ValueError) as exc:
         print(f"train: {exc}", file=sys.stderr)
         return 2

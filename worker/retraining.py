@@ -158,7 +158,8 @@ def parse_epoch_line(line: str) -> tuple[int, dict[str, float]] | None:
 
 
 def train_command(task: str, data_dirs: list[Path], out_dir: Path, options: RetrainOptions,
-                  init_from: Path | None = None) -> list[str]:
+                  init_from: Path | None = None, recipe: Path | None = None) -> list[str]:
+    """The ``train`` command line of a retraining: the admin's options, the rest from ``recipe``'s card if given."""
     command = [sys.executable, "-m", "worker.cli", "train", task, "--out", str(out_dir), "--arch",
                options.architecture, "--epochs", str(options.epochs), "--batch-size", str(options.batch_size),
                "--seed", str(options.seed)]
@@ -168,6 +169,8 @@ def train_command(task: str, data_dirs: list[Path], out_dir: Path, options: Retr
         command += ["--input-size", options.input_size]
     if init_from is not None:
         command += ["--init-from", str(init_from)]
+    if recipe is not None:
+        command += ["--recipe", str(recipe)]
     return command
 
 
@@ -192,7 +195,10 @@ def _run(settings: Settings, database: Database, run: TrainingRun) -> None:
     missing = [str(p) for p in external if not p.is_dir()]
     if missing:
         raise ExportError(f"external training folder(s) missing: {', '.join(missing)}")
-    init_from = active_model_dirs(database)(task.name) if options.start_from_active else None
+    # The active model's card is the recipe (schedule, label smoothing, EMA, augmentation, precision, input size):
+    # a retrained model is trained as the one it may replace, with the admin's choices over it.
+    active_dir = active_model_dirs(database)(task.name)
+    init_from = active_dir if options.start_from_active else None
     if options.start_from_active and init_from is None:
         raise RegistryError(f"no active {task.name} model to start from")
     exported = export_dataset(database, settings, task, folder / "data", confirmed_only=options.confirmed_only,
@@ -202,7 +208,7 @@ def _run(settings: Settings, database: Database, run: TrainingRun) -> None:
     _update(database, run.id, progress=_EXPORT_SHARE, phase=f"exported {exported.images} images; training")
     sources = ([exported.out_dir] if exported.images else []) + external
     model_dir = folder / "model"
-    history = _train(database, run.id, train_command(task.name, sources, model_dir, options, init_from),
+    history = _train(database, run.id, train_command(task.name, sources, model_dir, options, init_from, active_dir),
                      options.epochs, folder / "train.log")
     _update(database, run.id, progress=_EXPORT_SHARE + _TRAIN_SHARE, phase="registering", history=history)
     card = ModelCard.load(model_dir / CARD_FILE)
