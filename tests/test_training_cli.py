@@ -112,13 +112,20 @@ def test_recipe_trains_as_another_model_was_trained_with_the_given_options_over_
                  "--ema", "0.9", "--precision", "mixed_bfloat16", "--seed", "3", "--augment", "zoom=0.3",
                  "--no-class-weights"]) == 0
     assert main(["train", "covid-ct", "--data", str(covid_data), "--out", str(second), "--recipe", str(first),
-                 "--epochs", "1"]) == 0
+                 "--epochs", "1", "--seed", "7"]) == 0
     recipe, trained = ModelCard.load(first), ModelCard.load(second)
     assert trained.training["recipe_from"] == recipe.uid and recipe.training["recipe_from"] is None
-    assert trained.training["config"] == {**recipe.training["config"], "epochs": 1}
+    assert trained.training["config"] == {**recipe.training["config"], "epochs": 1, "seed": 7}
     assert trained.input_spec == recipe.input_spec  # same architecture: its input size too
     assert trained.training["config"]["augmentation"]["zoom"] == 0.3
+    # Another training seed, but the recipe model's split: scored on the same test images.
+    assert trained.training["split_seed"] == 3
+    assert trained.training["test_manifest_sha256"] == recipe.training["test_manifest_sha256"]
     assert not trained.training["config"]["class_weights"]
+    third = tmp_path / "third"
+    assert main(["train", "covid-ct", "--data", str(covid_data), "--out", str(third), "--recipe", str(first),
+                 "--epochs", "1", "--seed", "4", "--split-seed", "5"]) == 0
+    assert ModelCard.load(third).training["config"]["seed"] == 4 and ModelCard.load(third).training["split_seed"] == 5
 
 
 def test_init_from_starts_from_another_tasks_model_and_says_so_in_the_card(brain_data, covid_data, tmp_path):

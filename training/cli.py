@@ -57,6 +57,9 @@ def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") 
                        help="group-aware share of Training for validation (official splits and CV folds); default "
                             "0.15")
     train.add_argument("--seed", type=int, help="default 0")
+    train.add_argument("--split-seed", type=int,
+                       help="seed of the train/validation/test split (default: --recipe's split, else --seed), to "
+                            "score models of other training seeds on one test split")
     train.add_argument("--dropout", type=float, default=None, help="head dropout (default: the architecture's)")
     train.add_argument("--no-batch-norm", action="store_true", help="study CNNs without BatchNormalization")
     train.add_argument("--no-augmentation", action="store_true", help="start from no augmentation at all")

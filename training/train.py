@@ -48,15 +48,18 @@ def train_one(arch: str, task: Task, spec: InputSpec, splits: Splits, train: np.
 
 def run_train(task: Task, data_dirs: list[Path], arch: str, out_dir: Path, config: TrainConfig,
               spec: InputSpec | None, weights: str | None, cv_folds: int, init_from: Path | None = None,
-              recipe_uid: str | None = None) -> int:
+              recipe_uid: str | None = None, split_seed: int | None = None) -> int:
+    """Train, save model and card, evaluate; ``split_seed`` (default: the training seed) draws the train/validation/
+    test split, so models trained with other seeds can still be scored on one test split."""
     spec = spec or default_input_spec(arch, task)
+    split_seed = config.seed if split_seed is None else split_seed
     source = None
     if init_from is not None:
         if not is_gradient_trained(arch):
             raise ValueError(f"--init-from: {arch} is not trained by gradient descent; it has no weights to start "
                              "from")
         source = Classifier.load(init_from)  # once, and before the data are read: a bad folder fails now
-    splits = load_and_split_sources(data_dirs, task, config.seed, config.validation_fraction)
+    splits = load_and_split_sources(data_dirs, task, split_seed, config.validation_fraction)
     print(splits.images.report(), file=sys.stderr)
     print(splits.describe(), file=sys.stderr)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -72,7 +75,7 @@ def run_train(task: Task, data_dirs: list[Path], arch: str, out_dir: Path, confi
             "init_from": transfer.to_dict() if transfer is not None else None,
             "epochs_run": len(history.get("loss", [])),
             "history": history, "train_cpu_seconds": round(cpu_seconds, 1), "train_wall_seconds": round(wall_seconds, 1),
-            "sources": [str(d) for d in data_dirs], "split": splits.describe(), "split_seed": config.seed, "skipped_files": [str(p) for p, _ in splits.images.skipped],
+            "sources": [str(d) for d in data_dirs], "split": splits.describe(), "split_seed": split_seed, "skipped_files": [str(p) for p, _ in splits.images.skipped],
             "test_manifest_sha256": splits.images.subset(splits.test).manifest_sha256(),
         },
         dataset_manifest_sha256=splits.images.manifest_sha256(),
@@ -184,7 +187,9 @@ def handle_train(args: Any) -> int:
             spec = recipe.input_spec if recipe is not None and recipe.architecture == args.arch else None
         return run_train(get_task(args.task), [Path(d) for d in args.data], args.arch, Path(args.out), config, spec,
                          args.weights, args.cv, Path(args.init_from) if args.init_from else None,
-                         recipe_uid=recipe.uid if recipe is not None else None)
+                         recipe_uid=recipe.uid if recipe is not None else None,
+                         split_seed=args.split_seed if args.split_seed is not None
+                         else recipe.training.get("split_seed") if recipe is not None else None)
     except (DataError, FileNotFoundError, ValueError) as exc:
         print(f"train: {exc}", file=sys.stderr)
         return 2
