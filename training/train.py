@@ -34,7 +34,7 @@ def train_one(arch: str, task: Task, spec: InputSpec, splits: Splits, train: np.
     if not is_gradient_trained(arch):
         means = fit_threshold_model(model, prepared_array([images[i] for i in train], spec), labels[train])
         print(f"{prefix}class means of the black-pixel fraction: {np.round(means, 4).tolist()}", flush=True)
-        return model, {}, None
+        return trained_model(), {}, None
     transfer = copy_matching_weights(model, init_from) if init_from is not None else None
     if transfer is not None:
         print(f"{prefix}{transfer.describe()}", flush=True)
