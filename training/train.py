@@ -28,13 +28,15 @@ def train_one(arch: str, task: Task, spec: InputSpec, splits: Splits, train: np.
     """Build and train one model on index sets of ``splits.images``, first taking ``init_from``'s matching layers
     when given; return (model, history, what was taken)."""
     images, labels = splits.images.images, splits.images.label_array
-    model, trained_model = build_trainable(
-        lambda: build_model(arch, task, spec, dropout=config.dropout, batch_norm=config.batch_norm, weights=weights),
-        config)
-    if not is_gradient_trained(arch):
+    def build() -> Any:
+        return build_model(arch, task, spec, dropout=config.dropout, batch_norm=config.batch_norm, weights=weights)
+
+    if not is_gradient_trained(arch):  # counted, not trained: the precision does not apply
+        model = build()
         means = fit_threshold_model(model, prepared_array([images[i] for i in train], spec), labels[train])
         print(f"{prefix}class means of the black-pixel fraction: {np.round(means, 4).tolist()}", flush=True)
-        return trained_model(), {}, None
+        return model, {}, None
+    model, trained_model = build_trainable(build, config)
     transfer = copy_matching_weights(model, init_from) if init_from is not None else None
     if transfer is not None:
         print(f"{prefix}{transfer.describe()}", flush=True)
