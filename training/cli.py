@@ -51,8 +51,8 @@ def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") 
     train.add_argument("--ema", type=float, default=None, metavar="MOMENTUM",
                        help="keep an exponential moving average of the weights (e.g. 0.999) and select, save by it")
     train.add_argument("--precision", choices=PRECISION_NAMES,
-                       help="float32 (default) or mixed_bfloat16: compute in bfloat16 while training (faster on GPUs and CPUs with "
-                            "AVX-512 BF16); the saved model is float32 either way")
+                       help="float32 (default) or mixed_bfloat16: compute in bfloat16 while training (for GPUs with "
+                            "bfloat16 units; no faster on this project's CPUs); the saved model is float32 either way")
     train.add_argument("--validation-fraction", type=float,
                        help="group-aware share of Training for validation (official splits and CV folds); default "
                             "0.15")
