@@ -82,6 +82,12 @@ class ModelCard:
         if not self.licence:
             self.licence = LICENCE_NOTES.get(self.task, "")
 
+    @property
+    def split_seed(self) -> int | None:
+        """The seed that drew this model's train/validation/test split: recorded apart from the training seed (a run
+        may keep the split while changing that), else the training seed; ``None`` when no training is recorded."""
+        return self.training.get("split_seed", self.training.get("config", {}).get("seed"))
+
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["input_spec"] = self.input_spec.to_dict()

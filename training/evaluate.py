@@ -60,9 +60,7 @@ def run_evaluate(task: Task, data_dir: Path, model_dir: Path | None, json_path: 
         print(f"evaluate: {model_dir} is a {classifier.card.task} model, not {task.name}", file=sys.stderr)
         return 2
     training = classifier.card.training
-    # The split's seed, which a run may have kept while changing the training seed (bench/train_gpu.py seedN).
-    split_seed = training.get("split_seed", training.get("config", {}).get("seed", 0))
-    splits = load_and_split(data_dir, task, seed=int(split_seed),
+    splits = load_and_split(data_dir, task, seed=int(classifier.card.split_seed or 0),
                             validation_fraction=float(training.get("config", {}).get("validation_fraction", 0.15)))
     print(splits.images.report(), file=sys.stderr)
     expected = training.get("test_manifest_sha256")

@@ -187,11 +187,12 @@ def handle_train(args: Any) -> int:
             spec = parse_input_size(args.input_size)
         else:
             spec = recipe.input_spec if recipe is not None and recipe.architecture == args.arch else None
+        split_seed = args.split_seed
+        if split_seed is None and recipe is not None:
+            split_seed = recipe.split_seed
         return run_train(get_task(args.task), [Path(d) for d in args.data], args.arch, Path(args.out), config, spec,
                          args.weights, args.cv, Path(args.init_from) if args.init_from else None,
-                         recipe_uid=recipe.uid if recipe is not None else None,
-                         split_seed=args.split_seed if args.split_seed is not None
-                         else recipe.training.get("split_seed") if recipe is not None else None)
+                         recipe_uid=recipe.uid if recipe is not None else None, split_seed=split_seed)
     except (DataError, FileNotFoundError, ValueError) as exc:
         print(f"train: {exc}", file=sys.stderr)
         return 2
