@@ -318,10 +318,15 @@ def test_revisions_name_their_predecessor_and_publishing_twice_makes_one_sr(
     wait_for(lambda: len(received(tmp_path / "pacs")) == 3, 30, "three SRs at the PACS", world.delivery_worker)
     assert set(received(tmp_path / "pacs")) == {first.sop_instance_uid, corrected.sop_instance_uid,
                                                 second.sop_instance_uid}
-    report = results_report(world.database, series[0].StudyInstanceUID)
-    (entry,) = report["series"]
-    assert entry["sr"]["sop_instance_uid"] == second.sop_instance_uid
-    assert entry["sr"]["deliveries"] == [
+    # The PACS has the file before the delivery task records its answer: wait for the record too.
+    def current_sr() -> dict:
+        (entry,) = results_report(world.database, series[0].StudyInstanceUID)["series"]
+        return entry["sr"]
+
+    wait_for(lambda: current_sr()["deliveries"][0]["status"] != "pending", 30, "the delivery recorded",
+             world.delivery_worker)
+    assert current_sr()["sop_instance_uid"] == second.sop_instance_uid
+    assert current_sr()["deliveries"] == [
         {"destination": "PACS@127.0.0.1:11221", "status": "sent", "attempts": 1, "error": None}]
 
     shown = subprocess.run([sys.executable, "-m", "worker.cli", "sr", "show", str(second.archive_path)],
