@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import pytest
 from models.card import ModelCard
 from models.inference import Classifier
 from models.tasks import BRAIN_TUMOR, COVID_CT
+from training.device import cpu_model
 from worker.cli import main
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -63,6 +65,10 @@ def test_train_then_evaluate(arch, dataset, size, precision, brain_data, covid_d
     assert card.training["config"]["augmentation"]["zoom"] == 0.2 and card.training["config"]["augmentation"]["flip"] is False
     expected = {"testing", "testing_dedup"} if task == "brain-tumor" else {"holdout"}
     assert expected <= set(card.metrics)
+    # The card names what trained it, whose time it records: here (no GPU) this processor.
+    trained_on = card.training["trained_on"]
+    assert trained_on == f"CPU: {cpu_model()}, {os.cpu_count()} cores" or trained_on.startswith("GPU: ")
+    assert card.training["train_wall_seconds"] >= 0
     if arch != "threshold":
         assert len(card.training["history"]["loss"]) == 1
         assert (out / f"training_curves_{task}.png").stat().st_size > 1000

@@ -16,6 +16,7 @@ from models.preprocessing import InputSpec
 from models.tasks import Task, get_task
 from models.transfer import WeightTransfer, copy_matching_weights
 from training.data import DataError, Splits, cross_validation_parts, load_and_split_sources
+from training.device import training_device
 from training.evaluate import evaluate_splits, write_figures
 from training.fit import TrainConfig, build_trainable, fit
 from training.metrics import format_metrics
@@ -76,7 +77,8 @@ def run_train(task: Task, data_dirs: list[Path], arch: str, out_dir: Path, confi
             "config": config.to_dict(), "recipe_from": recipe_uid, "weights": weights,
             "init_from": transfer.to_dict() if transfer is not None else None,
             "epochs_run": len(history.get("loss", [])),
-            "history": history, "train_cpu_seconds": round(cpu_seconds, 1), "train_wall_seconds": round(wall_seconds, 1),
+            "history": history, "trained_on": training_device(), "train_cpu_seconds": round(cpu_seconds, 1),
+            "train_wall_seconds": round(wall_seconds, 1),
             "sources": [str(d) for d in data_dirs], "split": splits.describe(), "split_seed": split_seed, "skipped_files": [str(p) for p, _ in splits.images.skipped],
             "test_manifest_sha256": splits.images.subset(splits.test).manifest_sha256(),
         },
