@@ -46,7 +46,8 @@ def temporary_path(root: Path) -> Path:
     return root / INCOMING / f"{_HOST}-{os.getpid()}-{threading.get_ident()}.tmp"
 
 
-def _pid_alive(pid: int) -> bool:
+def process_running(pid: int) -> bool:
+    """Whether a process with ``pid`` runs on this host (this one, or another user's, included)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -67,7 +68,7 @@ def remove_abandoned_temporaries(root: Path) -> list[Path]:
         return removed
     for entry in entries:
         parts = entry.name.removesuffix(".tmp").rsplit("-", 2)  # host (may hold "-"), pid, thread
-        if len(parts) != 3 or parts[0] != _HOST or not parts[1].isdigit() or _pid_alive(int(parts[1])):
+        if len(parts) != 3 or parts[0] != _HOST or not parts[1].isdigit() or process_running(int(parts[1])):
             continue
         try:
             os.unlink(entry.path)

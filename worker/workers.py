@@ -15,6 +15,7 @@ from datetime import timedelta
 
 from sqlalchemy import delete, select, update
 
+from dicom_io.archive import process_running
 from worker.db import Database, Job, WorkerProcess, utcnow
 
 log = logging.getLogger(__name__)
@@ -27,13 +28,7 @@ STALE_AFTER = timedelta(seconds=6 * HEARTBEAT_SECONDS)
 def other_process_alive(pid: int) -> bool:
     """Whether a process other than this one runs on this host with ``pid``. Our own pid counts as gone: it was
     recorded by an earlier process (before a container restart, pids start over)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return pid != os.getpid()
+    return pid != os.getpid() and process_running(pid)
 
 
 class WorkerRegistration:
