@@ -74,7 +74,7 @@ def run_job(name: str, spec_text: str, data_dir: Path, out: Path, config: TrainC
     labels = arrays["labels"]
     if max_epochs:
         config = TrainConfig(**{**config.__dict__, "epochs": max_epochs})
-    budget = fold_budget = None
+    fold_budget = None
     folds = range(5)
     for flag in flags:
         if flag.startswith("seed"):
@@ -87,17 +87,18 @@ def run_job(name: str, spec_text: str, data_dir: Path, out: Path, config: TrainC
             first, last = flag[5:].split("-")
             folds = range(int(first) - 1, int(last))
         elif flag.startswith("t"):
-            budget = float(flag[1:])
+            config = TrainConfig(**{**config.__dict__, "time_budget_minutes": float(flag[1:]) / 60})
         elif flag.startswith("f"):
             fold_budget = float(flag[1:])
     y = one_hot(labels, task.num_classes)
     started = time.time()
 
-    def train(train_idx: np.ndarray, val_idx: np.ndarray, prefix: str, seconds: float | None):
+    def train(train_idx: np.ndarray, val_idx: np.ndarray, prefix: str, seconds: float | None = None):
+        run_config = config if seconds is None else TrainConfig(**{**config.__dict__, "time_budget_minutes": seconds / 60})
         model, trained_model = build_trainable(
-            lambda: build_model(arch, task, spec, dropout=config.dropout, batch_norm=config.batch_norm), config)
-        history = fit(model, (x[train_idx], y[train_idx]), (x[val_idx], y[val_idx]), labels[train_idx], config,
-                      None, prefix, max_seconds=seconds)
+            lambda: build_model(arch, task, spec, dropout=config.dropout, batch_norm=config.batch_norm), run_config)
+        history = fit(model, (x[train_idx], y[train_idx]), (x[val_idx], y[val_idx]), labels[train_idx], run_config,
+                      None, prefix)
         return trained_model(), history
 
     result: dict[str, Any] = {"task": task.name, "arch": arch, "input": spec.to_dict(), "seed": config.seed,
@@ -105,7 +106,7 @@ def run_job(name: str, spec_text: str, data_dir: Path, out: Path, config: TrainC
                               "data": meta.get("derived_from", "prepared here")}
     card = None
     if "cvonly" not in flags:  # cvonly: the folds alone (another process trains the model itself)
-        model, history = train(arrays["train"], arrays["validation"], f"{name}: ", budget)
+        model, history = train(arrays["train"], arrays["validation"], f"{name}: ")
         result.update(epochs_run=len(history["loss"]), best_val_loss=min(history["val_loss"]))
         for key, split in EVALUATION_SPLITS.items():
             if key in arrays:

@@ -98,6 +98,7 @@ def test_cross_validation_is_recorded_in_the_card(covid_data, tmp_path):
     (["--data", "DATA", "--input-size", "12by12"], "--input-size '12by12'"),
     (["--data", "DATA", "--arch", "threshold", "--weights", "imagenet"], "--weights applies to resnet50 only"),
     (["--data", "DATA", "--augment", "zoom=2"], "zoom must be between 0 and 1"),
+    (["--data", "DATA", "--time-budget", "-5"], "time budget -5.0 minutes: give a positive number"),
     (["--data", "DATA", "--augment", "blur=0.1"], "--augment 'blur=0.1': expected NAME=VALUE"),
     (["--data", "DATA", "--init-from", "/nonexistent/model"], "model directory /nonexistent/model does not exist"),
     (["--data", "DATA", "--recipe", "/nonexistent/model"], "--recipe /nonexistent/model: model card /nonexistent/model does not exist"),
@@ -118,7 +119,7 @@ def test_recipe_trains_as_another_model_was_trained_with_the_given_options_over_
     assert main(["train", "covid-ct", "--data", str(covid_data), "--out", str(first), "--input-size", "40x40",
                  "--epochs", "2", "--batch-size", "8", "--lr-schedule", "cosine", "--label-smoothing", "0.1",
                  "--ema", "0.9", "--precision", "mixed_bfloat16", "--seed", "3", "--augment", "zoom=0.3",
-                 "--no-class-weights"]) == 0
+                 "--no-class-weights", "--time-budget", "20"]) == 0
     assert main(["train", "covid-ct", "--data", str(covid_data), "--out", str(second), "--recipe", str(first),
                  "--epochs", "1", "--seed", "7"]) == 0
     recipe, trained = ModelCard.load(first), ModelCard.load(second)
@@ -126,14 +127,16 @@ def test_recipe_trains_as_another_model_was_trained_with_the_given_options_over_
     assert trained.training["config"] == {**recipe.training["config"], "epochs": 1, "seed": 7}
     assert trained.input_spec == recipe.input_spec  # same architecture: its input size too
     assert trained.training["config"]["augmentation"]["zoom"] == 0.3
+    assert trained.training["config"]["time_budget_minutes"] == 20
     # Another training seed, but the recipe model's split: scored on the same test images.
     assert trained.training["split_seed"] == 3
     assert trained.training["test_manifest_sha256"] == recipe.training["test_manifest_sha256"]
     assert not trained.training["config"]["class_weights"]
     third = tmp_path / "third"
     assert main(["train", "covid-ct", "--data", str(covid_data), "--out", str(third), "--recipe", str(first),
-                 "--epochs", "1", "--seed", "4", "--split-seed", "5"]) == 0
+                 "--epochs", "1", "--seed", "4", "--split-seed", "5", "--time-budget", "0"]) == 0
     assert ModelCard.load(third).training["config"]["seed"] == 4 and ModelCard.load(third).training["split_seed"] == 5
+    assert ModelCard.load(third).training["config"]["time_budget_minutes"] is None  # 0 lifts the recipe's budget
 
 
 def test_init_from_starts_from_another_tasks_model_and_says_so_in_the_card(brain_data, covid_data, tmp_path):
@@ -206,14 +209,57 @@ def test_cosine_schedule_warms_up_then_decays_to_the_floor():
         learning_rate(TrainConfig(lr_schedule="step"), 5)
 
 
-def test_train_with_the_cosine_schedule_records_it(covid_data, tmp_path):
+def test_train_with_the_cosine_schedule_and_a_time_budget_records_them(covid_data, tmp_path):
     out = tmp_path / "model"
     assert main(["train", "covid-ct", "--data", str(covid_data), "--arch", "triage-cnn", "--out", str(out),
                  "--epochs", "2", "--batch-size", "8", "--input-size", "32x32", "--lr-schedule", "cosine",
-                 "--warmup-epochs", "1"]) == 0
-    config = ModelCard.load(out).training["config"]
-    assert config["lr_schedule"] == "cosine" and config["warmup_epochs"] == 1
-    assert len(ModelCard.load(out).training["history"]["loss"]) == 2
+                 "--warmup-epochs", "1", "--time-budget", "30"]) == 0
+    card = ModelCard.load(out)
+    config = card.training["config"]
+    assert config["lr_schedule"] == "cosine" and config["warmup_epochs"] == 1 and config["time_budget_minutes"] == 30
+    assert len(card.training["history"]["loss"]) == 2  # the cap, well within the budget
+    rates = card.training["history"]["learning_rate"]  # the last step's rate of each epoch
+    assert rates[0] > 5e-4 and rates[1] < 2.5e-4  # the warm-up to the peak, then down the cosine
+
+
+def test_the_epochs_that_fit_a_budget_follow_the_recent_epochs_and_the_cap():
+    from training.fit import epochs_that_fit
+
+    assert epochs_that_fit(done=1, elapsed=10, recent_epoch_seconds=[], budget=100, cap=50) == 50  # nothing measured
+    assert epochs_that_fit(done=2, elapsed=20, recent_epoch_seconds=[10, 10], budget=100, cap=50) == 10
+    assert epochs_that_fit(done=2, elapsed=20, recent_epoch_seconds=[10, 10], budget=100, cap=6) == 6
+    # A machine that slows down (20 s epochs) shortens the plan; one that overran stops where it is.
+    assert epochs_that_fit(done=5, elapsed=60, recent_epoch_seconds=[20, 20], budget=100, cap=50) == 7
+    assert epochs_that_fit(done=5, elapsed=120, recent_epoch_seconds=[20], budget=100, cap=50) == 5
+
+
+def test_a_time_budget_ends_training_in_time_with_the_cosine_rate_near_its_floor():
+    import time
+
+    import numpy as np
+
+    from models.architectures import build_model
+    from models.preprocessing import InputSpec
+    from training.fit import TrainConfig, fit, one_hot
+
+    rng = np.random.default_rng(0)
+    labels = np.arange(48) % 2
+    x = rng.uniform(0, 255, (48, 32, 32, 1)).astype(np.float32) + labels[:, None, None, None] * 40
+    y = one_hot(labels, 2)
+    budget = 0.25  # minutes: several epochs even when the first one's tracing takes seconds
+    config = TrainConfig(epochs=1000, batch_size=8, learning_rate=1e-2, min_learning_rate=1e-5, lr_schedule="cosine",
+                         warmup_epochs=1, early_stopping_patience=1000, time_budget_minutes=budget)
+    model = build_model("triage-cnn", COVID_CT, InputSpec(32, 32, 1))
+    started = time.time()
+    history = fit(model, (x[:32], y[:32]), (x[32:], y[32:]), labels[:32], config)
+    elapsed = time.time() - started
+    assert 3 <= len(history["loss"]) < 1000
+    assert elapsed < budget * 60 + 5  # the last epoch that fits, not a minute over
+    rates = history["learning_rate"]
+    assert max(rates) > 0.5e-2  # the warm-up went up towards the peak...
+    assert rates[-1] < 0.05 * max(rates)  # ...and the plan brought the rate down by the budget's end
+    with pytest.raises(ValueError, match="time budget 0 minutes"):
+        TrainConfig(time_budget_minutes=0)
 
 
 def test_ema_training_keeps_and_restores_the_averaged_weights_it_validated():

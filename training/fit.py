@@ -42,6 +42,10 @@ class TrainConfig:
     #: bfloat16 units. On an AVX-512 BF16 CPU a bare training step was 1.34x faster, but whole 140-epoch runs were not
     #: (20.0 against 19.9 s per epoch). The saved model is float32 either way (:func:`build_trainable`).
     precision: str = "float32"
+    #: Wall-clock minutes one model may train for; ``None``: no limit. ``epochs`` stays the cap. Training stops at the
+    #: last epoch boundary that fits, and a cosine schedule is re-planned after every epoch to end in that epoch, so
+    #: the rate reaches its floor however fast the machine is (a stop mid-schedule would keep a high-rate model).
+    time_budget_minutes: float | None = None
     class_weights: bool = True
     validation_fraction: float = 0.15
     seed: int = 0
@@ -54,6 +58,8 @@ class TrainConfig:
             raise ValueError(f"precision {self.precision!r}: choose one of {', '.join(PRECISIONS)}")
         if self.ema_momentum is not None and not 0.0 < self.ema_momentum < 1.0:
             raise ValueError(f"EMA momentum {self.ema_momentum}: give a number between 0 and 1, e.g. 0.999")
+        if self.time_budget_minutes is not None and not self.time_budget_minutes > 0:
+            raise ValueError(f"time budget {self.time_budget_minutes} minutes: give a positive number, e.g. 55")
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -114,20 +120,31 @@ def balanced_class_weights(labels: np.ndarray, num_classes: int) -> dict[int, fl
 LR_SCHEDULES = ("plateau", "cosine")
 
 
-def learning_rate(config: TrainConfig, steps_per_epoch: int | None) -> float | keras.optimizers.schedules.LearningRateSchedule:
-    """Adam's learning rate: a number (``plateau``; the callback lowers it) or the warm-up + cosine schedule."""
-    if config.lr_schedule not in LR_SCHEDULES:
-        raise ValueError(f"learning-rate schedule {config.lr_schedule!r}: choose one of {', '.join(LR_SCHEDULES)}")
-    if config.lr_schedule == "plateau":
-        return config.learning_rate
-    if not steps_per_epoch:
-        raise ValueError("the cosine schedule needs the number of training steps per epoch")
-    warmup = min(config.warmup_epochs, max(config.epochs - 1, 0)) * steps_per_epoch
+def cosine_schedule(config: TrainConfig, steps_per_epoch: int, epochs: int | None = None
+                    ) -> keras.optimizers.schedules.CosineDecay:
+    """Linear warm-up over ``warmup_epochs`` to ``learning_rate``, then cosine decay to ``min_learning_rate`` at the
+    end of epoch ``epochs`` (default: ``config.epochs``)."""
+    epochs = config.epochs if epochs is None else epochs
+    warmup = min(config.warmup_epochs, max(epochs - 1, 0)) * steps_per_epoch
     return keras.optimizers.schedules.CosineDecay(
         initial_learning_rate=config.learning_rate / 10, warmup_target=config.learning_rate, warmup_steps=warmup,
-        decay_steps=max(config.epochs * steps_per_epoch - warmup, 1),
+        decay_steps=max(epochs * steps_per_epoch - warmup, 1),
         alpha=config.min_learning_rate / config.learning_rate,
     )
+
+
+def learning_rate(config: TrainConfig, steps_per_epoch: int | None) -> float | keras.optimizers.schedules.LearningRateSchedule:
+    """Adam's learning rate: a number (``plateau``; the callback lowers it; a time-budgeted ``cosine``, which
+    :class:`TimeBudget` sets step by step) or the warm-up + cosine schedule."""
+    if config.lr_schedule not in LR_SCHEDULES:
+        raise ValueError(f"learning-rate schedule {config.lr_schedule!r}: choose one of {', '.join(LR_SCHEDULES)}")
+    if not steps_per_epoch and config.lr_schedule == "cosine":
+        raise ValueError("the cosine schedule needs the number of training steps per epoch")
+    if config.lr_schedule == "plateau":
+        return config.learning_rate
+    if config.time_budget_minutes is not None:
+        return float(cosine_schedule(config, steps_per_epoch)(0))
+    return cosine_schedule(config, steps_per_epoch)
 
 
 def compile_for_training(model: keras.Model, config: TrainConfig, steps_per_epoch: int | None = None) -> keras.Model:
@@ -151,11 +168,47 @@ def compile_for_training(model: keras.Model, config: TrainConfig, steps_per_epoc
 class _EpochLog(keras.callbacks.Callback):
     """One line per epoch (so progress shows in logs without Keras' progress bar), flushed at once."""
 
-    def __init__(self, prefix: str = "", max_seconds: float | None = None) -> None:
+    def __init__(self, prefix: str = "") -> None:
         super().__init__()
         self.prefix = prefix
-        self.max_seconds = max_seconds
+        self.epoch_started = time.time()
+
+    def on_epoch_begin(self, epoch: int, logs: dict[str, float] | None = None) -> None:
+        self.epoch_started = time.time()
+
+    def on_epoch_end(self, epoch: int, logs: dict[str, float] | None = None) -> None:
+        logs = logs if logs is not None else {}
+        lr = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
+        shown = " ".join(f"{k}={v:.4f}" for k, v in sorted(logs.items()) if k != "learning_rate")
+        print(f"{self.prefix}epoch {epoch + 1}: {shown} lr={lr:.2e} ({time.time() - self.epoch_started:.1f} s)",
+              flush=True)
+        logs["learning_rate"] = lr  # into the history (and the card) whichever schedule set it
+
+
+def epochs_that_fit(done: int, elapsed: float, recent_epoch_seconds: list[float], budget: float, cap: int) -> int:
+    """How many epochs in all a run may have: the ``done`` ones and as many more as the rest of ``budget`` holds at
+    the recent epochs' mean length (recent, so a machine that slows down shortens the plan), at most ``cap``."""
+    if not recent_epoch_seconds:
+        return cap
+    per_epoch = sum(recent_epoch_seconds) / len(recent_epoch_seconds)
+    return min(cap, done + max(int((budget - elapsed) // per_epoch), 0))
+
+
+class TimeBudget(keras.callbacks.Callback):
+    """Ends training at the last epoch boundary within ``seconds`` (EarlyStopping then restores the best epoch).
+
+    With ``steps_per_epoch`` it also drives the cosine schedule: after each epoch the plan shrinks to the epochs that
+    still fit, and the rate of every step is :func:`cosine_schedule` over the planned epochs.
+    """
+
+    def __init__(self, seconds: float, config: TrainConfig, steps_per_epoch: int | None = None,
+                 prefix: str = "") -> None:
+        super().__init__()
+        self.seconds, self.config, self.steps_per_epoch, self.prefix = seconds, config, steps_per_epoch, prefix
+        self.planned = config.epochs
+        self.schedule = cosine_schedule(config, steps_per_epoch) if steps_per_epoch else None
         self.started = self.epoch_started = time.time()
+        self.epoch_seconds: list[float] = []
 
     def on_train_begin(self, logs: dict[str, float] | None = None) -> None:
         self.started = time.time()
@@ -163,29 +216,46 @@ class _EpochLog(keras.callbacks.Callback):
     def on_epoch_begin(self, epoch: int, logs: dict[str, float] | None = None) -> None:
         self.epoch_started = time.time()
 
+    def on_train_batch_begin(self, batch: int, logs: dict[str, float] | None = None) -> None:
+        if self.schedule is not None:
+            step = int(keras.ops.convert_to_numpy(self.model.optimizer.iterations))
+            self.model.optimizer.learning_rate = float(keras.ops.convert_to_numpy(self.schedule(step)))
+
     def on_epoch_end(self, epoch: int, logs: dict[str, float] | None = None) -> None:
-        logs = logs or {}
-        lr = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
-        shown = " ".join(f"{k}={v:.4f}" for k, v in sorted(logs.items()) if k != "learning_rate")
-        print(f"{self.prefix}epoch {epoch + 1}: {shown} lr={lr:.2e} ({time.time() - self.epoch_started:.1f} s)",
-              flush=True)
-        # A wall-clock budget ends training like early stopping does (EarlyStopping then restores the best weights).
-        if self.max_seconds is not None and time.time() - self.started > self.max_seconds:
-            print(f"{self.prefix}time budget of {self.max_seconds:.0f} s spent; stopping", flush=True)
+        now = time.time()
+        self.epoch_seconds.append(now - self.epoch_started)
+        if epoch + 1 >= self.config.epochs:
+            return  # the cap ends the run anyway
+        # The first epoch also traces the graph and fills the cache: leave it out once others are measured.
+        recent = self.epoch_seconds[1:][-3:] or self.epoch_seconds
+        planned = epochs_that_fit(epoch + 1, now - self.started, recent, self.seconds, self.config.epochs)
+        if planned <= epoch + 1:
+            print(f"{self.prefix}time budget of {self.seconds / 60:g} min: stopping after epoch {epoch + 1}",
+                  flush=True)
             self.model.stop_training = True
+        elif planned != self.planned and self.schedule is not None:
+            self.schedule = cosine_schedule(self.config, self.steps_per_epoch, planned)
+            print(f"{self.prefix}time budget of {self.seconds / 60:g} min: the schedule now ends at epoch "
+                  f"{planned}", flush=True)
+        self.planned = planned
 
 
 def training_callbacks(config: TrainConfig, checkpoint_dir: Path | None, prefix: str = "",
-                       max_seconds: float | None = None) -> list[Any]:
+                       steps_per_epoch: int | None = None) -> list[Any]:
     """EarlyStopping on val_loss restoring the best weights, best-epoch checkpoint, ReduceLROnPlateau (x0.5) unless
-    a cosine schedule sets the rate, and an optional wall-clock budget. With EMA, the averaged weights are swapped in
+    a cosine schedule sets the rate, and the config's wall-clock budget when it has one.
+    With EMA, the averaged weights are swapped in
     before every epoch-end callback, so the best epoch is chosen, checkpointed and restored by its averaged weights."""
     callbacks: list[Any] = [
         keras.callbacks.EarlyStopping(
             monitor="val_loss", patience=config.early_stopping_patience, restore_best_weights=True
         ),
-        _EpochLog(prefix, max_seconds),
+        _EpochLog(prefix),
     ]
+    if config.time_budget_minutes is not None:
+        # After the epoch log, so its line comes before the budget's word on the plan.
+        callbacks.append(TimeBudget(config.time_budget_minutes * 60, config,
+                                    steps_per_epoch if config.lr_schedule == "cosine" else None, prefix))
     if config.lr_schedule == "plateau":
         callbacks.insert(1, keras.callbacks.ReduceLROnPlateau(
             monitor="val_loss", factor=0.5, patience=config.reduce_lr_patience, min_lr=config.min_learning_rate
@@ -208,7 +278,6 @@ def fit(
     config: TrainConfig,
     checkpoint_dir: Path | None = None,
     prefix: str = "",
-    max_seconds: float | None = None,
 ) -> dict[str, list[float]]:
     """Train ``model`` in place; return the per-epoch history.
 
@@ -225,7 +294,7 @@ def fit(
     weights = balanced_class_weights(train_labels, num_classes) if config.class_weights else None
     arguments: dict[str, Any] = dict(
         epochs=config.epochs, validation_data=validation, class_weight=weights, verbose=0,
-        callbacks=training_callbacks(config, checkpoint_dir, prefix, max_seconds),
+        callbacks=training_callbacks(config, checkpoint_dir, prefix, steps_per_epoch),
     )
     if isinstance(train, tuple):
         history = trainable.fit(train[0], train[1], batch_size=config.batch_size, shuffle=True, **arguments)

@@ -156,6 +156,7 @@ _RECIPE_OPTIONS = {
     "patience": "early_stopping_patience", "lr_schedule": "lr_schedule", "warmup_epochs": "warmup_epochs",
     "label_smoothing": "label_smoothing", "ema": "ema_momentum", "precision": "precision",
     "validation_fraction": "validation_fraction", "seed": "seed", "dropout": "dropout",
+    "time_budget": "time_budget_minutes",
 }
 
 
@@ -166,6 +167,8 @@ def train_config(args: Any, recipe: ModelCard | None) -> TrainConfig:
     base = TrainConfig.from_dict(recipe.training.get("config", {})) if recipe is not None else TrainConfig()
     chosen = {field: getattr(args, name) if getattr(args, name) is not None else getattr(base, field)
               for name, field in _RECIPE_OPTIONS.items()}
+    if args.time_budget == 0:
+        chosen["time_budget_minutes"] = None
     return TrainConfig(
         **chosen, class_weights=base.class_weights and not args.no_class_weights,
         batch_norm=base.batch_norm and not args.no_batch_norm,
