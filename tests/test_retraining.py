@@ -36,9 +36,11 @@ from worker.retraining import (
     RetrainOptions,
     fail_orphaned_runs,
     parse_epoch_line,
+    parse_plan_line,
     request_retraining,
     run_dir,
     run_retraining,
+    train_command,
 )
 from worker.web.app import create_app
 from worker.web.users import add_user
@@ -71,12 +73,17 @@ def test_epoch_lines_and_options_are_checked() -> None:
     assert parse_epoch_line("epoch 3: accuracy=0.5000 loss=0.8728 val_loss=0.6932 lr=1.00e-03\n") == (
         3, {"accuracy": 0.5, "loss": 0.8728, "val_loss": 0.6932})
     assert parse_epoch_line("fold 1/5: accuracy 80%") is None
+    assert parse_plan_line("time budget of 0.5 min: training now ends at epoch 97\n") == 97
+    assert parse_plan_line("time budget of 55 min: stopping after epoch 40") == 40
+    assert parse_plan_line("epoch 3: accuracy=0.5000") is None
     for bad, message in (({"epochs": 0}, "epochs"), ({"architecture": "gpt"}, "architecture"),
-                         ({"input_size": "32"}, "input size"), ({"since": "yesterday"}, "yesterday")):
+                         ({"input_size": "32"}, "input size"), ({"since": "yesterday"}, "yesterday"),
+                         ({"time_budget_minutes": 0}, "time budget must be more than 0")):
         with pytest.raises(ValueError, match=message):
             RetrainOptions(**bad)
-    options = RetrainOptions(epochs=3, external=("/x",))
+    options = RetrainOptions(epochs=3, external=("/x",), time_budget_minutes=45)
     assert RetrainOptions.from_dict(options.to_dict()) == options
+    assert train_command("covid-ct", [Path("/d")], Path("/m"), options)[-2:] == ["--time-budget", "45"]
 
 
 def test_runs_fail_visibly(tmp_path: Path) -> None:
@@ -261,18 +268,19 @@ def test_confirm_export_retrain_gate_promote_and_roll_back(tmp_path: Path, proce
     # 6. A fine-tune from the active model, asked for on the registry page's form: the candidate's card names it.
     page = admin.get("/admin/registry")
     form_token = re.search(r'name="csrf_token" value="([^"]+)"', page.text)[1]
-    assert 'name="start_from_active"' in page.text
+    assert 'name="start_from_active"' in page.text and 'name="time_budget_minutes"' in page.text
     posted = admin.post("/admin/registry/retrain", data={
         "csrf_token": form_token, "task": "covid-ct", "architecture": "triage-cnn", "epochs": "1",
-        "input_size": "32x32", "confirmed_only": "1", "start_from_active": "1"})
+        "input_size": "32x32", "confirmed_only": "1", "start_from_active": "1", "time_budget_minutes": "30"})
     assert posted.status_code == 303, posted.text
     tuned_run = int(posted.headers["location"].rsplit("/", 1)[1])
     tuned = wait_for(lambda: finished(tuned_run), 420, "the fine-tuning run", serve)
     assert tuned["state"] == "done", tuned
     tuned_model = admin.get(f"/api/admin/models/{tuned['model_uid']}").json()["model"]
     assert tuned_model["parent_uid"] == candidate
-    init_from = ModelCard.load(Path(tuned_model["model_dir"])).training["init_from"]
-    assert init_from["source_uid"] == candidate and init_from["fresh_layers"] == []
+    tuned_training = ModelCard.load(Path(tuned_model["model_dir"])).training
+    assert tuned_training["init_from"]["source_uid"] == candidate and tuned_training["init_from"]["fresh_layers"] == []
+    assert tuned_training["config"]["time_budget_minutes"] == 30
 
     # 7. Roll back: the installed model is active again and classifies the next study.
     back = admin.post("/api/admin/tasks/covid-ct/rollback", json={"reason": "pilot over"},

@@ -195,7 +195,8 @@ def epochs_that_fit(done: int, elapsed: float, recent_epoch_seconds: list[float]
 
 
 class TimeBudget(keras.callbacks.Callback):
-    """Ends training at the last epoch boundary within ``seconds`` (EarlyStopping then restores the best epoch).
+    """Ends training at the last epoch boundary within ``seconds`` (EarlyStopping then restores the best epoch), and
+    says so in a line whenever the planned last epoch changes (retraining's progress reads it).
 
     With ``steps_per_epoch`` it also drives the cosine schedule: after each epoch the plan shrinks to the epochs that
     still fit, and the rate of every step is :func:`cosine_schedule` over the planned epochs.
@@ -233,10 +234,11 @@ class TimeBudget(keras.callbacks.Callback):
             print(f"{self.prefix}time budget of {self.seconds / 60:g} min: stopping after epoch {epoch + 1}",
                   flush=True)
             self.model.stop_training = True
-        elif planned != self.planned and self.schedule is not None:
-            self.schedule = cosine_schedule(self.config, self.steps_per_epoch, planned)
-            print(f"{self.prefix}time budget of {self.seconds / 60:g} min: the schedule now ends at epoch "
-                  f"{planned}", flush=True)
+        elif planned != self.planned:
+            if self.schedule is not None:
+                self.schedule = cosine_schedule(self.config, self.steps_per_epoch, planned)
+            print(f"{self.prefix}time budget of {self.seconds / 60:g} min: training now ends at epoch {planned}",
+                  flush=True)
         self.planned = planned
 
 

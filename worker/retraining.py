@@ -49,6 +49,10 @@ RETRAIN_MODEL = "dicom_triage.retrain_model"
 _EXPORT_SHARE, _TRAIN_SHARE = 0.1, 0.8
 _PR_SET_PDEATHSIG = 1  # prctl option (linux/prctl.h)
 _EPOCH_LINE = re.compile(r"^epoch (\d+): (.*?)(?: lr=\S+)?$")
+#: Training's word on where a time budget now ends the run (training.fit.TimeBudget).
+_PLAN_LINE = re.compile(r"^time budget of \S+ min: (?:training now ends at|stopping after) epoch (\d+)$")
+#: The longest time budget an admin may give a retraining: a week.
+MAX_TIME_BUDGET_MINUTES = 7 * 24 * 60
 
 
 @dataclass(frozen=True)
@@ -67,10 +71,16 @@ class RetrainOptions:
     #: Start from the active model's weights (``train --init-from``) rather than from new ones: fine-tuning on the
     #: confirmed studies takes a fraction of a training from scratch, which matters on a CPU-only training host.
     start_from_active: bool = False
+    #: Wall-clock minutes the training may take (``train --time-budget``): it ends at the last epoch that fits, with
+    #: the schedule planned to finish there. ``None``: the active model's recipe decides (usually no limit).
+    time_budget_minutes: float | None = None
 
     def __post_init__(self) -> None:
         if not 1 <= self.epochs <= 1000:
             raise ValueError(f"epochs must be 1..1000, not {self.epochs}")
+        if self.time_budget_minutes is not None and not 0 < self.time_budget_minutes <= MAX_TIME_BUDGET_MINUTES:
+            raise ValueError(f"time budget must be more than 0 and at most {MAX_TIME_BUDGET_MINUTES} minutes, "
+                             f"not {self.time_budget_minutes}")
         if not 1 <= self.batch_size <= 4096:
             raise ValueError(f"batch size must be 1..4096, not {self.batch_size}")
         if self.architecture not in ARCHITECTURE_NAMES:
@@ -157,6 +167,12 @@ def parse_epoch_line(line: str) -> tuple[int, dict[str, float]] | None:
     return int(match.group(1)), values
 
 
+def parse_plan_line(line: str) -> int | None:
+    """``time budget of 55 min: training now ends at epoch 97`` -> 97, else ``None``."""
+    match = _PLAN_LINE.match(line.strip())
+    return int(match.group(1)) if match else None
+
+
 def train_command(task: str, data_dirs: list[Path], out_dir: Path, options: RetrainOptions,
                   init_from: Path | None = None, recipe: Path | None = None) -> list[str]:
     """The ``train`` command line of a retraining: the admin's options, the rest from ``recipe``'s card if given."""
@@ -167,6 +183,8 @@ def train_command(task: str, data_dirs: list[Path], out_dir: Path, options: Retr
         command += ["--data", str(folder)]
     if options.input_size:
         command += ["--input-size", options.input_size]
+    if options.time_budget_minutes is not None:
+        command += ["--time-budget", f"{options.time_budget_minutes:g}"]
     if init_from is not None:
         command += ["--init-from", str(init_from)]
     if recipe is not None:
@@ -235,7 +253,8 @@ def _run(settings: Settings, database: Database, run: TrainingRun) -> None:
 
 
 def _train(database: Database, run_id: int, command: list[str], epochs: int, log_path: Path) -> dict[str, list[float]]:
-    """Run the train command, turning its epoch lines into progress and history; raise with its output's tail."""
+    """Run the train command, turning its epoch lines into progress (of ``epochs``, or of the epoch a time budget
+    plans to end on) and history; raise with its output's tail."""
     history: dict[str, list[float]] = {}
     tail: list[str] = []
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -248,6 +267,10 @@ def _train(database: Database, run_id: int, command: list[str], epochs: int, log
         for line in process.stdout:
             log_file.write(line)
             tail = (tail + [line.rstrip()])[-20:]
+            planned = parse_plan_line(line)
+            if planned is not None:  # a time budget moved the last epoch: progress counts towards it
+                epochs = planned
+                continue
             parsed = parse_epoch_line(line)
             if parsed is None:
                 continue

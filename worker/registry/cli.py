@@ -153,7 +153,7 @@ def _retrain(args: argparse.Namespace) -> int:
                                  batch_size=args.batch_size, confirmed_only=not args.all_results,
                                  since=args.since.isoformat() if args.since else None,
                                  external=tuple(args.external) if args.external else None,
-                                 start_from_active=args.from_active)
+                                 start_from_active=args.from_active, time_budget_minutes=args.time_budget)
     except ValueError as exc:
         return _fail(str(exc))
     run_id = request_retraining(_database(settings), make_send(create_celery_app(settings)), args.task, options,
@@ -222,6 +222,8 @@ def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") 
     retrain.add_argument("--since", type=_date, metavar="DATE")
     retrain.add_argument("--external", action="append", metavar="DIR",
                          help="external labelled folder (repeatable; default: the external_training_data setting)")
+    retrain.add_argument("--time-budget", type=float, metavar="MINUTES",
+                         help="wall-clock limit of the training: it ends at the last epoch that fits")
     retrain.add_argument("--from-active", action="store_true",
                          help="start from the active model's weights (fine-tune) instead of new ones")
     retrain.add_argument("--actor", default="cli", help="who asks (logged)")

@@ -31,7 +31,7 @@ from worker.registry import (
     register_installed_models,
     rollback,
 )
-from worker.retraining import RetrainOptions, load_runs, make_send, request_retraining
+from worker.retraining import MAX_TIME_BUDGET_MINUTES, RetrainOptions, load_runs, make_send, request_retraining
 from worker.web.auth import Principal, api_csrf, api_user, checked_form, page_admin
 
 router = APIRouter(include_in_schema=False)
@@ -131,6 +131,7 @@ def _options(fields: dict[str, Any]) -> RetrainOptions:
             confirmed_only=_flag(fields, "confirmed_only", "1"),
             since=str(fields["since"]) if fields.get("since") else None,
             start_from_active=_flag(fields, "start_from_active", "0"),
+            time_budget_minutes=float(fields["time_budget_minutes"]) if fields.get("time_budget_minutes") else None,
         )
     except (TypeError, ValueError) as exc:
         raise HTTPException(422, f"bad retraining options: {exc}") from None
@@ -249,6 +250,7 @@ class RetrainIn(BaseModel):
     confirmed_only: bool = True
     since: str | None = None
     start_from_active: bool = False
+    time_budget_minutes: float | None = Field(default=None, gt=0, le=MAX_TIME_BUDGET_MINUTES)
 
 
 class PromoteIn(BaseModel):
