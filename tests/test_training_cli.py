@@ -76,13 +76,22 @@ def test_train_then_evaluate(arch, dataset, size, precision, brain_data, covid_d
     assert classifier.card.uid == card.uid
     assert {layer.dtype_policy.name for layer in classifier.model.layers} == {"float32"}
     report = tmp_path / "eval" / "metrics.json"
-    assert main(["evaluate", task, "--data", str(data), "--model", str(out), "--json", str(report)]) == 0
+    capsys.readouterr()
+    assert main(["evaluate", task, "--data", str(data), "--model", str(out), "--json", str(report), "--errors"]) == 0
     results = json.loads(report.read_text())
+    shown = capsys.readouterr().out
+    assert "accuracy=" in shown
     for split in expected:
         assert results[split]["accuracy"] == pytest.approx(card.metrics[split]["accuracy"])
         assert len(results[split]["confusion_matrix"]) == len(card.class_names)
         assert (report.parent / f"confusion_{task}_{split}.png").is_file()
-    assert "accuracy=" in capsys.readouterr().out
+        # Every wrong answer is listed, by its file, the most confident first.
+        errors = results[split]["misclassified"]
+        assert len(errors) == round(results[split]["n"] * (1 - results[split]["accuracy"]))
+        assert all((data / e["file"]).is_file() and e["true"] != e["predicted"] for e in errors)
+        assert [e["probability"] for e in errors] == sorted((e["probability"] for e in errors), reverse=True)
+        assert all(e["file"] in shown for e in errors)
+    assert "misclassified (" in shown
 
 
 def test_cross_validation_is_recorded_in_the_card(covid_data, tmp_path):

@@ -87,4 +87,6 @@ def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") 
     evaluate.add_argument("--json", help="write every figure shown, keyed by split name, to this JSON file")
     evaluate.add_argument("--figures", help="folder for the PNGs (default: beside --json, else the current folder)")
     evaluate.add_argument("--batch-size", type=int, default=32)
+    evaluate.add_argument("--errors", action="store_true",
+                          help="also list each split's misclassified files (the JSON always holds them)")
     evaluate.set_defaults(handler=_evaluate)

@@ -13,7 +13,7 @@ from models.card import ModelCard
 from models.inference import Classifier, default_model_dir
 from models.tasks import Task, get_task
 from training.data import DataError, Splits, load_and_split
-from training.metrics import classification_metrics, format_metrics
+from training.metrics import classification_metrics, format_metrics, format_misclassified, misclassified
 from training.plots import confusion_matrix_png, training_curves_png
 
 
@@ -24,8 +24,10 @@ def split_indices(splits: Splits) -> dict[str, np.ndarray]:
     return {"holdout": splits.test}
 
 
-def evaluate_splits(classifier: Classifier, splits: Splits, batch_size: int = 32) -> dict[str, dict[str, Any]]:
-    """Metrics per evaluation split (see :func:`split_indices`)."""
+def evaluate_splits(classifier: Classifier, splits: Splits, batch_size: int = 32,
+                    list_errors: bool = False) -> dict[str, dict[str, Any]]:
+    """Metrics per evaluation split (see :func:`split_indices`); with ``list_errors`` each split's also hold
+    ``misclassified`` (:func:`training.metrics.misclassified`)."""
     results = {}
     all_indices = np.unique(np.concatenate(list(split_indices(splits).values())))
     probabilities = classifier.predict([splits.images.images[i] for i in all_indices], batch_size=batch_size)
@@ -34,6 +36,10 @@ def evaluate_splits(classifier: Classifier, splits: Splits, batch_size: int = 32
     for name, indices in split_indices(splits).items():
         rows = [position[int(i)] for i in indices]
         results[name] = classification_metrics(labels[indices], probabilities[rows], classifier.class_names)
+        if list_errors:
+            results[name]["misclassified"] = misclassified(
+                labels[indices], probabilities[rows], [splits.images.relative(int(i)) for i in indices],
+                classifier.class_names)
     return results
 
 
@@ -53,7 +59,8 @@ def write_figures(results: dict[str, dict[str, Any]], card: ModelCard, folder: P
 
 
 def run_evaluate(task: Task, data_dir: Path, model_dir: Path | None, json_path: Path | None,
-                 figures_dir: Path | None, batch_size: int) -> int:
+                 figures_dir: Path | None, batch_size: int, show_errors: bool = False) -> int:
+    """Evaluate; the JSON lists each split's misclassified files, the text too with ``show_errors``."""
     model_dir = model_dir or default_model_dir(task.name)
     classifier = Classifier.load(model_dir)
     if classifier.card.task != task.name:
@@ -68,9 +75,11 @@ def run_evaluate(task: Task, data_dir: Path, model_dir: Path | None, json_path: 
     if expected and expected != actual:
         print("evaluate: warning: this test split is not the one the model was trained beside "
               "(different data, seed or files); its images may have been seen in training", file=sys.stderr)
-    results: dict[str, Any] = evaluate_splits(classifier, splits, batch_size)
+    results: dict[str, Any] = evaluate_splits(classifier, splits, batch_size, list_errors=True)
     for name, metrics in results.items():
         print(format_metrics(name, metrics))
+        if show_errors:
+            print(format_misclassified(metrics["misclassified"]))
     for name in ("cv5",):
         if name in classifier.card.metrics:
             cv = classifier.card.metrics[name]
@@ -92,7 +101,7 @@ def handle_evaluate(args: Any) -> int:
     try:
         return run_evaluate(get_task(args.task), Path(args.data), Path(args.model) if args.model else None,
                             Path(args.json) if args.json else None,
-                            Path(args.figures) if args.figures else None, args.batch_size)
+                            Path(args.figures) if args.figures else None, args.batch_size, args.errors)
     except (DataError, FileNotFoundError, ValueError) as exc:
         print(f"evaluate: {exc}", file=sys.stderr)
         return 2

@@ -54,6 +54,25 @@ def classification_metrics(labels: np.ndarray, probabilities: np.ndarray, class_
     }
 
 
+def misclassified(labels: np.ndarray, probabilities: np.ndarray, files: Sequence[str],
+                  class_names: Sequence[str]) -> list[dict[str, Any]]:
+    """The wrongly classified images of a split, the most confidently wrong first: each one's file, true class,
+    predicted class and the probability the model gave its prediction. JSON-ready."""
+    predicted = probabilities.argmax(axis=1)
+    wrong = np.flatnonzero(predicted != np.asarray(labels))
+    wrong = wrong[np.argsort(-probabilities[wrong, predicted[wrong]], kind="stable")]
+    return [{"file": files[i], "true": class_names[int(labels[i])], "predicted": class_names[int(predicted[i])],
+             "probability": round(float(probabilities[i, predicted[i]]), 4)} for i in wrong]
+
+
+def format_misclassified(errors: Sequence[dict[str, Any]]) -> str:
+    """Text lines of :func:`misclassified`."""
+    lines = [f"  misclassified ({len(errors)}, the most confident first):"]
+    width = max((len(e["file"]) for e in errors), default=0)
+    lines += [f"    {e['file']:<{width}}  {e['true']} -> {e['predicted']} ({e['probability']:.3f})" for e in errors]
+    return "\n".join(lines)
+
+
 def format_metrics(split: str, metrics: dict[str, Any]) -> str:
     """Human-readable text of :func:`classification_metrics` for one split."""
     names = metrics["class_names"]
