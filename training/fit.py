@@ -198,8 +198,8 @@ class TimeBudget(keras.callbacks.Callback):
     """Ends training at the last epoch boundary within ``seconds`` (EarlyStopping then restores the best epoch), and
     says so in a line whenever the planned last epoch changes (retraining's progress reads it).
 
-    With ``steps_per_epoch`` it also drives the cosine schedule: after each epoch the plan shrinks to the epochs that
-    still fit, and the rate of every step is :func:`cosine_schedule` over the planned epochs.
+    With the cosine schedule (and ``steps_per_epoch``) it also drives the rate: after each epoch the plan shrinks to
+    the epochs that still fit, and the rate of every step is :func:`cosine_schedule` over the planned epochs.
     """
 
     def __init__(self, seconds: float, config: TrainConfig, steps_per_epoch: int | None = None,
@@ -207,28 +207,38 @@ class TimeBudget(keras.callbacks.Callback):
         super().__init__()
         self.seconds, self.config, self.steps_per_epoch, self.prefix = seconds, config, steps_per_epoch, prefix
         self.planned = config.epochs
-        self.schedule = cosine_schedule(config, steps_per_epoch) if steps_per_epoch else None
+        drives_rate = config.lr_schedule == "cosine" and steps_per_epoch
+        self.schedule = cosine_schedule(config, steps_per_epoch) if drives_rate else None
         self.started = self.epoch_started = time.time()
+        self.epoch = 0
         self.epoch_seconds: list[float] = []
+        self.second_step_started: float | None = None
 
     def on_train_begin(self, logs: dict[str, float] | None = None) -> None:
         self.started = time.time()
 
     def on_epoch_begin(self, epoch: int, logs: dict[str, float] | None = None) -> None:
-        self.epoch_started = time.time()
+        self.epoch, self.epoch_started = epoch, time.time()
 
     def on_train_batch_begin(self, batch: int, logs: dict[str, float] | None = None) -> None:
-        if self.schedule is not None:
-            step = int(keras.ops.convert_to_numpy(self.model.optimizer.iterations))
+        if self.epoch == 0 and batch == 1:
+            self.second_step_started = time.time()
+        if self.schedule is not None:  # the step counted here: reading the optimizer's would wait for the device
+            step = self.epoch * self.steps_per_epoch + batch
             self.model.optimizer.learning_rate = float(keras.ops.convert_to_numpy(self.schedule(step)))
 
     def on_epoch_end(self, epoch: int, logs: dict[str, float] | None = None) -> None:
         now = time.time()
-        self.epoch_seconds.append(now - self.epoch_started)
+        if epoch == 0 and self.second_step_started is not None and self.steps_per_epoch:
+            # The first step traces the training graph (seconds, on a small set most of the epoch): the first
+            # epoch's pace is that of the steps after it.
+            pace = (now - self.second_step_started) * self.steps_per_epoch / (self.steps_per_epoch - 1)
+            self.epoch_seconds.append(min(pace, now - self.epoch_started))
+        else:
+            self.epoch_seconds.append(now - self.epoch_started)
         if epoch + 1 >= self.config.epochs:
             return  # the cap ends the run anyway
-        # The first epoch also traces the graph and fills the cache: leave it out once others are measured.
-        recent = self.epoch_seconds[1:][-3:] or self.epoch_seconds
+        recent = self.epoch_seconds[-3:]
         planned = epochs_that_fit(epoch + 1, now - self.started, recent, self.seconds, self.config.epochs)
         if planned <= epoch + 1:
             print(f"{self.prefix}time budget of {self.seconds / 60:g} min: stopping after epoch {epoch + 1}",
@@ -256,8 +266,7 @@ def training_callbacks(config: TrainConfig, checkpoint_dir: Path | None, prefix:
     ]
     if config.time_budget_minutes is not None:
         # After the epoch log, so its line comes before the budget's word on the plan.
-        callbacks.append(TimeBudget(config.time_budget_minutes * 60, config,
-                                    steps_per_epoch if config.lr_schedule == "cosine" else None, prefix))
+        callbacks.append(TimeBudget(config.time_budget_minutes * 60, config, steps_per_epoch, prefix))
     if config.lr_schedule == "plateau":
         callbacks.insert(1, keras.callbacks.ReduceLROnPlateau(
             monitor="val_loss", factor=0.5, patience=config.reduce_lr_patience, min_lr=config.min_learning_rate
