@@ -238,7 +238,8 @@ class TimeBudget(keras.callbacks.Callback):
             self.epoch_seconds.append(now - self.epoch_started)
         if epoch + 1 >= self.config.epochs:
             return  # the cap ends the run anyway
-        recent = self.epoch_seconds[-3:]
+        # Ten epochs: a shared host's epochs alternated between 24 and 41 s, and three made the plan swing 82-117.
+        recent = self.epoch_seconds[-10:]
         planned = epochs_that_fit(epoch + 1, now - self.started, recent, self.seconds, self.config.epochs)
         if planned <= epoch + 1:
             print(f"{self.prefix}time budget of {self.seconds / 60:g} min: stopping after epoch {epoch + 1}",
