@@ -47,9 +47,9 @@ def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") 
     train.add_argument("--lr-schedule", choices=LR_SCHEDULE_NAMES,
                        help="plateau (default): ReduceLROnPlateau x0.5 on val_loss; cosine: warm-up then cosine decay")
     train.add_argument("--time-budget", type=float, metavar="MINUTES",
-                       help="train for at most this many wall-clock minutes (--epochs stays the cap): training ends "
-                            "at the last epoch that fits, and a cosine schedule is planned to reach its floor there; "
-                            "0: no budget (to lift a recipe's)")
+                       help="train each model (the --cv folds each their own) for at most this many wall-clock "
+                            "minutes, --epochs staying the cap: training ends at the last epoch that fits, and a "
+                            "cosine schedule is planned to reach its floor there; 0: no budget (to lift a recipe's)")
     train.add_argument("--warmup-epochs", type=int, help="cosine schedule: epochs of linear warm-up; default 3")
     train.add_argument("--label-smoothing", type=float, help="default 0")
     train.add_argument("--ema", type=float, default=None, metavar="MOMENTUM",
