@@ -94,7 +94,8 @@ def run_job(name: str, spec_text: str, data_dir: Path, out: Path, config: TrainC
     started = time.time()
 
     def train(train_idx: np.ndarray, val_idx: np.ndarray, prefix: str, seconds: float | None = None):
-        run_config = config if seconds is None else TrainConfig(**{**config.__dict__, "time_budget_minutes": seconds / 60})
+        run_config = config if seconds is None else TrainConfig(**{**config.__dict__,
+                                                                   "time_budget_minutes": seconds / 60})
         model, trained_model = build_trainable(
             lambda: build_model(arch, task, spec, dropout=config.dropout, batch_norm=config.batch_norm), run_config)
         history = fit(model, (x[train_idx], y[train_idx]), (x[val_idx], y[val_idx]), labels[train_idx], run_config,

@@ -42,9 +42,10 @@ class TrainConfig:
     #: bfloat16 units. On an AVX-512 BF16 CPU a bare training step was 1.34x faster, but whole 140-epoch runs were not
     #: (20.0 against 19.9 s per epoch). The saved model is float32 either way (:func:`build_trainable`).
     precision: str = "float32"
-    #: Wall-clock minutes one model (each CV fold too) may train for; ``None``: no limit. ``epochs`` stays the cap. Training stops at the
-    #: last epoch boundary that fits, and a cosine schedule is re-planned after every epoch to end in that epoch, so
-    #: the rate reaches its floor however fast the machine is (a stop mid-schedule would keep a high-rate model).
+    #: Wall-clock minutes one model (each CV fold too) may train for; ``None``: no limit. ``epochs`` stays the cap.
+    #: Training stops at the last epoch boundary that fits, and a cosine schedule is re-planned after every epoch to
+    #: end in that epoch, so the rate reaches its floor however fast the machine is (a stop mid-schedule would keep a
+    #: high-rate model).
     time_budget_minutes: float | None = None
     class_weights: bool = True
     validation_fraction: float = 0.15
