@@ -235,8 +235,8 @@ NOTES = """## How the shipped models were trained, why they still miss their tar
   patient IDs), so these are a few patients. Viewed side by side (18 of the 19 COVID-labelled errors, 9 of the 22
   non-COVID ones; an engineer's look, not a radiologist's reading), the COVID-labelled slices show clear lung
   fields, unlike `Covid (400)` and `Covid (700)`, which the model gets right and which show peripheral ground-glass
-  opacities; the non-COVID slices it calls COVID are clear slices too. The label is the patient's diagnosis, not the slice's finding: a slice with no
-  visible finding carries no sign of its class. Part of the distance to the 98% target is therefore in the labels.
+  opacities; the non-COVID slices it calls COVID are clear slices too. The label is the patient's diagnosis, not the
+  slice's finding: a slice with no visible finding carries no sign of its class. Part of the distance to the 98% target is therefore in the labels.
   A model could close it only by recognising the patients, whose other slices the random split puts in training.
 - **Where.** One H100 (Keras 3.15.1 on JAX, `bench/train_gpu.py`). The second run (brain 160, COVID 192, the
   folds) ran as six training processes sharing the GPU at once, 7.5 minutes in all; alone, an epoch takes about
