@@ -109,6 +109,8 @@ def test_cross_validation_is_recorded_in_the_card(covid_data, tmp_path):
     (["--data", "DATA", "--augment", "zoom=2"], "zoom must be between 0 and 1"),
     (["--data", "DATA", "--time-budget", "-5"], "time budget -5.0 minutes: give a positive number"),
     (["--data", "DATA", "--augment", "blur=0.1"], "--augment 'blur=0.1': expected NAME=VALUE"),
+    (["--data", "DATA", "--pool-validation-fraction", "1.5"],
+     "pool validation fraction 1.5: give a number between 0 and 1"),
     (["--data", "DATA", "--init-from", "/nonexistent/model"], "model directory /nonexistent/model does not exist"),
     (["--data", "DATA", "--recipe", "/nonexistent/model"], "--recipe /nonexistent/model: model card /nonexistent/model does not exist"),
     (["--data", "DATA", "--arch", "threshold", "--init-from", str(SHIPPED / "brain-tumor")],
@@ -128,7 +130,7 @@ def test_recipe_trains_as_another_model_was_trained_with_the_given_options_over_
     assert main(["train", "covid-ct", "--data", str(covid_data), "--out", str(first), "--input-size", "40x40",
                  "--epochs", "2", "--batch-size", "8", "--lr-schedule", "cosine", "--label-smoothing", "0.1",
                  "--ema", "0.9", "--precision", "mixed_bfloat16", "--seed", "3", "--augment", "zoom=0.3",
-                 "--no-class-weights", "--time-budget", "20"]) == 0
+                 "--no-class-weights", "--time-budget", "20", "--pool-validation-fraction", "0.3"]) == 0
     assert main(["train", "covid-ct", "--data", str(covid_data), "--out", str(second), "--recipe", str(first),
                  "--epochs", "1", "--seed", "7"]) == 0
     recipe, trained = ModelCard.load(first), ModelCard.load(second)
@@ -137,6 +139,7 @@ def test_recipe_trains_as_another_model_was_trained_with_the_given_options_over_
     assert trained.input_spec == recipe.input_spec  # same architecture: its input size too
     assert trained.training["config"]["augmentation"]["zoom"] == 0.3
     assert trained.training["config"]["time_budget_minutes"] == 20
+    assert trained.training["config"]["pool_validation_fraction"] == 0.3
     # Another training seed, but the recipe model's split: scored on the same test images.
     assert trained.training["split_seed"] == 3
     assert trained.training["test_manifest_sha256"] == recipe.training["test_manifest_sha256"]

@@ -17,6 +17,7 @@ from training.data import (
     load_and_split,
     load_image_folder,
     split_groups,
+    split_pool,
 )
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -109,6 +110,21 @@ def test_pool_split_is_stratified_and_seeded(tmp_path):
     np.testing.assert_array_equal(first.test, again.test)
     assert (len(first.train), len(first.validation), len(first.test)) == (28, 8, 4)
     assert np.bincount(first.images.label_array[first.test]).tolist() == [2, 2]
+
+
+def test_pool_validation_fraction_moves_validation_images_to_train_never_test_images():
+    rng = np.random.default_rng(1)
+    labels = np.repeat([0, 1], 200)
+    groups = rng.integers(0, 150, 400)
+    groups[labels == 1] += 1000
+    train, validation, test = split_pool(labels, groups, seed=0)
+    for fraction in (0.05, 0.3):
+        fit, val, same_test = split_pool(labels, groups, seed=0, validation_fraction=fraction)
+        np.testing.assert_array_equal(same_test, test)  # one holdout, whatever the validation share
+        assert sorted(np.concatenate([fit, val]).tolist()) == sorted(np.concatenate([train, validation]).tolist())
+        assert abs(len(val) / (len(fit) + len(val)) - fraction) < 0.03
+        assert not set(groups[fit]) & set(groups[val])
+        assert np.bincount(labels[val]).min() > 0  # stratified: both classes validate
 
 
 def test_cross_validation_folds_partition_and_respect_groups():

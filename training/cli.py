@@ -60,6 +60,9 @@ def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") 
     train.add_argument("--validation-fraction", type=float,
                        help="group-aware share of Training for validation (official splits and CV folds); default "
                             "0.15")
+    train.add_argument("--pool-validation-fraction", type=float, metavar="FRACTION",
+                       help="a pool without an official split (covid-ct): group-aware share of its non-test images "
+                            "for validation; default: the study's 70/20/10 split. The test 10%% stays the same")
     train.add_argument("--seed", type=int, help="default 0")
     train.add_argument("--split-seed", type=int,
                        help="seed of the train/validation/test split (default: --recipe's split, else --seed), to "

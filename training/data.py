@@ -284,6 +284,19 @@ def fold_ids(labels: np.ndarray, groups: np.ndarray, folds: int, seed: int) -> n
 POOL_FRACTIONS = (0.7, 0.2, 0.1)
 
 
+def split_pool(labels: np.ndarray, groups: np.ndarray, seed: int,
+               validation_fraction: float | None = None) -> list[np.ndarray]:
+    """(train, validation, test) of a pool: the seeded :data:`POOL_FRACTIONS` split; with ``validation_fraction``,
+    its train and validation parts together are split again, group-aware, into (1 - fraction, fraction). The test
+    part never depends on ``validation_fraction``."""
+    train, validation, test = split_groups(labels, groups, POOL_FRACTIONS, seed)
+    if validation_fraction is None:
+        return [train, validation, test]
+    rest = np.sort(np.concatenate([train, validation]))
+    fit_part, val_part = split_groups(labels[rest], groups[rest], (1 - validation_fraction, validation_fraction), seed)
+    return [rest[fit_part], rest[val_part], test]
+
+
 @dataclass
 class Splits:
     """Index sets into ``images`` (all decoded images of the task): train, validation and test parts.
@@ -322,11 +335,11 @@ def _concatenate(first: ImageSet, second: ImageSet, root: Path) -> ImageSet:
 
 
 def load_and_split(data_dir: Path | str, task: Task, seed: int, validation_fraction: float,
-                   progress: bool = True) -> Splits:
+                   progress: bool = True, pool_validation_fraction: float | None = None) -> Splits:
     """Decode ``data_dir`` and split it, duplicate-aware.
 
-    Official split (``Training``/``Testing``): validation is a group-aware part of Training; test is Testing.
-    Pool: seeded group-aware :data:`POOL_FRACTIONS` split (``validation_fraction`` is then not used).
+    Official split (``Training``/``Testing``): validation is a group-aware ``validation_fraction`` of Training; test
+    is Testing. Pool: :func:`split_pool` with ``pool_validation_fraction``.
     """
     data_dir = check_data_dir(data_dir)
     if is_official_split(data_dir):
@@ -344,7 +357,7 @@ def load_and_split(data_dir: Path | str, task: Task, seed: int, validation_fract
         return Splits(images, groups, train_idx[fit_part], train_idx[val_part], test, dedup, official=True)
     images = load_image_folder(data_dir, task, progress)
     groups = duplicate_groups(images, links=patient_links(images, [data_dir]))
-    train, validation, test = split_groups(images.label_array, groups, POOL_FRACTIONS, seed)
+    train, validation, test = split_pool(images.label_array, groups, seed, pool_validation_fraction)
     return Splits(images, groups, train, validation, test, None, official=False)
 
 
@@ -366,16 +379,16 @@ def cross_validation_parts(labels: np.ndarray, groups: np.ndarray, folds: int, s
 
 
 def load_and_split_sources(data_dirs: Sequence[Path | str], task: Task, seed: int, validation_fraction: float,
-                           progress: bool = True) -> Splits:
+                           progress: bool = True, pool_validation_fraction: float | None = None) -> Splits:
     """Several ``--data`` folders as one dataset (e.g. an archive export plus an external labelled set).
 
     Each source keeps its own layout: an official split's ``Testing`` images are test images, its ``Training``
-    images are split group-aware into train and validation; a pool is split :data:`POOL_FRACTIONS`. Duplicate
+    images are split group-aware into train and validation; a pool is split by :func:`split_pool`. Duplicate
     groups span all sources, and a pool image that duplicates a test image goes to test too. A source may lack
     images of a class (a small export); the training part of all of them together must have every class.
     """
     if len(data_dirs) == 1:
-        return load_and_split(data_dirs[0], task, seed, validation_fraction, progress)
+        return load_and_split(data_dirs[0], task, seed, validation_fraction, progress, pool_validation_fraction)
     if not data_dirs:
         raise DataError("no --data folder given")
     dirs = [check_data_dir(d).resolve() for d in data_dirs]
@@ -405,7 +418,7 @@ def load_and_split_sources(data_dirs: Sequence[Path | str], task: Task, seed: in
     official_train = np.flatnonzero(role_array == "train")
     fit_part, val_part = split_groups(labels[official_train], groups[official_train],
                                       (1 - validation_fraction, validation_fraction), seed)
-    pool_train, pool_val, pool_test = split_groups(labels[pool], groups[pool], POOL_FRACTIONS, seed)
+    pool_train, pool_val, pool_test = split_pool(labels[pool], groups[pool], seed, pool_validation_fraction)
     train = np.sort(np.concatenate([official_train[fit_part], pool[pool_train]]))
     validation = np.sort(np.concatenate([official_train[val_part], pool[pool_val]]))
     test = np.sort(np.concatenate([np.flatnonzero(role_array == "test"), pool_to_test, pool[pool_test]]))

@@ -13,6 +13,7 @@ from models.card import ModelCard
 from models.inference import Classifier, default_model_dir
 from models.tasks import Task, get_task
 from training.data import DataError, Splits, load_and_split
+from training.fit import TrainConfig
 from training.metrics import classification_metrics, format_metrics, format_misclassified, misclassified
 from training.plots import confusion_matrix_png, training_curves_png
 
@@ -67,8 +68,10 @@ def run_evaluate(task: Task, data_dir: Path, model_dir: Path | None, json_path: 
         print(f"evaluate: {model_dir} is a {classifier.card.task} model, not {task.name}", file=sys.stderr)
         return 2
     training = classifier.card.training
+    config = TrainConfig.from_dict(training.get("config", {}))
     splits = load_and_split(data_dir, task, seed=int(classifier.card.split_seed or 0),
-                            validation_fraction=float(training.get("config", {}).get("validation_fraction", 0.15)))
+                            validation_fraction=config.validation_fraction,
+                            pool_validation_fraction=config.pool_validation_fraction)
     print(splits.images.report(), file=sys.stderr)
     expected = training.get("test_manifest_sha256")
     actual = splits.images.subset(splits.test).manifest_sha256()

@@ -49,6 +49,10 @@ class TrainConfig:
     time_budget_minutes: float | None = None
     class_weights: bool = True
     validation_fraction: float = 0.15
+    #: A pool (no official split): the group-aware share of its non-test images held for validation; ``None``: the
+    #: study's 70/20/10. The test part is the study's 10% either way, so every model is scored on the same holdout;
+    #: a smaller share trains on more of each patient's slices (the pool has no patient IDs).
+    pool_validation_fraction: float | None = None
     seed: int = 0
     dropout: float | None = None
     batch_norm: bool = True
@@ -59,6 +63,9 @@ class TrainConfig:
             raise ValueError(f"precision {self.precision!r}: choose one of {', '.join(PRECISIONS)}")
         if self.ema_momentum is not None and not 0.0 < self.ema_momentum < 1.0:
             raise ValueError(f"EMA momentum {self.ema_momentum}: give a number between 0 and 1, e.g. 0.999")
+        if self.pool_validation_fraction is not None and not 0.0 < self.pool_validation_fraction < 1.0:
+            raise ValueError(f"pool validation fraction {self.pool_validation_fraction}: give a number between 0 and "
+                             "1, e.g. 0.1")
         if self.time_budget_minutes is not None and not self.time_budget_minutes > 0:
             raise ValueError(f"time budget {self.time_budget_minutes} minutes: give a positive number, e.g. 55")
 

@@ -62,7 +62,8 @@ def run_train(task: Task, data_dirs: list[Path], arch: str, out_dir: Path, confi
             raise ValueError(f"--init-from: {arch} is not trained by gradient descent; it has no weights to start "
                              "from")
         source = Classifier.load(init_from)  # once, and before the data are read: a bad folder fails now
-    splits = load_and_split_sources(data_dirs, task, split_seed, config.validation_fraction)
+    splits = load_and_split_sources(data_dirs, task, split_seed, config.validation_fraction,
+                                    pool_validation_fraction=config.pool_validation_fraction)
     print(splits.images.report(), file=sys.stderr)
     print(splits.describe(), file=sys.stderr)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -155,7 +156,8 @@ _RECIPE_OPTIONS = {
     "epochs": "epochs", "batch_size": "batch_size", "learning_rate": "learning_rate",
     "patience": "early_stopping_patience", "lr_schedule": "lr_schedule", "warmup_epochs": "warmup_epochs",
     "label_smoothing": "label_smoothing", "ema": "ema_momentum", "precision": "precision",
-    "validation_fraction": "validation_fraction", "seed": "seed", "dropout": "dropout",
+    "validation_fraction": "validation_fraction", "pool_validation_fraction": "pool_validation_fraction",
+    "seed": "seed", "dropout": "dropout",
     "time_budget": "time_budget_minutes",
 }
 
