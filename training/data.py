@@ -271,6 +271,14 @@ def split_groups(
     return [np.sort(np.asarray(p, dtype=np.int64)) for p in parts]
 
 
+def split_off_validation(indices: np.ndarray, labels: np.ndarray, groups: np.ndarray, fraction: float,
+                         seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(train, validation) parts of ``indices`` (into ``labels``/``groups``): :func:`split_groups` with
+    ``(1 - fraction, fraction)``."""
+    fit_part, val_part = split_groups(labels[indices], groups[indices], (1 - fraction, fraction), seed)
+    return indices[fit_part], indices[val_part]
+
+
 def fold_ids(labels: np.ndarray, groups: np.ndarray, folds: int, seed: int) -> np.ndarray:
     """Fold number (0..folds-1) per image for group-aware, class-stratified cross-validation."""
     parts = split_groups(labels, groups, [1.0 / folds] * folds, seed)
@@ -292,9 +300,9 @@ def split_pool(labels: np.ndarray, groups: np.ndarray, seed: int,
     train, validation, test = split_groups(labels, groups, POOL_FRACTIONS, seed)
     if validation_fraction is None:
         return [train, validation, test]
-    rest = np.sort(np.concatenate([train, validation]))
-    fit_part, val_part = split_groups(labels[rest], groups[rest], (1 - validation_fraction, validation_fraction), seed)
-    return [rest[fit_part], rest[val_part], test]
+    fit, held = split_off_validation(np.sort(np.concatenate([train, validation])), labels, groups,
+                                     validation_fraction, seed)
+    return [fit, held, test]
 
 
 @dataclass
@@ -348,13 +356,11 @@ def load_and_split(data_dir: Path | str, task: Task, seed: int, validation_fract
         images = _concatenate(training, testing, data_dir)
         groups = duplicate_groups(images, links=patient_links(images, [data_dir]))
         n_train = len(training)
-        train_idx = np.arange(n_train)
-        fit_part, val_part = split_groups(
-            images.label_array[train_idx], groups[train_idx], (1 - validation_fraction, validation_fraction), seed
-        )
+        train, validation = split_off_validation(np.arange(n_train), images.label_array, groups,
+                                                 validation_fraction, seed)
         test = np.arange(n_train, len(images))
         dedup = test[~near_duplicates_of(testing, training)]
-        return Splits(images, groups, train_idx[fit_part], train_idx[val_part], test, dedup, official=True)
+        return Splits(images, groups, train, validation, test, dedup, official=True)
     images = load_image_folder(data_dir, task, progress)
     groups = duplicate_groups(images, links=patient_links(images, [data_dir]))
     train, validation, test = split_pool(images.label_array, groups, seed, pool_validation_fraction)
@@ -372,9 +378,7 @@ def cross_validation_parts(labels: np.ndarray, groups: np.ndarray, folds: int, s
     for fold in range(folds):
         test = np.flatnonzero(assignment == fold)
         rest = np.flatnonzero(assignment != fold)
-        fit_part, val_part = split_groups(labels[rest], groups[rest], (1 - validation_fraction, validation_fraction),
-                                          seed + fold + 1)
-        parts.append((rest[fit_part], rest[val_part], test))
+        parts.append((*split_off_validation(rest, labels, groups, validation_fraction, seed + fold + 1), test))
     return parts
 
 
@@ -416,11 +420,10 @@ def load_and_split_sources(data_dirs: Sequence[Path | str], task: Task, seed: in
     pool_to_test = pool[np.isin(groups[pool], list(test_groups))]
     pool = np.setdiff1d(pool, pool_to_test)
     official_train = np.flatnonzero(role_array == "train")
-    fit_part, val_part = split_groups(labels[official_train], groups[official_train],
-                                      (1 - validation_fraction, validation_fraction), seed)
+    official_fit, official_val = split_off_validation(official_train, labels, groups, validation_fraction, seed)
     pool_train, pool_val, pool_test = split_pool(labels[pool], groups[pool], seed, pool_validation_fraction)
-    train = np.sort(np.concatenate([official_train[fit_part], pool[pool_train]]))
-    validation = np.sort(np.concatenate([official_train[val_part], pool[pool_val]]))
+    train = np.sort(np.concatenate([official_fit, pool[pool_train]]))
+    validation = np.sort(np.concatenate([official_val, pool[pool_val]]))
     test = np.sort(np.concatenate([np.flatnonzero(role_array == "test"), pool_to_test, pool[pool_test]]))
     missing = [name for label, name in enumerate(task.class_names) if not np.any(labels[train] == label)]
     if missing:
