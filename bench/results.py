@@ -229,11 +229,10 @@ NOTES = """## How the shipped models were trained, why they still miss their tar
   Neither higher resolution, weight averaging, stronger augmentation nor a sixth more of the pool's slices closed
   that gap; next is more data from other patients (the retraining issue's confirmed studies). The duplicate-aware
   split changes little on this set: of its 2,481 slices only 10 have a near-duplicate (dHash within 10 bits; the
-  median nearest neighbour is 49 bits away), so
-  the holdout is in effect a stratified random 10%, drawn as the study drew its own. On 248 images one image is
-  0.40 points and the binomial standard error is 1.3 points: the shipped model's 95.16% (236 of 248) and the
-  study's 95.60% differ by about one image, within the noise of either figure; two runs of one recipe differed by
-  1.6 points.
+  median nearest neighbour is 49 bits away), so the holdout is in effect a stratified random 10%, drawn as the
+  study drew its own. On 248 images one image is 0.40 points and the binomial standard error is 1.3 points: the
+  shipped model's 95.16% (236 of 248) and the study's 95.60% differ by about one image, within the noise of either
+  figure; two runs of one recipe differed by 1.6 points.
 - **Where the COVID errors are.** `dicom-triage evaluate covid-ct --data ../shared/data/covid-ct --errors` lists
   the shipped model's 12 holdout errors. They are not spread over the set: 6 of the 7 COVID-labelled ones fall in
   two runs of nearby file numbers (`Covid (644-654)`, `Covid (1163-1208)`), and the same runs hold 11 of the model's
@@ -243,7 +242,8 @@ NOTES = """## How the shipped models were trained, why they still miss their tar
   non-COVID ones; an engineer's look, not a radiologist's reading), the COVID-labelled slices show clear lung
   fields, unlike `Covid (400)` and `Covid (700)`, which the model gets right and which show peripheral ground-glass
   opacities; the non-COVID slices it calls COVID are clear slices too. The label is the patient's diagnosis, not the
-  slice's finding: a slice with no visible finding carries no sign of its class. Part of the distance to the 98% target is therefore in the labels.
+  slice's finding: a slice with no visible finding carries no sign of its class. Part of the distance to the 98%
+  target is therefore in the labels.
   A model could close it only by recognising the patients, whose other slices the random split puts in training.
 - **Where.** One H100 (Keras 3.15.1 on JAX, `bench/train_gpu.py`). The second run (brain 160, COVID 192, the
   folds) ran as six training processes sharing the GPU at once, 7.5 minutes in all; alone, an epoch takes about
