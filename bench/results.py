@@ -237,9 +237,9 @@ NOTES = """## How the shipped models were trained, why they still miss their tar
   training slices; next is more data from other patients (the retraining issue's confirmed studies). The
   duplicate-aware split changes little on this set: of its 2,481 slices only 10 have a near-duplicate (dHash within
   10 bits; the median nearest neighbour is 49 bits away), so the holdout is in effect a stratified random 10%,
-  drawn as the study drew its own. On 248 images one image is 0.40 points and the binomial
-  standard error is 1.3 points: the shipped model's 95.56% (237 of 248) and the study's 95.60% are the same figure
-  within that noise; two runs of one recipe differed by 1.6 points.
+  drawn as the study drew its own. On 248 images one image is 0.40 points and the binomial standard error is 1.3
+  points: the shipped model's 95.56% (237 of 248) and the study's 95.60% are the same figure within that noise; two
+  runs of one recipe differed by 1.6 points.
 - **Where the COVID errors are.** `dicom-triage evaluate covid-ct --data ../shared/data/covid-ct --errors` lists the
   shipped model's 11 holdout errors; 8 of them are also errors of the 160 model before it, and its 4 COVID-labelled
   ones (`Covid (648)`, `(654)`, `(1205)`, `(1208)`) lie in the two runs named below. The 160 model's 12 holdout

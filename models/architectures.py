@@ -227,8 +227,8 @@ _DEFAULT_INPUTS: dict[str, InputSpec] = {
 }
 #: The shipped models' inputs. Brain-tumor is 128: in a 55-minute CPU budget it fits 174 epochs against 160's 96,
 #: and scored 98.78%/98.55% against 97.56%/97.22% (given 200 GPU epochs, 160 was 0.3-0.6 points ahead).
-#: COVID CT is 192: under the same budget it fits ~186 epochs and reached a validation loss of 0.26 against 0.28 for
-#: 160 (140 epochs) and 0.42 for 224 (86 epochs); see docs/results.md.
+#: COVID CT is 192: under the same budget it fits ~180 epochs, and its two seeds reached validation losses of 0.26
+#: and 0.29 against 0.28 for 160 (140 epochs) and 0.42 for 224 (86 epochs); see docs/results.md.
 _TRIAGE_INPUTS: dict[str, InputSpec] = {"brain-tumor": InputSpec(128, 128, 1), "covid-ct": InputSpec(192, 192, 1)}
 
 ARCHITECTURES: tuple[str, ...] = tuple(_DEFAULT_INPUTS)
