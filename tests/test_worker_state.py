@@ -3,27 +3,38 @@ series completion, job transitions and superseding."""
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 import threading
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
+from typing import Any
 
 import pytest
+from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from pydicom import Dataset
-from sqlalchemy import func, select, text, update
+from sqlalchemy import func, inspect, select, text, update
 
 from config import RoutingRule, load_settings
 from dicom_factory import brain_images, ct_images
 from dicom_io.archive import Archive
 from dicom_io.synthesis import ct_series, mr_series
+from models.tasks import INDETERMINATE
 from worker.db import Base, Database, Instance, Job, JobState, Patient, RejectedInstance, Result, Series, WorkerProcess
-from worker.db import upgrade_database
+from worker.db import Study, upgrade_database
+from worker.db.migrate import alembic_config
 from worker.ingest import DatabaseSink
 from worker.inference import SeriesClassification
+from worker.report import format_report, results_report
 from worker.series import SeriesScheduler
 from worker.tasks import claim_job, fail_job, finish_job
 from worker.workers import STALE_AFTER
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
@@ -360,3 +371,96 @@ def test_ingest_goes_on_after_its_database_connection_is_lost(
     with postgres_database.session() as session:
         recorded = set(session.scalars(select(Instance.sop_instance_uid)))
     assert recorded == {ds.SOPInstanceUID for ds in series}
+
+
+def _indeterminate(reason: str = "no lung in the field of view") -> SeriesClassification:
+    """What the worker's classification gives for a series the model cannot judge: every class' probability
+    still, one slice left out of the decision."""
+    probabilities = {"glioma": 0.2, "meningioma": 0.3, "notumor": 0.4, "pituitary": 0.1}
+    slices = [{"sop_instance_uid": "1.2", "frame": 1, "probabilities": [0.25] * 4, "excluded": "scout"}]
+    return SeriesClassification(INDETERMINATE, probabilities, slices, reason=reason)
+
+
+def _results_json(database_url: str, data_dir: Path) -> dict[str, Any]:
+    """``dicom-triage results --json``, the command itself."""
+    completed = subprocess.run(
+        [sys.executable, "-m", "worker.cli", "results", "--data-dir", str(data_dir), "--json"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+        env={**os.environ, "DICOM_TRIAGE_CONFIG": "", "DICOM_TRIAGE_DATABASE_URL": database_url},
+    )
+    assert completed.returncode == 0, completed.stderr
+    return json.loads(completed.stdout)
+
+
+def test_indeterminate_result_keeps_its_reason_through_results(
+    database: Database, database_url: str, sink: DatabaseSink, tmp_path: Path
+) -> None:
+    clock, sent = Clock(), []
+    scheduler = _scheduler(database, tmp_path, clock, sent)
+    series = _brain(2)
+    sink.accept(series[0], "PACS")
+    clock.now = datetime.now(timezone.utc) + timedelta(seconds=10)
+    [first] = scheduler.run_once()
+    worker = _worker(database)
+    claim_job(database, first, worker)
+    finish_job(database, first, _indeterminate(), "tiny", "1", "2.25.1", 0.1)
+    with database.session() as session:
+        result = session.scalars(select(Result)).one()
+        assert (result.label, result.reason) == (INDETERMINATE, "no lung in the field of view")
+        assert result.probabilities["notumor"] == 0.4 and result.slice_probabilities[0]["excluded"] == "scout"
+        job = session.get_one(Job, first)
+        assert job.state == JobState.DONE
+        assert job.reason == "indeterminate (no lung in the field of view) by tiny 1"
+
+    [entry] = _results_json(database_url, tmp_path)["series"]
+    assert entry["label"] == INDETERMINATE and entry["result_reason"] == "no lung in the field of view"
+    assert entry["reason"] == "indeterminate (no lung in the field of view) by tiny 1"
+    assert entry["probabilities"]["notumor"] == 0.4
+    text_lines = format_report(results_report(database)).splitlines()
+    assert "indeterminate" in text_lines[1] and "no lung in the field of view" in text_lines[1]
+
+    # A late instance makes a new revision with a class label: the series' current result has no reason.
+    sink.accept(series[1], "PACS")
+    clock.now = datetime.now(timezone.utc) + timedelta(seconds=10)
+    [second] = scheduler.run_once()
+    claim_job(database, second, worker)
+    finish_job(database, second, _classification("glioma"), "tiny", "1", "2.25.1", 0.1)
+    [entry] = results_report(database)["series"]
+    assert (entry["label"], entry["result_reason"]) == ("glioma", None)
+    assert entry["reason"] == "glioma (0.70) by tiny 1"
+    assert "glioma 0.70" in format_report(results_report(database))
+
+
+def test_result_reason_migration_keeps_existing_results(database_url: str) -> None:
+    """``res0001`` adds ``results.reason`` to a database holding results (they read NULL) and removes it again."""
+    upgrade_database(database_url)
+    db = Database(database_url)
+    try:
+        with db.session() as session:
+            patient = Patient(patient_id="P1")
+            study = Study(study_instance_uid="1.2.3", patient=patient)
+            series = Series(series_instance_uid="1.2.3.4", study=study)
+            session.add_all([patient, study, series])
+            session.flush()
+            job = Job(series_pk=series.id, revision=1, state=JobState.DONE, task="brain-tumor",
+                      series_last_received_at=datetime.now(timezone.utc))
+            session.add(job)
+            session.flush()
+            session.add(Result(job_pk=job.id, series_pk=series.id, revision=1, task="brain-tumor", label="glioma",
+                               probabilities={"glioma": 1.0}, slice_probabilities=[], aggregation="mean",
+                               model_name="m", model_version="1", model_uid="2.25.1"))
+        with db.engine.begin() as connection:
+            config = alembic_config()
+            config.attributes["connection"] = connection
+            command.downgrade(config, "reg0001")
+        assert "reason" not in {c["name"] for c in inspect(db.engine).get_columns("results")}
+        upgrade_database(database_url)
+        with db.engine.connect() as connection:
+            rows = connection.execute(text("SELECT label, reason FROM results")).all()
+            assert [tuple(row) for row in rows] == [("glioma", None)]
+            assert compare_metadata(MigrationContext.configure(connection), Base.metadata) == []
+        with db.session() as session:  # the column takes text of any length
+            session.execute(update(Result).values(label=INDETERMINATE, reason="not a brain " * 100))
+            assert session.scalars(select(Result.reason)).one() == "not a brain " * 100
+    finally:
+        db.dispose()

@@ -17,6 +17,8 @@ def results_report(database: Database, study_instance_uid: str | None = None) ->
     label and probabilities are those of its current (not superseded) result, if any. ``rejected`` lists every
     refused instance (a refusal is not tied to a study, so ``study_instance_uid`` does not filter it). ``sr`` is
     the current result's latest SR and its delivery to each destination (:func:`worker.reporting.sr_summaries`).
+    ``result_reason`` is why the current result is ``indeterminate`` (``None`` for a class label or no result);
+    ``reason`` stays the job's own line (its state, or the summary of its result).
     """
     with database.session() as session:
         query = (
@@ -54,6 +56,7 @@ def results_report(database: Database, study_instance_uid: str | None = None) ->
                     "label": result.label if result else None,
                     "probabilities": result.probabilities if result else None,
                     "model_uid": result.model_uid if result else None,
+                    "result_reason": result.reason if result else None,
                     "reason": "waiting for the series to complete" if waiting else job.reason,
                     "sr": srs.get(result.id) if result else None,
                 }
@@ -70,8 +73,9 @@ def format_report(report: dict[str, Any]) -> str:
     lines = [f"{'series':<40} {'mod':<4} {'status':<15} {'task':<12} {'label':<12} reason"]
     for entry in report["series"]:
         label = entry["label"] or "-"
-        if entry["probabilities"] and entry["label"]:
-            label = f"{label} {entry['probabilities'][entry['label']]:.2f}"
+        probability = (entry["probabilities"] or {}).get(entry["label"])  # none for an indeterminate label
+        if probability is not None:
+            label = f"{label} {probability:.2f}"
         lines.append(
             f"{entry['series_instance_uid'][-40:]:<40} {entry['modality']:<4} {entry['status']:<15} "
             f"{entry['task'] or '-':<12} {label:<12} {entry['reason']}"

@@ -37,6 +37,7 @@ from sqlalchemy.orm import Session
 
 from config import Settings
 from models.card import ModelCard
+from models.tasks import INDETERMINATE
 from worker.celery_app import CLASSIFY_SERIES
 from worker.db import Database, Instance, Job, JobState, Result, Series, utcnow
 from worker.inference import ModelCache, SeriesBatcher, SeriesClassification, decode_series
@@ -333,6 +334,7 @@ def _finish(session: Session, item: Finished) -> None:
                 model_version=item.model_version,
                 model_uid=item.model_uid,
                 inference_seconds=item.seconds,
+                reason=classification.reason,
             )
         )
         session.flush()
@@ -344,11 +346,22 @@ def _finish(session: Session, item: Finished) -> None:
         .where(Result.series_pk == job.series_pk, Result.id != latest)
         .values(superseded_by_pk=latest)
     )
-    probability = classification.probabilities[classification.label]
     job.state = JobState.DONE
-    job.reason = f"{classification.label} ({probability:.2f}) by {item.model_name} {item.model_version}"
+    job.reason = job_summary(classification, item.model_name, item.model_version)
     job.finished_at = utcnow()
     job.worker_pk = None
+
+
+def job_summary(classification: SeriesClassification, model_name: str, model_version: str) -> str:
+    """A done job's reason: ``glioma (0.91) by NAME VERSION``, or ``indeterminate (WHY) by NAME VERSION``.
+
+    An indeterminate label is no class, so it has no probability of its own to show; its reason takes that place.
+    """
+    if classification.label == INDETERMINATE:
+        detail = classification.reason or "no reason given"
+    else:
+        detail = f"{classification.probabilities[classification.label]:.2f}"
+    return f"{classification.label} ({detail}) by {model_name} {model_version}"
 
 
 def fail_job(database: Database, job_id: int, reason: str) -> None:
