@@ -41,6 +41,25 @@ a negative test; what was not detected is given by the measurement group around 
 the task, and the procedure reported is brain MRI or CT chest) and by the probabilities of the positive classes
 beside it. Within one task each concept belongs to one class, so :func:`class_name_for` maps codes back.
 
+An indeterminate result (the label ``"indeterminate"``, ``models.tasks.INDETERMINATE``: the model could not judge
+the series, e.g. no lung in the field or not a brain) is no class of any task, so it is not in
+:data:`CLASS_CONCEPTS`; :func:`finding_concept` gives its concept:
+
+=============  ===========  ============  =============================================================
+label          code         meaning       checked against
+=============  ===========  ============  =============================================================
+indeterminate  373068000    Undetermined  PS3.16 as packaged in pydicom's ``codedict`` (CID 230 "Yes-No"
+               (SNOMED CT)                and CID 240 "Present-Absent", the standard's third answer
+                                          beside present and absent). Not 82334004 "Indeterminate",
+                                          which PS3.16 only lists for visual fixation quality (CID
+                                          4220), nor DCM 114011 "Value indeterminate", a numeric value
+                                          qualifier (CID 42/44).
+=============  ===========  ============  =============================================================
+
+Why it is indeterminate goes beside the finding as a TEXT item named DCM 121106 "Comment" (:data:`REASON_CONCEPT`;
+PS3.16 has no "reason for indeterminate result" concept, and "Comment" is the generic free-text observation). The
+reason is plain text made by the worker (what was out of domain), never patient data.
+
 Procedures reported (TID 1500), from DICOM PS3.16 as packaged in pydicom's ``codedict``: brain MRI is LOINC
 24590-2 "Brain MRI" (CID 646); CT chest is LOINC 24627-2 (CID 7000 lists it as "CT Chest Report"; LOINC's own
 name is "CT Chest"). Finding sites: SNOMED CT 12738006 "Brain" and 39607008 "Lung" (PS3.16 CID 4 "Anatomic
@@ -56,6 +75,9 @@ from types import MappingProxyType
 from pydicom.sr.coding import Code
 
 __all__ = [
+    "INDETERMINATE",
+    "INDETERMINATE_CONCEPT",
+    "REASON_CONCEPT",
     "NOT_DETECTED",
     "PROBABILITY_UNIT",
     "CLASS_CONCEPTS",
@@ -63,12 +85,23 @@ __all__ = [
     "FINDING_SITE_CONCEPTS",
     "class_concept",
     "class_name_for",
+    "finding_concept",
     "procedure_concept",
     "finding_site_concept",
 ]
 
 #: A negative result (see the module docstring).
 NOT_DETECTED = Code("260415000", "SCT", "Not detected")
+
+#: The label of a result the model could not judge; the same string as ``models.tasks.INDETERMINATE`` (``dicom_io``
+#: does not import ``models``; the worker's tests check that they agree).
+INDETERMINATE = "indeterminate"
+
+#: The finding of an indeterminate result (see the module docstring).
+INDETERMINATE_CONCEPT = Code("373068000", "SCT", "Undetermined")
+
+#: The concept name of the TEXT item that says why a result is indeterminate.
+REASON_CONCEPT = Code("121106", "DCM", "Comment")
 
 #: Unit of the per-class probability measurements.
 PROBABILITY_UNIT = Code("{probability}", "UCUM", "probability")
@@ -137,3 +170,9 @@ def class_name_for(value: str, scheme_designator: str, class_names: Iterable[str
     if len(matches) != 1:
         raise KeyError(f"code ({value}, {scheme_designator}) matches {len(matches)} of the classes {names}")
     return matches[0]
+
+
+def finding_concept(label: str) -> Code:
+    """The concept of a result's finding: its class' (:func:`class_concept`), or :data:`INDETERMINATE_CONCEPT`."""
+    return INDETERMINATE_CONCEPT if label == INDETERMINATE else class_concept(label)
+

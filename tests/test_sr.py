@@ -237,3 +237,49 @@ def test_describe_summarises_finding_probabilities_model_and_images(tmp_path: Pa
     assert "Finding: non-COVID" in text and "0.7500" in text and "0.2500" in text
     assert MODEL.name in text and MODEL.uid in text and "aggregation = mean of slice probabilities" in text
     assert all(s.SOPInstanceUID in text for s in sources)
+
+
+INDETERMINATE_COVID = ClassificationResult(
+    task="covid-ct", label="indeterminate", class_names=("COVID", "non-COVID"), probabilities=(0.4, 0.6),
+    reason="no lung in the field of view (12 of 40 slices)",
+)
+
+
+def test_indeterminate_result_reports_undetermined_with_its_reason(tmp_path: Path) -> None:
+    sources = _series("CT")
+    first = build_classification_sr(sources, INDETERMINATE_COVID, MODEL)
+    path = _save(first, tmp_path / "indeterminate.dcm")
+    assert _dciodvfy_errors(path) == []
+    dump = subprocess.run([DSRDUMP, str(path)], capture_output=True, text=True, timeout=60)
+    assert dump.returncode == 0, dump.stderr
+    assert '"Finding")=(373068000,SCT,"Undetermined")' in dump.stdout
+    assert '<contains TEXT:(,,"Comment")="no lung in the field of vie' in dump.stdout  # dsrdump cuts long text
+    report = read_classification_sr(pydicom.dcmread(path))
+    assert report.finding == "indeterminate" and report.reason == INDETERMINATE_COVID.reason
+    assert report.probabilities == {"COVID": 0.4, "non-COVID": 0.6}  # every class' probability stays
+    text = describe(path)
+    assert "Finding: indeterminate" in text and f"Reason: {INDETERMINATE_COVID.reason}" in text
+    assert "0.6000" in text
+
+    # A radiologist's correction to a class: the revision reports the class, and no reason.
+    corrected = ClassificationResult("covid-ct", "COVID", INDETERMINATE_COVID.class_names, (0.4, 0.6))
+    revised = build_classification_sr(sources, corrected, MODEL, revision=1, predecessor=first)
+    revised_path = _save(revised, tmp_path / "revised.dcm")
+    assert _dciodvfy_errors(revised_path) == []
+    report = read_classification_sr(pydicom.dcmread(revised_path))
+    assert (report.finding, report.reason, report.predecessors) == ("COVID", None, (first.SOPInstanceUID,))
+    assert "Reason:" not in describe(revised_path)
+
+
+def test_indeterminate_reason_rules() -> None:
+    names = INDETERMINATE_COVID.class_names
+    with pytest.raises(ValueError, match="reason is for an 'indeterminate' result"):
+        ClassificationResult("covid-ct", "COVID", names, (0.4, 0.6), reason="no lung")
+    with pytest.raises(SRError, match="reason is empty"):
+        build_classification_sr(_series("CT"), ClassificationResult("covid-ct", "indeterminate", names, (0.4, 0.6),
+                                                                    reason=" \n "), MODEL)
+    # Without a reason the finding is still reported, and reads back without one.
+    bare = build_classification_sr(_series("CT"), ClassificationResult("covid-ct", "indeterminate", names,
+                                                                        (0.4, 0.6)), MODEL)
+    report = read_classification_sr(bare)
+    assert (report.finding, report.reason) == ("indeterminate", None)

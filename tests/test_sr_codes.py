@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import pytest
 
+from dicom_io import codes
 from dicom_io.codes import (
     CLASS_CONCEPTS,
+    INDETERMINATE_CONCEPT,
     NOT_DETECTED,
     class_concept,
     class_name_for,
+    finding_concept,
     finding_site_concept,
     procedure_concept,
 )
+from models import tasks
 from models.tasks import TASKS
 
 
@@ -41,3 +45,16 @@ def test_unknown_names_and_ambiguous_codes_raise() -> None:
     # "Not detected" is the negative of both tasks: without the task's classes it is ambiguous.
     with pytest.raises(KeyError, match="matches 2"):
         class_name_for(NOT_DETECTED.value, NOT_DETECTED.scheme_designator, CLASS_CONCEPTS)
+
+
+def test_indeterminate_has_its_own_concept_and_is_no_class() -> None:
+    assert codes.INDETERMINATE == tasks.INDETERMINATE  # dicom_io cannot import models: the two must agree
+    assert finding_concept(tasks.INDETERMINATE) == INDETERMINATE_CONCEPT
+    assert (INDETERMINATE_CONCEPT.value, INDETERMINATE_CONCEPT.scheme_designator) == ("373068000", "SCT")
+    assert finding_concept("glioma") == class_concept("glioma")
+    all_classes = [name for task in TASKS.values() for name in task.class_names]
+    assert all(class_concept(name) != INDETERMINATE_CONCEPT for name in all_classes)
+    with pytest.raises(KeyError):
+        class_name_for(INDETERMINATE_CONCEPT.value, INDETERMINATE_CONCEPT.scheme_designator, all_classes)
+    with pytest.raises(KeyError, match="known"):
+        finding_concept("undetermined")

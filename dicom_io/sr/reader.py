@@ -10,7 +10,7 @@ from pydicom import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.sr.codedict import codes
 
-from dicom_io.codes import class_name_for
+from dicom_io.codes import INDETERMINATE, INDETERMINATE_CONCEPT, REASON_CONCEPT, class_name_for
 from dicom_io.sr.results import AlgorithmInfo, ClassificationReport
 from dicom_io.sr.writer import CLASSES_PARAMETER, TASK_PARAMETER, SRError
 
@@ -23,7 +23,8 @@ def read_classification_sr(ds: Dataset) -> ClassificationReport:
     """The finding, probabilities, algorithm and referenced instances of a classification SR.
 
     Class names come from the algorithm parameters the writer records; an SR without them is read with the
-    codes' meanings as names. Raises :class:`SRError` when ``ds`` is not a TID 1500 report with one measurement
+    codes' meanings as names. An indeterminate finding reads as ``"indeterminate"`` with its ``reason`` (the
+    TEXT item after it). Raises :class:`SRError` when ``ds`` is not a TID 1500 report with one measurement
     group holding a finding.
     """
     if ds.get("SOPClassUID") != _COMPREHENSIVE_3D_SR:
@@ -55,6 +56,9 @@ def read_classification_sr(ds: Dataset) -> ClassificationReport:
         except KeyError as exc:
             raise SRError(str(exc)) from None
 
+    finding = INDETERMINATE if _is_indeterminate(group.finding_type) else name_of(group.finding_type)
+    reasons = texts.get(REASON_CONCEPT.value, []) if finding == INDETERMINATE else []
+
     probabilities: dict[str, float] = {}
     for measurement in group.get_measurements():
         probabilities[name_of(measurement.name)] = float(measurement.value)
@@ -78,7 +82,7 @@ def read_classification_sr(ds: Dataset) -> ClassificationReport:
     return ClassificationReport(
         sop_instance_uid=str(ds.SOPInstanceUID),
         task=own.get(TASK_PARAMETER),
-        finding=name_of(group.finding_type),
+        finding=finding,
         probabilities=probabilities,
         algorithm=algorithm,
         referenced_instances=tuple(
@@ -90,6 +94,7 @@ def read_classification_sr(ds: Dataset) -> ClassificationReport:
             for series in study.get("ReferencedSeriesSequence", [])
             for instance in series.get("ReferencedSOPSequence", [])
         ),
+        reason=reasons[0] if reasons else None,
     )
 
 
@@ -106,6 +111,7 @@ def describe(path: str | PathLike[str]) -> str:
         f"Patient: {ds.get('PatientName', '')} ({ds.get('PatientID', '')})   Study: {ds.get('StudyInstanceUID', '')}",
         f"Task: {report.task or 'unknown'}   Verification: {ds.get('VerificationFlag', '')}",
         f"Finding: {report.finding}",
+        *([f"Reason: {report.reason}"] if report.reason else []),
         "Probabilities:",
         *(f"  {name:<12} {p:7.4f}" for name, p in sorted(report.probabilities.items(), key=lambda kv: -kv[1])),
         f"Model: {report.algorithm.name} {report.algorithm.version} (UID {report.algorithm.uid},"
@@ -115,6 +121,12 @@ def describe(path: str | PathLike[str]) -> str:
         *(f"  {uid}" for _, uid in report.referenced_instances),
     ]
     return "\n".join(lines)
+
+
+def _is_indeterminate(concept: hd.sr.CodedConcept) -> bool:
+    return (concept.value, concept.scheme_designator) == (
+        INDETERMINATE_CONCEPT.value, INDETERMINATE_CONCEPT.scheme_designator
+    )
 
 
 def _first(texts: dict[str, list[str]], code_value: str) -> str:

@@ -6,8 +6,9 @@ The document follows the IHE AI Results (AIR) profile's shape:
 * Procedure reported: brain MRI or CT chest (:mod:`dicom_io.codes`).
 * One TID 1501 measurement group for the classified series: tracking identifier and UID, algorithm identification
   (name, version, parameters, plus the task and the class names in output order so a reader can map the codes back),
-  finding site, every source image, the "Finding" item (DCM 121071) whose value is the predicted class' concept,
-  and one probability measurement per class.
+  finding site, every source image, the "Finding" item (DCM 121071) whose value is the predicted class' concept
+  (SNOMED CT 373068000 "Undetermined" for an indeterminate result, followed by a TEXT item DCM 121106 "Comment"
+  saying why: :mod:`dicom_io.codes`), and one probability measurement per class (kept for an indeterminate result).
 * Patient and study copied from the source (cleaned so the SR stays valid, see :func:`_patient_and_study`); the same
   Study Instance UID and a new series; the evidence sequence lists every source instance; VerificationFlag
   UNVERIFIED; ContributingEquipmentSequence names the model as processing equipment with its Device UID.
@@ -28,7 +29,14 @@ import highdicom as hd
 from pydicom import Dataset
 from pydicom.sr.codedict import codes
 
-from dicom_io.codes import PROBABILITY_UNIT, class_concept, finding_site_concept, procedure_concept
+from dicom_io.codes import (
+    PROBABILITY_UNIT,
+    REASON_CONCEPT,
+    class_concept,
+    finding_concept,
+    finding_site_concept,
+    procedure_concept,
+)
 from dicom_io.sr.results import AlgorithmInfo, ClassificationResult
 
 __all__ = ["SRError", "SRUids", "sr_uids", "build_classification_sr", "TASK_PARAMETER", "CLASSES_PARAMETER"]
@@ -126,7 +134,7 @@ def build_classification_sr(
         ),
         finding_sites=[hd.sr.FindingSite(anatomic_location=finding_site_concept(result.task))],
         # The TID 1501 "Finding" item (DCM 121071) carries the predicted class; highdicom calls it finding_type.
-        finding_type=class_concept(result.label),
+        finding_type=finding_concept(result.label),
         measurements=[
             hd.sr.Measurement(name=class_concept(name), value=probability, unit=PROBABILITY_UNIT)
             for name, probability in zip(result.class_names, result.probabilities)
@@ -135,6 +143,8 @@ def build_classification_sr(
             hd.sr.SourceImageForMeasurementGroup(h.SOPClassUID, h.SOPInstanceUID) for h in headers
         ],
     )
+    if result.reason is not None:
+        _add_reason(group, result.reason)
     observer = hd.sr.ObserverContext(
         observer_type=codes.cid270.Device,
         observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
@@ -178,6 +188,27 @@ def build_classification_sr(
         contributing_equipment=[equipment],
         specific_character_set=character_set,
     )
+
+
+def _add_reason(group: hd.sr.MeasurementsAndQualitativeEvaluations, reason: str) -> None:
+    """Put the TEXT item saying why the finding is indeterminate right after the Finding item.
+
+    highdicom's group takes coded qualitative evaluations only, so the item is added to the built container. One
+    line of text: the reason is shown beside the finding, and a reader should not have to unwrap it.
+    """
+    text = " ".join(reason.split())
+    if not text:
+        raise SRError("an indeterminate result's reason is empty")
+    item = hd.sr.TextContentItem(
+        name=REASON_CONCEPT, value=text, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS
+    )
+    content = group[0].ContentSequence
+    finding_code = codes.DCM.Finding.value
+    position = next(
+        (i + 1 for i, child in enumerate(content) if child.ConceptNameCodeSequence[0].CodeValue == finding_code),
+        len(content),
+    )
+    content.insert(position, item)
 
 
 def _own_version() -> str:
