@@ -6,6 +6,9 @@ result with that finding, nothing new is made, so a retried task or a repeated h
 change makes a new revision that names its predecessor (:mod:`dicom_io.sr` derives its UIDs from the source
 series, the model UID and the revision number, which counts the series' earlier SRs by that model).
 
+An indeterminate result is reported with the finding "Undetermined" and its reason (:mod:`dicom_io.codes`); a
+radiologist's correction of it to a class makes a revision reporting that class.
+
 A result that was superseded (late instances made a newer one) gets no SR: the newer result's SR reports the
 series. The SR references exactly the instances the result classified.
 """
@@ -26,7 +29,7 @@ from sqlalchemy.orm import Session
 from config import Settings
 from dicom_io.archive import Archive
 from dicom_io.sr import AlgorithmInfo, ClassificationResult, SRError, build_classification_sr, read_classification_sr
-from models.tasks import get_task
+from models.tasks import INDETERMINATE, get_task
 from worker.db import Database, Instance, Result, Review, Series, SrDelivery, SrDocument
 from worker.db.review import Decision
 from worker.delivery import DeliveryEnqueue, DeliveryStatus, delivery_enqueue
@@ -78,6 +81,8 @@ def _source_paths(session: Session, result: Result) -> list[Path]:
 
 
 def _classification(result: Result, label: str) -> ClassificationResult:
+    """What the SR reports: ``label`` (the model's or a correction's) with every class' probability, and the
+    result's reason when the reported label is indeterminate (a correction to a class drops it)."""
     class_names = get_task(result.task).class_names
     missing = set(class_names) - set(result.probabilities)
     if missing:
@@ -87,6 +92,7 @@ def _classification(result: Result, label: str) -> ClassificationResult:
         label=label,
         class_names=class_names,
         probabilities=tuple(float(result.probabilities[name]) for name in class_names),
+        reason=(result.reason or "no reason given") if label == INDETERMINATE else None,
     )
 
 

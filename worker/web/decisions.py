@@ -48,7 +48,9 @@ def decide(
 ) -> DecisionOutcome:
     """Check and store a decision; after a committed correction, call ``on_correction(review_id)``.
 
-    The decision is committed first: a failing hook (archive full, source instances gone) is logged and reported
+    A confirmation keeps the model's label, ``indeterminate`` included; a correction picks one of the task's classes
+    (never ``indeterminate``: a radiologist who judges the series names what it shows). The decision is committed
+    first: a failing hook (archive full, source instances gone) is logged and reported
     in the outcome, and never loses the decision.
     """
     try:

@@ -10,6 +10,7 @@ from fastapi import APIRouter, Depends, HTTPException, Request
 from fastapi.responses import FileResponse, RedirectResponse, Response
 from sqlalchemy import func, select
 
+from models.tasks import INDETERMINATE
 from worker.db import AuditEvent, Instance, Result, User
 from worker.db.review import Role, audit
 from worker.web import auth
@@ -155,6 +156,11 @@ def heatmap(
         if result is None or result.series_pk != instance_series:
             raise HTTPException(404, "no such result for this instance")
         model_uid, task, label = result.model_uid, result.task, result.label
+    if label == INDETERMINATE:
+        # Grad-CAM explains one class, and the model named none; a map of its likeliest class would look like an
+        # explanation of a decision it did not make.
+        raise HTTPException(422, "no heat map: the model judged this series indeterminate and named no class "
+                                 "to explain")
     try:
         png = _state(request).images.heatmap(model_uid, task, label, sop_uid, path, frame)
     except RenderError as exc:
@@ -200,14 +206,18 @@ def users_set_active(
 
 @router.get("/admin/models")
 def models_page(request: Request, who: Principal = Depends(page_admin)) -> Response:
-    """The registry's models per task (state, metrics) and how many results each model produced."""
+    """The registry's models per task (state, every evaluation split of its card) and how many results each model
+    produced."""
     from worker.registry import describe, list_models
+    from worker.web.admin_models import evaluation_splits
 
     with _state(request).database.read_session() as session:
         registered = [describe(model) for model in list_models(session)]
         rows = session.execute(select(Result.model_uid, func.count(Result.id)).group_by(Result.model_uid))
         counts = {model_uid: count for model_uid, count in rows}
-    return _render(request, "admin_models.html", who, registered=registered, counts=counts)
+    evaluations = {model["model_uid"]: evaluation_splits(model["metrics"]) for model in registered}
+    return _render(request, "admin_models.html", who, registered=registered, counts=counts,
+                   evaluations=evaluations)
 
 
 AUDIT_PAGE_SIZE = 200

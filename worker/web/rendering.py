@@ -4,7 +4,9 @@
   shrunk to fit 256 px, as PNG.
 * Heat maps: the frame at the model's input, with the Grad-CAM map (:func:`models.explain.grad_cam`) of the
   result's label blended over it. Only the model that made the result may explain it (found by its uid); when
-  its files are gone the heat map is refused rather than drawn by a different model.
+  its files are gone the heat map is refused rather than drawn by a different model. An indeterminate result names
+  no class, so it has no heat map (the route answers 422 saying so; a class' map would explain a decision the
+  model did not make).
 
 Cache files are written to a temporary name and renamed, so concurrent requests never see half a PNG. Their names
 are derived from SOP Instance UIDs and model uids, which do not change when a database is rebuilt.

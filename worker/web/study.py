@@ -26,6 +26,8 @@ class Slice:
     frame: int
     #: The result's per-slice probabilities in class order, when the slice was classified.
     probabilities: list[float] | None
+    #: Why the model left this slice out of the series decision (``None``: it counted, or was not classified).
+    excluded: str | None = None
 
 
 @dataclass
@@ -157,7 +159,9 @@ def _slices(instances: list[Instance], result: Result | None) -> list[Slice]:
         instance = by_uid.get(str(item.get("sop_instance_uid", "")))
         if instance is not None:
             frame = int(item.get("frame", 1))
-            out.append(Slice(instance.id, frame, [float(p) for p in item.get("probabilities", [])]))
+            excluded = item.get("excluded")
+            out.append(Slice(instance.id, frame, [float(p) for p in item.get("probabilities", [])],
+                             str(excluded) if excluded is not None else None))
             seen.add((instance.id, frame))
     for instance in instances:
         for frame in range(1, max(1, instance.number_of_frames) + 1):

@@ -3,7 +3,9 @@
 A study's row summarises its series: the latest job of each series (``jobs.revision = series.revision``), the
 current results (``superseded_by_pk IS NULL``) and each result's latest review. Triage order: suspected findings
 not yet fully reviewed first, then other studies awaiting a result or a review, then reviewed studies; within
-each group the longest waiting (earliest received) first.
+each group the longest waiting (earliest received) first. An indeterminate result (``models.tasks.INDETERMINATE``:
+the model could not judge the series) is no finding: it awaits review like a negative one, shows its reason, and
+``finding=indeterminate`` filters for it.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from typing import Any
 from sqlalchemy import Select, and_, case, exists, func, literal, or_, select
 from sqlalchemy.orm import Session, aliased
 
-from models.tasks import TASKS
+from models.tasks import INDETERMINATE, TASKS, Task
 from worker.db.models import Job, JobState, Patient, Result, Review, Series, Study
 
 PAGE_SIZE = 50
@@ -37,20 +39,25 @@ class ReviewState(str, enum.Enum):
 
 
 def is_suspected(task: str, label: str) -> bool:
-    """Whether ``label`` is a finding (not one of the task's negative classes)."""
+    """Whether ``label`` is a finding: one of the task's classes that is not negative (indeterminate is none)."""
     known = TASKS.get(task)
-    return known is not None and label not in known.negative_classes
+    return known is not None and label in known.class_names and label not in known.negative_classes
 
 
 def _suspected_sql(result: Any) -> Any:
-    return or_(*(and_(result.task == t.name, result.label.not_in(t.negative_classes)) for t in TASKS.values()))
+    """:func:`is_suspected` in SQL."""
+    return or_(*(and_(result.task == t.name, result.label.in_(_finding_classes(t))) for t in TASKS.values()))
 
 
-#: The values each worklist filter accepts.
+def _finding_classes(task: Task) -> tuple[str, ...]:
+    return tuple(name for name in task.class_names if name not in task.negative_classes)
+
+
+#: The values each worklist filter accepts. ``finding`` is a result's label: a class, or ``indeterminate``.
 FILTER_CHOICES: dict[str, tuple[str, ...]] = {
     "status": tuple(s.value for s in JobState),
     "task": tuple(TASKS),
-    "finding": tuple(sorted({c for t in TASKS.values() for c in t.class_names})),
+    "finding": (*sorted({c for t in TASKS.values() for c in t.class_names}), INDETERMINATE),
     "review": tuple(r.value for r in ReviewState),
 }
 
@@ -76,9 +83,13 @@ class SeriesResult:
     result_id: int
     series_id: int
     task: str
+    #: A class name, or ``indeterminate``.
     label: str
-    probability: float
+    #: The label's probability; ``None`` for an indeterminate label, which is no class.
+    probability: float | None
     suspected: bool
+    #: Why the label is indeterminate (``None`` for a class label).
+    reason: str | None
     model_name: str
     model_version: str
     review_decision: str | None
@@ -97,6 +108,8 @@ class WorklistRow:
     review_state: str
     finding: str | None
     probability: float | None
+    #: Why the headline finding is indeterminate (``None`` otherwise).
+    reason: str | None
     model_version: str | None
     tasks: list[str] = field(default_factory=list)
     results: list[SeriesResult] = field(default_factory=list)
@@ -249,6 +262,7 @@ def _detail_rows(session: Session, keys: list[tuple[int, str, str]]) -> list[Wor
                 review_state=review_state,
                 finding=headline.label if headline else None,
                 probability=headline.probability if headline else None,
+                reason=headline.reason if headline else None,
                 model_version=headline.model_version if headline else None,
                 tasks=sorted(tasks.get(study_id, ())),
                 results=found,
@@ -258,10 +272,11 @@ def _detail_rows(session: Session, keys: list[tuple[int, str, str]]) -> list[Wor
 
 
 def _headline(results: list[SeriesResult]) -> SeriesResult | None:
-    """The result a study's row shows: the most probable suspected finding, else the most probable result."""
+    """The result a study's row shows: the most probable suspected finding, else an indeterminate result (it asks
+    for a look more than a negative one), else the most probable result."""
     if not results:
         return None
-    return max(results, key=lambda r: (r.suspected, r.probability))
+    return max(results, key=lambda r: (r.suspected, r.label == INDETERMINATE, r.probability or 0.0))
 
 
 def current_results(session: Session, study_ids: list[int]) -> dict[int, list[SeriesResult]]:
@@ -286,8 +301,9 @@ def current_results(session: Session, study_ids: list[int]) -> dict[int, list[Se
                 series_id=result.series_pk,
                 task=result.task,
                 label=result.label,
-                probability=float(result.probabilities.get(result.label, 0.0)),
+                probability=_label_probability(result),
                 suspected=is_suspected(result.task, result.label),
+                reason=result.reason,
                 model_name=result.model_name,
                 model_version=result.model_version,
                 review_decision=decision,
@@ -295,6 +311,12 @@ def current_results(session: Session, study_ids: list[int]) -> dict[int, list[Se
             )
         )
     return out
+
+
+def _label_probability(result: Result) -> float | None:
+    if result.label == INDETERMINATE:
+        return None
+    return float(result.probabilities.get(result.label, 0.0))
 
 
 def study_status(session: Session, study_id: int) -> tuple[str, str] | None:
