@@ -3,11 +3,18 @@
 Pages live under ``/admin/registry``, the JSON API under ``/api/admin``; both need the admin role, and every write
 carries the CSRF token (form field or ``X-CSRF-Token``). A candidate's page shows its reference-set metrics and
 confusion matrix beside the active model's, its training curves, and the gate's verdict before promoting.
+
+Every evaluation split a model card records (``testing``, ``testing_dedup``, ``holdout``, ``external``, cross-
+validation such as ``cv5`` ...) is shown, by :func:`evaluation_splits`: cards of different tasks and recipes
+evaluate on differently named splits, so no page may assume one name.
 """
 
 from __future__ import annotations
 
+import math
 import re
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -80,6 +87,45 @@ def _overview(request: Request) -> dict[str, Any]:
     return {"models": models, "runs": load_runs(state.database)}
 
 
+@dataclass(frozen=True)
+class SplitEvaluation:
+    """One evaluation split of a model card's ``metrics``: what the model pages show of it."""
+
+    split: str
+    accuracy: float
+    #: Images evaluated (``None`` where the card does not say, e.g. cross-validation).
+    n: int | None = None
+    macro_f1: float | None = None
+    #: Standard deviation of the accuracy over folds (cross-validation).
+    std: float | None = None
+
+
+def evaluation_splits(metrics: Mapping[str, Any]) -> list[SplitEvaluation]:
+    """Every split of a card's ``metrics`` that has an accuracy, in the card's order.
+
+    Entries without a numeric accuracy are not evaluations (a card may hold notes there) and are left out, so a
+    malformed card cannot break the page.
+    """
+    splits = []
+    for split, values in metrics.items():
+        if not isinstance(values, Mapping) or not _is_number(values.get("accuracy")):
+            continue
+        splits.append(
+            SplitEvaluation(
+                split=str(split),
+                accuracy=float(values["accuracy"]),
+                n=int(values["n"]) if _is_number(values.get("n")) else None,
+                macro_f1=float(values["macro_f1"]) if _is_number(values.get("macro_f1")) else None,
+                std=float(values["std"]) if _is_number(values.get("std")) else None,
+            )
+        )
+    return splits
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def _reference(model: dict[str, Any]) -> dict[str, Any] | None:
     """The model's latest reference-set evaluation (the registry keeps one per reference content)."""
     evaluations = list(model["reference_metrics"].values())
@@ -94,6 +140,7 @@ def _comparison(request: Request, uid: str) -> dict[str, Any]:
         model = get_model(session, uid)
         shown = describe(model)
         shown["card"], shown["data_manifest"] = model.card, model.data_manifest
+        shown["evaluations"] = [asdict(e) for e in evaluation_splits(shown["metrics"])]
         shown["events"] = [_event_json(e) for e in model_events(session, model)]
         active = next((describe(m) for m in list_models(session, model.task, "active")), None)
     mine, theirs = _reference(shown), _reference(active) if active else None
