@@ -69,6 +69,10 @@ class ModelCard:
     created: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
     code_version: str = field(default_factory=code_version)
     licence: str = ""
+    #: How the raw softmax is turned into the reported probabilities and decisions (empty: not calibrated):
+    #: ``temperature``, ``threshold`` (the operating point on the series suspicion) and how each was chosen, and
+    #: ``domain`` (the feature-distance threshold of :mod:`models.domain`). Written by ``dicom-triage calibrate``.
+    calibration: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         task = get_task(self.task)  # raises KeyError naming the known tasks

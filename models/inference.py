@@ -1,4 +1,9 @@
-"""Load a saved classifier once and predict class probabilities for display images."""
+"""Load a saved classifier once and predict class probabilities for display images.
+
+A calibrated model (its card's ``calibration``, written by ``dicom-triage calibrate``) reports temperature-scaled
+probabilities (:mod:`models.calibration`) and, with its ``domain.npz``, each image's feature distance to the
+training images (:mod:`models.domain`); both come out of the one model call.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +13,9 @@ from pathlib import Path
 
 import numpy as np
 
+from models.calibration import apply_temperature
 from models.card import CARD_FILE, MODEL_FILE, ModelCard
+from models.domain import DomainModel
 from models.preprocessing import prepare_batch
 from models.tasks import Task, get_task
 
@@ -41,10 +48,13 @@ def _configure_gpus() -> None:
 class Classifier:
     """A trained model with its card. Build with :meth:`load`; :meth:`predict` is safe to call repeatedly."""
 
-    def __init__(self, model: "object", card: ModelCard, model_dir: Path) -> None:
+    def __init__(self, model: "object", card: ModelCard, model_dir: Path, domain: DomainModel | None = None) -> None:
         self._model = model
         self.card = card
         self.model_dir = model_dir
+        self.domain = domain
+        self.temperature = float(card.calibration.get("temperature", 1.0))
+        self._with_features = _with_features(model) if domain is not None else None
 
     @classmethod
     def load(cls, model_dir: Path | str) -> "Classifier":
@@ -71,7 +81,7 @@ class Classifier:
                 f"{model_file}: input {model.input_shape} / output {model.output_shape} do not match its card "
                 f"({expected}, {len(card.class_names)} classes)"
             )
-        return cls(model, card, model_dir)
+        return cls(model, card, model_dir, DomainModel.load(model_dir))
 
     @property
     def model(self) -> "object":
@@ -87,26 +97,51 @@ class Classifier:
         return tuple(self.card.class_names)
 
     def predict(self, images: Sequence[np.ndarray], batch_size: int = 32) -> np.ndarray:
-        """Display images (2-D grey 0..255, any size) -> ``(N, num_classes)`` probabilities, in class order."""
+        """Display images (2-D grey 0..255, any size) -> ``(N, num_classes)`` calibrated probabilities, in class
+        order."""
+        return self.classify(images, batch_size)[0]
+
+    def classify(self, images: Sequence[np.ndarray], batch_size: int = 32) -> tuple[np.ndarray, np.ndarray | None]:
+        """Display images -> (``(N, num_classes)`` calibrated probabilities, ``(N,)`` feature distances to the
+        training images, or ``None`` for a model without a domain file)."""
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, not {batch_size}")
         num_classes = len(self.card.class_names)
         if len(images) == 0:
-            return np.zeros((0, num_classes), dtype=np.float32)
-        outputs = []
-        for start in range(0, len(images), batch_size):
-            batch = prepare_batch(images[start:start + batch_size], self.card.input_spec)
-            outputs.append(self.predict_prepared(batch))
-        return np.concatenate(outputs, axis=0)
+            return np.zeros((0, num_classes), dtype=np.float32), None if self.domain is None else np.zeros(0)
+        outputs = [self._run(prepare_batch(images[start:start + batch_size], self.card.input_spec))
+                   for start in range(0, len(images), batch_size)]
+        probabilities = np.concatenate([p for p, _ in outputs])
+        distances = [d for _, d in outputs if d is not None]
+        return probabilities, np.concatenate(distances) if distances else None
+
+    def _run(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        if self._with_features is None or self.domain is None:
+            return self.predict_prepared(batch), None
+        features, raw = self._with_features.predict_on_batch(batch)  # type: ignore[attr-defined]
+        return apply_temperature(np.asarray(raw), self.temperature), self.domain.distance(np.asarray(features))
+
+    def features(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Model input -> (penultimate features ``(N, D)``, raw uncalibrated probabilities): what calibration fits."""
+        model = self._with_features or _with_features(self._model)
+        features, raw = model.predict_on_batch(batch)
+        return np.asarray(features, dtype=np.float32), np.asarray(raw, dtype=np.float32)
 
     def warm_up(self, batch_size: int) -> None:
         """Trace the model now rather than in the first request: Keras compiles a graph for the first batch shape and
         a second one, shape-relaxed, for the next different shape (half a second each on a CPU); every later batch
         size reuses the relaxed one."""
         for size in dict.fromkeys((batch_size, max(1, batch_size // 2))):
-            self.predict_prepared(np.zeros((size, *self.card.input_spec.shape), dtype=np.float32))
+            self._run(np.zeros((size, *self.card.input_spec.shape), dtype=np.float32))
 
     def predict_prepared(self, batch: np.ndarray) -> np.ndarray:
         """Model input ``(N, H, W, C)`` float32 0..255 (from :func:`prepare_batch`) -> probabilities."""
         # predict_on_batch runs a compiled graph without predict()'s per-call dataset set-up: 2.5x an eager call.
-        return np.asarray(self._model.predict_on_batch(batch), dtype=np.float32)
+        return apply_temperature(np.asarray(self._model.predict_on_batch(batch)), self.temperature)
+
+
+def _with_features(model: "object") -> "object":
+    """The model with a second output: the input of its softmax layer (``probabilities``), from the same pass."""
+    import keras
+
+    return keras.Model(model.inputs, [model.get_layer("probabilities").input, model.output])  # type: ignore[attr-defined]

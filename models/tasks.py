@@ -37,6 +37,10 @@ COVID_CT = Task(
     description="Lung CT: COVID-19 or not",
 )
 
+#: The label of a series a model cannot judge: it is not what the model was trained on (no lung in the field, not a
+#: brain, a scout, frames far from the training images ...). It is no class of any task; the result's reason says why.
+INDETERMINATE = "indeterminate"
+
 TASKS: dict[str, Task] = {task.name: task for task in (BRAIN_TUMOR, COVID_CT)}
 
 

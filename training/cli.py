@@ -1,4 +1,4 @@
-"""The ``train`` and ``evaluate`` subcommands of ``dicom-triage``; heavy imports wait until a handler runs."""
+"""The ``train``, ``evaluate`` and ``calibrate`` subcommands of ``dicom-triage``; heavy imports wait until a handler runs."""
 
 from __future__ import annotations
 
@@ -26,8 +26,14 @@ def _evaluate(args: Any) -> int:
     return handle_evaluate(args)
 
 
+def _calibrate(args: Any) -> int:
+    from training.calibrate import handle_calibrate
+
+    return handle_calibrate(args)
+
+
 def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
-    """Add ``train`` and ``evaluate`` to the ``dicom-triage`` command."""
+    """Add ``train``, ``evaluate`` and ``calibrate`` to the ``dicom-triage`` command."""
     train = subparsers.add_parser("train", help="train a classifier on an image-folder dataset")
     train.add_argument("task", choices=sorted(TASKS))
     train.add_argument("--data", required=True, action="append",
@@ -93,3 +99,10 @@ def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") 
     evaluate.add_argument("--errors", action="store_true",
                           help="also list each split's misclassified files (the JSON always holds them)")
     evaluate.set_defaults(handler=_evaluate)
+
+    calibrate = subparsers.add_parser(
+        "calibrate", help="fit a model's temperature, operating threshold and domain on its validation split")
+    calibrate.add_argument("task", choices=sorted(TASKS))
+    calibrate.add_argument("--data", required=True, help="the dataset the model was trained on (its split is redrawn)")
+    calibrate.add_argument("--model", help="model folder, rewritten in place (default: the shipped model of the task)")
+    calibrate.set_defaults(handler=_calibrate)

@@ -1,59 +1,38 @@
 """Classify series: archive files -> display frames -> model -> slice probabilities -> series result.
 
-:class:`SeriesBatcher` classifies several series at once with model batches filled across them.
-
-Aggregation (:data:`AGGREGATION`): each slice gets a *suspicion* score, one minus the probability of the task's
-negative classes (``notumor``, ``non-COVID``). The series probabilities are the mean class probabilities of the
-most suspicious quarter of its slices (at least one slice); the label is their argmax. Why not the mean of all
-slices: a tumour or COVID lesions show on a minority of slices, and averaging over every slice of a long series
-would dilute a clear finding into "normal"; for a triage tool, missing a finding costs more than a second look.
-A series of normal slices still comes out normal, since its most suspicious slices are normal too. Every slice's
-probabilities are kept with the result (per SOP Instance UID and frame).
+The path from display frames to the result (regions, slices left out, aggregation, ``indeterminate``) is
+:mod:`models.series`, the one definition ``dicom-triage evaluate --dicom`` runs too; this module adds reading the
+archive files, the process-wide model lock and cache, and :class:`SeriesBatcher`, which classifies several series
+at once with model batches filled across them. Every slice's probabilities are kept with the result (per SOP
+Instance UID and frame), and every slice left out says why.
 """
 
 from __future__ import annotations
 
-import math
 import threading
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Generic, TypeVar
+from typing import Generic, TypeVar
 
 import numpy as np
 from pydicom import dcmread
 
 from dicom_io.imaging import SeriesFrame, series_frame_records
 from models.inference import Classifier, default_model_dir
-from models.tasks import Task
+from models.regions import Region
+from models.series import SeriesClassification, decide, model_inputs
+
+__all__ = [
+    "ModelCache",
+    "PREDICT_LOCK",
+    "SeriesBatcher",
+    "SeriesClassification",
+    "classify_series_files",
+    "decode_series",
+    "predict_in_batches",
+]
 
 K = TypeVar("K")
-
-#: Fraction of slices (the most suspicious) whose mean gives the series probabilities.
-TOP_FRACTION = 0.25
-AGGREGATION = f"mean of the top {TOP_FRACTION:.0%} most suspicious slices (at least 1)"
-
-
-@dataclass(frozen=True)
-class SeriesClassification:
-    """A series result: the label, probabilities per class, and every slice's probabilities."""
-
-    label: str
-    probabilities: dict[str, float]
-    #: ``[{"sop_instance_uid", "frame", "probabilities": [...]}]`` in spatial order, probabilities in class order.
-    slice_probabilities: list[dict[str, Any]]
-    aggregation: str = AGGREGATION
-
-
-def aggregate(slice_probabilities: np.ndarray, task: Task) -> np.ndarray:
-    """Series probabilities ``(C,)`` from slice probabilities ``(N, C)`` by the rule in :data:`AGGREGATION`."""
-    if slice_probabilities.ndim != 2 or slice_probabilities.shape[0] == 0:
-        raise ValueError("a series needs at least one slice to aggregate")
-    negatives = [task.class_names.index(name) for name in task.negative_classes]
-    suspicion = 1.0 - slice_probabilities[:, negatives].sum(axis=1)
-    count = max(1, math.ceil(TOP_FRACTION * len(suspicion)))
-    top = np.argsort(-suspicion, kind="stable")[:count]
-    return slice_probabilities[top].mean(axis=0)
 
 
 #: One model call at a time per process: TensorFlow spreads each call over every core already, so two worker
@@ -61,16 +40,18 @@ def aggregate(slice_probabilities: np.ndarray, task: Task) -> np.ndarray:
 PREDICT_LOCK = threading.Lock()
 
 
-def predict_in_batches(classifier: Classifier, images: Sequence[np.ndarray], batch_size: int) -> np.ndarray:
-    """``(N, C)`` probabilities: :meth:`Classifier.predict` (``batch_size`` images at a time, the last batch as it
-    comes) under :data:`PREDICT_LOCK`.
+def predict_in_batches(classifier: Classifier, images: Sequence[np.ndarray], batch_size: int
+                       ) -> tuple[np.ndarray, np.ndarray | None]:
+    """``(N, C)`` calibrated probabilities and ``(N,)`` feature distances (``None`` without a domain file):
+    :meth:`Classifier.classify` (``batch_size`` images at a time, the last batch as it comes) under
+    :data:`PREDICT_LOCK`.
 
     No padding to fixed batch shapes: after :meth:`Classifier.warm_up` Keras runs every batch size on one
     shape-relaxed graph without tracing again (measured: a first call at 24, 17, 9 or 5 images costs what the next
     one does), and padding 24 slices to 32 cost 28% more model time, 17 to 32 twice as much.
     """
     with PREDICT_LOCK:
-        return classifier.predict(images, batch_size)
+        return classifier.classify(images, batch_size)
 
 
 def decode_series(paths: Sequence[Path]) -> list[SeriesFrame]:
@@ -85,33 +66,22 @@ def decode_series(paths: Sequence[Path]) -> list[SeriesFrame]:
     return frames
 
 
-def series_classification(frames: Sequence[SeriesFrame], probabilities: np.ndarray, classifier: Classifier
-                          ) -> SeriesClassification:
-    """The series result from its frames' probabilities ``(N, C)`` (:func:`aggregate`), keeping every slice's."""
-    series = aggregate(probabilities, classifier.task)
-    class_names = classifier.class_names
-    return SeriesClassification(
-        label=class_names[int(np.argmax(series))],
-        probabilities={name: round(float(p), 6) for name, p in zip(class_names, series)},
-        slice_probabilities=[
-            {
-                "sop_instance_uid": frame.sop_instance_uid,
-                "frame": frame.frame_number,
-                "probabilities": [round(float(p), 6) for p in row],
-            }
-            for frame, row in zip(frames, probabilities)
-        ],
-    )
+def series_classification(frames: Sequence[SeriesFrame], regions: Sequence[Region], probabilities: np.ndarray,
+                          distances: np.ndarray | None, classifier: Classifier) -> SeriesClassification:
+    """The series result (:func:`models.series.decide`) from its frames' regions, probabilities and distances."""
+    keys = [{"sop_instance_uid": frame.sop_instance_uid, "frame": frame.frame_number} for frame in frames]
+    return decide(keys, regions, probabilities, distances, classifier.task, classifier.card.calibration)
 
 
 def classify_series_files(paths: Sequence[Path], classifier: Classifier, batch_size: int) -> SeriesClassification:
-    """Read a series' instances from ``paths``, classify every frame and aggregate.
+    """Read a series' instances from ``paths``, classify every frame and decide the series.
 
     Raises ``dicom_io.imaging.ImagingError`` (or pydicom's errors) for instances that cannot be decoded.
     """
     frames = decode_series(paths)
-    probabilities = predict_in_batches(classifier, [frame.image for frame in frames], batch_size)
-    return series_classification(frames, probabilities, classifier)
+    regions, inputs = model_inputs([frame.image for frame in frames], classifier.task)
+    probabilities, distances = predict_in_batches(classifier, inputs, batch_size)
+    return series_classification(frames, regions, probabilities, distances, classifier)
 
 
 class SeriesBatcher(Generic[K]):
@@ -126,7 +96,8 @@ class SeriesBatcher(Generic[K]):
     def __init__(self, classifier: Classifier, batch_size: int) -> None:
         self.classifier = classifier
         self.batch_size = batch_size
-        self._series: dict[K, tuple[list[SeriesFrame], np.ndarray]] = {}
+        #: Per series: its frames, their regions and model inputs, and the probabilities and distances so far.
+        self._series: dict[K, tuple[list[SeriesFrame], list[Region], list[np.ndarray], np.ndarray, np.ndarray]] = {}
         self._left: dict[K, int] = {}
         #: Frames not yet predicted, in arrival order: (series key, index in that series).
         self._waiting: list[tuple[K, int]] = []
@@ -137,7 +108,9 @@ class SeriesBatcher(Generic[K]):
         if not frames:
             raise ValueError("the series has no frames")
         classes = len(self.classifier.class_names)
-        self._series[key] = (list(frames), np.zeros((len(frames), classes), dtype=np.float32))
+        regions, inputs = model_inputs([frame.image for frame in frames], self.classifier.task)
+        self._series[key] = (list(frames), regions, inputs, np.zeros((len(frames), classes), dtype=np.float32),
+                             np.full(len(frames), np.nan))
         self._left[key] = len(frames)
         self._waiting += [(key, index) for index in range(len(frames))]
         full = len(self._waiting) // self.batch_size * self.batch_size
@@ -148,16 +121,19 @@ class SeriesBatcher(Generic[K]):
 
     def _predict(self, count: int) -> list[tuple[K, SeriesClassification]]:
         todo, self._waiting = self._waiting[:count], self._waiting[count:]
-        images = [self._series[key][0][index].image for key, index in todo]
-        probabilities = predict_in_batches(self.classifier, images, self.batch_size)
+        images = [self._series[key][2][index] for key, index in todo]
+        probabilities, distances = predict_in_batches(self.classifier, images, self.batch_size)
         done = []
-        for (key, index), row in zip(todo, probabilities):
-            self._series[key][1][index] = row
+        for position, ((key, index), row) in enumerate(zip(todo, probabilities)):
+            self._series[key][3][index] = row
+            if distances is not None:
+                self._series[key][4][index] = distances[position]
             self._left[key] -= 1
             if self._left[key] == 0:
-                frames, rows = self._series.pop(key)
+                frames, regions, _, rows, series_distances = self._series.pop(key)
                 del self._left[key]
-                done.append((key, series_classification(frames, rows, self.classifier)))
+                known = None if np.isnan(series_distances).any() else series_distances
+                done.append((key, series_classification(frames, regions, rows, known, self.classifier)))
         return done
 
 

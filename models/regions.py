@@ -1,0 +1,213 @@
+"""Where the anatomy is in a display image, and whether a slice shows what a model was trained on.
+
+The training images are tight crops: the COVID CT PNGs are cropped to the lungs (median margins 3-5% of the width
+left and right, 6% top and bottom, measured on 300 of them by ``bench/domain.py``), the brain MR JPEGs to the
+head. A scanner frame is the whole field of view: the body small in the middle, air, the table. Each function here
+finds the region a model reads in one display image (grey 0..255, as :func:`dicom_io.imaging.display_frames`
+makes it) and says whether the slice is suitable at all; :func:`crop` cuts it out with the training images'
+margins. The same code runs on a training image (where it changes little: it is already a crop) and on a scanner
+frame, so that both reach the model alike.
+
+CT works on the lung window's grey levels (:data:`CT_WINDOW_HU`, the window the display images are made with):
+a grey level is a Hounsfield value there, so thresholds are stated in HU.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+
+import numpy as np
+from scipy import ndimage
+
+__all__ = [
+    "CT_WINDOW_HU",
+    "Region",
+    "chest_region",
+    "head_region",
+    "crop",
+    "region_finder",
+]
+
+#: (centre, width) in HU of the window CT display images are made with: fitted to the training PNGs' grey levels
+#: of lung parenchyma and soft tissue against the HU of the same tissues in real chest CT (``bench/domain.py``).
+CT_WINDOW_HU: tuple[float, float] = (-600.0, 1500.0)
+
+#: Body: above this HU (air is -1000, fat -100). The lungs: below this HU inside the body. -400 keeps most
+#: ground-glass (-700 to -300 HU); consolidated lung, denser, is recovered by mirroring the lung box (below).
+BODY_HU, LUNG_HU = -500.0, -400.0
+#: A CT slice is read when its lungs cover at least this share of the body's cross-section (a mid-chest slice:
+#: 30-50%; an abdomen slice with bowel gas: under 3%; measured by ``bench/domain.py``).
+MIN_LUNG_FRACTION = 0.10
+#: The body must cover at least this share of the frame: less is air, a wrist, a stray object.
+MIN_BODY_FRACTION = 0.02
+#: Margins (left, right, top, bottom) around the region, as shares of the crop: the training crops' medians.
+CT_MARGINS = (0.033, 0.047, 0.06, 0.059)
+MR_MARGINS = (0.04, 0.04, 0.04, 0.04)
+#: An MR slice is read when the head covers at least this share of the frame's area (a slice through the vertex or
+#: the neck, below it, shows little brain; the training images' head covers 27% and more at their 1st percentile).
+MIN_HEAD_FRACTION = 0.08
+#: The least tissue level (grey, of 255) of an MR frame that shows a head: the lateral sagittal slices through the ear
+#: of a 3D volume measured 1.5-2.3, real head slices 4.5 and up, the training images 7 and up (1st percentile).
+MIN_TISSUE_LEVEL = 3.5
+
+
+@dataclass(frozen=True)
+class Region:
+    """The box a model reads in one image, and why the slice is unsuitable (``None``: suitable)."""
+
+    #: (top, left, bottom, right), bottom and right exclusive, in pixels of the image.
+    box: tuple[int, int, int, int]
+    #: The share of the reference area the anatomy covers (CT: lung of body; MR: head of frame).
+    fraction: float
+    reason: str | None = None
+
+    @property
+    def suitable(self) -> bool:
+        return self.reason is None
+
+
+def _grey_of_hu(hu: float) -> float:
+    centre, width = CT_WINDOW_HU
+    return float(np.clip(((hu - (centre - 0.5)) / (width - 1.0) + 0.5) * 255.0, 0.0, 255.0))
+
+
+def _largest_component(mask: np.ndarray) -> np.ndarray:
+    labels, count = ndimage.label(mask)
+    if count <= 1:
+        return mask
+    sizes = np.bincount(labels.ravel())
+    sizes[0] = 0
+    return labels == int(np.argmax(sizes))
+
+
+def _bounds(mask: np.ndarray) -> tuple[int, int, int, int]:
+    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    return int(rows[0]), int(cols[0]), int(rows[-1]) + 1, int(cols[-1]) + 1
+
+
+def _with_margins(box: tuple[int, int, int, int], margins: tuple[float, float, float, float],
+                  shape: tuple[int, ...]) -> tuple[int, int, int, int]:
+    """``box`` grown so that it takes ``1 - left - right`` of the new width (likewise the height), within the image."""
+    top, left, bottom, right = box
+    m_left, m_right, m_top, m_bottom = margins
+    width = (right - left) / (1.0 - m_left - m_right)
+    height = (bottom - top) / (1.0 - m_top - m_bottom)
+    return (
+        max(0, int(round(top - m_top * height))),
+        max(0, int(round(left - m_left * width))),
+        min(shape[0], int(round(bottom + m_bottom * height))),
+        min(shape[1], int(round(right + m_right * width))),
+    )
+
+
+def _sides_touched(mask: np.ndarray) -> int:
+    """How many of the image's four edges ``mask`` covers for at least a fifth of their length."""
+    edges = (mask[0, :], mask[-1, :], mask[:, 0], mask[:, -1])
+    return sum(int(edge.mean() >= 0.2) for edge in edges)
+
+
+def _whole(image: np.ndarray, fraction: float, reason: str | None) -> Region:
+    return Region((0, 0, image.shape[0], image.shape[1]), round(float(fraction), 4), reason)
+
+
+def chest_region(image: np.ndarray) -> Region:
+    """The lungs of a CT lung-window display image, with the training crops' margins.
+
+    Body: the largest connected region above :data:`BODY_HU` (the table, separated by air, and the air around are
+    left out), holes filled. Lungs: inside it, below :data:`LUNG_HU`, pieces of at least 0.5% of the body. The
+    lung box is widened to the same chest-wall distance on both sides, so a lung made dense by consolidation, which
+    the HU threshold misses, stays inside the box as long as the other lung is aerated.
+    """
+    grey = np.asarray(image, dtype=np.float32)
+    body = ndimage.binary_opening(grey > _grey_of_hu(BODY_HU), iterations=2)
+    body = ndimage.binary_fill_holes(_largest_component(body))
+    body_fraction = float(body.mean())
+    if body_fraction < MIN_BODY_FRACTION:
+        return _whole(grey, 0.0, f"no body in the field (body {body_fraction:.1%} of the frame)")
+    if _sides_touched(body) >= 3:
+        # Already a chest crop (a training image, an export, a field of view fitted to the chest): the lungs run
+        # into the frame's edges, so they are no holes in the body; every dark pixel counts, the frame is the box.
+        lung_fraction = float((grey < _grey_of_hu(LUNG_HU)).mean())
+        if lung_fraction < MIN_LUNG_FRACTION:
+            return _whole(grey, lung_fraction, f"too little lung in the slice ({lung_fraction:.0%} of the frame; "
+                                               f"at least {MIN_LUNG_FRACTION:.0%})")
+        return _whole(grey, lung_fraction, None)
+    lung = body & (grey < _grey_of_hu(LUNG_HU))
+    labels, count = ndimage.label(lung)
+    if count:
+        sizes = np.bincount(labels.ravel())
+        sizes[0] = 0
+        lung = (sizes >= 0.005 * body.sum())[labels]
+    lung_fraction = float(lung.sum() / body.sum())
+    if lung_fraction < MIN_LUNG_FRACTION:
+        return _whole(grey, lung_fraction,
+                      f"too little lung in the slice ({lung_fraction:.0%} of the body; at least {MIN_LUNG_FRACTION:.0%})")
+    top, left, bottom, right = _bounds(lung)
+    _, body_left, _, body_right = _bounds(body)
+    # Each side's chest wall is as thick as the other's: a lung the threshold lost reaches as close to its side of
+    # the body as the aerated lung does to its own.
+    left, right = min(left, body_left + (body_right - right)), max(right, body_right - (left - body_left))
+    box = (top, left, bottom, right)
+    return Region(_with_margins(box, CT_MARGINS, grey.shape), round(lung_fraction, 4))
+
+
+def head_region(image: np.ndarray) -> Region:
+    """The head of an MR display image (the largest region above the tissue level, holes filled), with the
+    training images' margins.
+
+    The tissue level is Otsu's threshold of the log grey levels: MR tissue spans a wide range (fat and vessels far
+    brighter than brain), and on a linear scale Otsu splits bright fat from brain instead of tissue from background.
+    A frame whose level is under :data:`MIN_TISSUE_LEVEL` is background noise with at most a sliver of tissue.
+    """
+    grey = np.asarray(image, dtype=np.float32)
+    if float(grey.max()) <= float(grey.min()):
+        return _whole(grey, 0.0, "the frame is blank")
+    scale = np.log1p(255.0) / 255.0
+    level = float(np.expm1(_otsu_level(np.log1p(np.clip(grey, 0.0, 255.0)) / scale) * scale))
+    if level < MIN_TISSUE_LEVEL:
+        return _whole(grey, 0.0, f"no head in the field (tissue barely above the background: level {level:.1f} of "
+                                 f"255, at least {MIN_TISSUE_LEVEL})")
+    head = ndimage.binary_opening(grey > level, iterations=2)
+    if not head.any():
+        return _whole(grey, 0.0, "no head in the field")
+    head = ndimage.binary_fill_holes(_largest_component(head))
+    fraction = float(head.mean())
+    if fraction < MIN_HEAD_FRACTION:
+        return _whole(grey, fraction, f"no head in the field (head {fraction:.1%} of the frame; at least "
+                                      f"{MIN_HEAD_FRACTION:.0%})")
+    return Region(_with_margins(_bounds(head), MR_MARGINS, grey.shape), round(fraction, 4))
+
+
+def _otsu_level(grey: np.ndarray) -> float:
+    """Otsu's threshold of a grey image (0..255): the level that best splits it into dark and bright pixels. On MR it
+    falls between the background (noise, near black) and tissue, whatever the frame's scaling or noise floor."""
+    counts = np.bincount(np.clip(grey, 0, 255).astype(np.uint8).ravel(), minlength=256).astype(np.float64)
+    levels = np.arange(256, dtype=np.float64)
+    weight = np.cumsum(counts)
+    mass = np.cumsum(counts * levels)
+    total, total_mass = weight[-1], mass[-1]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        between = (total_mass * weight - total * mass) ** 2 / (weight * (total - weight))
+    between[~np.isfinite(between)] = 0.0
+    return float(np.argmax(between)) + 0.5
+
+
+def crop(image: np.ndarray, region: Region) -> np.ndarray:
+    """The region's box of ``image`` as 8-bit grey, the training images' type (so export and inference agree)."""
+    top, left, bottom, right = region.box
+    return np.rint(np.clip(np.asarray(image, dtype=np.float32)[top:bottom, left:right], 0, 255)).astype(np.uint8)
+
+
+_FINDERS: Mapping[str, Callable[[np.ndarray], Region]] = MappingProxyType(
+    {"covid-ct": chest_region, "brain-tumor": head_region}
+)
+
+
+def region_finder(task_name: str) -> Callable[[np.ndarray], Region]:
+    """The region function of a task (``KeyError`` for a task without one)."""
+    try:
+        return _FINDERS[task_name]
+    except KeyError:
+        raise KeyError(f"no region finder for task {task_name!r}") from None
