@@ -1,6 +1,7 @@
 """Settings for every dicom-triage process, read once into one typed object."""
 
 from config.settings import (
+    DEFAULT_ROUTING_RULES,
     ConfigError,
     Destination,
     RoutingRule,
@@ -8,4 +9,4 @@ from config.settings import (
     load_settings,
 )
 
-__all__ = ["ConfigError", "Destination", "RoutingRule", "Settings", "load_settings"]
+__all__ = ["DEFAULT_ROUTING_RULES", "ConfigError", "Destination", "RoutingRule", "Settings", "load_settings"]

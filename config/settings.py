@@ -70,6 +70,10 @@ class Destination(BaseModel):
         return f"{self.ae_title}@{host}:{self.port}"
 
 
+#: Series descriptions of scouts and localizers, as scanners write them.
+DEFAULT_SCOUT_DESCRIPTIONS = r"scout|locali[sz]er|survey|3[ -]?plane|tri-?pilot|aa-?head|\bloc\b"
+
+
 class RoutingRule(BaseModel):
     """Which classifier runs on which series. All given conditions must hold; patterns are regexes (case-insensitive)."""
 
@@ -80,10 +84,15 @@ class RoutingRule(BaseModel):
     body_parts: tuple[str, ...] = ()
     study_description: str | None = None
     series_description: str | None = None
-    exclude_image_types: tuple[str, ...] = ("LOCALIZER", "SCOUT")
+    #: Image Type values of series no classifier reads: scouts, and parametric maps computed from diffusion (ADC,
+    #: FA, trace) or projections, which are not the anatomical images the models were trained on.
+    exclude_image_types: tuple[str, ...] = ("LOCALIZER", "SCOUT", "ADC", "EADC", "FA", "TRACEW", "PROJECTION IMAGE")
+    #: A series whose description matches this regex (case-insensitive) is not read: scanners name their scouts
+    #: 'localizer', 'survey', '3-plane loc' ... without always marking the Image Type LOCALIZER. Empty: no check.
+    exclude_series_description: str | None = DEFAULT_SCOUT_DESCRIPTIONS
     min_slices: int = Field(default=1, ge=1)
 
-    @field_validator("study_description", "series_description")
+    @field_validator("study_description", "series_description", "exclude_series_description")
     @classmethod
     def _regex_compiles(cls, value: str | None) -> str | None:
         if value is not None:

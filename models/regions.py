@@ -51,6 +51,9 @@ MIN_HEAD_FRACTION = 0.08
 #: The least tissue level (grey, of 255) of an MR frame that shows a head: the lateral sagittal slices through the ear
 #: of a 3D volume measured 1.5-2.3, real head slices 4.5 and up, the training images 7 and up (1st percentile).
 MIN_TISSUE_LEVEL = 3.5
+#: A head's cross-section is rounded: it fills at most this share of its bounding box (an ellipse: 79%; training
+#: images up to 90%). A knee or a field of view inside the body, filled with tissue edge to edge: 98-99%.
+MAX_HEAD_FILL = 0.94
 
 
 @dataclass(frozen=True)
@@ -177,7 +180,12 @@ def head_region(image: np.ndarray) -> Region:
     if fraction < MIN_HEAD_FRACTION:
         return _whole(grey, fraction, f"no head in the field (head {fraction:.1%} of the frame; at least "
                                       f"{MIN_HEAD_FRACTION:.0%})")
-    return Region(_with_margins(_bounds(head), MR_MARGINS, grey.shape), round(fraction, 4))
+    top, left, bottom, right = _bounds(head)
+    fill = float(head.sum()) / ((bottom - top) * (right - left))
+    if fill > MAX_HEAD_FILL:
+        return _whole(grey, fraction, f"no head outline: tissue fills its box ({fill:.0%}; a head at most "
+                                      f"{MAX_HEAD_FILL:.0%}), as in a limb or a field of view inside the body")
+    return Region(_with_margins((top, left, bottom, right), MR_MARGINS, grey.shape), round(fraction, 4))
 
 
 def _otsu_level(grey: np.ndarray) -> float:

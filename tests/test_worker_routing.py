@@ -33,6 +33,16 @@ def facts(**overrides: object) -> SeriesFacts:
         ({"modality": "US", "body_part_examined": ""}, None),
         ({"image_types": frozenset({"ORIGINAL", "PRIMARY", "LOCALIZER"})}, None),
         ({"modality": "CT", "body_part_examined": "CHEST", "image_types": frozenset({"SCOUT"})}, None),
+        # Diffusion maps are no anatomical image; scouts named only in their description are refused too.
+        ({"image_types": frozenset({"DERIVED", "PRIMARY", "DIFFUSION", "ADC"})}, None),
+        ({"series_description": "Scano 3plane-2"}, None),
+        ({"series_description": "Survey"}, None),
+        ({"series_description": "3-Plane Loc"}, None),
+        ({"modality": "CT", "body_part_examined": "CHEST", "series_description": "Localizer"}, None),
+        # ... but a reformat or an averaged series of real slices is read.
+        ({"modality": "CT", "body_part_examined": "", "series_description": "CHEST AX",
+          "image_types": frozenset({"DERIVED", "SECONDARY", "REFORMATTED", "AVERAGE"})}, "covid-ct"),
+        ({"series_description": "AX FLAIR blocked"}, "brain-tumor"),
     ],
 )
 def test_default_rules(overrides: dict[str, object], task: str | None) -> None:
@@ -55,6 +65,16 @@ def test_description_patterns_and_min_slices() -> None:
     study_rule = RoutingRule(task="brain-tumor", study_description="brain")
     assert route(facts(study_description="MRI BRAIN"), (study_rule,)).task == "brain-tumor"  # case-insensitive
     assert route(facts(study_description="MRI KNEE"), (study_rule,)).task is None
+
+
+def test_scout_descriptions_reason_and_switch_off() -> None:
+    decision = route(facts(series_description="localizer"), DEFAULT_ROUTING_RULES)
+    assert "series description 'localizer' names a scout or localizer" in decision.reason
+    # An empty pattern (TOML has no null) turns the check off rather than matching every description.
+    rule = RoutingRule(task="brain-tumor", exclude_series_description="")
+    assert route(facts(series_description="localizer"), (rule,)).task == "brain-tumor"
+    with pytest.raises(ValueError, match="not a valid regular expression"):
+        RoutingRule(task="brain-tumor", exclude_series_description="(")
 
 
 def test_first_matching_rule_wins_and_empty_rules() -> None:

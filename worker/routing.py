@@ -58,6 +58,10 @@ def _mismatch(rule: RoutingRule, facts: SeriesFacts) -> str | None:
         rule.series_description, facts.series_description, re.IGNORECASE
     ):
         return f"series description {facts.series_description!r} does not match {rule.series_description!r}"
+    if rule.exclude_series_description and re.search(
+        rule.exclude_series_description, facts.series_description, re.IGNORECASE
+    ):
+        return f"series description {facts.series_description!r} names a scout or localizer"
     excluded = sorted(facts.image_types & {t.upper() for t in rule.exclude_image_types})
     if excluded:
         return f"image type {'/'.join(excluded)} is excluded"
