@@ -51,6 +51,7 @@ __all__ = [
     "SeriesFrame",
     "series_frame_records",
     "series_frames",
+    "modality_defect",
 ]
 
 
@@ -140,6 +141,9 @@ class SeriesFrame:
     #: Distance along the slice normal in mm, or ``None`` when the geometry is missing.
     position: float | None
     image: np.ndarray
+    #: Why the image cannot be trusted to show what the modality promises (a CT without Rescale Slope/Intercept:
+    #: its Hounsfield units are unknown), or ``None``. The image is made all the same, for display.
+    defect: str | None = None
 
 
 def series_frame_records(
@@ -159,8 +163,9 @@ def series_frame_records(
         images = display_frames(ds, ct_window=ct_window, percentiles=percentiles)
         geometry = _frame_geometry(ds, len(images))
         instance_number = _int_or_zero(ds.get("InstanceNumber"))
-        for number, (image, (ipp, iop)) in enumerate(zip(images, geometry), start=1):
-            frame = SeriesFrame(str(ds.get("SOPInstanceUID", "")), number, None, image)
+        defects = [modality_defect(ds, index) for index in range(len(images))]
+        for number, (image, (ipp, iop), defect) in enumerate(zip(images, geometry, defects), start=1):
+            frame = SeriesFrame(str(ds.get("SOPInstanceUID", "")), number, None, image, defect)
             records.append((frame, instance_number, ipp, iop))
     if not records:
         return []
@@ -173,7 +178,7 @@ def series_frame_records(
         normal = np.cross(first[:3], first[3:])
         records = [
             (
-                SeriesFrame(f.sop_instance_uid, f.frame_number, float(np.dot(ipp, normal)), f.image),
+                SeriesFrame(f.sop_instance_uid, f.frame_number, float(np.dot(ipp, normal)), f.image, f.defect),
                 n,
                 ipp,
                 iop,
@@ -194,6 +199,21 @@ def series_frames(
 ) -> list[np.ndarray]:
     """Return the display images of every frame of a series, ordered in space (see :func:`series_frame_records`)."""
     return [f.image for f in series_frame_records(datasets, ct_window=ct_window, percentiles=percentiles)]
+
+
+def modality_defect(ds: Dataset, index: int = 0) -> str | None:
+    """Why frame ``index`` of ``ds`` does not carry what its modality promises, or ``None``.
+
+    CT: Rescale Slope and Intercept (or the Enhanced CT's Pixel Value Transformation) are Type 1: without them the
+    stored values are no Hounsfield units (a scanner storing 0..4095 with intercept -1024 would show air at +24 HU),
+    and :func:`display_frames` can only take them as they are.
+    """
+    if str(ds.get("Modality", "")).strip().upper() != "CT" or "ModalityLUTSequence" in ds:
+        return None
+    source = _functional_group_item(ds, index, "PixelValueTransformationSequence") or ds
+    if source.get("RescaleSlope") in (None, "") or source.get("RescaleIntercept") in (None, ""):
+        return "CT without Rescale Slope/Intercept: its Hounsfield units are unknown"
+    return None
 
 
 def _check_image_attributes(ds: Dataset) -> None:

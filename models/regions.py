@@ -1,11 +1,10 @@
 """Where the anatomy is in a display image, and whether a slice shows what a model was trained on.
 
 The training images are tight crops: the COVID CT PNGs are cropped to the lungs (median margins 3-5% of the width
-left and right, 6% top and bottom, measured on 300 of them by ``bench/domain.py``), the brain MR JPEGs to the
-head. A scanner frame is the whole field of view: the body small in the middle, air, the table. Each function here
+left and right, 6% top and bottom, measured on 300 of them), the brain MR JPEGs to the head. A scanner frame is the whole field of view: the body small in the middle, air, the table. Each function here
 finds the region a model reads in one display image (grey 0..255, as :func:`dicom_io.imaging.display_frames`
 makes it) and says whether the slice is suitable at all; :func:`crop` cuts it out with the training images'
-margins. The same code runs on a training image (where it changes little: it is already a crop) and on a scanner
+margins. The same code runs on a training image (where it changes nothing: it is already a crop) and on a scanner
 frame, so that both reach the model alike.
 
 CT works on the lung window's grey levels (:data:`CT_WINDOW_HU`, the window the display images are made with):
@@ -30,21 +29,25 @@ __all__ = [
     "region_finder",
 ]
 
-#: (centre, width) in HU of the window CT display images are made with: fitted to the training PNGs' grey levels
-#: of lung parenchyma and soft tissue against the HU of the same tissues in real chest CT (``bench/domain.py``).
-CT_WINDOW_HU: tuple[float, float] = (-600.0, 1500.0)
+#: (centre, width) in HU of the window that makes CT display images look like the training PNGs: the linear map that
+#: takes the modes of lung parenchyma (-865 HU) and soft tissue (42 HU) in real chest CT onto the modes of the same
+#: tissues in 300 non-COVID training PNGs (grey 83 and 231); ``bench/real_dicom.py --window`` measures it
+#: (W 1563 / L -592), rounded. Close to the textbook lung window (W 1500 / L -600), which the PNGs' exporters likely used.
+CT_WINDOW_HU: tuple[float, float] = (-590.0, 1560.0)
 
 #: Body: above this HU (air is -1000, fat -100). The lungs: below this HU inside the body. -400 keeps most
 #: ground-glass (-700 to -300 HU); consolidated lung, denser, is recovered by mirroring the lung box (below).
 BODY_HU, LUNG_HU = -500.0, -400.0
-#: A CT slice is read when its lungs cover at least this share of the body's cross-section (a mid-chest slice:
-#: 30-50%; an abdomen slice with bowel gas: under 3%; measured by ``bench/domain.py``).
+#: A CT slice is read when its lungs cover at least this share of the body's cross-section (mid-chest slices of real
+#: CT: 30-50%, apex and base 10-25%; abdomen slices, bowel gas counted: 0-6% in 40 of them).
 MIN_LUNG_FRACTION = 0.10
 #: The body must cover at least this share of the frame: less is air, a wrist, a stray object.
 MIN_BODY_FRACTION = 0.02
-#: Margins (left, right, top, bottom) around the region, as shares of the crop: the training crops' medians.
+#: Margins (left, right, top, bottom) around the region, as shares of the crop: the training images' medians (the
+#: lung box in 300 COVID PNGs; the head box, found as :func:`head_region` finds it, in 400 brain JPEGs, whose heads
+#: touch the bottom edge in half of them).
 CT_MARGINS = (0.033, 0.047, 0.06, 0.059)
-MR_MARGINS = (0.04, 0.04, 0.04, 0.04)
+MR_MARGINS = (0.116, 0.116, 0.076, 0.009)
 #: An MR slice is read when the head covers at least this share of the frame's area (a slice through the vertex or
 #: the neck, below it, shows little brain; the training images' head covers 27% and more at their 1st percentile).
 MIN_HEAD_FRACTION = 0.08
@@ -124,6 +127,9 @@ def chest_region(image: np.ndarray) -> Region:
     the HU threshold misses, stays inside the box as long as the other lung is aerated.
     """
     grey = np.asarray(image, dtype=np.float32)
+    if not (grey <= _grey_of_hu(BODY_HU)).any():
+        return _whole(grey, 0.0, "no air in the frame (nothing at or below -500 HU): a field of view inside the "
+                                 "body, or a wrong Rescale Intercept")
     body = ndimage.binary_opening(grey > _grey_of_hu(BODY_HU), iterations=2)
     body = ndimage.binary_fill_holes(_largest_component(body))
     body_fraction = float(body.mean())

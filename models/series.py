@@ -69,10 +69,17 @@ class SeriesClassification:
     reason: str | None = None
 
 
-def model_inputs(images: Sequence[np.ndarray], task: Task) -> tuple[list[Region], list[np.ndarray]]:
-    """Each display image's region and the model input cut from it (the whole frame for an unsuitable slice)."""
+def model_inputs(images: Sequence[np.ndarray], task: Task, defects: Sequence[str | None] | None = None
+                 ) -> tuple[list[Region], list[np.ndarray]]:
+    """Each display image's region and the model input cut from it (the whole frame for an unsuitable slice).
+
+    ``defects``: per image, why its values cannot be trusted (e.g. a CT without its Hounsfield rescale); such an
+    image is unsuitable with that reason, whatever it shows."""
     find = region_finder(task.name)
-    regions = [find(image) for image in images]
+    regions = []
+    for index, image in enumerate(images):
+        defect = defects[index] if defects is not None else None
+        regions.append(Region((0, 0, *np.shape(image)[:2]), 0.0, defect) if defect else find(image))
     return regions, [crop(image, region) for image, region in zip(images, regions)]
 
 

@@ -23,14 +23,15 @@ from sqlalchemy import select
 
 from config import load_settings
 from dicom_io.archive import Archive
-from dicom_io.imaging import series_frame_records
 from dicom_io.synthesis import ct_series
+from models.series import model_inputs
 from models.tasks import COVID_CT
 from test_registry_helpers import covid_files
 from worker.db import Database, Instance, Job, JobState, Patient, Result, Series, Study, User, upgrade_database, utcnow
 from worker.db.review import Decision, record_decision
 from training.data import load_and_split
 from worker.export import ExportError, Pseudonymizer, export_dataset
+from worker.inference import decode_series
 
 ROOT = Path(__file__).resolve().parents[1]
 KEY = "test-pseudonym-key-0123456789"
@@ -130,15 +131,17 @@ def test_confirmed_export_layout_split_and_preprocessing(archive_env) -> None:
     assert all(len(s) == 1 for s in splits_of.values()) and len(splits_of) == 5
     for class_name in COVID_CT.class_names:
         assert {r["split"] for r in rows if r["label"] == class_name} == {"Training", "Testing"}
-    # The PNG is the worker's display image, rounded to 8 bits.
+    # The PNG is the model input the worker makes of that frame (display image, region, 8 bits).
     row = rows[0]
     uid = next(e["series_instance_uid"] for e in result.series if e["pseudo_series"] == row["series"])
     with database.session() as session:
         paths = session.scalars(select(Instance.archive_path).join(Series, Series.id == Instance.series_pk)
                                 .where(Series.series_instance_uid == uid).order_by(Instance.id)).all()
-    expected = series_frame_records(dcmread(p) for p in paths)[int(row["frame"]) - 1].image
+    frames = decode_series([Path(p) for p in paths])
+    expected = model_inputs([frame.image for frame in frames], COVID_CT)[1][int(row["frame"]) - 1]
     exported = np.asarray(Image.open(out / row["file"]))
-    assert exported.dtype == np.uint8 and np.abs(exported.astype(float) - expected).max() <= 0.5 + 1e-6
+    assert exported.dtype == np.uint8
+    np.testing.assert_array_equal(exported, expected)
     summary = json.loads((out / "export.json").read_text())
     assert summary["images"] == result.images and summary["manifest_sha256"] == result.manifest_sha256
 
@@ -213,3 +216,71 @@ def test_cli_export(archive_env) -> None:
     bad = subprocess.run([*command, "--since", "yesterday"], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "is not a date" in bad.stderr
+
+
+def test_training_images_from_real_dicom_match_the_workers_input(tmp_path: Path) -> None:
+    """Preprocessing parity: a real scanner series (whole field of view, HU) exported for training and read back by
+    the trainer's loader gives, slice for slice, the very tensor the worker feeds the model, and the slices the
+    worker leaves out (no lung) are not exported."""
+    from models.inference import Classifier, default_model_dir
+    from models.preprocessing import prepare_batch
+    from test_models_series import REAL
+    from training.data import load_image_folder
+    from worker.inference import classify_series_files
+
+    files = sorted((REAL / "a" / "lung-pet-ct-dx" / "Lung_Dx-A0001-5mm").glob("*.dcm"))[::8]
+    if not files:
+        pytest.skip(f"no real chest CT under {REAL}")
+    settings = load_settings(env={}, data_dir=tmp_path / "data", pseudonym_key=KEY)
+    database = Database(settings.effective_database_url)
+    upgrade_database(database)
+    archive = Archive(settings.archive_dir)
+    datasets = [dcmread(path) for path in files]
+    with database.session() as session:
+        reviewer = User(name="rad", role="radiologist", password_hash="x")
+        patient = Patient(patient_id="EXP-REAL-1", patient_name="Real^Scan", birth_date="")
+        study = Study(study_instance_uid=str(datasets[0].StudyInstanceUID), patient=patient)
+        series = Series(series_instance_uid=str(datasets[0].SeriesInstanceUID), study=study, modality="CT",
+                        revision=1, pending=False)
+        session.add_all([reviewer, patient, study, series])
+        session.flush()
+        for number, ds in enumerate(datasets, start=1):
+            stored = archive.store(ds)
+            session.add(Instance(sop_instance_uid=stored.sop_instance_uid, series=series,
+                                 sop_class_uid=stored.sop_class_uid, instance_number=number,
+                                 transfer_syntax_uid=stored.transfer_syntax_uid, archive_path=str(stored.path)))
+        job = Job(series_pk=series.id, revision=1, state=JobState.DONE, task=COVID_CT.name,
+                  series_last_received_at=utcnow())
+        session.add(job)
+        session.flush()
+        result = Result(job_pk=job.id, series_pk=series.id, revision=1, task=COVID_CT.name, label="non-COVID",
+                        probabilities={"non-COVID": 0.9}, slice_probabilities=[], aggregation="test",
+                        model_name="m", model_version="1", model_uid="2.25.7")
+        session.add(result)
+        session.flush()
+        record_decision(session, result, reviewer, Decision.CONFIRM, "non-COVID")
+    try:
+        export = export_dataset(database, settings, COVID_CT, tmp_path / "out", confirmed_only=True)
+    finally:
+        database.dispose()
+    frames = decode_series(files)
+    regions, inputs = model_inputs([frame.image for frame in frames], COVID_CT)
+    read = [i for i, region in enumerate(regions) if region.suitable]
+    assert 0 < len(read) < len(frames)  # the apex and abdomen slices of the sample are left out
+    assert export.images == len(read) and export.series[0]["slices_left_out"] == len(frames) - len(read)
+    rows = read_manifest(tmp_path / "out")
+    exported = load_image_folder(tmp_path / "out" / rows[0]["split"], COVID_CT, progress=False, allow_empty=True)
+    by_file = {Path(p).name: image for p, image in zip(exported.paths, exported.images)}
+    spec = Classifier.load(default_model_dir(COVID_CT.name)).card.input_spec
+    for row in rows:
+        index = int(row["frame"]) - 1
+        assert index in read
+        trainer = prepare_batch([by_file[Path(row["file"]).name]], spec)
+        worker = prepare_batch([inputs[index]], spec)
+        np.testing.assert_array_equal(trainer, worker)
+    # The worker's series result leaves out the same slices (and may leave out more: those unlike the training
+    # images), so it reads only exported slices.
+    classified = classify_series_files(files, Classifier.load(default_model_dir(COVID_CT.name)), batch_size=8)
+    kept = {i for i, s in enumerate(classified.slice_probabilities) if "excluded" not in s}
+    assert kept and kept <= set(read)
+    assert all("excluded" in classified.slice_probabilities[i] for i in range(len(frames)) if i not in read)

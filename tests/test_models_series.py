@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from dicom_factory import SHARED_DATA
-from models.regions import CT_WINDOW_HU, Region, chest_region, crop, head_region
+from models.regions import CT_WINDOW_HU, MR_MARGINS, Region, chest_region, crop, head_region
 from models.series import aggregate, decide, suspicion
 from models.tasks import BRAIN_TUMOR, COVID_CT, INDETERMINATE
 
@@ -129,7 +129,7 @@ def test_chest_crop_keeps_a_densely_consolidated_lung() -> None:
     ("name", "frame", "reason"),
     [
         ("all air", np.full((256, 256), -1000.0), "no body in the field"),
-        ("all metal", np.full((256, 256), 3000.0), "too little lung"),
+        ("all metal", np.full((256, 256), 3000.0), "no air in the frame"),
         ("head CT", None, "too little lung"),
         ("water phantom", None, "too little lung"),
     ],
@@ -155,6 +155,10 @@ def test_head_region_refuses_noise_and_crops_a_head() -> None:
     head[((yy - 120) / 90.0) ** 2 + ((xx - 128) / 75.0) ** 2 < 1] = 120.0
     region = head_region(head)
     assert region.suitable
+    # The head (rows 30-210, columns 53-203) takes the share of the box the training images' heads take.
     top, left, bottom, right = region.box
-    assert 20 <= top <= 32 and 40 <= left <= 55 and 208 <= bottom <= 222 and 200 <= right <= 216, region.box
+    m_left, m_right, m_top, m_bottom = MR_MARGINS
+    assert (203 - 53) / (right - left) == pytest.approx(1 - m_left - m_right, abs=0.02), region.box
+    assert (210 - 30) / (bottom - top) == pytest.approx(1 - m_top - m_bottom, abs=0.02), region.box
+    assert (53 - left) / (right - left) == pytest.approx(m_left, abs=0.02), region.box
     assert not head_region(np.zeros((64, 64), np.float32)).suitable

@@ -4,8 +4,10 @@ Layout: ``OUT/Training/<class>/*.png`` + ``OUT/Testing/<class>/*.png`` (every cl
 ``OUT/manifest.csv`` (one row per image: file, split, label, label source, pseudonymous patient and series, frame)
 and ``OUT/export.json`` (what was exported, with which options, and the manifest's hash).
 
-* Images are the worker's own preprocessing (:func:`dicom_io.imaging.series_frame_records`: modality LUT, lung
-  window for CT, percentile window for MR), one 8-bit grey PNG per frame, so a model trains on what it will see.
+* Images are the worker's own preprocessing (:func:`worker.inference.decode_series`: modality LUT, the models' lung
+  window for CT, percentile window for MR; then :func:`models.series.model_inputs`: the lungs or the head cut out
+  with the training images' margins), one 8-bit grey PNG per slice the worker reads, so a model trains on what it
+  will see. Slices the worker leaves out (no lung, no head) are not exported; each series counts them.
 * De-identified: file names and the manifest hold only pseudonymous IDs, an HMAC-SHA256 under the configured
   ``pseudonym_key`` of the patient identity and of the series UID; PNGs carry no metadata. The mapping back to
   series stays in the database (the registry's data manifest), never in the export.
@@ -31,15 +33,15 @@ from typing import Any
 
 import numpy as np
 from PIL import Image
-from pydicom import dcmread
 from sqlalchemy import select
 
 from config import Settings
-from dicom_io.imaging import series_frame_records
+from models.series import model_inputs
 from models.tasks import Task
 from training.data import PATIENT_MANIFEST
 from worker.db import Database, Instance, Patient, Result, Series, Study
 from worker.db.review import TrainingExample
+from worker.inference import decode_series
 
 log = logging.getLogger(__name__)
 
@@ -235,20 +237,26 @@ def _export_into(work: Path, database: Database, task: Task, pseudonyms: Pseudon
         patient, series_id = pseudonyms.patient(item.patient_identity), pseudonyms.series(item.series_instance_uid)
         split = splits[patient]
         try:
-            frames = series_frame_records(dcmread(path) for path in item.paths)
+            frames = decode_series(item.paths)
         except Exception as exc:  # pydicom and the decoders raise many types; the series is skipped and listed
             result.skipped.append({"pseudo_series": series_id, "reason": f"{type(exc).__name__}: {exc}"})
             continue
-        for number, frame in enumerate(frames, start=1):
+        regions, inputs = model_inputs([frame.image for frame in frames], task, [frame.defect for frame in frames])
+        written = 0
+        for number, (region, image) in enumerate(zip(regions, inputs), start=1):
+            if not region.suitable:
+                continue  # the worker leaves this slice out of the series' result too
             name = f"{patient}_{series_id}_{number:04d}.png"
-            _write_png(frame.image, work / split / item.label / name)
+            _write_png(image, work / split / item.label / name)
             rows.append({"file": f"{split}/{item.label}/{name}", "split": split, "label": item.label,
                          "label_source": item.source, "patient": patient, "series": series_id, "frame": number})
+            written += 1
         result.series.append({
             "pseudo_series": series_id, "pseudo_patient": patient, "series_instance_uid": item.series_instance_uid,
-            "label": item.label, "label_source": item.source, "split": split, "images": len(frames),
+            "label": item.label, "label_source": item.source, "split": split, "images": written,
+            "slices_left_out": len(frames) - written,
         })
-        result.images += len(frames)
+        result.images += written
     with (work / MANIFEST_FILE).open("w", newline="", encoding="utf-8") as handle:
         writer = csv.DictWriter(handle, fieldnames=MANIFEST_COLUMNS, lineterminator="\n")
         writer.writeheader()

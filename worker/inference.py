@@ -17,9 +17,9 @@ from typing import Generic, TypeVar
 import numpy as np
 from pydicom import dcmread
 
-from dicom_io.imaging import SeriesFrame, series_frame_records
+from dicom_io.imaging import SeriesFrame, Window, series_frame_records
 from models.inference import Classifier, default_model_dir
-from models.regions import Region
+from models.regions import CT_WINDOW_HU, Region
 from models.series import SeriesClassification, decide, model_inputs
 
 __all__ = [
@@ -33,6 +33,9 @@ __all__ = [
 ]
 
 K = TypeVar("K")
+
+#: CT frames are displayed in the window the training images were made with (:data:`models.regions.CT_WINDOW_HU`).
+MODEL_CT_WINDOW = Window(*CT_WINDOW_HU)
 
 
 #: One model call at a time per process: TensorFlow spreads each call over every core already, so two worker
@@ -55,12 +58,12 @@ def predict_in_batches(classifier: Classifier, images: Sequence[np.ndarray], bat
 
 
 def decode_series(paths: Sequence[Path]) -> list[SeriesFrame]:
-    """A series' frames from its archive files, as display images in spatial order.
+    """A series' frames from its archive files, as display images in spatial order (CT in the models' window).
 
     Raises ``dicom_io.imaging.ImagingError`` (or pydicom's errors) for instances that cannot be decoded, and
     ``ValueError`` for a series without frames.
     """
-    frames = series_frame_records(dcmread(path) for path in paths)
+    frames = series_frame_records((dcmread(path) for path in paths), ct_window=MODEL_CT_WINDOW)
     if not frames:
         raise ValueError("the series has no frames")
     return frames
@@ -79,7 +82,8 @@ def classify_series_files(paths: Sequence[Path], classifier: Classifier, batch_s
     Raises ``dicom_io.imaging.ImagingError`` (or pydicom's errors) for instances that cannot be decoded.
     """
     frames = decode_series(paths)
-    regions, inputs = model_inputs([frame.image for frame in frames], classifier.task)
+    regions, inputs = model_inputs([frame.image for frame in frames], classifier.task,
+                                   [frame.defect for frame in frames])
     probabilities, distances = predict_in_batches(classifier, inputs, batch_size)
     return series_classification(frames, regions, probabilities, distances, classifier)
 
@@ -108,7 +112,8 @@ class SeriesBatcher(Generic[K]):
         if not frames:
             raise ValueError("the series has no frames")
         classes = len(self.classifier.class_names)
-        regions, inputs = model_inputs([frame.image for frame in frames], self.classifier.task)
+        regions, inputs = model_inputs([frame.image for frame in frames], self.classifier.task,
+                                       [frame.defect for frame in frames])
         self._series[key] = (list(frames), regions, inputs, np.zeros((len(frames), classes), dtype=np.float32),
                              np.full(len(frames), np.nan))
         self._left[key] = len(frames)

@@ -1,0 +1,96 @@
+"""Bad input on the worker's classification path: real chest CT slices with broken headers or pixels, and series of
+frames with no anatomy. Each gives a result or ``indeterminate`` with a reason: never a crash, never a silent
+default."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from pydicom import dcmread
+
+from dicom_factory import write_files
+from models.inference import Classifier, default_model_dir
+from models.tasks import COVID_CT, INDETERMINATE
+from test_models_series import REAL
+from worker.inference import classify_series_files
+
+
+@pytest.fixture(scope="module")
+def classifier() -> Classifier:
+    return Classifier.load(default_model_dir(COVID_CT.name))
+
+
+def _chest(count: int = 3):
+    files = sorted((REAL / "a" / "lung-pet-ct-dx" / "Lung_Dx-A0001-5mm").glob("*.dcm"))
+    if not files:
+        pytest.skip(f"no real chest CT under {REAL}")
+    return [dcmread(path) for path in files[28:28 + count]]
+
+
+def _classify(datasets, tmp_path: Path, classifier: Classifier):
+    return classify_series_files(write_files(datasets, tmp_path), classifier, batch_size=8)
+
+
+def test_intact_slices_are_read(classifier: Classifier, tmp_path: Path) -> None:
+    result = _classify(_chest(), tmp_path, classifier)
+    assert result.label == "non-COVID" and result.reason is None
+    assert not any("excluded" in s for s in result.slice_probabilities)
+
+
+def test_missing_rescale_is_indeterminate_and_says_why(classifier: Classifier, tmp_path: Path) -> None:
+    datasets = _chest()
+    for ds in datasets:
+        del ds.RescaleSlope, ds.RescaleIntercept
+    result = _classify(datasets, tmp_path, classifier)
+    assert result.label == INDETERMINATE
+    assert "CT without Rescale Slope/Intercept" in (result.reason or "")
+
+
+def test_wrong_rescale_intercept_is_indeterminate_and_says_why(classifier: Classifier, tmp_path: Path) -> None:
+    datasets = _chest()
+    for ds in datasets:
+        ds.RescaleIntercept = float(ds.RescaleIntercept) + 1200  # air would read about +200 HU
+    result = _classify(datasets, tmp_path, classifier)
+    assert result.label == INDETERMINATE and "no air in the frame" in (result.reason or "")
+
+
+def test_missing_pixel_spacing_tilted_gantry_and_one_slice_still_give_a_result(classifier: Classifier,
+                                                                                tmp_path: Path) -> None:
+    datasets = _chest()
+    for ds in datasets:
+        del ds.PixelSpacing
+        ds.GantryDetectorTilt = 15.0
+        ds.ImageOrientationPatient = [1, 0, 0, 0, float(np.cos(np.radians(15))), float(np.sin(np.radians(15)))]
+    result = _classify(datasets, tmp_path / "tilted", classifier)
+    assert result.label == "non-COVID" and len(result.slice_probabilities) == 3
+    single = _classify(_chest(1), tmp_path / "single", classifier)
+    assert single.label == "non-COVID" and "(1 of 1 slices)" in single.aggregation
+
+
+@pytest.mark.parametrize(("name", "hu", "reason"), [
+    ("all air", -1000, "no body in the field"),
+    ("all metal", 3071, "no air in the frame"),
+    ("padding value", -1024, "no body in the field"),
+])
+def test_frames_without_anatomy_are_indeterminate(classifier: Classifier, tmp_path: Path, name: str, hu: int,
+                                                   reason: str) -> None:
+    datasets = _chest()
+    for ds in datasets:
+        stored = np.full(ds.pixel_array.shape, int(round((hu - float(ds.RescaleIntercept)) / float(ds.RescaleSlope))),
+                         dtype=ds.pixel_array.dtype)
+        ds.PixelData = stored.tobytes()
+    result = _classify(datasets, tmp_path, classifier)
+    assert result.label == INDETERMINATE and reason in (result.reason or ""), (name, result.reason)
+    assert all(s["excluded"] for s in result.slice_probabilities)
+
+
+def test_monochrome1_ct_is_indeterminate(classifier: Classifier, tmp_path: Path) -> None:
+    # MONOCHROME1 asks for an inverted display (air white): the picture is no longer what the model was trained on,
+    # and the series says so instead of being classified from it.
+    datasets = _chest()
+    for ds in datasets:
+        ds.PhotometricInterpretation = "MONOCHROME1"
+    result = _classify(datasets, tmp_path, classifier)
+    assert result.label == INDETERMINATE and result.reason
