@@ -7,6 +7,7 @@ import os
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from models.card import ModelCard
@@ -335,3 +336,26 @@ def test_train_with_mixed_precision_saves_a_float32_model(covid_data, tmp_path):
     assert {layer.dtype_policy.name for layer in classifier.model.layers} == {"float32"}
     images = load_image_folder(covid_data, COVID_CT, progress=False).images[:4]
     assert np.isfinite(classifier.predict_prepared(prepare_batch(images, card.input_spec))).all()
+
+
+def test_calibrate_records_temperature_threshold_and_domain(covid_data, tmp_path, capsys):
+    out = tmp_path / "model"
+    assert main(["train", "covid-ct", "--data", str(covid_data), "--arch", "triage-cnn", "--out", str(out),
+                 "--epochs", "1", "--batch-size", "8", "--input-size", "64x64"]) == 0
+    before = Classifier.load(out)
+    assert before.domain is None and before.temperature == 1.0
+    capsys.readouterr()
+    assert main(["calibrate", "covid-ct", "--data", str(covid_data), "--model", str(out)]) == 0
+    assert "temperature" in capsys.readouterr().out
+    card = ModelCard.load(out)
+    calibration = card.calibration
+    assert 0.05 <= calibration["temperature"] <= 20 and calibration["threshold"] == 0.5
+    assert calibration["domain"]["threshold"] > 0 and (out / "domain.npz").is_file()
+    after = Classifier.load(out)
+    assert after.temperature == calibration["temperature"] and after.domain is not None
+    images = [np.full((80, 90), 100.0, dtype=np.float32)]
+    probabilities, distances = after.classify(images)
+    assert probabilities.shape == (1, 2) and distances is not None and distances.shape == (1,)
+    # The temperature keeps each image's argmax: accuracy is unchanged.
+    assert (after.predict(images).argmax(axis=1) == before.predict(images).argmax(axis=1)).all()
+    assert main(["calibrate", "covid-ct", "--data", str(covid_data), "--model", str(tmp_path / "none")]) == 2

@@ -91,7 +91,7 @@ def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") 
 
     evaluate = subparsers.add_parser("evaluate", help="evaluate a saved classifier on a dataset's test splits")
     evaluate.add_argument("task", choices=sorted(TASKS))
-    evaluate.add_argument("--data", required=True)
+    evaluate.add_argument("--data", help="image-folder dataset (the curated splits); or --dicom")
     evaluate.add_argument("--model", help="model folder (default: the shipped model of the task)")
     evaluate.add_argument("--json", help="write every figure shown, keyed by split name, to this JSON file")
     evaluate.add_argument("--figures", help="folder for the PNGs (default: beside --json, else the current folder)")

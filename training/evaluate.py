@@ -101,6 +101,10 @@ def run_evaluate(task: Task, data_dir: Path, model_dir: Path | None, json_path: 
 
 
 def handle_evaluate(args: Any) -> int:
+    if not args.data:
+        print("evaluate: give --data DIR (an image-folder dataset) or --dicom DIR (labelled DICOM series)",
+              file=sys.stderr)
+        return 2
     try:
         return run_evaluate(get_task(args.task), Path(args.data), Path(args.model) if args.model else None,
                             Path(args.json) if args.json else None,

@@ -151,6 +151,41 @@ def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") 
     show.set_defaults(handler=_sr_show)
 
 
+def _evaluate_dicom(args: argparse.Namespace, curated: Any) -> int:
+    """``evaluate --dicom``: the worker's own path on labelled DICOM series; without it, training's evaluate."""
+    if not args.dicom:
+        return int(curated(args) or 0)
+    if args.data:
+        raise ConfigError("evaluate takes --data (curated images) or --dicom (DICOM series), not both")
+    from models.tasks import get_task
+    from worker.evaluation import EvaluationError, run_dicom_evaluate
+
+    settings = read_settings(args)
+    try:
+        return run_dicom_evaluate(get_task(args.task), args.dicom, args.labels, Path(args.model) if args.model else None,
+                                  Path(args.json) if args.json else None, args.record_split, settings.routing_rules,
+                                  args.batch_size)
+    except (EvaluationError, FileNotFoundError, ValueError) as exc:
+        print(f"evaluate: {exc}", file=sys.stderr)
+        return 2
+
+
+def _add_dicom_evaluation(evaluate: argparse.ArgumentParser) -> None:
+    """``evaluate --dicom`` runs the worker's path (routing, decoding, series decision), which the training
+    package does not import: the worker adds it to training's ``evaluate``."""
+    evaluate.add_argument("--dicom", type=Path, metavar="DIR",
+                          help="score the worker's own path per series on a tree of real DICOM series")
+    evaluate.add_argument("--labels", type=Path, metavar="FILE",
+                          help="with --dicom: PATH-PREFIX<TAB>LABEL lines (a class name or 'out-of-domain'); "
+                               "default: the first folder under DIR names the label")
+    evaluate.add_argument("--record-split", metavar="NAME",
+                          help="with --dicom: write the series figures into the model's card as this split "
+                               "(e.g. external)")
+    _add_settings_options(evaluate)
+    curated = evaluate.get_default("handler")
+    evaluate.set_defaults(handler=lambda args: _evaluate_dicom(args, curated))
+
+
 def build_parser() -> argparse.ArgumentParser:
     from training import cli as training_cli
     from worker.registry import cli as registry_cli
@@ -160,6 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     register(subparsers)
     training_cli.register(subparsers)
+    _add_dicom_evaluation(subparsers.choices["evaluate"])
     registry_cli.register(subparsers)
     web_cli.register(subparsers)
     return parser
