@@ -41,6 +41,9 @@ BODY_HU, LUNG_HU = -500.0, -400.0
 #: A CT slice is read when its lungs cover at least this share of the body's cross-section (mid-chest slices of real
 #: CT: 30-50%, apex and base 10-25%; abdomen slices, bowel gas counted: 0-6% in 40 of them).
 MIN_LUNG_FRACTION = 0.10
+#: Masks are found on the image shrunk (block means) to at most this many pixels a side: a box and an area share
+#: need no more, and on a 512 x 512 CT frame it cuts the time from 12.5 to about 4 ms.
+MASK_SIDE = 256
 #: The body must cover at least this share of the frame: less is air, a wrist, a stray object.
 MIN_BODY_FRACTION = 0.02
 #: Margins (left, right, top, bottom) around the region, as shares of the crop: the training images' medians (the
@@ -114,6 +117,27 @@ def _sides_touched(mask: np.ndarray) -> int:
     return sum(int(edge.mean() >= 0.2) for edge in edges)
 
 
+def _reduced(grey: np.ndarray) -> tuple[np.ndarray, int]:
+    """``grey`` shrunk by block means to at most :data:`MASK_SIDE` pixels a side, and the factor it was shrunk by."""
+    factor = max(1, int(np.ceil(max(grey.shape) / MASK_SIDE)))
+    if factor == 1:
+        return grey, 1
+    rows, cols = grey.shape[0] // factor, grey.shape[1] // factor
+    if rows == 0 or cols == 0:
+        return grey, 1
+    return grey[:rows * factor, :cols * factor].reshape(rows, factor, cols, factor).mean(axis=(1, 3)), factor
+
+
+def _opening(factor: int) -> int:
+    """Iterations of the 3x3 opening that removes specks, thin lines and the table's edge: two full-size pixels."""
+    return 2 if factor == 1 else 1
+
+
+def _scaled(box: tuple[int, int, int, int], factor: int, shape: tuple[int, ...]) -> tuple[int, int, int, int]:
+    top, left, bottom, right = box
+    return top * factor, left * factor, min(shape[0], bottom * factor), min(shape[1], right * factor)
+
+
 def _whole(image: np.ndarray, fraction: float, reason: str | None) -> Region:
     return Region((0, 0, image.shape[0], image.shape[1]), round(float(fraction), 4), reason)
 
@@ -126,23 +150,25 @@ def chest_region(image: np.ndarray) -> Region:
     lung box is widened to the same chest-wall distance on both sides, so a lung made dense by consolidation, which
     the HU threshold misses, stays inside the box as long as the other lung is aerated.
     """
-    grey = np.asarray(image, dtype=np.float32)
-    if not (grey <= _grey_of_hu(BODY_HU)).any():
-        return _whole(grey, 0.0, "no air in the frame (nothing at or below -500 HU): a field of view inside the "
+    full = np.asarray(image, dtype=np.float32)
+    if not (full <= _grey_of_hu(BODY_HU)).any():
+        return _whole(full, 0.0, "no air in the frame (nothing at or below -500 HU): a field of view inside the "
                                  "body, or a wrong Rescale Intercept")
-    body = ndimage.binary_opening(grey > _grey_of_hu(BODY_HU), iterations=2)
+    grey, factor = _reduced(full)
+    dense = grey > _grey_of_hu(BODY_HU)
+    body = ndimage.binary_opening(dense, iterations=_opening(factor))
     body = ndimage.binary_fill_holes(_largest_component(body))
     body_fraction = float(body.mean())
     if body_fraction < MIN_BODY_FRACTION:
-        return _whole(grey, 0.0, f"no body in the field (body {body_fraction:.1%} of the frame)")
-    if _sides_touched(body) >= 3:
+        return _whole(full, 0.0, f"no body in the field (body {body_fraction:.1%} of the frame)")
+    if _sides_touched(dense) >= 3:
         # Already a chest crop (a training image, an export, a field of view fitted to the chest): the lungs run
         # into the frame's edges, so they are no holes in the body; every dark pixel counts, the frame is the box.
         lung_fraction = float((grey < _grey_of_hu(LUNG_HU)).mean())
         if lung_fraction < MIN_LUNG_FRACTION:
-            return _whole(grey, lung_fraction, f"too little lung in the slice ({lung_fraction:.0%} of the frame; "
+            return _whole(full, lung_fraction, f"too little lung in the slice ({lung_fraction:.0%} of the frame; "
                                                f"at least {MIN_LUNG_FRACTION:.0%})")
-        return _whole(grey, lung_fraction, None)
+        return _whole(full, lung_fraction, None)
     lung = body & (grey < _grey_of_hu(LUNG_HU))
     labels, count = ndimage.label(lung)
     if count:
@@ -151,15 +177,15 @@ def chest_region(image: np.ndarray) -> Region:
         lung = (sizes >= 0.005 * body.sum())[labels]
     lung_fraction = float(lung.sum() / body.sum())
     if lung_fraction < MIN_LUNG_FRACTION:
-        return _whole(grey, lung_fraction,
+        return _whole(full, lung_fraction,
                       f"too little lung in the slice ({lung_fraction:.0%} of the body; at least {MIN_LUNG_FRACTION:.0%})")
     top, left, bottom, right = _bounds(lung)
     _, body_left, _, body_right = _bounds(body)
     # Each side's chest wall is as thick as the other's: a lung the threshold lost reaches as close to its side of
     # the body as the aerated lung does to its own.
     left, right = min(left, body_left + (body_right - right)), max(right, body_right - (left - body_left))
-    box = (top, left, bottom, right)
-    return Region(_with_margins(box, CT_MARGINS, grey.shape), round(lung_fraction, 4))
+    box = _scaled((top, left, bottom, right), factor, full.shape)
+    return Region(_with_margins(box, CT_MARGINS, full.shape), round(lung_fraction, 4))
 
 
 def head_region(image: np.ndarray) -> Region:
@@ -170,28 +196,30 @@ def head_region(image: np.ndarray) -> Region:
     brighter than brain), and on a linear scale Otsu splits bright fat from brain instead of tissue from background.
     A frame whose level is under :data:`MIN_TISSUE_LEVEL` is background noise with at most a sliver of tissue.
     """
-    grey = np.asarray(image, dtype=np.float32)
-    if float(grey.max()) <= float(grey.min()):
-        return _whole(grey, 0.0, "the frame is blank")
+    full = np.asarray(image, dtype=np.float32)
+    if float(full.max()) <= float(full.min()):
+        return _whole(full, 0.0, "the frame is blank")
     scale = np.log1p(255.0) / 255.0
-    level = float(np.expm1(_otsu_level(np.log1p(np.clip(grey, 0.0, 255.0)) / scale) * scale))
+    level = float(np.expm1(_otsu_level(np.log1p(np.clip(full, 0.0, 255.0)) / scale) * scale))
     if level < MIN_TISSUE_LEVEL:
-        return _whole(grey, 0.0, f"no head in the field (tissue barely above the background: level {level:.1f} of "
+        return _whole(full, 0.0, f"no head in the field (tissue barely above the background: level {level:.1f} of "
                                  f"255, at least {MIN_TISSUE_LEVEL})")
-    head = ndimage.binary_opening(grey > level, iterations=2)
+    grey, factor = _reduced(full)
+    head = ndimage.binary_opening(grey > level, iterations=_opening(factor))
     if not head.any():
-        return _whole(grey, 0.0, "no head in the field")
+        return _whole(full, 0.0, "no head in the field")
     head = ndimage.binary_fill_holes(_largest_component(head))
     fraction = float(head.mean())
     if fraction < MIN_HEAD_FRACTION:
-        return _whole(grey, fraction, f"no head in the field (head {fraction:.1%} of the frame; at least "
+        return _whole(full, fraction, f"no head in the field (head {fraction:.1%} of the frame; at least "
                                       f"{MIN_HEAD_FRACTION:.0%})")
     top, left, bottom, right = _bounds(head)
     fill = float(head.sum()) / ((bottom - top) * (right - left))
     if fill > MAX_HEAD_FILL:
-        return _whole(grey, fraction, f"no head outline: tissue fills its box ({fill:.0%}; a head at most "
+        return _whole(full, fraction, f"no head outline: tissue fills its box ({fill:.0%}; a head at most "
                                       f"{MAX_HEAD_FILL:.0%}), as in a limb or a field of view inside the body")
-    return Region(_with_margins((top, left, bottom, right), MR_MARGINS, grey.shape), round(fraction, 4))
+    box = _scaled((top, left, bottom, right), factor, full.shape)
+    return Region(_with_margins(box, MR_MARGINS, full.shape), round(fraction, 4))
 
 
 def _otsu_level(grey: np.ndarray) -> float:
