@@ -56,7 +56,9 @@ class DomainModel:
         if features.shape[0] == 0:
             return np.zeros(0)
         differences = features[:, None, :] - self.means[None, :, :]
-        squared = np.einsum("ncd,de,nce->nc", differences, self.precision, differences)
+        # The product with the precision matrix as one matrix multiplication (BLAS): a three-operand einsum took a
+        # fifth of the brain model's inference time.
+        squared = np.einsum("ncd,ncd->nc", differences @ self.precision, differences)
         return np.sqrt(np.maximum(squared.min(axis=1), 0.0))
 
     def save(self, folder: Path | str) -> Path:
