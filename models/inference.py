@@ -144,4 +144,5 @@ def _with_features(model: "object") -> "object":
     """The model with a second output: the input of its softmax layer (``probabilities``), from the same pass."""
     import keras
 
-    return keras.Model(model.inputs, [model.get_layer("probabilities").input, model.output])  # type: ignore[attr-defined]
+    layer = model.get_layer("probabilities")  # type: ignore[attr-defined]
+    return keras.Model(model.inputs, [layer.input, model.output])  # type: ignore[attr-defined]

@@ -1,11 +1,12 @@
 """Where the anatomy is in a display image, and whether a slice shows what a model was trained on.
 
 The training images are tight crops: the COVID CT PNGs are cropped to the lungs (median margins 3-5% of the width
-left and right, 6% top and bottom, measured on 300 of them), the brain MR JPEGs to the head. A scanner frame is the whole field of view: the body small in the middle, air, the table. Each function here
-finds the region a model reads in one display image (grey 0..255, as :func:`dicom_io.imaging.display_frames`
-makes it) and says whether the slice is suitable at all; :func:`crop` cuts it out with the training images'
-margins. The same code runs on a training image (where it changes nothing: it is already a crop) and on a scanner
-frame, so that both reach the model alike.
+left and right, 6% top and bottom, measured on 300 of them), the brain MR JPEGs to the head. A scanner frame is the
+whole field of view: the body small in the middle, air, the table. Each function here finds the region a model
+reads in one display image (grey 0..255, as :func:`dicom_io.imaging.display_frames` makes it) and says whether the
+slice is suitable at all; :func:`crop` cuts it out with the training images' margins. On a training image, already
+a crop, the CT region is the whole image (3 of 400 COVID PNGs are found unsuitable, with 4-10% lung) and the MR
+region the training margins' own box; on a scanner frame the region brings it to the training images' framing.
 
 CT works on the lung window's grey levels (:data:`CT_WINDOW_HU`, the window the display images are made with):
 a grey level is a Hounsfield value there, so thresholds are stated in HU.
@@ -32,7 +33,8 @@ __all__ = [
 #: (centre, width) in HU of the window that makes CT display images look like the training PNGs: the linear map that
 #: takes the modes of lung parenchyma (-865 HU) and soft tissue (42 HU) in real chest CT onto the modes of the same
 #: tissues in 300 non-COVID training PNGs (grey 83 and 231); ``bench/real_dicom.py --window`` measures it
-#: (W 1563 / L -592), rounded. Close to the textbook lung window (W 1500 / L -600), which the PNGs' exporters likely used.
+#: (W 1563 / L -592), rounded. Close to the textbook lung window (W 1500 / L -600), which the PNGs' exporters
+#: likely used.
 CT_WINDOW_HU: tuple[float, float] = (-590.0, 1560.0)
 
 #: Body: above this HU (air is -1000, fat -100). The lungs: below this HU inside the body. -400 keeps most
@@ -177,8 +179,8 @@ def chest_region(image: np.ndarray) -> Region:
         lung = (sizes >= 0.005 * body.sum())[labels]
     lung_fraction = float(lung.sum() / body.sum())
     if lung_fraction < MIN_LUNG_FRACTION:
-        return _whole(full, lung_fraction,
-                      f"too little lung in the slice ({lung_fraction:.0%} of the body; at least {MIN_LUNG_FRACTION:.0%})")
+        return _whole(full, lung_fraction, f"too little lung in the slice ({lung_fraction:.0%} of the body; at least "
+                                           f"{MIN_LUNG_FRACTION:.0%})")
     top, left, bottom, right = _bounds(lung)
     _, body_left, _, body_right = _bounds(body)
     # Each side's chest wall is as thick as the other's: a lung the threshold lost reaches as close to its side of

@@ -10,9 +10,9 @@ The one definition of the path from a series' display images to its result, run 
    (:meth:`models.inference.Classifier.classify`); a slice farther than the model's domain threshold is excluded too.
 3. :func:`decide`: the series is ``indeterminate`` (:data:`models.tasks.INDETERMINATE`) when too few of its slices
    are left (:data:`MIN_SUITABLE_SHARE`, at least one slice); otherwise the slices left are combined by the task's
-   rule (:func:`aggregate`, :data:`QUANTILES`) and the series suspicion, one minus the probability of the negative classes, is
-   compared with the card's operating threshold: at or above it the series is the most probable finding class,
-   below it the negative class.
+   rule (:func:`aggregate`, :data:`QUANTILES`) and the series suspicion, one minus the probability of the negative
+   classes, is compared with the card's operating threshold: at or above it the series is the most probable
+   finding class, below it the negative class.
 
 Every slice keeps its probabilities and, when excluded, its reason.
 """
@@ -126,7 +126,8 @@ def _exclusions(regions: Sequence[Region], distances: np.ndarray | None, domain_
 
 
 def _summary(reasons: Sequence[str | None]) -> str:
-    """'3 of 64 slices: too little lung ...; 1: unlike ...': the commonest reasons first, numbers trimmed off."""
+    """'7 too little lung in the slice; 1 unlike the training images': the commonest reasons with their counts, each
+    without its parenthesised figures."""
     counts = Counter(reason.split(" (")[0] for reason in reasons if reason)
     return "; ".join(f"{count} {text}" for text, count in counts.most_common(3))
 
