@@ -24,12 +24,15 @@ from typing import Any
 
 import pytest
 import redis
+from pydicom import dcmread
 from pydicom.uid import JPEG2000Lossless, JPEGLSLossless, RLELossless
 from sqlalchemy import select
 
 from dicom_factory import brain_images, ct_images, storescu, write_files
 from dicom_io.synthesis import ct_series, encode, mr_series
 from models.card import ModelCard
+from models.tasks import INDETERMINATE, get_task
+from test_models_series import REAL
 from processes import Child, celery_ready, free_port, serve_ready, triage_command, triage_environment, wait_for
 from worker.db import Database, Job, JobState, Result, Series
 from worker.report import results_report
@@ -97,9 +100,16 @@ def check_classified(entry: dict[str, Any], task: str, models_dir: Path) -> None
     assert entry["status"] == "done", entry
     assert entry["task"] == task
     assert entry["label"] in card.class_names
-    assert set(entry["probabilities"]) == set(card.class_names)
-    assert abs(sum(entry["probabilities"].values()) - 1.0) < 1e-3
-    assert entry["label"] == max(entry["probabilities"], key=entry["probabilities"].get)
+    probabilities = entry["probabilities"]
+    assert set(probabilities) == set(card.class_names)
+    assert abs(sum(probabilities.values()) - 1.0) < 1e-3
+    # The card's operating threshold on the suspicion decides finding or not; then the most probable class of that
+    # side is the label (models.series.decide).
+    negatives = set(get_task(task).negative_classes)
+    suspicion = 1.0 - sum(p for name, p in probabilities.items() if name in negatives)
+    finding = suspicion >= float(card.calibration.get("threshold", 0.5))
+    side = [name for name in card.class_names if (name not in negatives) == finding]
+    assert entry["label"] == max(side, key=probabilities.get), entry
     assert entry["model_uid"] == card.uid
 
 
@@ -134,6 +144,21 @@ def test_embedded_serve_classifies_routes_and_supersedes(
     assert results(data_dir, env)["rejected"] == []
     study_only = results(data_dir, env, "--study", study)
     assert {e["series_instance_uid"] for e in study_only["series"]} == uids - {knee[0].SeriesInstanceUID}
+
+    # Real scanner DICOM pushed as a PACS would: a 2007 chest CT (every other slice) is classified from its lung
+    # slices (the shipped model's answer on it is tested in test_real_dicom; this one is a threshold model); an
+    # abdomen slice, which routing sends to the COVID model (BodyPartExamined is empty), comes back indeterminate,
+    # saying why.
+    chest = [dcmread(p) for p in sorted((REAL / "a" / "lung-pet-ct-dx" / "Lung_Dx-A0001-5mm").glob("*.dcm"))[::2]]
+    abdomen = [dcmread(p) for p in sorted((REAL / "e" / "covid19-ny-sbu-abdomen" / "A062055").glob("*.dcm"))[:1]]
+    push(port, chest + abdomen, tmp_path / "push-real")
+    real = {chest[0].SeriesInstanceUID, abdomen[0].SeriesInstanceUID}
+    wait_for(lambda: all_final(report(url), real), 120, "results of the real series", serve)
+    entries = by_series(results(data_dir, env))
+    check_classified(entries[chest[0].SeriesInstanceUID], "covid-ct", models_dir)
+    refused = entries[abdomen[0].SeriesInstanceUID]
+    assert refused["status"] == "done" and refused["label"] == INDETERMINATE, refused
+    assert "too little lung" in refused["result_reason"]
 
     # A late instance re-runs the series; the new result supersedes the first.
     late = mr_series(brain_images(1, seed=99), study_instance_uid=study,
