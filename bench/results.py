@@ -245,8 +245,11 @@ REAL_NOTES = """## Real scanner DICOM: what the worker does with it, how it was 
 - **Aggregation, chosen on real series.** COVID: the median slice by suspicion (the old mean of the top quarter
   called the 2007 lung-cancer series of the development set COVID at 0.77-0.84, new or old window, from its apex
   and mass slices; its median lung slice says 0.01). Brain: the slice at the 75% quantile, so a finding needs a
-  quarter of the slices: healthy volunteers' volumes have 3-16% of their slices above 0.5 on their own, and the top-quarter mean called all three
-  healthy development volumes glioma (0.88-0.96).
+  quarter of the slices: healthy volunteers' volumes have 3-16% of their slices above 0.5 on their own, and the
+  top-quarter mean called all three healthy development volumes glioma (0.88-0.96). Over the 17 real brain series
+  read (quantiles 0.5 to 0.9 tried), 0.75 puts 5 of 6 healthy series at or below 0.26 and 6 of 7 glioma volumes
+  at or above 0.96 (the RIDER vertex pairs, no lesion visible, stay at 0.01-0.04 at every quantile); 0.8 lifts a
+  healthy DTI volume to 0.77, and the median drops five glioma volumes below 0.5.
 - **Cost.** Finding the region takes about 5.4 ms per 512x512 CT frame and 1.6 ms per 128x128 MR frame (masks on
   the frame shrunk to 256 pixels a side; 12.5 ms at full size); the feature distance and the temperature come out
   of the same model call and cost 2% of it (same process, batch 32: brain 842 against 863 img/s, COVID 378
