@@ -5,7 +5,7 @@ Layout: ``OUT/Training/<class>/*.png`` + ``OUT/Testing/<class>/*.png`` (every cl
 and ``OUT/export.json`` (what was exported, with which options, and the manifest's hash).
 
 * Images are the worker's own preprocessing (:func:`worker.inference.decode_series`: modality LUT, the models' lung
-  window for CT, percentile window for MR; then :func:`models.series.model_inputs`: the lungs or the head cut out
+  window for CT, percentile window for MR; then :func:`worker.inference.series_inputs`: the lungs or the head cut out
   with the training images' margins), one 8-bit grey PNG per slice the worker reads, so a model trains on what it
   will see. Slices the worker leaves out (no lung, no head) are not exported; each series counts them.
 * De-identified: file names and the manifest hold only pseudonymous IDs, an HMAC-SHA256 under the configured
@@ -36,12 +36,11 @@ from PIL import Image
 from sqlalchemy import select
 
 from config import Settings
-from models.series import model_inputs
 from models.tasks import Task
 from training.data import PATIENT_MANIFEST
 from worker.db import Database, Instance, Patient, Result, Series, Study
 from worker.db.review import TrainingExample
-from worker.inference import decode_series
+from worker.inference import decode_series, series_inputs
 
 log = logging.getLogger(__name__)
 
@@ -241,7 +240,7 @@ def _export_into(work: Path, database: Database, task: Task, pseudonyms: Pseudon
         except Exception as exc:  # pydicom and the decoders raise many types; the series is skipped and listed
             result.skipped.append({"pseudo_series": series_id, "reason": f"{type(exc).__name__}: {exc}"})
             continue
-        regions, inputs = model_inputs([frame.image for frame in frames], task, [frame.defect for frame in frames])
+        regions, inputs = series_inputs(frames, task)
         written = 0
         for number, (region, image) in enumerate(zip(regions, inputs), start=1):
             if not region.suitable:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Generic, TypeVar
 
@@ -21,6 +22,7 @@ from dicom_io.imaging import SeriesFrame, Window, series_frame_records
 from models.inference import Classifier, default_model_dir
 from models.regions import CT_WINDOW_HU, Region
 from models.series import SeriesClassification, decide, model_inputs
+from models.tasks import Task
 
 __all__ = [
     "ModelCache",
@@ -30,6 +32,7 @@ __all__ = [
     "classify_series_files",
     "decode_series",
     "predict_in_batches",
+    "series_inputs",
 ]
 
 K = TypeVar("K")
@@ -69,6 +72,12 @@ def decode_series(paths: Sequence[Path]) -> list[SeriesFrame]:
     return frames
 
 
+def series_inputs(frames: Sequence[SeriesFrame], task: Task) -> tuple[list[Region], list[np.ndarray]]:
+    """Each frame's region and model input (:func:`models.series.model_inputs`; a frame's defect makes it
+    unsuitable): what the worker classifies and what ``dataset export`` writes for training."""
+    return model_inputs([frame.image for frame in frames], task, [frame.defect for frame in frames])
+
+
 def series_classification(frames: Sequence[SeriesFrame], regions: Sequence[Region], probabilities: np.ndarray,
                           distances: np.ndarray | None, classifier: Classifier) -> SeriesClassification:
     """The series result (:func:`models.series.decide`) from its frames' regions, probabilities and distances."""
@@ -82,10 +91,21 @@ def classify_series_files(paths: Sequence[Path], classifier: Classifier, batch_s
     Raises ``dicom_io.imaging.ImagingError`` (or pydicom's errors) for instances that cannot be decoded.
     """
     frames = decode_series(paths)
-    regions, inputs = model_inputs([frame.image for frame in frames], classifier.task,
-                                   [frame.defect for frame in frames])
+    regions, inputs = series_inputs(frames, classifier.task)
     probabilities, distances = predict_in_batches(classifier, inputs, batch_size)
     return series_classification(frames, regions, probabilities, distances, classifier)
+
+
+@dataclass
+class _Pending:
+    """A series in a :class:`SeriesBatcher`: its frames, their regions and model inputs, and the probabilities and
+    feature distances (NaN: not yet known, or no domain file) predicted so far."""
+
+    frames: list[SeriesFrame]
+    regions: list[Region]
+    inputs: list[np.ndarray]
+    probabilities: np.ndarray
+    distances: np.ndarray
 
 
 class SeriesBatcher(Generic[K]):
@@ -100,8 +120,7 @@ class SeriesBatcher(Generic[K]):
     def __init__(self, classifier: Classifier, batch_size: int) -> None:
         self.classifier = classifier
         self.batch_size = batch_size
-        #: Per series: its frames, their regions and model inputs, and the probabilities and distances so far.
-        self._series: dict[K, tuple[list[SeriesFrame], list[Region], list[np.ndarray], np.ndarray, np.ndarray]] = {}
+        self._series: dict[K, _Pending] = {}
         self._left: dict[K, int] = {}
         #: Frames not yet predicted, in arrival order: (series key, index in that series).
         self._waiting: list[tuple[K, int]] = []
@@ -112,10 +131,9 @@ class SeriesBatcher(Generic[K]):
         if not frames:
             raise ValueError("the series has no frames")
         classes = len(self.classifier.class_names)
-        regions, inputs = model_inputs([frame.image for frame in frames], self.classifier.task,
-                                       [frame.defect for frame in frames])
-        self._series[key] = (list(frames), regions, inputs, np.zeros((len(frames), classes), dtype=np.float32),
-                             np.full(len(frames), np.nan))
+        regions, inputs = series_inputs(frames, self.classifier.task)
+        self._series[key] = _Pending(list(frames), regions, inputs,
+                                     np.zeros((len(frames), classes), dtype=np.float32), np.full(len(frames), np.nan))
         self._left[key] = len(frames)
         self._waiting += [(key, index) for index in range(len(frames))]
         full = len(self._waiting) // self.batch_size * self.batch_size
@@ -126,19 +144,20 @@ class SeriesBatcher(Generic[K]):
 
     def _predict(self, count: int) -> list[tuple[K, SeriesClassification]]:
         todo, self._waiting = self._waiting[:count], self._waiting[count:]
-        images = [self._series[key][2][index] for key, index in todo]
+        images = [self._series[key].inputs[index] for key, index in todo]
         probabilities, distances = predict_in_batches(self.classifier, images, self.batch_size)
         done = []
         for position, ((key, index), row) in enumerate(zip(todo, probabilities)):
-            self._series[key][3][index] = row
+            pending = self._series[key]
+            pending.probabilities[index] = row
             if distances is not None:
-                self._series[key][4][index] = distances[position]
+                pending.distances[index] = distances[position]
             self._left[key] -= 1
             if self._left[key] == 0:
-                frames, regions, _, rows, series_distances = self._series.pop(key)
-                del self._left[key]
-                known = None if np.isnan(series_distances).any() else series_distances
-                done.append((key, series_classification(frames, regions, rows, known, self.classifier)))
+                del self._series[key], self._left[key]
+                known = None if np.isnan(pending.distances).any() else pending.distances
+                done.append((key, series_classification(pending.frames, pending.regions, pending.probabilities,
+                                                        known, self.classifier)))
         return done
 
 
