@@ -24,6 +24,7 @@ from dicom_io.sr import read_classification_sr
 from models.card import CARD_FILE
 from models.tasks import BRAIN_TUMOR, INDETERMINATE
 from worker.db import Database, Result, SrDocument
+from worker.db.review import TrainingExample
 from worker.registry import register_installed_models
 from worker.reporting import publish_result
 from worker.web.admin_models import evaluation_splits
@@ -193,10 +194,18 @@ def test_sr_of_an_indeterminate_result_then_confirm_and_correct(env: Env) -> Non
     url = f"/api/results/{env.result}/decision"
     confirmed = rad.post(url, json={"decision": "confirm"}, headers=headers)
     assert confirmed.status_code == 200 and confirmed.json()["label"] == INDETERMINATE
+
+    def training_labels() -> list[str]:
+        with env.database.session() as session:
+            series_pk = session.get_one(Result, env.result).series_pk
+            return list(session.scalars(select(TrainingExample.label).where(TrainingExample.series_pk == series_pk)))
+
+    assert training_labels() == []  # agreeing that the model cannot judge it names no class to train on
     refused = rad.post(url, json={"decision": "correct", "label": INDETERMINATE}, headers=headers)
     assert refused.status_code == 422  # a correction names a class
     corrected = rad.post(url, json={"decision": "correct", "label": "pituitary"}, headers=headers)
     assert corrected.status_code == 200 and corrected.json()["report_error"] is None
+    assert training_labels() == ["pituitary"]
     with env.database.session() as session:
         documents = session.scalars(select(SrDocument).where(SrDocument.result_pk == env.result)
                                     .order_by(SrDocument.id)).all()

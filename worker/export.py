@@ -146,8 +146,8 @@ def labelled_series(database: Database, task: Task, confirmed_only: bool, since:
             rows = [row for row in rows if row[0].first_received_at >= start]
         out = []
         for series, study, patient, label, source in sorted(rows, key=lambda r: r[0].id):
-            if label not in task.class_names:
-                log.warning("series %d: label %r is not a %s class; not exported", series.id, label, task.name)
+            if label not in task.class_names:  # an indeterminate result names no class to train on
+                log.info("series %d: label %r is not a %s class; not exported", series.id, label, task.name)
                 continue
             paths = session.scalars(
                 select(Instance.archive_path).where(Instance.series_pk == series.id).order_by(Instance.id)

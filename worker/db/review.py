@@ -13,6 +13,7 @@ from datetime import datetime
 from sqlalchemy import ForeignKey, String, select
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
+from models.tasks import INDETERMINATE
 from worker.db.models import AuditEvent, Base, Result, Review, User, utcnow
 
 
@@ -61,7 +62,8 @@ def audit(session: Session, user: User | None, action: str, target: str = "") ->
 def record_decision(
     session: Session, result: Result, user: User, decision: Decision, label: str, comment: str = ""
 ) -> Review:
-    """Store ``user``'s decision on ``result``, mark its series a confirmed training example, audit it.
+    """Store ``user``'s decision on ``result``, mark its series a confirmed training example (unless the decision
+    confirms an indeterminate result), audit it.
 
     ``label`` is the result's own label for a confirmation and the corrected class for a correction; the caller
     has checked it against the task's classes.
@@ -74,7 +76,12 @@ def record_decision(
     session.add(review)
     session.flush()
     example = session.scalar(select(TrainingExample).where(TrainingExample.series_pk == result.series_pk))
-    if example is None:
+    if label == INDETERMINATE:
+        # Agreeing that the model cannot judge the series names no class to train on; an example left from an
+        # earlier decision on the series no longer stands either.
+        if example is not None:
+            session.delete(example)
+    elif example is None:
         session.add(TrainingExample(series_pk=result.series_pk, task=result.task, label=label, review_pk=review.id))
     else:
         example.task, example.label, example.review_pk, example.updated_at = result.task, label, review.id, utcnow()
