@@ -240,8 +240,9 @@ REAL_NOTES = """## Real scanner DICOM: what the worker does with it, how it was 
   is left out, with its reason, when it shows no body, too little lung (under 10% of the body), no head, noise
   only, tissue filling its box (a limb), or when its penultimate features lie farther from the training images than
   99.5% of the validation images (Mahalanobis, `models.domain`). A series with under 25% of its slices left is
-  `indeterminate`; so are CT without Hounsfield rescale, frames with no air, MONOCHROME1 CT (tested in
-  `tests/test_bad_series.py`). Routing refuses scouts by Image Type or description and diffusion maps.
+  `indeterminate`; so are CT without Hounsfield rescale and frames with no air, while a MONOCHROME1 CT is read
+  from its Hounsfield units like any other (tested in `tests/test_bad_series.py`). Routing refuses scouts by Image
+  Type or description and diffusion maps.
 - **Aggregation, chosen on real series.** COVID: the median slice by suspicion (the old mean of the top quarter
   called the 2007 lung-cancer series of the development set COVID at 0.77-0.84, new or old window, from its apex
   and mass slices; its median lung slice says 0.01). Brain: the slice at the 75% quantile, so a finding needs a

@@ -92,11 +92,14 @@ def display_frames(
     *,
     ct_window: Window = LUNG_WINDOW,
     percentiles: tuple[float, float] = MR_PERCENTILES,
+    invert_monochrome1_ct: bool = True,
 ) -> list[np.ndarray]:
     """Return one 2-D float32 display image (grey values 0..255) per frame of ``ds``.
 
     ``ct_window`` is the VOI window for CT (Hounsfield units); ``percentiles`` the (low, high) percentiles of each
-    frame's modality values that span the window of every other greyscale image. Raises :class:`ImagingError`
+    frame's modality values that span the window of every other greyscale image. ``invert_monochrome1_ct=False``
+    windows a MONOCHROME1 CT from its Hounsfield units like any other (air dark), where the display DICOM asks for
+    inverts it: what a classifier trained on ordinary lung-window images needs. Raises :class:`ImagingError`
     for a dataset without decodable pixel data.
     """
     lo_pct, hi_pct = percentiles
@@ -106,7 +109,7 @@ def display_frames(
     photometric = str(ds.get("PhotometricInterpretation", "")).strip().upper()
     is_ct = str(ds.get("Modality", "")).strip().upper() == "CT"
     images = []
-    inverted = photometric == "MONOCHROME1"
+    inverted = photometric == "MONOCHROME1" and (invert_monochrome1_ct or not is_ct)
     # The percentiles refer to the displayed picture: in MONOCHROME1 its bright end is the low values.
     window = (100.0 - hi_pct, 100.0 - lo_pct) if inverted else (lo_pct, hi_pct)
     for index, stored in enumerate(_decoded_frames(ds)):
@@ -151,8 +154,10 @@ def series_frame_records(
     *,
     ct_window: Window = LUNG_WINDOW,
     percentiles: tuple[float, float] = MR_PERCENTILES,
+    invert_monochrome1_ct: bool = True,
 ) -> list[SeriesFrame]:
-    """Return every frame of a series as :class:`SeriesFrame`, ordered in space.
+    """Return every frame of a series as :class:`SeriesFrame`, ordered in space (display options as
+    :func:`display_frames`).
 
     Frames are sorted by Image Position (Patient) projected on the normal of Image Orientation (Patient) when every
     frame has both and all share one orientation; otherwise (or to break ties) by Instance Number, then frame
@@ -160,7 +165,8 @@ def series_frame_records(
     """
     records: list[tuple[SeriesFrame, int, np.ndarray | None, np.ndarray | None]] = []
     for ds in datasets:
-        images = display_frames(ds, ct_window=ct_window, percentiles=percentiles)
+        images = display_frames(ds, ct_window=ct_window, percentiles=percentiles,
+                                invert_monochrome1_ct=invert_monochrome1_ct)
         geometry = _frame_geometry(ds, len(images))
         instance_number = _int_or_zero(ds.get("InstanceNumber"))
         defects = [modality_defect(ds, index) for index in range(len(images))]

@@ -86,11 +86,13 @@ def test_frames_without_anatomy_are_indeterminate(classifier: Classifier, tmp_pa
     assert all(s["excluded"] for s in result.slice_probabilities)
 
 
-def test_monochrome1_ct_is_indeterminate(classifier: Classifier, tmp_path: Path) -> None:
-    # MONOCHROME1 asks for an inverted display (air white): the picture is no longer what the model was trained on,
-    # and the series says so instead of being classified from it.
+def test_monochrome1_ct_is_read_from_its_hounsfield_units(classifier: Classifier, tmp_path: Path) -> None:
+    # MONOCHROME1 asks a viewer to show air white; the model reads the Hounsfield units in its window, air dark, as
+    # in every training image, and gives the series the same result as the MONOCHROME2 original.
+    original = _classify(_chest(), tmp_path / "m2", classifier)
     datasets = _chest()
     for ds in datasets:
         ds.PhotometricInterpretation = "MONOCHROME1"
-    result = _classify(datasets, tmp_path, classifier)
-    assert result.label == INDETERMINATE and result.reason
+    result = _classify(datasets, tmp_path / "m1", classifier)
+    assert result.label == original.label == "non-COVID" and result.reason is None
+    assert result.probabilities == original.probabilities

@@ -61,12 +61,15 @@ def predict_in_batches(classifier: Classifier, images: Sequence[np.ndarray], bat
 
 
 def decode_series(paths: Sequence[Path]) -> list[SeriesFrame]:
-    """A series' frames from its archive files, as display images in spatial order (CT in the models' window).
+    """A series' frames from its archive files, as display images in spatial order (CT in the models' window, never
+    inverted).
 
     Raises ``dicom_io.imaging.ImagingError`` (or pydicom's errors) for instances that cannot be decoded, and
     ``ValueError`` for a series without frames.
     """
-    frames = series_frame_records((dcmread(path) for path in paths), ct_window=MODEL_CT_WINDOW)
+    # The models read CT as Hounsfield units in their window, air dark, whatever display MONOCHROME1 asks for.
+    frames = series_frame_records((dcmread(path) for path in paths), ct_window=MODEL_CT_WINDOW,
+                                  invert_monochrome1_ct=False)
     if not frames:
         raise ValueError("the series has no frames")
     return frames
