@@ -169,9 +169,8 @@ def decide(
         label = INDETERMINATE
     else:
         threshold = float(calibration.get("threshold", 0.5))
-        negatives = [names.index(name) for name in task.negative_classes]
-        findings = [i for i in range(len(names)) if i not in negatives]
-        pool = findings if float(suspicion(series, task)) >= threshold else negatives
+        side = task.finding_classes if float(suspicion(series, task)) >= threshold else task.negative_classes
+        pool = [names.index(name) for name in side]
         label = names[max(pool, key=lambda i: series[i])]
     return SeriesClassification(
         label=label,

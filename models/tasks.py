@@ -22,6 +22,11 @@ class Task:
     def num_classes(self) -> int:
         return len(self.class_names)
 
+    @property
+    def finding_classes(self) -> tuple[str, ...]:
+        """The classes that are a suspected finding: every class but the negative ones, in model output order."""
+        return tuple(name for name in self.class_names if name not in self.negative_classes)
+
 
 BRAIN_TUMOR = Task(
     name="brain-tumor",

@@ -18,7 +18,7 @@ from typing import Any
 from sqlalchemy import Select, and_, case, exists, func, literal, or_, select
 from sqlalchemy.orm import Session, aliased
 
-from models.tasks import INDETERMINATE, TASKS, Task
+from models.tasks import INDETERMINATE, TASKS
 from worker.db.models import Job, JobState, Patient, Result, Review, Series, Study
 
 PAGE_SIZE = 50
@@ -41,16 +41,12 @@ class ReviewState(str, enum.Enum):
 def is_suspected(task: str, label: str) -> bool:
     """Whether ``label`` is a finding: one of the task's classes that is not negative (indeterminate is none)."""
     known = TASKS.get(task)
-    return known is not None and label in known.class_names and label not in known.negative_classes
+    return known is not None and label in known.finding_classes
 
 
 def _suspected_sql(result: Any) -> Any:
     """:func:`is_suspected` in SQL."""
-    return or_(*(and_(result.task == t.name, result.label.in_(_finding_classes(t))) for t in TASKS.values()))
-
-
-def _finding_classes(task: Task) -> tuple[str, ...]:
-    return tuple(name for name in task.class_names if name not in task.negative_classes)
+    return or_(*(and_(result.task == t.name, result.label.in_(t.finding_classes)) for t in TASKS.values()))
 
 
 #: The values each worklist filter accepts. ``finding`` is a result's label: a class, or ``indeterminate``.
