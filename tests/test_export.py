@@ -284,3 +284,52 @@ def test_training_images_from_real_dicom_match_the_workers_input(tmp_path: Path)
     kept = {i for i, s in enumerate(classified.slice_probabilities) if "excluded" not in s}
     assert kept and kept <= set(read)
     assert all("excluded" in classified.slice_probabilities[i] for i in range(len(frames)) if i not in read)
+
+
+def test_cli_from_dicom_tree(tmp_path: Path) -> None:
+    """``dataset from-dicom``: a labelled tree of DICOM series outside the archive gives the same layout, keyed
+    pseudonyms and one split per patient; out-of-domain series are left out; nothing of the headers leaks; an
+    unlabelled tree is refused with the reason and leaves no folder."""
+    tree = tmp_path / "tree"
+    made: list[tuple[str, str, str]] = []  # (patient ID, name, series UID)
+    offset = 0
+    for label, folder in (("COVID", "b"), ("non-COVID", "a"), ("COVID", "e")):
+        for patient in range(3):
+            pid, name = f"TREE-{folder}-{patient}", f"Treeperson^Quillon{folder.upper()}{patient}"
+            for series in range(2):  # two series per patient: they must land in one split
+                datasets = ct_series(covid_files(label, 300 + offset, 2), patient_id=pid, patient_name=name,
+                                     study_instance_uid=generate_uid(), series_instance_uid=generate_uid())
+                offset += 2
+                target = tree / folder / f"{patient}-{series}"
+                target.mkdir(parents=True)
+                for number, ds in enumerate(datasets):
+                    ds.save_as(target / f"{number}.dcm", enforce_file_format=True)
+                made.append((pid, name, str(datasets[0].SeriesInstanceUID)))
+    labels = tmp_path / "labels.tsv"
+    labels.write_text("# folder\tlabel\na\tnon-COVID\nb\tCOVID\ne\tout-of-domain\n", encoding="utf-8")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DICOM_TRIAGE_")}
+    env.update(DICOM_TRIAGE_PSEUDONYM_KEY=KEY, CUDA_VISIBLE_DEVICES="")
+    command = [sys.executable, "-m", "worker.cli", "dataset", "from-dicom", "--task", "covid-ct", "--dicom",
+               str(tree), "--labels", str(labels), "--data-dir", str(tmp_path / "data")]
+    done = subprocess.run([*command, "--out", str(tmp_path / "out")], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "exported 24 images of 12 series" in done.stdout  # the 6 out-of-domain series are not exported
+    rows = read_manifest(tmp_path / "out")
+    assert {r["label"] for r in rows} == {"COVID", "non-COVID"} and {r["label_source"] for r in rows} == {"dataset"}
+    assert len({r["patient"] for r in rows}) == 6
+    for patient in {r["patient"] for r in rows}:
+        assert len({r["split"] for r in rows if r["patient"] == patient}) == 1
+    for row in rows:
+        assert Image.open(tmp_path / "out" / row["file"]).mode == "L"
+    forbidden = [text.encode() for pid, name, uid in made for text in (pid, name, uid, "Treeperson", "Quillon")]
+    for path in (p for p in (tmp_path / "out").rglob("*") if p.is_file()):
+        data = path.read_bytes() + path.as_posix().encode()
+        assert not [text for text in forbidden if text in data], path
+
+    (tmp_path / "none.tsv").write_text("e\tout-of-domain\n", encoding="utf-8")
+    refused = subprocess.run([*command[:-4], "--labels", str(tmp_path / "none.tsv"), "--data-dir",
+                              str(tmp_path / "data"), "--out", str(tmp_path / "refused")],
+                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 2 and "labelled with a class of covid-ct" in refused.stderr, refused.stderr
+    assert not (tmp_path / "refused").exists()

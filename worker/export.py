@@ -14,6 +14,10 @@ and ``OUT/export.json`` (what was exported, with which options, and the manifest
 * Split by patient: all images of one patient go to the same split, so a test image never has a sibling slice
   in training. The split is stable (by the keyed hash), stratified by class, and each class with two patients or
   more has one in each split.
+
+:func:`export_dicom_tree` writes the same layout from a labelled tree of DICOM series outside the archive (public
+real scanner series, another hospital's labelled studies): the labels file of ``evaluate --dicom``, patients from
+the headers' Patient ID (or the study, where it is empty), the same keyed pseudonyms and split.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import logging
 import os
 import shutil
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import date, datetime, timezone
 from pathlib import Path
@@ -33,6 +38,7 @@ from typing import Any
 
 import numpy as np
 from PIL import Image
+from pydicom import dcmread
 from sqlalchemy import select
 
 from config import Settings
@@ -180,6 +186,13 @@ def _write_png(image: np.ndarray, path: Path) -> None:
     Image.fromarray(grey, mode="L").save(path, format="PNG")  # PIL writes no text chunks unless asked
 
 
+def _pseudonymizer(settings: Settings) -> Pseudonymizer:
+    if settings.pseudonym_key is None:
+        raise ExportError("set pseudonym_key (DICOM_TRIAGE_PSEUDONYM_KEY or the config file) before exporting: "
+                          "it keys the pseudonymous patient and series IDs")
+    return Pseudonymizer(settings.pseudonym_key.get_secret_value())
+
+
 def export_dataset(
     database: Database,
     settings: Settings,
@@ -193,17 +206,58 @@ def export_dataset(
 
     Written to a temporary sibling folder and renamed at the end, so ``out_dir`` never holds half an export.
     """
-    if settings.pseudonym_key is None:
-        raise ExportError("set pseudonym_key (DICOM_TRIAGE_PSEUDONYM_KEY or the config file) before exporting: "
-                          "it keys the pseudonymous patient and series IDs")
-    pseudonyms = Pseudonymizer(settings.pseudonym_key.get_secret_value())
+    pseudonyms = _pseudonymizer(settings)
+    options = {"confirmed_only": confirmed_only, "since": since.isoformat() if since else None}
+    return _export(out_dir, task, pseudonyms, lambda: labelled_series(database, task, confirmed_only, since), options)
+
+
+def _header_patient_identity(path: Path) -> str:
+    header = dcmread(path, stop_before_pixels=True,
+                     specific_tags=["PatientID", "IssuerOfPatientID", "StudyInstanceUID"])
+    patient_id = str(header.get("PatientID", "") or "").strip()
+    if not patient_id:
+        return f"study:{header.get('StudyInstanceUID', '')}"
+    return f"id:{header.get('IssuerOfPatientID', '') or ''}\x00{patient_id}"
+
+
+def labelled_tree_series(root: Path, labels_file: Path | None, task: Task) -> list[LabelledSeries]:
+    """The series of a labelled DICOM tree (``evaluate --dicom``'s labels) whose label is a class of ``task``."""
+    from worker.evaluation import EvaluationError, find_series, read_labels
+
+    try:
+        found = find_series(root, read_labels(labels_file) if labels_file else None, task)
+    except EvaluationError as exc:
+        raise ExportError(str(exc)) from None
+    out = []
+    for number, item in enumerate(found, start=1):
+        if item.label not in task.class_names:
+            continue  # out-of-domain series teach no class
+        uid = dcmread(item.paths[0], stop_before_pixels=True, specific_tags=["SeriesInstanceUID"]).SeriesInstanceUID
+        out.append(LabelledSeries(number, str(uid), _header_patient_identity(item.paths[0]), item.label,
+                                  "dataset", item.paths))
+    if not out:
+        raise ExportError(f"no series under {root} is labelled with a class of {task.name}")
+    return out
+
+
+def export_dicom_tree(settings: Settings, task: Task, root: Path | str, labels_file: Path | None,
+                      out_dir: Path | str) -> ExportResult:
+    """Export a labelled tree of DICOM series (not the archive) to ``out_dir``, as :func:`export_dataset` does."""
+    pseudonyms = _pseudonymizer(settings)
+    root = Path(root)
+    options = {"dicom_tree": True, "labels": labels_file.name if labels_file else None}
+    return _export(out_dir, task, pseudonyms, lambda: labelled_tree_series(root, labels_file, task), options)
+
+
+def _export(out_dir: Path | str, task: Task, pseudonyms: Pseudonymizer,
+            series_source: Callable[[], list[LabelledSeries]], options: dict[str, Any]) -> ExportResult:
     out_dir = Path(out_dir).resolve()
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise ExportError(f"{out_dir} exists and is not an empty folder")
     work = out_dir.with_name(f".{out_dir.name}.partial-{os.getpid()}")
     shutil.rmtree(work, ignore_errors=True)
     try:
-        result = _export_into(work, database, task, pseudonyms, confirmed_only, since)
+        result = _export_into(work, task, pseudonyms, series_source(), options)
         if out_dir.exists():
             out_dir.rmdir()
         out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -215,12 +269,11 @@ def export_dataset(
     return result
 
 
-def _export_into(work: Path, database: Database, task: Task, pseudonyms: Pseudonymizer, confirmed_only: bool,
-                 since: date | None) -> ExportResult:
+def _export_into(work: Path, task: Task, pseudonyms: Pseudonymizer, series_list: list[LabelledSeries],
+                 options: dict[str, Any]) -> ExportResult:
     for split in (TRAIN_FOLDER, TEST_FOLDER):
         for class_name in task.class_names:
             (work / split / class_name).mkdir(parents=True, exist_ok=True)
-    series_list = labelled_series(database, task, confirmed_only, since)
     # A patient's split follows the label most of their series carry (ties: the first in class order).
     votes: dict[str, list[str]] = defaultdict(list)
     for item in series_list:
@@ -264,8 +317,7 @@ def _export_into(work: Path, database: Database, task: Task, pseudonyms: Pseudon
     summary = {
         "task": task.name,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "options": {"confirmed_only": confirmed_only, "since": since.isoformat() if since else None,
-                    "test_fraction": TEST_FRACTION},
+        "options": {**options, "test_fraction": TEST_FRACTION},
         "images": result.images,
         "series": len(result.series),
         "counts": result.counts(),
@@ -276,4 +328,5 @@ def _export_into(work: Path, database: Database, task: Task, pseudonyms: Pseudon
     return result
 
 
-__all__ = ["ExportError", "ExportResult", "Pseudonymizer", "assign_splits", "export_dataset", "labelled_series"]
+__all__ = ["ExportError", "ExportResult", "Pseudonymizer", "assign_splits", "export_dataset", "export_dicom_tree",
+           "labelled_series", "labelled_tree_series"]

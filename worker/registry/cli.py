@@ -1,4 +1,4 @@
-"""``dicom-triage dataset export``, ``models list|show|promote|rollback|retrain`` and ``training-worker``.
+"""``dicom-triage dataset export|from-dicom``, ``models list|show|promote|rollback|retrain`` and ``training-worker``.
 
 Hook into the main command with ``register(subparsers)``. Exit status 0 on success, 2 for bad input or a refused
 operation (the message says why), so scripts can tell them apart.
@@ -58,12 +58,28 @@ def _export(args: argparse.Namespace) -> int:
                                 confirmed_only=args.confirmed_only, since=args.since)
     except ExportError as exc:
         return _fail(str(exc))
+    _print_export(result)
+    return 0
+
+
+def _print_export(result: Any) -> None:
     counts = result.counts()
     print(f"exported {result.images} images of {len(result.series)} series to {result.out_dir}")
     for split, per_class in counts.items():
         print(f"  {split}: " + (", ".join(f"{k}={v}" for k, v in sorted(per_class.items())) or "none"))
     for skipped in result.skipped:
         print(f"  skipped series {skipped['pseudo_series']}: {skipped['reason']}")
+
+
+def _from_dicom(args: argparse.Namespace) -> int:
+    from models.tasks import get_task
+    from worker.export import ExportError, export_dicom_tree
+
+    try:
+        result = export_dicom_tree(_settings(args), get_task(args.task), args.dicom, args.labels, args.out)
+    except ExportError as exc:
+        return _fail(str(exc))
+    _print_export(result)
     return 0
 
 
@@ -180,6 +196,16 @@ def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") 
                         help="only radiologist-confirmed or corrected labels (default: also unreviewed results)")
     export.add_argument("--since", type=_date, metavar="DATE", help="only series received on or after this date")
     export.set_defaults(handler=_export)
+    from_dicom = dataset_actions.add_parser(
+        "from-dicom", help="a labelled tree of DICOM series (not the archive) -> the same de-identified image folders")
+    _common(from_dicom)
+    from_dicom.add_argument("--task", required=True, choices=sorted(TASKS))
+    from_dicom.add_argument("--dicom", required=True, type=Path, metavar="DIR", help="tree of DICOM series")
+    from_dicom.add_argument("--labels", type=Path, metavar="FILE",
+                            help="PATH-PREFIX<TAB>LABEL lines, as for evaluate --dicom (default: the first folder "
+                                 "under DIR names the label)")
+    from_dicom.add_argument("--out", required=True, type=Path, help="folder to create (must not exist or be empty)")
+    from_dicom.set_defaults(handler=_from_dicom)
 
     models = subparsers.add_parser("models", help="the model registry: list, show, promote, roll back, retrain")
     actions = models.add_subparsers(dest="models_command", required=True, metavar="ACTION")
