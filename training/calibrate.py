@@ -31,7 +31,7 @@ from models.inference import Classifier, default_model_dir
 from models.preprocessing import prepare_batch
 from models.series import suspicion
 from models.tasks import Task, get_task
-from training.data import DataError, load_and_split
+from training.data import DataError, load_and_split_sources
 from training.fit import TrainConfig
 
 #: Share of validation images whose feature distance the domain threshold lets through.
@@ -99,16 +99,17 @@ def calibrate(classifier: Classifier, task: Task, train: tuple[list[np.ndarray],
     return record, domain
 
 
-def run_calibrate(task: Task, data_dir: Path, model_dir: Path | None) -> int:
+def run_calibrate(task: Task, data_dirs: list[Path], model_dir: Path | None) -> int:
     model_dir = model_dir or default_model_dir(task.name)
     classifier = Classifier.load(model_dir)
     if classifier.card.task != task.name:
         print(f"calibrate: {model_dir} is a {classifier.card.task} model, not {task.name}", file=sys.stderr)
         return 2
     config = TrainConfig.from_dict(classifier.card.training.get("config", {}))
-    splits = load_and_split(data_dir, task, seed=int(classifier.card.split_seed or 0),
-                            validation_fraction=config.validation_fraction,
-                            pool_validation_fraction=config.pool_validation_fraction)
+    # The split is redrawn exactly as training drew it, from the same --data folders in the same order.
+    splits = load_and_split_sources(data_dirs, task, seed=int(classifier.card.split_seed or 0),
+                                    validation_fraction=config.validation_fraction,
+                                    pool_validation_fraction=config.pool_validation_fraction)
     print(splits.describe(), file=sys.stderr)
     labels = splits.images.label_array
 
@@ -128,7 +129,8 @@ def run_calibrate(task: Task, data_dir: Path, model_dir: Path | None) -> int:
 
 def handle_calibrate(args: Any) -> int:
     try:
-        return run_calibrate(get_task(args.task), Path(args.data), Path(args.model) if args.model else None)
+        return run_calibrate(get_task(args.task), [Path(d) for d in args.data],
+                             Path(args.model) if args.model else None)
     except (DataError, FileNotFoundError, ValueError) as exc:
         print(f"calibrate: {exc}", file=sys.stderr)
         return 2

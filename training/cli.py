@@ -103,6 +103,8 @@ def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") 
     calibrate = subparsers.add_parser(
         "calibrate", help="fit a model's temperature, operating threshold and domain on its validation split")
     calibrate.add_argument("task", choices=sorted(TASKS))
-    calibrate.add_argument("--data", required=True, help="the dataset the model was trained on (its split is redrawn)")
+    calibrate.add_argument("--data", required=True, action="append",
+                           help="the dataset the model was trained on, every --data folder in training's order "
+                                "(its split is redrawn)")
     calibrate.add_argument("--model", help="model folder, rewritten in place (default: the shipped model of the task)")
     calibrate.set_defaults(handler=_calibrate)
