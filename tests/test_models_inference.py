@@ -9,11 +9,7 @@ import numpy as np
 import pytest
 
 from models.card import ModelCard
-from models.imagefiles import read_grey_image
 from models.inference import Classifier, default_model_dir
-
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-
 
 @pytest.fixture(scope="module")
 def brain() -> Classifier:
@@ -37,18 +33,6 @@ def test_predict_gives_probabilities_in_class_order(brain):
     assert brain.predict([]).shape == (0, 4)
     with pytest.raises(ValueError, match="batch_size"):
         brain.predict(images, batch_size=0)
-
-
-@pytest.mark.skipif(not DATA.is_dir(), reason="../shared/data is not present")
-def test_shipped_brain_model_recognises_clear_cases(brain):
-    # Files whose class the shipped model must get right: a regression guard, not an accuracy measurement.
-    folder = DATA / "brain-tumor-mri" / "Testing"
-    names = brain.class_names
-    files = {name: sorted((folder / name).iterdir())[:10] for name in names}
-    images = [read_grey_image(p) for name in names for p in files[name]]
-    labels = np.repeat(np.arange(4), 10)
-    accuracy = float((brain.predict(images).argmax(1) == labels).mean())
-    assert accuracy >= 0.75
 
 
 def test_load_errors_are_clear(tmp_path):
