@@ -98,8 +98,10 @@ def test_concurrent_stores_of_one_instance_make_one_file(
     for thread in threads:
         thread.start()
     for thread in threads:
-        thread.join()
+        thread.join(30)
+    assert len(results) == 8, f"{8 - len(results)} of the concurrent stores did not return"
     assert sum(not r.duplicate for r in results) == 1
+    assert len({r.path for r in results}) == 1
     assert len(list(tmp_path.rglob("*.dcm"))) == 1
     assert _leftovers(tmp_path) == []
     assert (dcmread(results[0].path).pixel_array == mr[1].pixel_array).all()
@@ -187,13 +189,30 @@ def test_temporaries_that_ended_processes_of_this_host_left_are_removed_at_open(
     assert dcmread(kept.path).SOPInstanceUID == mr[0].SOPInstanceUID  # the archived name is untouched
 
 
+def _wait_for_unnamed_files(root: Path, count: int, timeout: float = 10.0) -> None:
+    """Until this process holds ``count`` unnamed (O_TMPFILE) files under ``root``, as /proc shows them."""
+    deadline = time.monotonic() + timeout
+    while True:
+        held = 0
+        for fd in Path("/proc/self/fd").iterdir():
+            try:
+                target = os.readlink(fd)
+            except OSError:
+                continue  # closed meanwhile
+            held += target.startswith(str(root.resolve())) and "/#" in target and target.endswith("(deleted)")
+        if held >= count:
+            return
+        assert time.monotonic() < deadline, f"{held} of {count} files made ahead after {timeout} s"
+        time.sleep(0.01)
+
+
 def test_files_made_ahead_are_not_shared_with_a_forked_child(tmp_path: Path, mr: list[Dataset]) -> None:
     # A child inherits the parent's open files: were both to write into one file made ahead, each would append to
     # the other's instance.
     archive = Archive(tmp_path, files_ahead=2)
     try:
         archive.store(mr[0])
-        time.sleep(0.5)  # the background thread makes the next files
+        _wait_for_unnamed_files(tmp_path, 2)  # the background thread makes the next files
         series = [synthesis.encode(ds, ds.file_meta.TransferSyntaxUID)
                   for ds in synthesis.mr_series(brain_images(2, seed=8))]
         pid = os.fork()

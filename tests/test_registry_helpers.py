@@ -58,8 +58,10 @@ def make_reference_set(folder: Path, good_model_dir: Path) -> Path:
         candidates = covid_files(class_name, 40, 60)
         predicted = classifier.predict([read_grey_image(f) for f in candidates]).argmax(axis=1)
         right = [f for f, p in zip(candidates, predicted) if p == index][:REFERENCE_PER_CLASS]
-        if len(right) < REFERENCE_PER_CLASS:
-            pytest.skip(f"the threshold model is right on too few {class_name} images for a reference set")
+        # A threshold model fitted on 32 images gets these right; fewer means fitting or Classifier broke, which
+        # must fail the registry and retraining tests that use it, not skip them.
+        assert len(right) >= REFERENCE_PER_CLASS, (
+            f"the threshold model is right on {len(right)} of 60 {class_name} images; {REFERENCE_PER_CLASS} needed")
         (folder / class_name).mkdir(parents=True, exist_ok=True)
         for number, path in enumerate(right):
             (folder / class_name / f"ref{number:02d}.png").symlink_to(path)

@@ -100,7 +100,9 @@ def test_cross_validation_is_recorded_in_the_card(covid_data, tmp_path):
     assert main(["train", "covid-ct", "--data", str(covid_data), "--arch", "threshold", "--out", str(out),
                  "--cv", "5", "--input-size", "64x64"]) == 0
     cv = ModelCard.load(out).metrics["cv5"]
-    assert len(cv["folds"]) == 5 and 0.0 <= cv["accuracy"] <= 1.0 and cv["std"] >= 0.0
+    assert len(cv["folds"]) == 5
+    assert cv["accuracy"] == pytest.approx(np.mean(cv["folds"])) and cv["std"] == pytest.approx(np.std(cv["folds"]))
+    assert all(f in {k / 8 for k in range(9)} for f in cv["folds"]), cv["folds"]  # 40 images: 8 per test fold
 
 
 @pytest.mark.parametrize("argv_tail,message", [
