@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import pytest
 from celery.contrib.testing.worker import start_worker
+from celery.signals import task_postrun
 from sqlalchemy import func, select, update
 
 from config import Settings, load_settings
@@ -58,6 +59,21 @@ class Pipeline:
         self.enqueue = make_enqueue(self.app)
         self.scheduler = SeriesScheduler(settings, database, self.enqueue,
                                          clock=lambda: datetime.now(timezone.utc) + timedelta(seconds=60))
+        #: The job id of every classify_series message the worker finished with, in order: "nothing happened"
+        #: checks wait until the worker has consumed the message instead of sleeping.
+        self.consumed: list[int] = []
+        task_postrun.connect(self._consumed, weak=False)
+
+    def _consumed(self, task: Any = None, args: Any = None, **_: Any) -> None:
+        if task is not None and task.app is self.app and args:
+            self.consumed.append(int(args[0]))
+
+    def wait_consumed(self, job_id: int, times: int) -> None:
+        """Until the worker has finished with ``times`` messages for ``job_id``."""
+        wait_for(lambda: self.consumed.count(job_id) >= times, timeout=30)
+
+    def close(self) -> None:
+        task_postrun.disconnect(self._consumed)
 
     def job(self) -> Job:
         with self.database.session() as session:
@@ -90,6 +106,7 @@ def pipeline(tmp_path: Path, models_dir: Path) -> Iterator[Pipeline]:
     with start_worker(line.app, pool="threads", concurrency=1, perform_ping_check=False,
                       queues=[INFERENCE_QUEUE], shutdown_timeout=30):
         yield line
+    line.close()
     registration.close()
     database.dispose()
 
@@ -123,8 +140,9 @@ def test_transient_error_is_retried_then_succeeds(pipeline: Pipeline, tmp_path: 
     assert (job.state, job.attempts) == (JobState.DONE, 2), job.reason
 
     # The same message again (a broker redelivery, a re-sent job) changes nothing.
+    before = pipeline.consumed.count(job.id)
     pipeline.enqueue(job.id)
-    time.sleep(1.5)
+    pipeline.wait_consumed(job.id, before + 1)
     with pipeline.database.session() as session:
         assert session.scalar(select(func.count(Result.id))) == 1
         assert session.get_one(Job, job.id).attempts == 2
@@ -182,7 +200,8 @@ def test_one_message_classifies_the_queued_jobs_together(pipeline: Pipeline) -> 
     assert [(jobs[i].state, jobs[i].attempts) for i in ids] == [(JobState.DONE, 1)] * 3
     for job_id in ids[1:]:  # their own messages come later and change nothing
         pipeline.enqueue(job_id)
-    time.sleep(1.5)
+    for job_id in ids[1:]:
+        pipeline.wait_consumed(job_id, 1)
     assert [pipeline.jobs()[i].attempts for i in ids] == [1, 1, 1]
     with pipeline.database.session() as session:
         assert session.scalar(select(func.count(Result.id))) == 3
