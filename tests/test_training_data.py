@@ -15,6 +15,7 @@ from training.data import (
     cross_validation_parts,
     duplicate_groups,
     load_and_split,
+    load_and_split_sources,
     load_image_folder,
     split_groups,
     split_pool,
@@ -154,3 +155,47 @@ def test_official_split_dedup_removes_testing_copies_of_training(tmp_path):
     assert "leaked.jpg" not in names and len(splits.test) == 13 and len(splits.test_dedup) <= 12
     # Validation is carved group-aware from Training only.
     assert set(splits.train.tolist() + splits.validation.tolist()) == set(range(24))
+
+
+def _brain_official(root: Path, offset: int, training: int, testing: int) -> Path:
+    for split, count in (("Training", training), ("Testing", testing)):
+        for name in BRAIN_TUMOR.class_names:
+            (root / split / name).mkdir(parents=True)
+            for path in sorted((DATA / "brain-tumor-mri" / split / name).iterdir())[offset:offset + count]:
+                shutil.copy(path, root / split / name)
+    return root
+
+
+@pytest.mark.parametrize("layout", ["official", "pool"])
+def test_the_first_source_is_split_as_it_is_alone(tmp_path, layout):
+    """A model fine-tuned from one trained on the first source alone must be validated on images it never saw:
+    adding a second source (an export of real series) leaves the first source's train, validation and test parts
+    exactly as they are without it."""
+    if layout == "official":
+        task, first = BRAIN_TUMOR, _brain_official(tmp_path / "curated", 0, 12, 3)
+        second = _brain_official(tmp_path / "export", 40, 5, 2)
+    else:
+        task, first = COVID_CT, covid_pool(tmp_path / "curated", per_class=30)
+        second = tmp_path / "export"
+        for split in ("Training", "Testing"):
+            for name in COVID_CT.class_names:
+                (second / split / name).mkdir(parents=True)
+                prefix = "Covid" if name == "COVID" else "Non-Covid"
+                for number in range(5 if split == "Training" else 2):
+                    shutil.copy(DATA / "covid-ct" / name / f"{prefix} ({number + 400 + 10 * len(split)}).png",
+                                second / split / name)
+    alone = load_and_split(first, task, seed=3, validation_fraction=0.2, progress=False)
+    both = load_and_split_sources([first, second], task, seed=3, validation_fraction=0.2, progress=False)
+
+    def names(splits, indices, root):
+        return sorted(splits.images.paths[i].relative_to(root).as_posix() for i in indices
+                      if splits.images.paths[i].is_relative_to(root))
+
+    for part in ("train", "validation", "test"):
+        expected = names(alone, getattr(alone, part), first)
+        assert expected and names(both, getattr(both, part), first) == expected, part
+    # The second source lands in every part it has images for, and nowhere twice.
+    export_parts = [names(both, getattr(both, part), second) for part in ("train", "validation", "test")]
+    assert all(export_parts[:1]) and export_parts[2]
+    assert sum(len(p) for p in export_parts) == len(set(sum(export_parts, []))) == (28 if layout == "official"
+                                                                                    else 14)

@@ -387,7 +387,8 @@ def load_and_split_sources(data_dirs: Sequence[Path | str], task: Task, seed: in
     """Several ``--data`` folders as one dataset (e.g. an archive export plus an external labelled set).
 
     Each source keeps its own layout: an official split's ``Testing`` images are test images, its ``Training``
-    images are split group-aware into train and validation; a pool is split by :func:`split_pool`. Duplicate
+    images are split group-aware into train and validation; a pool is split by :func:`split_pool`. Each source is
+    split on its own, so the first gets exactly the split it gets alone. Duplicate
     groups span all sources, and a pool image that duplicates a test image goes to test too. A source may lack
     images of a class (a small export); the training part of all of them together must have every class.
     """
@@ -398,18 +399,20 @@ def load_and_split_sources(data_dirs: Sequence[Path | str], task: Task, seed: in
     dirs = [check_data_dir(d).resolve() for d in data_dirs]
     if len(set(dirs)) != len(dirs):
         raise DataError("the same --data folder is given twice")
-    parts: list[tuple[ImageSet, str]] = []  # (images, role): role is "train", "test" or "pool"
-    for folder in dirs:
+    parts: list[tuple[ImageSet, str, int]] = []  # (images, role, source): role is "train", "test" or "pool"
+    for number, folder in enumerate(dirs):
         if is_official_split(folder):
-            parts.append((load_image_folder(folder / TRAIN_FOLDER, task, progress, allow_empty=True), "train"))
-            parts.append((load_image_folder(folder / TEST_FOLDER, task, progress, allow_empty=True), "test"))
+            parts.append((load_image_folder(folder / TRAIN_FOLDER, task, progress, allow_empty=True), "train", number))
+            parts.append((load_image_folder(folder / TEST_FOLDER, task, progress, allow_empty=True), "test", number))
         else:
-            parts.append((load_image_folder(folder, task, progress, allow_empty=True), "pool"))
+            parts.append((load_image_folder(folder, task, progress, allow_empty=True), "pool", number))
     images = ImageSet(root=Path(os.path.commonpath(dirs)))
     roles: list[str] = []
-    for part, role in parts:
+    sources: list[int] = []
+    for part, role, number in parts:
         images = _concatenate(images, part, images.root)
         roles += [role] * len(part)
+        sources += [number] * len(part)
     if len(images) == 0:
         raise DataError(f"no readable images in any of the --data folders {', '.join(map(str, dirs))}")
     role_array = np.asarray(roles)
@@ -419,12 +422,28 @@ def load_and_split_sources(data_dirs: Sequence[Path | str], task: Task, seed: in
     pool = np.flatnonzero(role_array == "pool")
     pool_to_test = pool[np.isin(groups[pool], list(test_groups))]
     pool = np.setdiff1d(pool, pool_to_test)
-    official_train = np.flatnonzero(role_array == "train")
-    official_fit, official_val = split_off_validation(official_train, labels, groups, validation_fraction, seed)
-    pool_train, pool_val, pool_test = split_pool(labels[pool], groups[pool], seed, pool_validation_fraction)
-    train = np.sort(np.concatenate([official_fit, pool[pool_train]]))
-    validation = np.sort(np.concatenate([official_val, pool[pool_val]]))
-    test = np.sort(np.concatenate([np.flatnonzero(role_array == "test"), pool_to_test, pool[pool_test]]))
+    # Each official source's validation part is drawn from its own Training images alone, so the first source's
+    # split is exactly the one it gets on its own: a model fine-tuned from one trained on that source alone is then
+    # validated (and calibrated) on images it never trained on.
+    source_array = np.asarray(sources)
+    official_fit, official_val = [], []
+    for number in range(len(dirs)):
+        official_train = np.flatnonzero((role_array == "train") & (source_array == number))
+        if len(official_train):
+            fit, held = split_off_validation(official_train, labels, groups, validation_fraction, seed)
+            official_fit.append(fit)
+            official_val.append(held)
+    pool_parts: list[list[np.ndarray]] = [[], [], []]  # train, validation, test; each pool split on its own too
+    for number in range(len(dirs)):
+        members = pool[source_array[pool] == number]
+        if len(members):
+            for bucket, part in zip(pool_parts, split_pool(labels[members], groups[members], seed,
+                                                           pool_validation_fraction)):
+                bucket.append(members[part])
+    train = np.sort(np.concatenate([*official_fit, *pool_parts[0]]).astype(np.int64))
+    validation = np.sort(np.concatenate([*official_val, *pool_parts[1]]).astype(np.int64))
+    test = np.sort(np.concatenate([np.flatnonzero(role_array == "test"), pool_to_test, *pool_parts[2]])
+                   .astype(np.int64))
     missing = [name for label, name in enumerate(task.class_names) if not np.any(labels[train] == label)]
     if missing:
         raise DataError(f"no training images of class(es) {', '.join(missing)} in any of the --data folders")
