@@ -47,14 +47,20 @@ def temporary_path(root: Path) -> Path:
 
 
 def process_running(pid: int) -> bool:
-    """Whether a process with ``pid`` runs on this host (this one, or another user's, included)."""
+    """Whether a process with ``pid`` runs on this host (this one, or another user's, included). A zombie does not:
+    it has ended, and stays listed only until its parent reads its status, which for an orphan under an init that
+    does not reap (a container's first process often) is never."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:  # another user's process
-        return True
-    return True
+        pass
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:  # it ended just now, or there is no /proc (not Linux) to say more than kill() did
+        return not Path("/proc/self").is_dir()
+    return stat[stat.rindex(")") + 2:][:1] not in ("Z", "X")
 
 
 def remove_abandoned_temporaries(root: Path) -> list[Path]:

@@ -277,8 +277,12 @@ class StorageListener:
     def stop(self) -> None:
         """Stop accepting, end open associations and release the port."""
         if self._server is not None:
-            self._server.shutdown()
-            self._server = None
+            server, self._server = self._server, None
+            server.shutdown()  # accepts no more; the associations already open would go on until the process ends
+            for assoc in server.active_associations:
+                # A-ABORT: the peer learns now that what it has not had a success status for must be sent again,
+                # and no new store starts while the sink is being closed.
+                assoc.abort()
         self._stopped.set()
 
     def serve_forever(self) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import os
 import shutil
+import subprocess
 import threading
 import time
 from collections.abc import Callable
@@ -20,7 +21,7 @@ from pydicom.uid import JPEGLSLossless, generate_uid
 
 from dicom_factory import brain_images
 from dicom_io import synthesis
-from dicom_io.archive import INCOMING, Archive, temporary_path
+from dicom_io.archive import INCOMING, Archive, process_running, temporary_path
 
 
 @pytest.fixture(scope="module")
@@ -187,6 +188,22 @@ def test_temporaries_that_ended_processes_of_this_host_left_are_removed_at_open(
     Archive(tmp_path)
     assert not abandoned.exists() and all(path.exists() for path in others)
     assert dcmread(kept.path).SOPInstanceUID == mr[0].SOPInstanceUID  # the archived name is untouched
+
+
+def test_a_zombie_is_no_running_process() -> None:
+    # An orphan that ended stays a zombie for good under an init that does not reap (a container's first process
+    # often): its markers and temporaries must count as left by an ended process.
+    child = subprocess.Popen(["true"])
+    try:
+        deadline = time.monotonic() + 10
+        while process_running(child.pid):
+            assert time.monotonic() < deadline, "an ended child (not yet waited for) counts as running"
+            time.sleep(0.01)
+        assert Path(f"/proc/{child.pid}").exists()  # not reaped: a zombie
+    finally:
+        child.wait()
+    assert process_running(os.getpid())
+    assert not process_running(child.pid)
 
 
 def _wait_for_unnamed_files(root: Path, count: int, timeout: float = 10.0) -> None:
