@@ -406,9 +406,13 @@ def test_admin_pages(env: Env) -> None:
     assert "user.add" in audit_log.text and "decision.correct" in audit_log.text and "view.study" in audit_log.text
 
 
-def test_openapi_schema_lists_the_api(env: Env) -> None:
-    schema = env.as_user("rad").get("/openapi.json").json()
+def test_openapi_schema_lists_the_api_for_admins_only(env: Env) -> None:
+    assert env.as_user("rad").get("/openapi.json").status_code == 403
+    schema = env.as_user("boss").get("/openapi.json").json()
     assert {"/api/worklist", "/api/studies/{study_id}", "/api/results/{result_id}/decision"} <= set(schema["paths"])
+    # A write needs the session cookie and the CSRF header together, not either.
+    decision = schema["paths"]["/api/results/{result_id}/decision"]["post"]
+    assert decision["security"] == [{"csrf": [], "session": []}]
 
 
 def test_no_patient_data_in_logs(env: Env, caplog: pytest.LogCaptureFixture) -> None:

@@ -105,8 +105,9 @@ def seed_study(
         return study.id, result_id
 
 
-def install_model(settings: Settings) -> str:
-    """A small untrained brain-tumor triage-cnn saved as the installed model; returns its card uid."""
+def install_model(settings: Settings, uid: str | None = None) -> str:
+    """A small untrained brain-tumor triage-cnn saved as the installed model (card uid ``uid``, else a new one);
+    returns its card uid."""
     from models.architectures import build_model
     from models.card import MODEL_FILE, ModelCard
     from models.preprocessing import InputSpec
@@ -119,6 +120,6 @@ def install_model(settings: Settings) -> str:
     directory.mkdir(parents=True, exist_ok=True)
     model.save(directory / MODEL_FILE)
     card = ModelCard(task=BRAIN_TUMOR.name, class_names=list(BRAIN_TUMOR.class_names), architecture="triage-cnn",
-                     input_spec=spec, version="7")
+                     input_spec=spec, version="7", **({"uid": uid} if uid else {}))
     card.save(directory)
     return card.uid

@@ -15,12 +15,14 @@ import math
 import re
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
+from datetime import date
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, Response
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
 
 from models.tasks import TASKS
 from training.cli import ARCHITECTURE_NAMES
@@ -40,9 +42,12 @@ from worker.registry import (
 )
 from worker.retraining import MAX_TIME_BUDGET_MINUTES, RetrainOptions, load_runs, make_send, request_retraining
 from worker.web.auth import Principal, api_csrf, api_user, checked_form, page_admin
+from worker.web.errors import error_responses
+from worker.web.params import NO_NUL, ModelStateFilter, ModelTaskFilter, ModelUid, RunId
 
 router = APIRouter(include_in_schema=False)
 api_router = APIRouter(prefix="/api/admin", tags=["admin"])
+TASK_NAMES = tuple(TASKS)
 _FIGURE_NAME = re.compile(r"^[\w.-]+\.png$")
 #: How often a running retraining's page reloads itself (seconds).
 RUN_REFRESH_SECONDS = 3
@@ -163,25 +168,30 @@ def _figures(model_dir: Path) -> list[str]:
     return sorted(p.name for p in model_dir.glob("*.png") if _FIGURE_NAME.match(p.name))
 
 
-def _flag(fields: dict[str, Any], name: str, default: str) -> bool:
-    """A form or JSON yes/no field: false for 0, false or empty."""
-    return str(fields.get(name, default)) not in ("0", "false", "False", "")
-
-
-def _options(fields: dict[str, Any]) -> RetrainOptions:
+def _options(body: RetrainIn) -> RetrainOptions:
     try:
         return RetrainOptions(
-            epochs=int(fields.get("epochs") or 20),
-            architecture=str(fields.get("architecture") or "triage-cnn"),
-            input_size=str(fields["input_size"]) if fields.get("input_size") else None,
-            batch_size=int(fields.get("batch_size") or 32),
-            confirmed_only=_flag(fields, "confirmed_only", "1"),
-            since=str(fields["since"]) if fields.get("since") else None,
-            start_from_active=_flag(fields, "start_from_active", "0"),
-            time_budget_minutes=float(fields["time_budget_minutes"]) if fields.get("time_budget_minutes") else None,
+            epochs=body.epochs,
+            architecture=body.architecture,
+            input_size=body.input_size,
+            batch_size=body.batch_size,
+            confirmed_only=body.confirmed_only,
+            since=body.since,
+            start_from_active=body.start_from_active,
+            time_budget_minutes=body.time_budget_minutes,
         )
     except (TypeError, ValueError) as exc:
         raise HTTPException(422, f"bad retraining options: {exc}") from None
+
+
+def _retrain_form(form: dict[str, str]) -> RetrainIn:
+    """The retraining form read by the API's model, so that a bad value gets the API's 422 (an empty field is
+    one left out)."""
+    try:
+        return RetrainIn.model_validate({k: v for k, v in form.items() if v != "" and k in RetrainIn.model_fields},
+                                        strict=False)
+    except ValidationError as exc:
+        raise RequestValidationError([{**e, "loc": ("body", *e["loc"])} for e in exc.errors()]) from None
 
 
 def _start(request: Request, who: Principal, task: str, options: RetrainOptions) -> int:
@@ -222,12 +232,13 @@ def registry_page(request: Request, who: Principal = Depends(page_admin)) -> Res
 @router.post("/admin/registry/retrain")
 def retrain_form(request: Request, who: Principal = Depends(page_admin),
                  form: dict[str, str] = Depends(checked_form)) -> Response:
-    run_id = _start(request, who, form.get("task", ""), _options(form))
+    body = _retrain_form(form)
+    run_id = _start(request, who, body.task, _options(body))
     return RedirectResponse(f"/admin/registry/runs/{run_id}", status_code=303)
 
 
 @router.get("/admin/registry/runs/{run_id}")
-def run_page(request: Request, run_id: int, who: Principal = Depends(page_admin)) -> Response:
+def run_page(request: Request, run_id: RunId, who: Principal = Depends(page_admin)) -> Response:
     runs = load_runs(_state(request).database, run_id)
     if not runs:
         raise HTTPException(404, f"no training run {run_id}")
@@ -237,7 +248,8 @@ def run_page(request: Request, run_id: int, who: Principal = Depends(page_admin)
 
 
 @router.get("/admin/registry/models/{uid}")
-def model_page(request: Request, uid: str, who: Principal = Depends(page_admin), error: str | None = None) -> Response:
+def model_page(request: Request, uid: ModelUid, who: Principal = Depends(page_admin),
+               error: str | None = None) -> Response:
     try:
         context = _comparison(request, uid)
     except RegistryError as exc:
@@ -246,7 +258,7 @@ def model_page(request: Request, uid: str, who: Principal = Depends(page_admin),
 
 
 @router.get("/admin/registry/models/{uid}/figures/{name}")
-def model_figure(request: Request, uid: str, name: str, _who: Principal = Depends(page_admin)) -> Response:
+def model_figure(request: Request, uid: ModelUid, name: str, _who: Principal = Depends(page_admin)) -> Response:
     with _state(request).database.read_session() as session:
         try:
             folder = Path(get_model(session, uid).model_dir)
@@ -258,7 +270,7 @@ def model_figure(request: Request, uid: str, name: str, _who: Principal = Depend
 
 
 @router.post("/admin/registry/models/{uid}/promote")
-def promote_form(request: Request, uid: str, who: Principal = Depends(page_admin),
+def promote_form(request: Request, uid: ModelUid, who: Principal = Depends(page_admin),
                  form: dict[str, str] = Depends(checked_form)) -> Response:
     force = form.get("force") == "1"
     reason = form.get("reason", "").strip()
@@ -288,62 +300,199 @@ def rollback_form(request: Request, task: str, who: Principal = Depends(page_adm
 # --- JSON API ------------------------------------------------------------------------------------------------
 
 
+def _integral(value: Any) -> Any:
+    # JSON has one number type: 2.0 is the integer 2 to a JSON Schema, and strict validation alone refuses it.
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+JsonInt = Annotated[int, BeforeValidator(_integral)]
+
+
 class RetrainIn(BaseModel):
-    task: str
-    epochs: int = Field(default=20, ge=1, le=1000)
-    architecture: str = "triage-cnn"
-    input_size: str | None = None
-    batch_size: int = Field(default=32, ge=1, le=4096)
+    """A retraining request: the JSON body of ``POST /api/admin/retrain`` and the fields of the registry page's
+    form (:func:`_retrain_form`), checked by this one model. Strict for JSON (``0`` is no boolean there); the form,
+    whose values are all text, is read leniently ("20", "1")."""
+
+    model_config = ConfigDict(strict=True)
+
+    task: Literal[TASK_NAMES]  # type: ignore[valid-type]
+    epochs: JsonInt = Field(default=20, ge=1, le=1000)
+    architecture: Literal[ARCHITECTURE_NAMES] = "triage-cnn"  # type: ignore[valid-type]
+    input_size: str | None = Field(default=None, pattern=r"^[0-9]+x[0-9]+(x[13])?$", description="HxW or HxWxC")
+    batch_size: JsonInt = Field(default=32, ge=1, le=4096)
     confirmed_only: bool = True
-    since: str | None = None
+    since: str | None = Field(default=None, pattern=r"^[0-9]{4}-[0-9]{2}-[0-9]{2}$",
+                              json_schema_extra={"format": "date"},
+                              description="only series received since this day (YYYY-MM-DD)")
     start_from_active: bool = False
     time_budget_minutes: float | None = Field(default=None, gt=0, le=MAX_TIME_BUDGET_MINUTES)
 
+    @field_validator("since")
+    @classmethod
+    def _a_day(cls, value: str | None) -> str | None:
+        if value is not None:
+            date.fromisoformat(value)  # the pattern admits 2024-02-31; this names it
+        return value
+
 
 class PromoteIn(BaseModel):
+    model_config = ConfigDict(strict=True)
+
     force: bool = False
-    reason: str = Field(default="", max_length=2000)
+    reason: str = Field(default="", max_length=2000, pattern=NO_NUL,
+                        description="needed (not blank) when force is true")
 
 
 class RollbackIn(BaseModel):
-    reason: str = Field(default="", max_length=2000)
+    model_config = ConfigDict(strict=True)
+
+    reason: str = Field(default="", max_length=2000, pattern=NO_NUL)
 
 
-@api_router.get("/models")
-def api_models(request: Request, task: str | None = None, state: str | None = None,
+# --- the API's answers (FastAPI checks each against its model, and the schema describes them) -----------------
+
+
+class ModelOut(BaseModel):
+    """A registered model (:func:`worker.registry.describe`)."""
+
+    model_uid: str
+    task: str
+    state: str
+    name: str
+    version: str
+    architecture: str
+    model_dir: str
+    created_at: str
+    promoted_at: str | None
+    promoted_by: str | None
+    parent_uid: str | None
+    metrics: dict[str, Any] = Field(description="the card's metrics by evaluation split")
+    reference_metrics: dict[str, Any] = Field(description="evaluations on the task's reference set, by its hash")
+
+
+class EvaluationOut(BaseModel):
+    split: str
+    accuracy: float
+    n: int | None
+    macro_f1: float | None
+    std: float | None
+
+
+class EventOut(BaseModel):
+    action: str
+    actor: str
+    reason: str
+    at: str
+    details: dict[str, Any]
+
+
+class ModelDetailOut(ModelOut):
+    card: dict[str, Any]
+    data_manifest: dict[str, Any]
+    evaluations: list[EvaluationOut]
+    events: list[EventOut]
+
+
+class GateCheckOut(BaseModel):
+    metric: str
+    candidate: float
+    active: float
+    passed: bool
+
+
+class GateOut(BaseModel):
+    passed: bool
+    tolerance: float
+    checks: list[GateCheckOut]
+    failures: list[str]
+
+
+class ComparisonOut(BaseModel):
+    model: ModelDetailOut
+    active: ModelOut | None = Field(description="the task's active model")
+    reference: dict[str, Any] | None = Field(description="the model's latest reference-set evaluation")
+    active_reference: dict[str, Any] | None
+    verdict: GateOut | None = Field(description="the gate's verdict, when both were evaluated on one reference set")
+    figures: list[str]
+
+
+class RetrainOut(BaseModel):
+    run_id: int
+
+
+class RunOut(BaseModel):
+    """A training run (:class:`worker.retraining.RunView`)."""
+
+    id: int
+    task: str
+    state: str
+    progress: float
+    phase: str
+    requested_by: str
+    options: dict[str, Any]
+    history: dict[str, list[float]]
+    error: str
+    model_uid: str | None
+    created_at: str
+    finished_at: str | None
+
+
+class PromoteOut(BaseModel):
+    model_uid: str
+    task: str
+    replaced_uid: str | None
+    forced: bool
+    gate: GateOut | None
+
+
+class PromotionRefusedOut(BaseModel):
+    detail: str
+    gate: GateOut | None = Field(default=None, description="the gate's findings, when the gate refused")
+
+
+class RollbackOut(BaseModel):
+    model_uid: str
+    task: str
+    replaced_uid: str | None
+
+
+@api_router.get("/models", response_model=list[ModelOut], responses=error_responses(403, 422))
+def api_models(request: Request, task: ModelTaskFilter = None, state: ModelStateFilter = None,
                _who: Principal = Depends(api_admin)) -> list[dict[str, Any]]:
     register_installed_models(_state(request).database, _state(request).settings)
-    try:
-        with _state(request).database.read_session() as session:
-            return [describe(m) for m in list_models(session, task, state)]
-    except (KeyError, ValueError) as exc:
-        raise HTTPException(422, str(exc)) from None
+    with _state(request).database.read_session() as session:
+        return [describe(m) for m in list_models(session, task or None, state or None)]
 
 
-@api_router.get("/models/{uid}")
-def api_model(request: Request, uid: str, _who: Principal = Depends(api_admin)) -> dict[str, Any]:
+@api_router.get("/models/{uid}", response_model=ComparisonOut, responses=error_responses(403, 404, 422))
+def api_model(request: Request, uid: ModelUid, _who: Principal = Depends(api_admin)) -> dict[str, Any]:
     try:
         return _comparison(request, uid)
     except RegistryError as exc:
         raise HTTPException(exc.status, str(exc)) from None
 
 
-@api_router.post("/retrain", dependencies=[Depends(api_csrf)])
+@api_router.post("/retrain", dependencies=[Depends(api_csrf)], response_model=RetrainOut,
+                 responses=error_responses(400, 403, 422, 503))
 def api_retrain(request: Request, body: RetrainIn, who: Principal = Depends(api_admin)) -> dict[str, Any]:
-    options = _options(body.model_dump(exclude={"task"}))
+    options = _options(body)
     return {"run_id": _start(request, who, body.task, options)}
 
 
-@api_router.get("/runs/{run_id}")
-def api_run(request: Request, run_id: int, _who: Principal = Depends(api_admin)) -> dict[str, Any]:
+@api_router.get("/runs/{run_id}", response_model=RunOut, responses=error_responses(403, 404, 422))
+def api_run(request: Request, run_id: RunId, _who: Principal = Depends(api_admin)) -> dict[str, Any]:
     runs = load_runs(_state(request).database, run_id)
     if not runs:
         raise HTTPException(404, f"no training run {run_id}")
     return vars(runs[0])
 
 
-@api_router.post("/models/{uid}/promote", dependencies=[Depends(api_csrf)])
-def api_promote(request: Request, uid: str, body: PromoteIn, who: Principal = Depends(api_admin)) -> Any:
+_PROMOTE_CONFLICT = {"model": PromotionRefusedOut, "description": "the gate refused, or the model is already active"}
+
+
+@api_router.post("/models/{uid}/promote", dependencies=[Depends(api_csrf)], response_model=PromoteOut,
+                 responses={**error_responses(400, 403, 404, 422), 409: _PROMOTE_CONFLICT})
+def api_promote(request: Request, uid: ModelUid, body: PromoteIn, who: Principal = Depends(api_admin)) -> Any:
     if body.force and not body.reason.strip():
         raise HTTPException(422, "a forced promotion needs a reason")
     try:
@@ -356,7 +505,8 @@ def api_promote(request: Request, uid: str, body: PromoteIn, who: Principal = De
             "forced": outcome.forced, "gate": outcome.decision.to_dict() if outcome.decision else None}
 
 
-@api_router.post("/tasks/{task}/rollback", dependencies=[Depends(api_csrf)])
+@api_router.post("/tasks/{task}/rollback", dependencies=[Depends(api_csrf)], response_model=RollbackOut,
+                 responses=error_responses(400, 403, 404, 409, 422))
 def api_rollback(request: Request, task: str, body: RollbackIn, who: Principal = Depends(api_admin)) -> dict:
     try:
         outcome = _rollback(request, who, task, body.reason)

@@ -7,14 +7,18 @@ import dataclasses
 from datetime import datetime
 from typing import Any, Literal, get_type_hints
 
-from fastapi import APIRouter, Depends, HTTPException, Query, Request
-from pydantic import BaseModel, Field, create_model
+from fastapi import APIRouter, Depends, HTTPException, Request
+from pydantic import BaseModel, ConfigDict, Field, create_model
 
 from worker.db import User
 from worker.db.review import audit
 from worker.web.auth import Principal, api_csrf, api_radiologist, api_user
 from worker.web.decisions import MAX_COMMENT, DecisionError, decide
+from worker.web.errors import error_responses
 from worker.web.pages import parse_filters
+from worker.web.params import (
+    NO_NUL, FindingFilter, Page, PageSize, ResultId, ReviewFilter, StatusFilter, StudyId, TaskFilter,
+)
 from worker.web.study import ReviewView, SeriesView, Slice, StudyView, load_study
 from worker.web.worklist import PAGE_SIZE, SeriesResult, WorklistRow, load_worklist
 
@@ -66,9 +70,11 @@ StudyOut = _model_of(StudyView, "StudyOut", series=(list[SeriesOut], ...))
 
 
 class DecisionIn(BaseModel):
+    model_config = ConfigDict(strict=True)
+
     decision: Literal["confirm", "correct"]
     label: str | None = Field(default=None, description="the corrected class (for correct)")
-    comment: str = Field(default="", max_length=MAX_COMMENT)
+    comment: str = Field(default="", max_length=MAX_COMMENT, pattern=NO_NUL)
 
 
 class DecisionOut(BaseModel):
@@ -78,20 +84,20 @@ class DecisionOut(BaseModel):
     report_error: str | None = Field(default=None, description="set when the revised SR could not be made")
 
 
-@router.get("/me", response_model=Me)
+@router.get("/me", response_model=Me, responses=error_responses())
 def me(who: Principal = Depends(api_user)) -> Me:
     return Me(name=who.name, role=who.role.value, csrf_token=who.csrf_token)
 
 
-@router.get("/worklist", response_model=WorklistOut)
+@router.get("/worklist", response_model=WorklistOut, responses=error_responses(422))
 def worklist(
     request: Request,
-    status: str | None = None,
-    task: str | None = None,
-    finding: str | None = None,
-    review: str | None = None,
-    page: int = Query(1, ge=1),
-    page_size: int = Query(PAGE_SIZE, ge=1, le=500),
+    status: StatusFilter = None,
+    task: TaskFilter = None,
+    finding: FindingFilter = None,
+    review: ReviewFilter = None,
+    page: Page = 1,
+    page_size: PageSize = PAGE_SIZE,
     _who: Principal = Depends(api_user),
 ) -> WorklistOut:
     filters = parse_filters(status, task, finding, review)
@@ -106,8 +112,8 @@ def worklist(
                        items=items)
 
 
-@router.get("/studies/{study_id}", response_model=StudyOut)
-def study(request: Request, study_id: int, who: Principal = Depends(api_user)) -> StudyOut:
+@router.get("/studies/{study_id}", response_model=StudyOut, responses=error_responses(404, 422))
+def study(request: Request, study_id: StudyId, who: Principal = Depends(api_user)) -> StudyOut:
     with request.app.state.web.database.session() as session:
         view = load_study(session, study_id)
         if view is None:
@@ -140,9 +146,10 @@ def _series_out(series: Any) -> SeriesOut:
     )
 
 
-@router.post("/results/{result_id}/decision", response_model=DecisionOut, dependencies=[Depends(api_csrf)])
+@router.post("/results/{result_id}/decision", response_model=DecisionOut, dependencies=[Depends(api_csrf)],
+             responses=error_responses(400, 403, 404, 409, 422))
 def post_decision(
-    request: Request, result_id: int, body: DecisionIn, who: Principal = Depends(api_radiologist)
+    request: Request, result_id: ResultId, body: DecisionIn, who: Principal = Depends(api_radiologist)
 ) -> DecisionOut:
     state = request.app.state.web
     try:

@@ -1,8 +1,10 @@
 """The radiologists' web worklist: a FastAPI app with server-rendered pages and a JSON API.
 
-Build it with :func:`create_app`. Every page and API route needs a logged-in user (OpenAPI's schema too);
-admin pages need the admin role, decisions the radiologist role. Responses carry a strict Content-Security-Policy
-(no inline script, nothing from other origins) and are not cached, since they show patient data.
+Build it with :func:`create_app`. Every page and API route needs a logged-in user; admin pages (and OpenAPI's
+schema) need the admin role, decisions the radiologist role. Parameters are validated once for pages and API alike
+(:mod:`worker.web.params`): a bad one is a 422, an error page for a browser and JSON for the API. Responses carry
+a strict Content-Security-Policy (no inline script, nothing from other origins) and are not cached, since they
+show patient data.
 """
 
 from __future__ import annotations
@@ -14,6 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, HTTPException, Request
+from fastapi.exception_handlers import request_validation_exception_handler
+from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
@@ -22,6 +27,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from config import Settings
 from worker.db import Database
+from worker.db.review import Role
 from worker.web.auth import LoginRequired, login_redirect, principal
 from worker.web.decisions import CorrectionHook
 from worker.web.rendering import ImageCache
@@ -87,6 +93,54 @@ def _model_dirs(settings: Settings, database: Database) -> Callable[[str, str], 
     return model_dir_for
 
 
+def _wants_json(request: Request) -> bool:
+    return request.url.path.startswith("/api/") or "text/html" not in request.headers.get("accept", "")
+
+
+def _error_page(request: Request, status: int, detail: str, headers: dict[str, str] | None) -> Response:
+    state: WebState = request.app.state.web
+    return state.templates.TemplateResponse(
+        request, "error.html", {"status": status, "detail": detail, "who": principal(request)},
+        status_code=status, headers=headers,
+    )
+
+
+def _routes() -> FastAPI:
+    """The app with its routes and no state yet: what the OpenAPI schema is made from."""
+    from worker.web import admin_models, api, pages
+
+    app = FastAPI(
+        title="dicom-triage worklist",
+        version="1",
+        description="Radiologists' review of the AI triage results. Log in at /login; writes need X-CSRF-Token.",
+        docs_url=None,  # Swagger UI would load script from a CDN; the schema is served at /openapi.json
+        redoc_url=None,
+        openapi_url=None,
+    )
+    app.include_router(pages.router)
+    app.include_router(api.router)
+    app.include_router(admin_models.router)
+    app.include_router(admin_models.api_router)
+    return app
+
+
+def openapi_schema() -> dict[str, Any]:
+    """The OpenAPI schema ``GET /openapi.json`` serves to admins, made without settings or a database (the
+    schema fuzz tests load it before the app they test is started)."""
+    return _openapi_schema(_routes())
+
+
+def _openapi_schema(app: FastAPI) -> dict[str, Any]:
+    """The app's OpenAPI schema, with each operation's security requirements as one object: FastAPI lists them
+    as alternatives, but a write needs the session cookie *and* the CSRF header."""
+    schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+    for operations in schema.get("paths", {}).values():
+        for operation in operations.values():
+            if operation.get("security"):
+                operation["security"] = [{name: [] for needed in operation["security"] for name in needed}]
+    return schema
+
+
 def create_app(
     settings: Settings,
     database: Database | None = None,
@@ -98,21 +152,12 @@ def create_app(
     SR (:func:`worker.reporting.publish_review`, which names its predecessor and queues its deliveries). Heat maps
     are drawn by the model that made the result: the registry's folder for its uid, else the task's installed one.
     """
-    from worker.web import admin_models, api, pages
-
     database = database or Database(settings.effective_database_url)
     if on_correction is None:
         from worker.reporting import publish_review
 
         on_correction = functools.partial(publish_review, database, settings)
-    app = FastAPI(
-        title="dicom-triage worklist",
-        version="1",
-        description="Radiologists' review of the AI triage results. Log in at /login; writes need X-CSRF-Token.",
-        docs_url=None,  # Swagger UI would load script from a CDN; the schema is served at /openapi.json
-        redoc_url=None,
-        openapi_url=None,
-    )
+    app = _routes()
     app.state.web = WebState(
         settings=settings,
         database=database,
@@ -121,17 +166,18 @@ def create_app(
         images=ImageCache(settings.data_dir / "web-cache", _model_dirs(settings, database)),
         on_correction=on_correction,
     )
-    app.include_router(pages.router)
-    app.include_router(api.router)
-    app.include_router(admin_models.router)
-    app.include_router(admin_models.api_router)
     app.mount("/static", StaticFiles(directory=_HERE / "static"), name="static")
 
     @app.get("/openapi.json", include_in_schema=False)
     def openapi(request: Request) -> JSONResponse:
-        if principal(request) is None:
+        who = principal(request)
+        if who is None:
             raise HTTPException(401, "login required")
-        return JSONResponse(app.openapi())
+        if who.role is not Role.ADMIN:
+            raise HTTPException(403, "this needs the admin role")
+        if app.openapi_schema is None:
+            app.openapi_schema = _openapi_schema(app)
+        return JSONResponse(app.openapi_schema)
 
     @app.exception_handler(LoginRequired)
     async def _to_login(request: Request, _exc: LoginRequired) -> Response:
@@ -139,13 +185,17 @@ def create_app(
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
-        if request.url.path.startswith("/api/") or "text/html" not in request.headers.get("accept", ""):
+        if _wants_json(request):
             return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=exc.headers)
-        state: WebState = request.app.state.web
-        return state.templates.TemplateResponse(
-            request, "error.html", {"status": exc.status_code, "detail": exc.detail, "who": principal(request)},
-            status_code=exc.status_code, headers=exc.headers,
-        )
+        return _error_page(request, exc.status_code, str(exc.detail), exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> Response:
+        if _wants_json(request):
+            return await request_validation_exception_handler(request, exc)
+        # The page says which parameter and why, not the value: it may be anything the browser was sent to.
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'][1:])) or e['loc'][0]}: {e['msg']}" for e in exc.errors())
+        return _error_page(request, 422, f"invalid request: {problems}", None)
 
     @app.middleware("http")
     async def _headers(request: Request, call_next: Any) -> Response:

@@ -13,7 +13,9 @@ from datetime import timedelta
 from typing import Any
 from urllib.parse import quote
 
-from fastapi import Depends, HTTPException, Request, Response
+from fastapi import Depends, HTTPException, Request, Response, Security
+from fastapi.exceptions import RequestValidationError
+from fastapi.security import APIKeyCookie, APIKeyHeader
 from sqlalchemy import delete, select
 
 from worker.db import User, utcnow
@@ -25,6 +27,12 @@ PRELOGIN_COOKIE = "dt_prelogin"
 CSRF_HEADER = "X-CSRF-Token"
 CSRF_FIELD = "csrf_token"
 SESSION_LIFETIME = timedelta(hours=12)
+# Declared as dependencies only so that the OpenAPI schema names the session cookie every API route needs and the
+# header every write needs; the checks themselves are principal() and check_csrf() (auto_error off: they answer).
+SESSION_SCHEME = APIKeyCookie(name=SESSION_COOKIE, scheme_name="session", auto_error=False,
+                              description="set by POST /login")
+CSRF_SCHEME = APIKeyHeader(name=CSRF_HEADER, scheme_name="csrf", auto_error=False,
+                           description="the csrf_token of GET /api/me; every write needs it")
 
 
 @dataclass(frozen=True)
@@ -69,8 +77,8 @@ def principal(request: Request) -> Principal | None:
     return found
 
 
-def _require(role: Role | None, api: bool) -> Callable[[Request], Principal]:
-    def dependency(request: Request) -> Principal:
+def _require(role: Role | None, api: bool) -> Callable[..., Principal]:
+    def dependency(request: Request, _cookie: str | None = Security(SESSION_SCHEME)) -> Principal:
         who = principal(request)
         if who is None:
             if api:
@@ -90,10 +98,12 @@ api_user = _require(None, api=True)
 api_radiologist = _require(Role.RADIOLOGIST, api=True)
 
 
-def api_csrf(request: Request, _who: Principal = Depends(api_user)) -> None:
+def api_csrf(
+    request: Request, token: str | None = Security(CSRF_SCHEME), _who: Principal = Depends(api_user)
+) -> None:
     """JSON API writes: the ``X-CSRF-Token`` header must match the session (checked after login, so an anonymous
     write is a 401)."""
-    check_csrf(request, request.headers.get(CSRF_HEADER))
+    check_csrf(request, token)
 
 
 def login_redirect(request: Request) -> str:
@@ -109,10 +119,15 @@ def safe_next(target: str | None) -> str:
 
 
 async def checked_form(request: Request) -> dict[str, str]:
-    """The submitted form, after its CSRF token is checked against the session (or pre-login) cookie."""
+    """The submitted form, after its CSRF token is checked against the session (or pre-login) cookie, and with
+    no NUL in any field (what a form stores is text, which PostgreSQL cannot hold with NUL): a 422 as the JSON
+    bodies' ``NO_NUL`` pattern answers."""
     form = await request.form()
     fields = {key: value for key, value in form.items() if isinstance(value, str)}
     check_csrf(request, fields.get(CSRF_FIELD))
+    if with_nul := [key for key, value in fields.items() if "\x00" in value]:
+        raise RequestValidationError([{"type": "string_pattern_mismatch", "loc": ("body", key),
+                                       "msg": "must not contain a NUL character"} for key in with_nul])
     return fields
 
 

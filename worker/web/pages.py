@@ -16,6 +16,10 @@ from worker.db.review import Role, audit
 from worker.web import auth
 from worker.web.auth import Principal, checked_form, page_admin, page_radiologist, page_user
 from worker.web.decisions import DecisionError, decide
+from worker.web.params import (
+    AuditBefore, FindingFilter, Frame, InstanceId, Page, ResultId, ReviewFilter, StatusFilter, StudyId, TaskFilter,
+    UserId,
+)
 from worker.web.rendering import RenderError
 from worker.web.study import load_study
 from worker.web.users import UserError, add_user, list_users, set_active
@@ -36,10 +40,8 @@ def _render(request: Request, template: str, who: Principal | None, **context: A
 
 
 def parse_filters(status: str | None, task: str | None, finding: str | None, review: str | None) -> WorklistFilter:
-    try:
-        return WorklistFilter(status=status or None, task=task or None, finding=finding or None, review=review or None)
-    except ValueError as exc:
-        raise HTTPException(422, str(exc)) from None
+    """The worklist filter of filter parameters already validated (:mod:`worker.web.params`); "" means any."""
+    return WorklistFilter(status=status or None, task=task or None, finding=finding or None, review=review or None)
 
 
 @router.get("/login")
@@ -78,16 +80,16 @@ def logout(request: Request, _who: Principal = Depends(page_user), _form: dict[s
 @router.get("/")
 def worklist_page(
     request: Request,
-    status: str | None = None,
-    task: str | None = None,
-    finding: str | None = None,
-    review: str | None = None,
-    page: int = 1,
+    status: StatusFilter = None,
+    task: TaskFilter = None,
+    finding: FindingFilter = None,
+    review: ReviewFilter = None,
+    page: Page = 1,
     who: Principal = Depends(page_user),
 ) -> Response:
     filters = parse_filters(status, task, finding, review)
     with _state(request).database.read_session() as session:
-        result = load_worklist(session, filters, page=max(1, page), page_size=PAGE_SIZE)
+        result = load_worklist(session, filters, page=page, page_size=PAGE_SIZE)
     query = {k: v for k, v in vars(filters).items() if v}
     return _render(
         request, "worklist.html", who, worklist=result, filters=filters, choices=FILTER_CHOICES,
@@ -98,7 +100,7 @@ def worklist_page(
 
 @router.get("/studies/{study_id}")
 def study_page(
-    request: Request, study_id: int, report_failed: bool = False, who: Principal = Depends(page_user)
+    request: Request, study_id: StudyId, report_failed: bool = False, who: Principal = Depends(page_user)
 ) -> Response:
     with _state(request).database.session() as session:
         study = load_study(session, study_id)
@@ -112,7 +114,7 @@ def study_page(
 @router.post("/results/{result_id}/decision")
 def decision_form(
     request: Request,
-    result_id: int,
+    result_id: ResultId,
     who: Principal = Depends(page_radiologist),
     form: dict[str, str] = Depends(checked_form),
 ) -> Response:
@@ -136,7 +138,9 @@ def _instance_file(request: Request, instance_id: int) -> tuple[str, Path]:
 
 
 @router.get("/thumbnails/{instance_id}/{frame}.png")
-def thumbnail(request: Request, instance_id: int, frame: int, _who: Principal = Depends(page_user)) -> Response:
+def thumbnail(
+    request: Request, instance_id: InstanceId, frame: Frame, _who: Principal = Depends(page_user)
+) -> Response:
     sop_uid, path = _instance_file(request, instance_id)
     try:
         png = _state(request).images.thumbnail(sop_uid, path, frame)
@@ -147,7 +151,7 @@ def thumbnail(request: Request, instance_id: int, frame: int, _who: Principal = 
 
 @router.get("/heatmaps/{result_id}/{instance_id}/{frame}.png")
 def heatmap(
-    request: Request, result_id: int, instance_id: int, frame: int, who: Principal = Depends(page_user)
+    request: Request, result_id: ResultId, instance_id: InstanceId, frame: Frame, who: Principal = Depends(page_user)
 ) -> Response:
     sop_uid, path = _instance_file(request, instance_id)
     with _state(request).database.read_session() as session:
@@ -192,7 +196,8 @@ def users_add(request: Request, who: Principal = Depends(page_admin), form: dict
 
 @router.post("/admin/users/{user_id}/active")
 def users_set_active(
-    request: Request, user_id: int, who: Principal = Depends(page_admin), form: dict[str, str] = Depends(checked_form)
+    request: Request, user_id: UserId, who: Principal = Depends(page_admin),
+    form: dict[str, str] = Depends(checked_form),
 ) -> Response:
     if user_id == who.user_id:
         raise HTTPException(422, "you cannot disable yourself")
@@ -224,7 +229,7 @@ AUDIT_PAGE_SIZE = 200
 
 
 @router.get("/admin/audit")
-def audit_page(request: Request, who: Principal = Depends(page_admin), before: int | None = None) -> Response:
+def audit_page(request: Request, who: Principal = Depends(page_admin), before: AuditBefore = None) -> Response:
     """The audit log, newest first, ``AUDIT_PAGE_SIZE`` events a page (``before``: an event id to page back from)."""
     query = (
         select(AuditEvent.id, AuditEvent.created_at, User.name, AuditEvent.action, AuditEvent.target)
