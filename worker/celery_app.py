@@ -13,8 +13,10 @@ from collections.abc import Callable
 from typing import Any
 
 from celery import Celery
+from celery.signals import worker_shutting_down
 
 from config import Settings
+from worker.lifetime import BoundedStop
 
 INFERENCE_QUEUE = "inference"
 CLASSIFY_SERIES = "dicom_triage.classify_series"
@@ -63,9 +65,20 @@ def create_celery_app(settings: Settings) -> Celery:
     return app
 
 
-def run_celery_worker(app: Celery, name: str, queue: str, pool: str, concurrency: int) -> int:
+def run_celery_worker(app: Celery, name: str, queue: str, pool: str, concurrency: int,
+                      handback: Callable[[float], None] | None = None) -> int:
     """Consume ``queue`` in this process until signalled; return the worker's exit code. The worker is named
-    ``NAME-PID@HOST``. Without gossip, mingle and heartbeat events: liveness is in our database, not the broker."""
+    ``NAME-PID@HOST``. Without gossip, mingle and heartbeat events: liveness is in our database, not the broker.
+
+    A stop signal (SIGTERM, SIGINT) ends the process within :data:`~worker.lifetime.WORKER_STOP_SECONDS`
+    (:class:`~worker.lifetime.BoundedStop`): a running task gets a short grace, then ``handback(deadline)``
+    gives its work back to the queue, and the process exits."""
+    # Celery's own record of the requests executing now, in this process (threads and solo pools).
+    from celery.worker import state as worker_state
+
+    stopping = BoundedStop(lambda: bool(worker_state.active_requests), handback or (lambda _deadline: None))
+    # Sent from Celery's signal handler as its warm shutdown begins.
+    worker_shutting_down.connect(lambda **_: stopping.begin(), weak=False)
     worker = app.Worker(
         hostname=f"{name}-{os.getpid()}@{socket.gethostname()}",
         queues=[queue],

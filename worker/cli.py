@@ -45,6 +45,12 @@ def _add_network_options(parser: argparse.ArgumentParser, web: bool) -> None:
         parser.add_argument("--web-port", type=int, metavar="N", help="web worklist port")
 
 
+def add_supervisor_option(parser: argparse.ArgumentParser) -> None:
+    """``--supervisor-pid``: how ``serve`` starts its workers, which then end when it does."""
+    parser.add_argument("--supervisor-pid", type=int, metavar="PID",
+                        help="end when this process, our parent, ends (how serve starts its workers)")
+
+
 def read_settings(args: argparse.Namespace) -> Settings:
     """Settings from the file, the environment and the flags given; raises ``ConfigError`` for bad values."""
     from worker.routing import check_rules
@@ -136,6 +142,7 @@ def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") 
         "--queue", choices=("inference", "delivery"), default="inference",
         help="inference: classify series (default); delivery: send SRs to their destinations",
     )
+    add_supervisor_option(worker)
     worker.set_defaults(handler=_worker)
 
     results = subparsers.add_parser("results", help="series states and results")
@@ -209,6 +216,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     parser = build_parser()
     args = parser.parse_args(argv)
+    if getattr(args, "supervisor_pid", None) is not None:
+        # Before anything slow (settings, the database, TensorFlow): a child must not outlive its supervisor.
+        from worker.lifetime import die_with_parent
+
+        die_with_parent(args.supervisor_pid)
     try:
         return int(args.handler(args) or 0)
     except ConfigError as exc:

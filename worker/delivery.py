@@ -232,8 +232,10 @@ def run_delivery_worker(settings: Settings) -> int:
         if resumed := resume_deliveries(database, enqueue):
             log.info("resumed %d pending SR deliveries", resumed)
         threading.Thread(target=_sweep, args=(database, enqueue, stop), name="delivery-sweep", daemon=True).start()
+        # On stop nothing is handed back: a delivery's row is its state, and a lease a stopped attempt held
+        # expires; the next delivery worker's start sends every pending one again.
         return run_celery_worker(app, "delivery", DELIVERY_QUEUE, pool="threads",
-                                 concurrency=DELIVERY_CONCURRENCY)
+                                 concurrency=DELIVERY_CONCURRENCY, handback=lambda _deadline: stop.set())
     finally:
         stop.set()
         database.dispose()

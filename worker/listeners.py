@@ -34,6 +34,7 @@ from dicom_io.listener import StorageListener
 from worker.db import Database
 from worker.errors import StartupError
 from worker.ingest import DatabaseSink
+from worker.lifetime import KILL_AFTER_SECONDS, die_with_parent, exit_after
 
 log = logging.getLogger(__name__)
 
@@ -41,8 +42,9 @@ log = logging.getLogger(__name__)
 RESTART_SECONDS = 3.0
 #: How long the group waits for all children to listen at start.
 START_TIMEOUT_SECONDS = 120.0
-#: How long a child gets to stop cleanly (its sink finishes the stores in flight) before it is killed.
-STOP_TIMEOUT_SECONDS = 30.0
+#: How long a stopping listener lets the stores in flight finish before it closes its sink (their associations
+#: were aborted: the peer sends again what was not acknowledged).
+SINK_CLOSE_SECONDS = 2.0
 
 
 class Receiver:
@@ -82,21 +84,23 @@ class Receiver:
 
     def stop(self) -> None:
         self.listener.stop()
-        self.sink.close()
+        self.sink.close(timeout=SINK_CLOSE_SECONDS)
         self.sink.archive.close()
         self._database.dispose()
 
 
 def _child_main(settings: Settings, index: int, ready: ProcessEvent, parent: int,
                 listening_socket: socket.socket) -> None:
-    """A listener child: serve until SIGTERM or SIGINT (the parent, or Ctrl-C on the process group), or until the
-    parent ``parent`` is gone (an orphan would keep the shared socket open, and a restarted service could not bind)."""
+    """A listener child: serve until SIGTERM or SIGINT (the parent, Ctrl-C on the process group, or the kernel when
+    the parent ``parent`` is gone: an orphan would keep the shared socket open, and a restarted service could not
+    bind), then stop within :data:`~worker.lifetime.KILL_AFTER_SECONDS`."""
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s %(levelname)s %(name)s[{index}]: %(message)s")
     for noisy in ("alembic", "pynetdicom"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
+    die_with_parent(parent)  # after the handler: the parent's death is a SIGTERM like any other
     receiver = Receiver(settings, listening_socket=listening_socket)  # each takes the whole limit (module's note)
     try:
         receiver.start()
@@ -105,11 +109,12 @@ def _child_main(settings: Settings, index: int, ready: ProcessEvent, parent: int
         raise SystemExit(1) from None
     ready.set()
     try:
-        while not stop.wait(1.0):
-            if os.getppid() != parent:
-                log.error("the supervising process %d is gone; stopping", parent)
-                break
+        # In steps: Python runs a signal's handler in the main thread, and a signal the kernel delivered to another
+        # thread does not interrupt a wait without a timeout.
+        while not stop.wait(0.5):
+            pass
     finally:
+        exit_after(KILL_AFTER_SECONDS, why="the listener process did not stop")  # a stop that hangs ends anyway
         receiver.stop()
 
 
@@ -192,16 +197,17 @@ class ListenerGroup:
             self._spawn(child)
 
     def stop(self) -> None:
-        """SIGTERM to every child, then wait for each (killed after :data:`STOP_TIMEOUT_SECONDS`)."""
+        """SIGTERM to every child at once, then wait for them (killed after
+        :data:`~worker.lifetime.KILL_AFTER_SECONDS`)."""
         running = [c.process for c in self._children if c.process is not None and c.process.is_alive()]
         for process in running:
             process.terminate()
-        deadline = time.monotonic() + STOP_TIMEOUT_SECONDS
+        deadline = time.monotonic() + KILL_AFTER_SECONDS
         for process in running:
             process.join(max(0.0, deadline - time.monotonic()))
             if process.is_alive():
                 log.error("listener process pid %s did not stop within %.0f s; killing it", process.pid,
-                          STOP_TIMEOUT_SECONDS)
+                          KILL_AFTER_SECONDS)
                 process.kill()
                 process.join()
         for child in self._children:

@@ -13,11 +13,9 @@ runs :func:`run_retraining`, which records its phase, progress (0..1) and per-ep
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import os
 import re
-import signal
 import socket
 import subprocess
 import sys
@@ -37,6 +35,7 @@ from training.cli import ARCHITECTURE_NAMES
 from worker.db import Database, utcnow
 from worker.db.registry import RunState, TrainingRun
 from worker.export import ExportError, export_dataset
+from worker.lifetime import preexec_die_with_parent
 from worker.registry import RegistryError, active_model, active_model_dirs, reference_metrics, register_model
 from worker.registry.gate import ReferenceSetError
 from worker.workers import other_process_alive
@@ -47,7 +46,6 @@ TRAINING_QUEUE = "training"
 RETRAIN_MODEL = "dicom_triage.retrain_model"
 #: Progress shares of the phases: export, training (per epoch), evaluation.
 _EXPORT_SHARE, _TRAIN_SHARE = 0.1, 0.8
-_PR_SET_PDEATHSIG = 1  # prctl option (linux/prctl.h)
 _EPOCH_LINE = re.compile(r"^epoch (\d+): (.*?)(?: lr=\S+)?$")
 #: Training's word on where a time budget now ends the run (training.fit.TimeBudget).
 _PLAN_LINE = re.compile(r"^time budget of \S+ min: (?:training now ends at|stopping after) epoch (\d+)$")
@@ -261,7 +259,7 @@ def _train(database: Database, run_id: int, command: list[str], epochs: int, log
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with log_path.open("w", encoding="utf-8") as log_file, subprocess.Popen(
         command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-        cwd=Path(__file__).resolve().parents[1], preexec_fn=_die_with_parent,
+        cwd=Path(__file__).resolve().parents[1], preexec_fn=preexec_die_with_parent(),
     ) as process:
         assert process.stdout is not None
         for line in process.stdout:
@@ -284,12 +282,18 @@ def _train(database: Database, run_id: int, command: list[str], epochs: int, log
     return history
 
 
-def _die_with_parent() -> None:
-    # Linux: the training child gets SIGTERM when its worker dies, even by SIGKILL, instead of training on unseen.
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-    except OSError:
-        pass  # not glibc Linux: the child outlives a killed worker, as any child would
+def _fail_own_runs(database: Database) -> None:
+    """Fail the runs this process holds (it is stopping)."""
+    worker = f"{socket.gethostname()}:{os.getpid()}"
+    with database.session() as session:
+        stopped = session.execute(
+            update(TrainingRun)
+            .where(TrainingRun.state == RunState.RUNNING.value, TrainingRun.claimed_by == worker)
+            .values(state=RunState.FAILED.value, finished_at=utcnow(), phase="failed",
+                    error="the training worker was stopped during the run; start the retraining again")
+        )
+        if stopped.rowcount:
+            log.warning("stopping: failed %d training run(s) this worker was running", stopped.rowcount)
 
 
 def fail_orphaned_runs(database: Database) -> int:
@@ -325,7 +329,10 @@ def run_training_worker(settings: Settings) -> int:
     app = create_celery_app(settings)
     register_retraining_task(app, settings, database)
     try:
-        return run_celery_worker(app, "training", TRAINING_QUEUE, pool="solo", concurrency=1)
+        # A stop does not wait for a run (an hour's training): it fails it now, saying so, and the training child
+        # ends with this process (its parent-death signal).
+        return run_celery_worker(app, "training", TRAINING_QUEUE, pool="solo", concurrency=1,
+                                 handback=lambda _deadline: _fail_own_runs(database))
     finally:
         database.dispose()
 

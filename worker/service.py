@@ -1,14 +1,18 @@
 """The long-running processes: ``listen`` (listener + scheduler), ``worker`` (Celery) and ``serve`` (both).
 
 Each process brings the database schema up to date at start. ``serve`` runs the listener and scheduler in itself
-and the Celery worker as a child process (TensorFlow stays out of the listener; a crashed worker is restarted).
-SIGTERM and SIGINT shut every part down cleanly: the listener stops accepting, the worker finishes (Celery's warm
-shutdown) or, if killed, leaves its jobs to be re-queued.
+and the Celery workers as child processes (TensorFlow stays out of the listener; a crashed worker is restarted).
+The children end with ``serve`` however it ends (:mod:`worker.lifetime`), and one ``serve`` or ``listen`` runs per
+data directory (:mod:`worker.runlock`). SIGTERM and SIGINT shut every part down within a bound: the workers are
+told first and all at once, the listener stops accepting and its sink is flushed meanwhile, a task still running
+after a short grace has its job handed back to the queue, and what still runs after
+:data:`~worker.lifetime.KILL_AFTER_SECONDS` is killed (its jobs are re-queued as a dead worker's are).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import subprocess
 import sys
@@ -28,16 +32,18 @@ from worker.db import Database, upgrade_database
 from worker.delivery import DELIVERY_QUEUE, run_delivery_worker
 from worker.errors import StartupError
 from worker.ingest import DatabaseSink
+from worker.lifetime import KILL_AFTER_SECONDS
 from worker.listeners import ListenerGroup, Receiver
 from worker.registry import active_model_dirs, register_installed_models
 from worker.reporting import publish_missing
+from worker.runlock import SupervisorLock
 from worker.series import SeriesScheduler
 from worker.workers import WorkerRegistration, worker_registered
 
 log = logging.getLogger(__name__)
 
-#: Seconds a worker gets to finish its task on shutdown before it is killed (its job is then re-queued).
-WORKER_SHUTDOWN_SECONDS = 60.0
+#: How long a stopping ``serve`` waits for its web server's open connections.
+WEB_STOP_SECONDS = 2.0
 
 
 def open_database(settings: Settings) -> Database:
@@ -105,14 +111,19 @@ class Ingest:
         if self.group is not None:
             self.group.ensure_running()
 
+    @property
+    def child_pids(self) -> list[int]:
+        """The listener processes' pids (none with a single listener in this process)."""
+        return self.group.pids if self.group is not None else []
+
     def stop(self) -> None:
         if self.receiver is not None:
             self.receiver.stop()
         if self.group is not None:
             self.group.stop()
         self._stop.set()
-        if self._thread.ident is not None:  # started
-            self._thread.join(timeout=10)
+        if self._thread.ident is not None:  # started; a round in progress ends first (a daemon thread past that)
+            self._thread.join(timeout=KILL_AFTER_SECONDS)
 
     def describe(self) -> str:
         port = self.receiver.listener.port if self.receiver is not None else self.settings.dicom_port
@@ -131,14 +142,21 @@ def run_listen(settings: Settings) -> int:
     """``dicom-triage listen``: receive, archive, record, and schedule series until signalled."""
     stop = stop_on_signals()
     database = open_database(settings)
-    ingest = Ingest(settings, database)
+    lock = SupervisorLock(settings.data_dir, "listen")
     try:
-        ingest.start()
-        _ready(f"{ingest.describe()}, data {settings.data_dir}")
-        while not stop.wait(0.5):
-            ingest.supervise()
+        lock.acquire()
+        ingest = Ingest(settings, database)
+        try:
+            ingest.start()
+            lock.record(ingest.child_pids)
+            _ready(f"{ingest.describe()}, data {settings.data_dir}")
+            while not stop.wait(0.5):
+                ingest.supervise()
+                lock.record(ingest.child_pids)
+        finally:
+            ingest.stop()
+        lock.release()
     finally:
-        ingest.stop()
         database.dispose()
     return 0
 
@@ -166,19 +184,30 @@ def run_worker(settings: Settings, queue: str = INFERENCE_QUEUE) -> int:
         log.info("made %d SR(s) missing for earlier results", made)
     registration = WorkerRegistration(database)
     app = create_celery_app(settings)
-    register_tasks(app, WorkerContext(settings, database, models, registration.id))
+    context = WorkerContext(settings, database, models, registration.id)
+    register_tasks(app, context)
+
+    def handback(deadline: float) -> None:
+        # First the jobs this process holds (a task still running included): without its row they are orphans,
+        # which the scheduler queues again at once. Then the SRs still waiting, as many as the time allows; the
+        # next worker's start makes the rest (publish_missing).
+        registration.close()
+        if not context.sr_queue.drain(timeout=max(0.0, deadline - time.monotonic())):
+            log.warning("stopping with SRs still to make; the next worker start makes them")
+
     try:
         return run_celery_worker(app, "inference", INFERENCE_QUEUE, pool="threads",
-                                 concurrency=settings.worker_concurrency)
+                                 concurrency=settings.worker_concurrency, handback=handback)
     finally:
         registration.close()
         database.dispose()
 
 
 def worker_command(settings: Settings, config_file: Path | None, queue: str = INFERENCE_QUEUE) -> list[str]:
-    """The command line of a ``dicom-triage worker`` child with the same settings as this process."""
+    """The command line of a ``dicom-triage worker`` child with the same settings as this process, which ends
+    with it (``--supervisor-pid``)."""
     command = [sys.executable, "-m", "worker.cli", "worker", "--data-dir", str(settings.data_dir), "--queue", queue]
-    command += ["--ae-title", settings.ae_title]
+    command += ["--ae-title", settings.ae_title, "--supervisor-pid", str(os.getpid())]
     for destination in settings.sr_destinations:
         command += ["--sr-destination", str(destination)]
     if config_file is not None:
@@ -188,14 +217,16 @@ def worker_command(settings: Settings, config_file: Path | None, queue: str = IN
 
 def training_worker_command(settings: Settings, config_file: Path | None) -> list[str]:
     """The command line of a ``dicom-triage training-worker`` child (the ``training`` queue's retraining runs)."""
-    command = [sys.executable, "-m", "worker.cli", "training-worker", "--data-dir", str(settings.data_dir)]
+    command = [sys.executable, "-m", "worker.cli", "training-worker", "--data-dir", str(settings.data_dir),
+               "--supervisor-pid", str(os.getpid())]
     if config_file is not None:
         command += ["--config", str(config_file)]
     return command
 
 
 class WorkerChild:
-    """A ``dicom-triage worker`` subprocess, restarted if it dies (at most every few seconds)."""
+    """A ``dicom-triage worker`` subprocess, restarted if it dies (at most every few seconds). Started from the
+    main thread only: its parent-death signal fires when the thread that started it ends (:mod:`worker.lifetime`)."""
 
     RESTART_SECONDS = 3.0
 
@@ -216,37 +247,63 @@ class WorkerChild:
         self.process = subprocess.Popen(self.command)
         self._started = time.monotonic()
 
-    def stop(self) -> None:
-        if self.process is None or self.process.poll() is not None:
-            return
-        self.process.send_signal(signal.SIGTERM)
+    def signal_stop(self) -> None:
+        """SIGTERM, without waiting: the worker's bounded stop begins (see :func:`stop_children`)."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+
+
+def stop_children(children: Sequence[WorkerChild], deadline: float) -> None:
+    """Wait until every child (already signalled) has ended, killing those still running at ``deadline`` (a
+    ``time.monotonic()``); a killed worker's jobs are re-queued as a dead worker's are."""
+    for child in children:
+        process = child.process
+        if process is None:
+            continue
         try:
-            self.process.wait(timeout=WORKER_SHUTDOWN_SECONDS)
+            process.wait(timeout=max(0.0, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
-            log.error("worker did not stop within %.0f s; killing it", WORKER_SHUTDOWN_SECONDS)
-            self.process.kill()
-            self.process.wait()
+            log.error("worker pid %d did not stop within %.0f s; killing it", process.pid, KILL_AFTER_SECONDS)
+            process.kill()
+            process.wait()
 
 
 def run_serve(settings: Settings, config_file: Path | None) -> int:
     """``dicom-triage serve``: listener, scheduler and the web worklist in this process; a worker child, an SR
     delivery child and a training child (retraining runs); prints one line when all are up."""
-    from worker.web.cli import start_in_thread
-
     stop = stop_on_signals()
     database = open_database(settings)
+    lock = SupervisorLock(settings.data_dir, "serve")
+    try:
+        lock.acquire()
+        _serve(settings, config_file, database, lock, stop)
+        lock.release()
+    finally:
+        database.dispose()
+    return 0
+
+
+def _serve(settings: Settings, config_file: Path | None, database: Database, lock: SupervisorLock,
+           stop: threading.Event) -> None:
+    from worker.web.cli import start_in_thread
+
     ingest = Ingest(settings, database)
     child = WorkerChild(worker_command(settings, config_file))
     delivery = WorkerChild(worker_command(settings, config_file, DELIVERY_QUEUE))
     training = WorkerChild(training_worker_command(settings, config_file))
+    workers = [child, delivery, training]
+
+    def record() -> None:
+        lock.record([*ingest.child_pids, *(w.pid for w in workers if w.pid is not None)])
+
     web = web_thread = None
     ready = False
     try:
         ingest.start()
         web, web_thread = start_in_thread(settings, database)
-        child.ensure_running()
-        delivery.ensure_running()
-        training.ensure_running()
+        for worker in workers:
+            worker.ensure_running()
+        record()
         while not stop.wait(0.5):
             if not web_thread.is_alive():  # uvicorn ends its thread when it cannot bind
                 raise StartupError(f"cannot serve the web worklist on {settings.web_host}:{settings.web_port}")
@@ -255,19 +312,21 @@ def run_serve(settings: Settings, config_file: Path | None) -> int:
                 web_url = f"http://{settings.web_host}:{settings.web_port}"
                 _ready(f"{ingest.describe()}, web {web_url}, worker pid {child.pid}, data {settings.data_dir}")
             ingest.supervise()
-            child.ensure_running()
-            delivery.ensure_running()
-            training.ensure_running()
+            for worker in workers:
+                worker.ensure_running()
+            record()
     finally:
+        # The workers first and all at once: theirs is the longest stop (a running task's grace, then the
+        # hand-back), and it runs while the listener stops accepting and its sink is flushed here.
+        stopping = time.monotonic()
+        for worker in workers:
+            worker.signal_stop()
         ingest.stop()
         if web is not None and web_thread is not None:
             web.should_exit = True
-            web_thread.join(timeout=10)
-        child.stop()
-        delivery.stop()
-        training.stop()
-        database.dispose()
-    return 0
+            web_thread.join(timeout=WEB_STOP_SECONDS)  # a daemon thread: a client holding a connection is cut
+        stop_children(workers, stopping + KILL_AFTER_SECONDS)
+        log.info("stopped %.1f s after the stop signal", time.monotonic() - stopping)
 
 
 __all__ = ["Ingest", "run_listen", "run_serve", "run_worker"]

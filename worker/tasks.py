@@ -541,7 +541,8 @@ def register_tasks(app: Celery, context: WorkerContext) -> None:
 
     context.resend = resend
 
-    # A warm shutdown makes the SRs still waiting before the process exits.
+    # A warm shutdown makes the SRs still waiting before the process exits (bounded: the process ends within
+    # worker.lifetime.WORKER_STOP_SECONDS of its stop signal whatever it is doing; the next start makes the rest).
     @worker_shutdown.connect(weak=False)
     def _drain_srs(**_: object) -> None:
-        context.sr_queue.drain()  # within serve's grace for a stopping worker (WORKER_SHUTDOWN_SECONDS)
+        context.sr_queue.drain()

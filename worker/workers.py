@@ -39,6 +39,8 @@ class WorkerRegistration:
         self.hostname = socket.gethostname()[:255]
         self.pid = os.getpid()
         self._stop = threading.Event()
+        self._closing = threading.Lock()
+        self._closed = False
         self._forget_dead_local_workers()
         with database.session() as session:
             row = WorkerProcess(hostname=self.hostname, pid=self.pid)
@@ -70,7 +72,15 @@ class WorkerRegistration:
                 log.exception("worker heartbeat failed")
 
     def close(self) -> None:
-        """Stop the heartbeat and remove the row; jobs this process still holds become orphans at once."""
+        """Stop the heartbeat and remove the row; jobs this process still holds become orphans at once. Once: a
+        stopping worker may call it from its hand-back while its main thread ends (see :mod:`worker.lifetime`)."""
+        with self._closing:
+            if self._closed:
+                return
+            self._closed = True
+            self._close()
+
+    def _close(self) -> None:
         self._stop.set()
         self._thread.join(timeout=HEARTBEAT_SECONDS)
         with self.database.session() as session:

@@ -255,8 +255,11 @@ def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") 
     retrain.add_argument("--actor", default="cli", help="who asks (logged)")
     retrain.set_defaults(handler=_retrain)
 
+    from worker.cli import add_supervisor_option
+
     worker = subparsers.add_parser("training-worker", help="Celery worker on the training queue (retraining runs)")
     _common(worker)
+    add_supervisor_option(worker)
     worker.set_defaults(handler=_training_worker)
 
 
