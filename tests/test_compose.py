@@ -1,10 +1,13 @@
 """The scale-out deployment file is valid for docker-compose and has every role."""
 
+import re
 import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
+
+from worker.lifetime import STOP_BOUND_SECONDS
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE = ["docker-compose", "-f", str(ROOT / "docker-compose.yml")]
@@ -18,6 +21,11 @@ def test_docker_compose_config_is_valid() -> None:
     assert set(services.stdout.split()) == {"redis", "postgres", "listener", "worker", "delivery", "training-worker", "web"}
     worker = config.stdout.split("\n  worker:\n", 1)[1].split("\nvolumes:", 1)[0]  # worker is the last service
     assert "- capabilities:\n            - gpu" in worker  # inference workers reserve a GPU
+    # Docker waits as long as our processes promise to take to stop (worker.lifetime) before it kills them.
+    for service in ("listener", "worker", "delivery", "training-worker"):
+        section = re.search(rf"^  {re.escape(service)}:\n((?:    .*\n|\s*\n)*)", config.stdout, re.MULTILINE)
+        assert section is not None, config.stdout
+        assert f"stop_grace_period: {STOP_BOUND_SECONDS:.0f}s" in section[1], section[1]
 
 
 def test_broken_compose_file_is_rejected(tmp_path: Path) -> None:
