@@ -11,7 +11,7 @@ import re
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import (
     BaseModel,
@@ -120,6 +120,12 @@ class Settings(BaseModel):
     dicom_port: int = Field(default=11112, ge=1, le=65535)
     web_host: str = "127.0.0.1"
     web_port: int = Field(default=8080, ge=1, le=65535)
+    #: ``/healthz``, ``/readyz`` and ``/metrics`` of a ``listen`` or ``worker`` process (the web app serves its own
+    #: on ``web_port``): loopback unless told otherwise; port 0 serves none.
+    health_host: str = "127.0.0.1"
+    health_port: int = Field(default=0, ge=0, le=65535)
+    #: ``text`` (the human format) or ``json`` (one object a line; worker.logs).
+    log_format: Literal["text", "json"] = "text"
     allowed_calling_aes: tuple[str, ...] = ()
     max_associations: int = Field(default=10, ge=1, le=1000)
     #: Listener processes accepting on one listening socket (a free one takes each association), each with its own

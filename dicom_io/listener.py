@@ -366,6 +366,10 @@ class StorageListener:
         self._report_reject(calling_ae, None, reason)
 
     def _on_accepted(self, event: Event) -> None:
+        # Optional on a sink (not part of InstanceSink): the worker's counts associations for its metrics.
+        counted = getattr(self.sink, "association_accepted", None)
+        if counted is not None:
+            counted(event.assoc.requestor.ae_title)
         accepted = {cx.abstract_syntax for cx in event.assoc.accepted_contexts}
         refused = {cx.abstract_syntax for cx in event.assoc.rejected_contexts} - accepted
         if refused:

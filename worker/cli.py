@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -19,6 +19,8 @@ from sqlalchemy.engine import make_url
 
 from config import ConfigError, Settings, load_settings
 from worker.errors import StartupError
+from worker.logs import ENV as LOG_FORMAT_ENV
+from worker.logs import FORMATS, configure_logging
 
 
 def _add_settings_options(parser: argparse.ArgumentParser) -> None:
@@ -43,6 +45,14 @@ def _add_network_options(parser: argparse.ArgumentParser, web: bool) -> None:
     )
     if web:
         parser.add_argument("--web-port", type=int, metavar="N", help="web worklist port")
+    else:
+        _add_health_options(parser)
+
+
+def _add_health_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--health-port", type=int, metavar="N",
+                        help="serve /healthz, /readyz and /metrics on this port (health_port; 0: none)")
+    parser.add_argument("--health-host", metavar="ADDRESS", help="their address (health_host; default loopback)")
 
 
 def add_supervisor_option(parser: argparse.ArgumentParser) -> None:
@@ -63,6 +73,8 @@ def read_settings(args: argparse.Namespace) -> Settings:
         "web_port": getattr(args, "web_port", None),
         "listen_processes": getattr(args, "listen_processes", None),
         "sr_destinations": getattr(args, "sr_destinations", None),
+        "health_port": getattr(args, "health_port", None),
+        "health_host": getattr(args, "health_host", None),
     }
     settings = load_settings(args.config, **overrides)
     check_rules(settings.routing_rules)
@@ -73,6 +85,9 @@ def read_settings(args: argparse.Namespace) -> Settings:
 # reported at once.
 def _serve(args: argparse.Namespace) -> int:
     settings = read_settings(args)
+    from worker.multiproc import use_multiprocess_dir
+
+    use_multiprocess_dir(settings.data_dir / "run")  # before prometheus_client is imported; children inherit it
     from worker.service import run_serve
 
     return run_serve(settings, args.config)
@@ -80,6 +95,10 @@ def _serve(args: argparse.Namespace) -> int:
 
 def _listen(args: argparse.Namespace) -> int:
     settings = read_settings(args)
+    from worker.multiproc import use_multiprocess_dir
+
+    if settings.listen_processes > 1:  # the listener processes count, the supervisor's /metrics adds them up
+        use_multiprocess_dir(settings.data_dir / "run")
     from worker.service import run_listen
 
     return run_listen(settings)
@@ -107,6 +126,15 @@ def _results(args: argparse.Namespace) -> int:
         database.dispose()
     print(json.dumps(report, indent=2) if args.json else format_report(report))
     return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    from worker.status import format_status, status_report
+
+    settings = read_settings(args)
+    report = status_report(settings)
+    print(json.dumps(report, indent=2, default=str) if args.json else format_status(report))
+    return 0 if report["ready"] else 1
 
 
 def _sr_show(args: argparse.Namespace) -> int:
@@ -138,6 +166,7 @@ def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") 
     _add_settings_options(worker)
     _add_sr_destination_option(worker)
     worker.add_argument("--ae-title", metavar="AE", help="our AE title (the calling AE of SR deliveries)")
+    _add_health_options(worker)
     worker.add_argument(
         "--queue", choices=("inference", "delivery"), default="inference",
         help="inference: classify series (default); delivery: send SRs to their destinations",
@@ -150,6 +179,12 @@ def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") 
     results.add_argument("--study", metavar="UID", help="only this StudyInstanceUID")
     results.add_argument("--json", action="store_true", help="print JSON")
     results.set_defaults(handler=_results)
+
+    status = subparsers.add_parser(
+        "status", help="every process's readiness, queues, delivery backlog, disk free, active models")
+    _add_settings_options(status)
+    status.add_argument("--json", action="store_true", help="print JSON")
+    status.set_defaults(handler=_status)
 
     sr = subparsers.add_parser("sr", help="our Structured Reports")
     sr_commands = sr.add_subparsers(dest="sr_command", required=True, metavar="SR_COMMAND")
@@ -205,17 +240,19 @@ def build_parser() -> argparse.ArgumentParser:
     _add_dicom_evaluation(subparsers.choices["evaluate"])
     registry_cli.register(subparsers)
     web_cli.register(subparsers)
+    parser.add_argument("--log-format", choices=FORMATS, help="text (default) or json: one object a line")
+    for sub in subparsers.choices.values():  # also after the command: dicom-triage serve --log-format json
+        sub.add_argument("--log-format", choices=FORMATS, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    # alembic's per-start plugin chatter and pynetdicom's lines per association and per instance say nothing useful
-    # in production and cost time at hundreds of instances a second.
-    for noisy in ("alembic", "pynetdicom"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.log_format:
+        # A setting like any other from here on: the children serve starts inherit it with the environment.
+        os.environ[LOG_FORMAT_ENV] = args.log_format
+    configure_logging(args.log_format, role=getattr(args, "command", "") or "")
     if getattr(args, "supervisor_pid", None) is not None:
         # Before anything slow (settings, the database, TensorFlow): a child must not outlive its supervisor.
         from worker.lifetime import die_with_parent

@@ -33,6 +33,7 @@ from config import Destination, Settings
 from dicom_io.scu import AssociationError, send_datasets
 from worker.celery_app import create_celery_app, run_celery_worker
 from worker.db import Database, SrDelivery, SrDocument, upgrade_database, utcnow
+from worker.metrics import SR_DELIVERIES
 
 log = logging.getLogger(__name__)
 
@@ -141,17 +142,20 @@ def attempt_delivery(database: Database, settings: Settings, delivery_pk: int) -
         if error is None:
             delivery.status, delivery.error, delivery.next_attempt_at = DeliveryStatus.SENT.value, "", None
             log.info("SR delivery %d sent to %s (attempt %d)", delivery_pk, destination_text, attempts)
+            SR_DELIVERIES.labels(destination_text, "sent").inc()
             return AttemptOutcome(DeliveryStatus.SENT)
         delivery.error = error[:2000]
         if give_up or attempts >= settings.sr_delivery_max_attempts:
             delivery.status, delivery.next_attempt_at = DeliveryStatus.FAILED.value, None
             log.error("SR delivery %d to %s failed for good after %d attempt(s): %s",
                       delivery_pk, destination_text, attempts, error)
+            SR_DELIVERIES.labels(destination_text, "failed").inc()
             return AttemptOutcome(DeliveryStatus.FAILED)
         delay = backoff_seconds(settings, attempts)
         delivery.next_attempt_at = finished + timedelta(seconds=delay)
         log.warning("SR delivery %d to %s: attempt %d failed, next in %.1f s: %s",
                     delivery_pk, destination_text, attempts, delay, error)
+        SR_DELIVERIES.labels(destination_text, "retry").inc()
         return AttemptOutcome(DeliveryStatus.PENDING, retry_in=delay)
 
 
@@ -222,12 +226,15 @@ def _sweep(database: Database, enqueue: DeliveryEnqueue, stop: threading.Event) 
 
 def run_delivery_worker(settings: Settings) -> int:
     """``dicom-triage worker --queue delivery``: a Celery worker sending SRs (no models loaded) until signalled."""
+    from worker.health import ProcessHealth, Readiness, standard_checks
+
     database = Database(settings.effective_database_url)
     upgrade_database(database)
     app = create_celery_app(settings)
     register_delivery_task(app, settings, database)
     enqueue = make_delivery_enqueue(app)
     stop = threading.Event()
+    health = ProcessHealth(settings, Readiness("delivery", standard_checks(settings, database))).start()
     try:
         if resumed := resume_deliveries(database, enqueue):
             log.info("resumed %d pending SR deliveries", resumed)
@@ -238,6 +245,7 @@ def run_delivery_worker(settings: Settings) -> int:
                                  concurrency=DELIVERY_CONCURRENCY, handback=lambda _deadline: stop.set())
     finally:
         stop.set()
+        health.stop()
         database.dispose()
 
 

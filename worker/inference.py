@@ -10,6 +10,7 @@ Instance UID and frame), and every slice left out says why.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +24,7 @@ from models.inference import Classifier, default_model_dir
 from models.regions import CT_WINDOW_HU, Region
 from models.series import SeriesClassification, decide, model_inputs
 from models.tasks import Task
+from worker.metrics import INFERENCE_BATCH, INFERENCE_IMAGES
 
 __all__ = [
     "ModelCache",
@@ -148,7 +150,11 @@ class SeriesBatcher(Generic[K]):
     def _predict(self, count: int) -> list[tuple[K, SeriesClassification]]:
         todo, self._waiting = self._waiting[:count], self._waiting[count:]
         images = [self._series[key].inputs[index] for key, index in todo]
+        started = time.perf_counter()
         probabilities, distances = predict_in_batches(self.classifier, images, self.batch_size)
+        task = self.classifier.task.name
+        INFERENCE_BATCH.labels(task).observe(time.perf_counter() - started)
+        INFERENCE_IMAGES.labels(task).inc(len(images))
         done = []
         for position, ((key, index), row) in enumerate(zip(todo, probabilities)):
             pending = self._series[key]
@@ -195,6 +201,11 @@ class ModelCache:
                         classifier.warm_up(self.warm_batch_size)
                 self._loaded[task_name] = (folder, classifier)
             return self._loaded[task_name][1]
+
+    def loaded_models(self) -> dict[str, str]:
+        """Each task's loaded model UID (the worker's readiness check and status)."""
+        with self._lock:
+            return {task: classifier.card.uid for task, (_, classifier) in self._loaded.items()}
 
     def warm_up(self, batch_size: int) -> None:
         """Trace every loaded model for ``batch_size`` now, and each model loaded later as it is loaded, so no

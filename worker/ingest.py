@@ -38,6 +38,7 @@ from dicom_io.archive import Archive, StoredInstance, fsync_path
 from dicom_io.listener import received_file
 from dicom_io.validation import element_text
 from worker.db import Database, Instance, Patient, RejectedInstance, Series, Study, utcnow
+from worker.metrics import ARCHIVED_BYTES, ASSOCIATIONS_ACCEPTED, INSTANCES_RECEIVED, ae_label, count_rejection
 from worker.workers import other_process_alive
 
 LOGGER = logging.getLogger(__name__)
@@ -321,6 +322,9 @@ class DatabaseSink:
             raise row.error
         if not row.committed:
             raise RuntimeError(f"instance {stored.sop_instance_uid}: its commit was interrupted")
+        INSTANCES_RECEIVED.labels(ae_label(calling_ae)).inc()
+        if not stored.duplicate:
+            ARCHIVED_BYTES.inc(stored.size_bytes)
         return STATUS_SUCCESS
 
     def _commit(self, rows: list[_PendingRow]) -> None:
@@ -395,8 +399,13 @@ class DatabaseSink:
         for row in batch:
             row.committed = row.error is None
 
+    def association_accepted(self, calling_ae: str) -> None:
+        """Counted for the metrics (the listener calls it for each association it accepts)."""
+        ASSOCIATIONS_ACCEPTED.labels(ae_label(calling_ae)).inc()
+
     def reject(self, calling_ae: str, sop_instance_uid: str | None, reason: str) -> None:
         """Record an instance (or, with ``sop_instance_uid`` None, an association) the listener refused."""
+        count_rejection(calling_ae, sop_instance_uid, reason)
         with self.database.session() as session:
             session.add(
                 RejectedInstance(

@@ -35,6 +35,7 @@ from worker.db import Database
 from worker.errors import StartupError
 from worker.ingest import DatabaseSink
 from worker.lifetime import KILL_AFTER_SECONDS, die_with_parent, exit_after
+from worker.logs import configure_logging
 
 log = logging.getLogger(__name__)
 
@@ -94,9 +95,7 @@ def _child_main(settings: Settings, index: int, ready: ProcessEvent, parent: int
     """A listener child: serve until SIGTERM or SIGINT (the parent, Ctrl-C on the process group, or the kernel when
     the parent ``parent`` is gone: an orphan would keep the shared socket open, and a restarted service could not
     bind), then stop within :data:`~worker.lifetime.KILL_AFTER_SECONDS`."""
-    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s %(levelname)s %(name)s[{index}]: %(message)s")
-    for noisy in ("alembic", "pynetdicom"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    configure_logging(role=f"listener-{index}", text_format=f"%(asctime)s %(levelname)s %(name)s[{index}]: %(message)s")
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())

@@ -326,14 +326,18 @@ def run_training_worker(settings: Settings) -> int:
     orphaned = fail_orphaned_runs(database)
     if orphaned:
         log.warning("failed %d training run(s) whose worker had died", orphaned)
+    from worker.health import ProcessHealth, Readiness, standard_checks
+
     app = create_celery_app(settings)
     register_retraining_task(app, settings, database)
+    health = ProcessHealth(settings, Readiness("training", standard_checks(settings, database))).start()
     try:
         # A stop does not wait for a run (an hour's training): it fails it now, saying so, and the training child
         # ends with this process (its parent-death signal).
         return run_celery_worker(app, "training", TRAINING_QUEUE, pool="solo", concurrency=1,
                                  handback=lambda _deadline: _fail_own_runs(database))
     finally:
+        health.stop()
         database.dispose()
 
 

@@ -31,8 +31,11 @@ from worker.celery_app import INFERENCE_QUEUE, create_celery_app, make_enqueue, 
 from worker.db import Database, upgrade_database
 from worker.delivery import DELIVERY_QUEUE, run_delivery_worker
 from worker.errors import StartupError
+from worker.health import ProcessHealth, Readiness, dicom_port_check, models_check, standard_checks
 from worker.ingest import DatabaseSink
 from worker.lifetime import KILL_AFTER_SECONDS
+from worker.metrics import record_gpus
+from worker.multiproc import remove_stale_multiprocess_dirs
 from worker.listeners import ListenerGroup, Receiver
 from worker.registry import active_model_dirs, register_installed_models
 from worker.reporting import publish_missing
@@ -125,8 +128,12 @@ class Ingest:
         if self._thread.ident is not None:  # started; a round in progress ends first (a daemon thread past that)
             self._thread.join(timeout=KILL_AFTER_SECONDS)
 
+    def dicom_port(self) -> int:
+        """The port associations are accepted on (the bound one, when the settings asked for 0)."""
+        return self.receiver.listener.port if self.receiver is not None else self.settings.dicom_port
+
     def describe(self) -> str:
-        port = self.receiver.listener.port if self.receiver is not None else self.settings.dicom_port
+        port = self.dicom_port()
         where = f"DICOM {self.settings.ae_title}@{self.settings.dicom_host}:{port}"
         if self.group is None:
             return where
@@ -138,6 +145,12 @@ def _ready(message: str) -> None:
     print(f"dicom-triage ready: {message}", flush=True)
 
 
+def listener_readiness(role: str, settings: Settings, database: Database, ingest: Ingest) -> Readiness:
+    """Database, broker, archive and the DICOM port accepting: a listener's (and ``serve``'s) readiness."""
+    return Readiness(role, [*standard_checks(settings, database),
+                            dicom_port_check(settings.dicom_host, ingest.dicom_port)])
+
+
 def run_listen(settings: Settings) -> int:
     """``dicom-triage listen``: receive, archive, record, and schedule series until signalled."""
     stop = stop_on_signals()
@@ -145,15 +158,20 @@ def run_listen(settings: Settings) -> int:
     lock = SupervisorLock(settings.data_dir, "listen")
     try:
         lock.acquire()
+        remove_stale_multiprocess_dirs(settings.data_dir / "run")
         ingest = Ingest(settings, database)
+        health: ProcessHealth | None = None
         try:
             ingest.start()
             lock.record(ingest.child_pids)
+            health = ProcessHealth(settings, listener_readiness("listen", settings, database, ingest)).start()
             _ready(f"{ingest.describe()}, data {settings.data_dir}")
             while not stop.wait(0.5):
                 ingest.supervise()
                 lock.record(ingest.child_pids)
         finally:
+            if health is not None:
+                health.stop()
             ingest.stop()
         lock.release()
     finally:
@@ -186,6 +204,10 @@ def run_worker(settings: Settings, queue: str = INFERENCE_QUEUE) -> int:
     app = create_celery_app(settings)
     context = WorkerContext(settings, database, models, registration.id)
     register_tasks(app, context)
+    tasks = sorted({get_task(rule.task).name for rule in settings.routing_rules})
+    readiness = Readiness("worker", [*standard_checks(settings, database), models_check(models.loaded_models, tasks)])
+    record_gpus(INFERENCE_QUEUE)
+    health = ProcessHealth(settings, readiness).start()
 
     def handback(deadline: float) -> None:
         # First the jobs this process holds (a task still running included): without its row they are orphans,
@@ -199,6 +221,7 @@ def run_worker(settings: Settings, queue: str = INFERENCE_QUEUE) -> int:
         return run_celery_worker(app, "inference", INFERENCE_QUEUE, pool="threads",
                                  concurrency=settings.worker_concurrency, handback=handback)
     finally:
+        health.stop()
         registration.close()
         database.dispose()
 
@@ -244,7 +267,8 @@ class WorkerChild:
             if self.process.poll() is None or time.monotonic() - self._started < self.RESTART_SECONDS:
                 return
             log.error("worker process exited with %s; restarting it", self.process.returncode)
-        self.process = subprocess.Popen(self.command)
+        # One port per host: serve's children report through their status files and serve's web app, not a port.
+        self.process = subprocess.Popen(self.command, env={**os.environ, "DICOM_TRIAGE_HEALTH_PORT": "0"})
         self._started = time.monotonic()
 
     def signal_stop(self) -> None:
@@ -276,6 +300,7 @@ def run_serve(settings: Settings, config_file: Path | None) -> int:
     lock = SupervisorLock(settings.data_dir, "serve")
     try:
         lock.acquire()
+        remove_stale_multiprocess_dirs(settings.data_dir / "run")
         _serve(settings, config_file, database, lock, stop)
         lock.release()
     finally:
@@ -298,9 +323,13 @@ def _serve(settings: Settings, config_file: Path | None, database: Database, loc
 
     web = web_thread = None
     ready = False
+    health: ProcessHealth | None = None
     try:
         ingest.start()
-        web, web_thread = start_in_thread(settings, database)
+        readiness = listener_readiness("serve", settings, database, ingest)
+        web, web_thread = start_in_thread(settings, database, readiness=readiness)
+        health = ProcessHealth(settings.model_copy(update={"health_port": 0}), readiness,
+                               url=f"http://{settings.web_host}:{settings.web_port}").start()
         for worker in workers:
             worker.ensure_running()
         record()
@@ -321,6 +350,8 @@ def _serve(settings: Settings, config_file: Path | None, database: Database, loc
         stopping = time.monotonic()
         for worker in workers:
             worker.signal_stop()
+        if health is not None:
+            health.stop()
         ingest.stop()
         if web is not None and web_thread is not None:
             web.should_exit = True

@@ -41,6 +41,7 @@ from models.tasks import INDETERMINATE
 from worker.celery_app import CLASSIFY_SERIES
 from worker.db import Database, Instance, Job, JobState, Result, Series, utcnow
 from worker.inference import ModelCache, SeriesBatcher, SeriesClassification, decode_series
+from worker.metrics import JOB_LATENCY, JOBS_FINISHED
 from worker.reporting import publish_result
 
 log = logging.getLogger(__name__)
@@ -303,16 +304,20 @@ def finish_job(
 
 
 def finish_jobs(database: Database, finished: Collection[Finished]) -> None:
-    """:func:`finish_job` for several jobs in one transaction (one commit)."""
+    """:func:`finish_job` for several jobs in one transaction (one commit); counted once committed."""
     with database.session() as session:
-        for item in finished:
-            _finish(session, item)
+        latencies = [latency for item in finished if (latency := _finish(session, item)) is not None]
+    for task, seconds in latencies:
+        JOBS_FINISHED.labels(task, "done").inc()
+        JOB_LATENCY.labels(task).observe(seconds)
 
 
-def _finish(session: Session, item: Finished) -> None:
+def _finish(session: Session, item: Finished) -> tuple[str, float] | None:
+    """Record the result; returns the job's task and its latency (last instance received to now), or None when
+    the job had already ended."""
     job = session.get_one(Job, item.job_id, with_for_update=True)
     if job.state.is_final:
-        return
+        return None
     classification = item.classification
     existing = session.scalar(
         select(Result.id).where(
@@ -350,6 +355,7 @@ def _finish(session: Session, item: Finished) -> None:
     job.reason = job_summary(classification, item.model_name, item.model_version)
     job.finished_at = utcnow()
     job.worker_pk = None
+    return job.task or "", max(0.0, (job.finished_at - job.series_last_received_at).total_seconds())
 
 
 def job_summary(classification: SeriesClassification, model_name: str, model_version: str) -> str:
@@ -371,6 +377,8 @@ def fail_job(database: Database, job_id: int, reason: str) -> None:
             .where(Job.id == job_id)
             .values(state=JobState.FAILED, reason=reason[:2000], finished_at=utcnow(), worker_pk=None)
         )
+        task = session.scalar(select(Job.task).where(Job.id == job_id))
+    JOBS_FINISHED.labels(task or "", "failed").inc()
 
 
 def note_retry(database: Database, job_id: int, reason: str) -> None:
@@ -438,7 +446,8 @@ class _Group:
         for job_id, classification in done:
             job = by_id[job_id]
             self.settled.add(job_id)
-            log.info("job %d: series %s is %s", job.job_id, job.series_instance_uid, classification.label)
+            log.info("job %d: series %s is %s", job.job_id, job.series_instance_uid, classification.label,
+                     extra={"ids": {"job_id": job.job_id, "model_uid": card.uid}})
             # If the process dies before the SR is made, the next worker's start-up makes it (publish_missing).
             self.context.sr_queue.submit(job.job_id)
 

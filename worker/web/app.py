@@ -28,6 +28,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from config import Settings
 from worker.db import Database
 from worker.db.review import Role
+from worker.health import Readiness, archive_check, broker_check, database_check
+from worker.web import ops
 from worker.web.auth import LoginRequired, login_redirect, principal
 from worker.web.decisions import CorrectionHook
 from worker.web.rendering import ImageCache
@@ -145,12 +147,14 @@ def create_app(
     settings: Settings,
     database: Database | None = None,
     on_correction: CorrectionHook | None = None,
+    readiness: Readiness | None = None,
 ) -> FastAPI:
     """The web app for ``settings``; the database must already be migrated (:func:`worker.db.upgrade_database`).
 
     ``on_correction(review_id)`` is called after each committed correction; by default it publishes the revised
     SR (:func:`worker.reporting.publish_review`, which names its predecessor and queues its deliveries). Heat maps
     are drawn by the model that made the result: the registry's folder for its uid, else the task's installed one.
+    ``readiness``: the checks ``/readyz`` runs (default: database, broker, archive; ``serve`` adds its listener's).
     """
     database = database or Database(settings.effective_database_url)
     if on_correction is None:
@@ -166,6 +170,9 @@ def create_app(
         images=ImageCache(settings.data_dir / "web-cache", _model_dirs(settings, database)),
         on_correction=on_correction,
     )
+    app.state.readiness = readiness or Readiness(
+        "web", [database_check(database), broker_check(settings), archive_check(settings)])
+    app.include_router(ops.router)
     app.mount("/static", StaticFiles(directory=_HERE / "static"), name="static")
 
     @app.get("/openapi.json", include_in_schema=False)

@@ -57,21 +57,24 @@ def _database(settings: Settings) -> Any:
     return database
 
 
-def build_server(settings: Settings, database: Any = None, on_correction: Any = None) -> Any:
+def build_server(settings: Settings, database: Any = None, on_correction: Any = None, readiness: Any = None) -> Any:
     """A uvicorn server for the web app on ``settings.web_host:web_port`` (not started)."""
     import uvicorn
 
+    from worker.logs import uvicorn_log_config
     from worker.web.app import create_app
 
-    app = create_app(settings, database or _database(settings), on_correction=on_correction)
+    app = create_app(settings, database or _database(settings), on_correction=on_correction, readiness=readiness)
     config = uvicorn.Config(app, host=settings.web_host, port=settings.web_port, log_level="info",
-                            proxy_headers=True, server_header=False)
+                            proxy_headers=True, server_header=False,
+                            log_config=uvicorn_log_config(settings.log_format))
     return uvicorn.Server(config)
 
 
-def start_in_thread(settings: Settings, database: Any = None, on_correction: Any = None) -> tuple[Any, threading.Thread]:
+def start_in_thread(settings: Settings, database: Any = None, on_correction: Any = None,
+                    readiness: Any = None) -> tuple[Any, threading.Thread]:
     """Run the web server in a daemon thread (for ``serve``); stop it with ``server.should_exit = True``."""
-    server = build_server(settings, database, on_correction)
+    server = build_server(settings, database, on_correction, readiness)
     # uvicorn installs no signal handlers outside the main thread: the caller's own handling stays in charge.
     thread = threading.Thread(target=server.run, name="web", daemon=True)
     thread.start()
@@ -79,8 +82,17 @@ def start_in_thread(settings: Settings, database: Any = None, on_correction: Any
 
 
 def _web(args: argparse.Namespace) -> int:
+    from worker.health import ProcessHealth, Readiness, standard_checks
+
     settings = _settings(args, web_host=args.web_host, web_port=args.web_port)
-    build_server(settings).run()
+    database = _database(settings)
+    readiness = Readiness("web", standard_checks(settings, database))
+    health = ProcessHealth(settings.model_copy(update={"health_port": 0}), readiness,
+                           url=f"http://{settings.web_host}:{settings.web_port}").start()
+    try:
+        build_server(settings, database, readiness=readiness).run()
+    finally:
+        health.stop()
     return 0
 
 
