@@ -244,6 +244,11 @@ class StorageListener:
             return self._requested_port
         return int(self._server.server_address[1])
 
+    @property
+    def serving(self) -> bool:
+        """Started and not stopped (for readiness checks)."""
+        return self._server is not None
+
     def start(self) -> None:
         """Start serving on background threads and return at once."""
         if self._server is not None:

@@ -17,6 +17,7 @@ from celery.signals import worker_shutting_down
 
 from config import Settings
 from worker.lifetime import BoundedStop
+from worker.logs import chosen_format
 
 INFERENCE_QUEUE = "inference"
 CLASSIFY_SERIES = "dicom_triage.classify_series"
@@ -88,6 +89,8 @@ def run_celery_worker(app: Celery, name: str, queue: str, pool: str, concurrency
         without_mingle=True,
         without_heartbeat=True,
         loglevel="INFO",
+        # Celery's start-up banner is printed, not logged: with JSON logs every line must be an object.
+        quiet=chosen_format() == "json",
     )
     worker.start()
     return int(worker.exitcode or 0)

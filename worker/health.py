@@ -121,17 +121,43 @@ def archive_check(settings: "Settings") -> Check:
     return lambda: _run("archive", probe)
 
 
-def dicom_port_check(host: str, port: Callable[[], int] | int) -> Check:
-    """A TCP connection to the listener's port is accepted (the wildcard address is tried on loopback)."""
+def dicom_port_check(port: Callable[[], int], accepting: Callable[[], str]) -> Check:
+    """The listener's port is in the kernel's LISTEN state and the listener (or every listener process) runs.
+
+    Not a test connection: a TCP connection closed before an A-ASSOCIATE is an aborted association to the listener
+    (a warning in its log at every probe)."""
 
     def probe() -> str:
-        number = port() if callable(port) else port
-        address = "127.0.0.1" if host in ("", "0.0.0.0") else "::1" if host == "::" else host
-        with socket.create_connection((address, number), timeout=CHECK_TIMEOUT_SECONDS):
-            pass
+        number = port()
+        if not port_listening(number):
+            raise RuntimeError(f"nothing listens on port {number}")
+        if problem := accepting():
+            raise RuntimeError(problem)
         return f"port {number} accepting"
 
     return lambda: _run("dicom", probe)
+
+
+def port_listening(port: int) -> bool:
+    """Whether a TCP socket of this network namespace listens on ``port`` (Linux ``/proc/net/tcp``, ``tcp6``)."""
+    found_table = False
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            rows = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        found_table = True
+        for row in rows:
+            fields = row.split()
+            if len(fields) > 3 and fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                return True
+    if not found_table:  # no /proc (not Linux): ask the port itself
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=CHECK_TIMEOUT_SECONDS):
+                return True
+        except OSError:
+            return False
+    return False
 
 
 def models_check(loaded: Callable[[], dict[str, str]], expected: Sequence[str]) -> Check:

@@ -176,6 +176,10 @@ class ListenerGroup:
             self.stop()
             raise
 
+    def alive(self) -> int:
+        """How many listener processes run now."""
+        return sum(1 for c in self._children if c.process is not None and c.process.is_alive())
+
     def ensure_running(self) -> None:
         """Restart any child that has died (at most every :data:`RESTART_SECONDS`); log when a restarted one
         listens again. Call often from the supervising loop."""

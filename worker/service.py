@@ -128,6 +128,15 @@ class Ingest:
         if self._thread.ident is not None:  # started; a round in progress ends first (a daemon thread past that)
             self._thread.join(timeout=KILL_AFTER_SECONDS)
 
+    def accepting(self) -> str:
+        """Why associations cannot be taken now (``""``: they can), from this process's own state."""
+        if self.receiver is not None:
+            return "" if self.receiver.listener.serving else "the listener is not serving"
+        assert self.group is not None
+        alive = self.group.alive()
+        return "" if alive == self.settings.listen_processes else (
+            f"{alive} of {self.settings.listen_processes} listener processes running")
+
     def dicom_port(self) -> int:
         """The port associations are accepted on (the bound one, when the settings asked for 0)."""
         return self.receiver.listener.port if self.receiver is not None else self.settings.dicom_port
@@ -148,7 +157,7 @@ def _ready(message: str) -> None:
 def listener_readiness(role: str, settings: Settings, database: Database, ingest: Ingest) -> Readiness:
     """Database, broker, archive and the DICOM port accepting: a listener's (and ``serve``'s) readiness."""
     return Readiness(role, [*standard_checks(settings, database),
-                            dicom_port_check(settings.dicom_host, ingest.dicom_port)])
+                            dicom_port_check(ingest.dicom_port, ingest.accepting)])
 
 
 def run_listen(settings: Settings) -> int:
