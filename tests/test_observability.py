@@ -250,7 +250,10 @@ def test_prometheus_scrapes_serve_and_json_logs_carry_no_phi(models_dir: Path, t
     lines = [line for line in serve.lines if line.strip() and not serve_ready(line)]
     assert lines
     for line in lines:
-        entry = json.loads(line)
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            pytest.fail(f"not a JSON object: {line!r}")
         assert {"time", "level", "process", "logger", "message"} <= set(entry), line
     text = "".join(serve.lines)
     for keyword, value in MARKERS.items():

@@ -8,10 +8,12 @@ listener processes ``serve`` starts log as it does.
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import os
 import sys
+import threading
 import traceback
 from datetime import datetime, timezone
 from typing import Any
@@ -58,8 +60,12 @@ def configure_logging(log_format: str | None = None, role: str = "", text_format
     """Set up the root logger for this process; returns the format used. Called once at start (and in each spawned
     listener process, which starts with no logging set up)."""
     chosen = chosen_format(log_format)
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter(role) if chosen == "json" else logging.Formatter(text_format))
+    if chosen == "json":
+        handler = logging.StreamHandler(_json_stderr(role))
+        handler.setFormatter(JsonFormatter(role))
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter(text_format))
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)
@@ -68,6 +74,69 @@ def configure_logging(log_format: str | None = None, role: str = "", text_format
     for noisy in NOISY:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     return chosen
+
+
+_captured: dict[int, Any] = {}
+#: The one line a supervisor prints on standard output for scripts and tests to wait for; kept as it is.
+READY_PREFIX = "dicom-triage ready:"
+
+
+def _json_stderr(role: str) -> Any:
+    """With JSON logs, what is written to file descriptors 1 and 2 by anything but our handler (TensorFlow's C++
+    logging, Celery's shutdown line, Python's warnings, a thread's uncaught traceback) is wrapped into objects too:
+    each becomes a pipe read by a thread that passes JSON lines (and the ready line) through and wraps the others.
+    Returns the stream the handler writes to (the original stderr). Once per process."""
+    if 2 not in _captured:
+        _captured[1] = _relay(1, role)
+        _captured[2] = _relay(2, role)
+    return _captured[2]
+
+
+def _relay(fd: int, role: str) -> Any:
+    original = os.dup(fd)
+    out = os.fdopen(original, "w", buffering=1, encoding="utf-8", errors="replace")
+    read_end, write_end = os.pipe()
+    os.dup2(write_end, fd)
+    os.close(write_end)
+    process = f"{role or 'python'}[{os.getpid()}]"
+
+    def relay() -> None:
+        with os.fdopen(read_end, "r", encoding="utf-8", errors="replace") as pipe:
+            for line in pipe:
+                text = line.rstrip("\n")
+                if not text.strip():
+                    continue
+                if not (text.startswith(READY_PREFIX) or (text.startswith("{") and _is_json(text))):
+                    # glog's first letter is the level (TensorFlow's "I0000 ...", "E0000 ...").
+                    level = {"W": "WARNING", "E": "ERROR", "F": "CRITICAL"}.get(text[:1], "INFO") \
+                        if text[1:5].isdigit() else "INFO"
+                    text = json.dumps({"time": datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
+                                       "level": level, "process": process, "logger": f"fd{fd}", "message": text},
+                                      ensure_ascii=False)
+                out.write(text + "\n")
+                out.flush()
+
+    thread = threading.Thread(target=relay, name=f"fd{fd}-json", daemon=True)
+    thread.start()
+
+    def finish() -> None:  # at exit: end the pipe so the relay writes what is left
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):
+                pass
+        os.dup2(original, fd)
+        thread.join(timeout=1.0)
+
+    atexit.register(finish)
+    return out
+
+
+def _is_json(text: str) -> bool:
+    try:
+        return isinstance(json.loads(text), dict)
+    except ValueError:
+        return False
 
 
 def uvicorn_log_config(log_format: str | None = None) -> dict[str, Any] | None:
