@@ -35,3 +35,17 @@ def test_broken_compose_file_is_rejected(tmp_path: Path) -> None:
     broken.write_text((ROOT / "docker-compose.yml").read_text().replace("services:", "servicez:"))
     result = subprocess.run(["docker-compose", "-f", str(broken), "config"], capture_output=True, text=True)
     assert result.returncode != 0
+
+
+@pytest.mark.skipif(shutil.which("docker-compose") is None, reason="Debian's docker-compose is installed by .ci/run")
+def test_our_services_are_health_checked_by_their_readyz() -> None:
+    import yaml
+
+    config = subprocess.run([*COMPOSE, "config"], capture_output=True, text=True, check=True)
+    services = yaml.safe_load(config.stdout)["services"]
+    for name, port in (("listener", 9101), ("worker", 9101), ("delivery", 9101), ("training-worker", 9101),
+                       ("web", 8080)):
+        test = " ".join(services[name]["healthcheck"]["test"])
+        assert f"http://127.0.0.1:{port}/readyz" in test, (name, test)
+        if name != "web":  # the web app serves its own on the web port
+            assert str(services[name]["environment"]["DICOM_TRIAGE_HEALTH_PORT"]) == str(port)
