@@ -12,6 +12,7 @@ from alembic import command
 from alembic.config import Config
 from sqlalchemy import text
 
+from worker.db import triage
 from worker.db.engine import Database
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
@@ -34,6 +35,9 @@ def upgrade_database(url: str | Database) -> None:
                 connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _PG_MIGRATION_LOCK})
             config.attributes["connection"] = connection
             command.upgrade(config, "head")
+            # The worklist summary's triggers: reinstalled (and the summary rebuilt) if their definition changed
+            # or a migration that copied a table dropped them (worker.db.triage).
+            triage.ensure(connection)
     finally:
         if not isinstance(url, Database):
             database.dispose()
