@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 from models.inference import Classifier
 
 
@@ -66,3 +68,22 @@ def copy_matching_weights(model: Any, source: Classifier) -> WeightTransfer:
         source=str(source.model_dir), source_uid=source.card.uid, source_task=source.card.task,
         source_architecture=source.card.architecture, copied=copied, fresh=fresh,
     )
+
+
+def interpolate_weights(model: Any, source: Classifier, weight: float) -> None:
+    """Set ``model``'s weights (in place) to ``weight * model + (1 - weight) * source``, variable by variable,
+    batch-normalisation statistics included.
+
+    For a model fine-tuned from ``source`` (every layer copied, nothing fresh): weights between a model and its own
+    fine-tune keep most of what the fine-tune learned on new data while losing less of what the source knew
+    (Wortsman et al., "Robust fine-tuning of zero-shot models", CVPR 2022). Raises ``ValueError`` when the two do
+    not have the same variables.
+    """
+    if not 0.0 <= weight <= 1.0:
+        raise ValueError(f"interpolation weight {weight} is not between 0 and 1")
+    ours, theirs = model.weights, source.model.weights
+    if [(v.path, tuple(v.shape)) for v in ours] != [(v.path, tuple(v.shape)) for v in theirs]:
+        raise ValueError(f"{source.model_dir}: its variables are not this model's; only a fine-tune of it can be "
+                         "interpolated with it")
+    for mine, base in zip(ours, theirs):
+        mine.assign(weight * np.asarray(mine) + (1.0 - weight) * np.asarray(base))

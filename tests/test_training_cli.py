@@ -185,6 +185,36 @@ def test_init_from_starts_from_another_tasks_model_and_says_so_in_the_card(brain
     assert card.uid != source.card.uid
 
 
+def test_interpolate_saves_the_weighted_mean_of_the_fine_tune_and_its_start(covid_data, tmp_path, capsys):
+    from models.transfer import interpolate_weights
+
+    common = ["--arch", "triage-cnn", "--input-size", "40x40x1", "--batch-size", "8", "--validation-fraction", "0.25",
+              "--epochs", "1"]
+    start, mixed = tmp_path / "start", tmp_path / "mixed"
+    assert main(["train", "covid-ct", "--data", str(covid_data), "--out", str(start), *common]) == 0
+    assert main(["train", "covid-ct", "--data", str(covid_data), "--out", str(mixed), "--seed", "5",
+                 "--init-from", str(start), "--interpolate", "0.5", *common]) == 0
+    card = ModelCard.load(mixed)
+    assert card.training["interpolated"] == {"weight": 0.5, "with_uid": ModelCard.load(start).uid,
+                                             "with": str(start)}
+
+    # The arithmetic, variable by variable (batch-normalisation statistics included), on the two saved models.
+    base, model = Classifier.load(start), Classifier.load(mixed).model
+    before = [np.asarray(v) for v in model.weights]
+    interpolate_weights(model, base, 0.25)
+    moved = 0
+    for b, m, after in zip(base.model.weights, before, model.weights):
+        np.testing.assert_allclose(np.asarray(after), 0.25 * m + 0.75 * np.asarray(b), rtol=1e-5, atol=1e-6)
+        moved += not np.allclose(m, np.asarray(b))
+    assert moved > 10  # fine-tuning moved the weights, so the check compared something
+    with pytest.raises(ValueError, match="not between 0 and 1"):
+        interpolate_weights(model, base, 1.5)
+
+    assert main(["train", "covid-ct", "--data", str(covid_data), "--out", str(tmp_path / "x"), "--interpolate", "0.5",
+                 *common]) == 2
+    assert "--interpolate needs --init-from" in capsys.readouterr().err
+
+
 def test_wrong_task_folders_fail_with_a_clear_message(covid_data, tmp_path, capsys):
     assert main(["train", "brain-tumor", "--data", str(covid_data), "--out", str(tmp_path / "m")]) == 2
     assert "class folders do not match task brain-tumor" in capsys.readouterr().err

@@ -87,6 +87,9 @@ def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") 
     train.add_argument("--init-from", metavar="MODEL_DIR",
                        help="start from a trained model's weights (a model folder: the shipped one, a registered "
                             "one); every layer of the same name and shape is copied, the rest start as initialised")
+    train.add_argument("--interpolate", type=float, metavar="WEIGHT",
+                       help="with --init-from: save WEIGHT x the fine-tuned weights + (1 - WEIGHT) x the --init-from "
+                            "model's (0..1), which keeps more of what that model knew")
     train.set_defaults(handler=_train)
 
     evaluate = subparsers.add_parser("evaluate", help="evaluate a saved classifier on a dataset's test splits")

@@ -14,7 +14,7 @@ from models.card import CARD_FILE, MODEL_FILE, ModelCard
 from models.inference import Classifier
 from models.preprocessing import InputSpec
 from models.tasks import Task, get_task
-from models.transfer import WeightTransfer, copy_matching_weights
+from models.transfer import WeightTransfer, copy_matching_weights, interpolate_weights
 from training.data import DataError, Splits, cross_validation_parts, load_and_split_sources
 from training.device import training_device
 from training.evaluate import evaluate_splits, write_figures
@@ -51,9 +51,13 @@ def train_one(arch: str, task: Task, spec: InputSpec, splits: Splits, train: np.
 
 def run_train(task: Task, data_dirs: list[Path], arch: str, out_dir: Path, config: TrainConfig,
               spec: InputSpec | None, weights: str | None, cv_folds: int, init_from: Path | None = None,
-              recipe_uid: str | None = None, split_seed: int | None = None) -> int:
+              recipe_uid: str | None = None, split_seed: int | None = None, interpolate: float | None = None) -> int:
     """Train, save model and card, evaluate; ``split_seed`` (default: the training seed) draws the train/validation/
-    test split, so models trained with other seeds can still be scored on one test split."""
+    test split, so models trained with other seeds can still be scored on one test split. ``interpolate`` (with
+    ``init_from``): the saved weights are that share of the fine-tuned ones and the rest of ``init_from``'s
+    (:func:`models.transfer.interpolate_weights`)."""
+    if interpolate is not None and init_from is None:
+        raise ValueError("--interpolate needs --init-from: the model the fine-tune is interpolated with")
     spec = spec or default_input_spec(arch, task)
     split_seed = config.seed if split_seed is None else split_seed
     source = None
@@ -71,12 +75,20 @@ def run_train(task: Task, data_dirs: list[Path], arch: str, out_dir: Path, confi
     model, history, transfer = train_one(arch, task, spec, splits, splits.train, splits.validation, config, weights,
                                          out_dir / "checkpoints", init_from=source)
     cpu_seconds, wall_seconds = time.process_time() - started[0], time.time() - started[1]
+    interpolated = None
+    if interpolate is not None and source is not None and transfer is not None:
+        if transfer.fresh:
+            raise ValueError(f"--interpolate: layers {', '.join(transfer.fresh)} did not come from --init-from, so "
+                             "the two models cannot be interpolated")
+        interpolate_weights(model, source, interpolate)
+        interpolated = {"weight": interpolate, "with_uid": source.card.uid, "with": str(init_from)}
+        print(f"weights: {interpolate} x fine-tuned + {1 - interpolate:.2f} x {init_from}", file=sys.stderr)
     model.save(out_dir / MODEL_FILE)
     card = ModelCard(
         task=task.name, class_names=list(task.class_names), architecture=arch, input_spec=spec,
         training={
             "config": config.to_dict(), "recipe_from": recipe_uid, "weights": weights,
-            "init_from": transfer.to_dict() if transfer is not None else None,
+            "init_from": transfer.to_dict() if transfer is not None else None, "interpolated": interpolated,
             "epochs_run": len(history.get("loss", [])),
             "history": history, "trained_on": training_device(), "train_cpu_seconds": round(cpu_seconds, 1),
             "train_wall_seconds": round(wall_seconds, 1),
@@ -199,7 +211,8 @@ def handle_train(args: Any) -> int:
             split_seed = recipe.split_seed
         return run_train(get_task(args.task), [Path(d) for d in args.data], args.arch, Path(args.out), config, spec,
                          args.weights, args.cv, Path(args.init_from) if args.init_from else None,
-                         recipe_uid=recipe.uid if recipe is not None else None, split_seed=split_seed)
+                         recipe_uid=recipe.uid if recipe is not None else None, split_seed=split_seed,
+                         interpolate=args.interpolate)
     except (DataError, FileNotFoundError, ValueError) as exc:
         print(f"train: {exc}", file=sys.stderr)
         return 2
