@@ -235,7 +235,8 @@ def test_worklist_filters(env: Env, query: str, expected: str | None) -> None:
         assert ids == {getattr(env, expected)}
 
 
-@pytest.mark.parametrize("query", ["status=bogus", "finding=<b>", "review=x", "page=0", "page_size=100000"])
+@pytest.mark.parametrize("query", ["status=bogus", "finding=<b>", "review=x", "cursor=a0.1.2.3", "cursor=b1.7.2.3",
+                                   "cursor=c1.1.1.1", "page_size=100000"])
 def test_bad_filters_are_422(env: Env, query: str) -> None:
     response = env.as_user("rad").get(f"/api/worklist?{query}")
     assert response.status_code == 422
@@ -245,17 +246,20 @@ def test_bad_filters_are_422(env: Env, query: str) -> None:
 def test_worklist_pagination(env: Env) -> None:
     client = env.as_user("rad")
     first = client.get("/api/worklist?page_size=3").json()
-    second = client.get("/api/worklist?page_size=3&page=2").json()
-    assert first["total"] == 4 and first["pages"] == 2
-    assert len(first["items"]) == 3 and len(second["items"]) == 1
+    assert first["total"] == 4 and first["total_exact"] and first["pages"] == 2 and first["previous"] is None
+    second = client.get(f"/api/worklist?page_size=3&cursor={first['next']}").json()
+    assert (second["page"], second["next"], len(first["items"]), len(second["items"])) == (2, None, 3, 1)
     assert {i["study_id"] for i in first["items"]} | {i["study_id"] for i in second["items"]} == {
         env.suspected, env.xss, env.old_negative, env.running}
-    # With a filter on the aggregates the total comes from a window count; past the end, from a plain count.
+    # Back from the second page: the first again, whole.
+    back = client.get(f"/api/worklist?page_size=3&cursor={second['previous']}").json()
+    assert back["page"] == 1 and back["items"] == first["items"]
+    # A filter on the summary: counted from its tag; past the end (a cursor after the last row), nothing.
     done = client.get("/api/worklist?status=done&page_size=2").json()
     assert done["total"] == 3 and len(done["items"]) == 2
-    beyond = client.get("/api/worklist?status=done&page=9").json()
-    assert beyond["total"] == 3 and beyond["items"] == []
-    assert client.get("/api/worklist?page=9").json()["total"] == 4
+    rest = client.get(f"/api/worklist?status=done&page_size=2&cursor={done['next']}").json()
+    assert rest["total"] == 3 and len(rest["items"]) == 1 and rest["next"] is None
+    assert client.get("/api/worklist?cursor=a9.2.99999999999999999.2147483647").json()["items"] == []
 
 
 def test_study_detail_thumbnails_are_cached(env: Env) -> None:

@@ -67,6 +67,15 @@ def text(default: str = "") -> Param:
     return Param(st.one_of(st.just(default), ANY_TEXT) if default else ANY_TEXT, default)
 
 
+#: Worklist cursors: forward and back, at the edges of each part (the last two are beyond: a 422), and any text.
+CURSOR_EDGES = ("a2.1.0.1", "b999999999.2.99999999999999999.2147483647", "a1.0.1.9999999999",
+                "a1.3.1.1", "b1.0.123456789012345678.1")
+
+
+def cursor() -> Param:
+    return Param(st.one_of(st.sampled_from(CURSOR_EDGES), ANY_TEXT), "")
+
+
 CLASS_NAMES = tuple(sorted({c for task in TASKS.values() for c in task.class_names}))
 
 
@@ -150,7 +159,7 @@ def routes(app: LiveApp) -> dict[str, Route]:
     filters = {name: choice("", *values) for name, values in FILTER_CHOICES.items()}
     return {
         "login": Route("GET", "/login", "nobody", {}, {"next": text()}),
-        "worklist": Route("GET", "/", None, {}, {**filters, "page": integer(1, 2)}),
+        "worklist": Route("GET", "/", None, {}, {**filters, "cursor": cursor()}),
         "study": Route("GET", "/studies/{study_id}", None, {"study_id": integer(app.study_id)},
                        {"report_failed": choice("0", "1", "true")}),
         "thumbnail": Route("GET", "/thumbnails/{instance_id}/{frame}.png", None,

@@ -1,5 +1,5 @@
 """The web app's parameter contract (:mod:`worker.web.params`) through HTTP on a real migrated database: a bad
-id, page or filter gets the same 4xx from the page and from the JSON API (an error page for a browser, JSON for
+id, cursor or filter gets the same 4xx from the page and from the JSON API (an error page for a browser, JSON for
 the API), never a 500; the bounds hold on PostgreSQL, whose ``integer`` ids are the narrower; the retraining form
 and the API refuse the same bad value alike."""
 
@@ -18,7 +18,7 @@ from web_fuzz_helpers import Login, log_in
 from worker.db import Database, Result, Review
 from worker.retraining import load_runs
 from worker.web.app import create_app
-from worker.web.params import DB_ID_MAX, MAX_PAGE
+from worker.web.params import DB_ID_MAX
 
 HTML = {"Accept": "text/html"}
 
@@ -44,17 +44,22 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
 
 
 HUGE = "99999999999999999999"  # beyond 64 bits: it reached SQLite and answered 500
+#: The largest cursor but its direction: page, triage group, microseconds (year 5138) and study id at their bounds.
+LAST = f"999999999.2.99999999999999999.{DB_ID_MAX}"
 
 
 @pytest.mark.parametrize(
     ("page", "api", "status"),
     [
-        (f"/?page={HUGE}", f"/api/worklist?page={HUGE}", 422),
-        ("/?page=-1", "/api/worklist?page=-1", 422),
-        ("/?page=0", "/api/worklist?page=0", 422),
-        ("/?page=two", "/api/worklist?page=two", 422),
-        (f"/?page={MAX_PAGE + 1}", f"/api/worklist?page={MAX_PAGE + 1}", 422),
-        (f"/?page={MAX_PAGE}", f"/api/worklist?page={MAX_PAGE}", 200),
+        (f"/?cursor={HUGE}", f"/api/worklist?cursor={HUGE}", 422),
+        ("/?cursor=a-1.1.1.1", "/api/worklist?cursor=a-1.1.1.1", 422),
+        ("/?cursor=a0.1.1.1", "/api/worklist?cursor=a0.1.1.1", 422),
+        ("/?cursor=two", "/api/worklist?cursor=two", 422),
+        ("/?cursor=a2.1.123456789012345678.1", "/api/worklist?cursor=a2.1.123456789012345678.1", 422),
+        # Beyond the id column: the same position as its largest id (no study has a larger one), not a 500.
+        ("/?cursor=a2.1.1.9999999999", "/api/worklist?cursor=a2.1.1.9999999999", 200),
+        (f"/?cursor=a{LAST}", f"/api/worklist?cursor=a{LAST}", 200),
+        (f"/?cursor=b{LAST}", f"/api/worklist?cursor=b{LAST}", 200),
         ("/?status=lost", "/api/worklist?status=lost", 422),
         ("/?status=&finding=", "/api/worklist?status=&finding=", 200),  # a form's "any"
         (f"/studies/{HUGE}", f"/api/studies/{HUGE}", 422),
@@ -78,13 +83,13 @@ def test_page_and_api_answer_a_bad_value_alike(
     assert not caplog.records  # no traceback logged
 
 
-def test_the_largest_id_and_page_work_on_postgresql(tmp_path: Path, postgres_database: Database) -> None:
+def test_the_largest_id_and_cursor_work_on_postgresql(tmp_path: Path, postgres_database: Database) -> None:
     """PostgreSQL's ``integer`` ids are why ids stop at 2**31 - 1: one above was a DataError (500) there."""
     client, _ = Env(tmp_path, postgres_database).client("rad")
     assert client.get(f"/api/studies/{DB_ID_MAX}").status_code == 404
     assert client.get(f"/studies/{DB_ID_MAX}", headers=HTML).status_code == 404
-    assert client.get(f"/api/worklist?page={MAX_PAGE}&page_size=500").json()["items"] == []
-    assert client.get(f"/?page={MAX_PAGE}", headers=HTML).status_code == 200
+    assert client.get(f"/api/worklist?cursor=a{LAST}&page_size=500").json()["items"] == []
+    assert client.get(f"/?cursor=b{LAST}", headers=HTML).status_code == 200
 
 
 @pytest.mark.parametrize(

@@ -17,10 +17,11 @@ from worker.web.decisions import MAX_COMMENT, DecisionError, decide
 from worker.web.errors import error_responses
 from worker.web.pages import parse_filters
 from worker.web.params import (
-    NO_NUL, FindingFilter, Page, PageSize, ResultId, ReviewFilter, StatusFilter, StudyId, TaskFilter,
+    NO_NUL, FindingFilter, PageCursor, PageSize, ResultId, ReviewFilter, StatusFilter, StudyId, TaskFilter,
+
 )
 from worker.web.study import ReviewView, SeriesView, Slice, StudyView, load_study
-from worker.web.worklist import PAGE_SIZE, SeriesResult, WorklistRow, load_worklist
+from worker.web.worklist import PAGE_SIZE, TOTAL_CAP, SeriesResult, WorklistRow, load_worklist
 
 router = APIRouter(prefix="/api", tags=["api"])
 
@@ -45,10 +46,13 @@ WorklistItem = _model_of(WorklistRow, "WorklistItem", results=(list[ResultOut], 
 
 
 class WorklistOut(BaseModel):
-    page: int
+    page: int = Field(description="the page's ordinal, 1 for the first")
     page_size: int
-    total: int
-    pages: int
+    total: int = Field(description=f"matching studies, counted up to {TOTAL_CAP}: a lower bound unless total_exact")
+    total_exact: bool
+    pages: int | None = Field(description="how many pages, when the total is exact")
+    next: str | None = Field(description="the next page's cursor (pass as cursor); null on the last page")
+    previous: str | None = Field(description="the previous page's cursor (pass as cursor); null on the first")
     items: list[WorklistItem]  # type: ignore[valid-type]
 
 
@@ -96,20 +100,23 @@ def worklist(
     task: TaskFilter = None,
     finding: FindingFilter = None,
     review: ReviewFilter = None,
-    page: Page = 1,
+    cursor: PageCursor = None,
     page_size: PageSize = PAGE_SIZE,
     _who: Principal = Depends(api_user),
 ) -> WorklistOut:
     filters = parse_filters(status, task, finding, review)
     with request.app.state.web.database.read_session() as session:
-        result = load_worklist(session, filters, page=page, page_size=page_size)
+        result = load_worklist(session, filters, page_size=page_size, cursor=cursor)  # type: ignore[arg-type]
     items = [
         WorklistItem(**{k: v for k, v in vars(row).items() if k != "results"},
                      results=[ResultOut(**vars(r)) for r in row.results])
         for row in result.rows
     ]
-    return WorklistOut(page=result.page, page_size=result.page_size, total=result.total, pages=result.pages,
-                       items=items)
+    return WorklistOut(
+        page=result.page, page_size=result.page_size, total=result.total, total_exact=result.total_exact,
+        pages=result.pages, next=result.next.encode() if result.next else None,
+        previous=result.previous.encode() if result.previous else None, items=items,
+    )
 
 
 @router.get("/studies/{study_id}", response_model=StudyOut, responses=error_responses(404, 422))

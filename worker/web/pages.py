@@ -8,17 +8,18 @@ from urllib.parse import urlencode
 
 from fastapi import APIRouter, Depends, HTTPException, Request
 from fastapi.responses import FileResponse, RedirectResponse, Response
-from sqlalchemy import func, select
+from sqlalchemy import select
 
 from models.tasks import INDETERMINATE
 from worker.db import AuditEvent, Instance, Result, User
 from worker.db.review import Role, audit
+from worker.db.triage import ModelResultCount
 from worker.web import auth
 from worker.web.auth import Principal, checked_form, page_admin, page_radiologist, page_user
 from worker.web.decisions import DecisionError, decide
 from worker.web.params import (
-    AuditBefore, FindingFilter, Frame, InstanceId, Page, ResultId, ReviewFilter, StatusFilter, StudyId, TaskFilter,
-    UserId,
+    AuditBefore, FindingFilter, Frame, InstanceId, PageCursor, ResultId, ReviewFilter, StatusFilter, StudyId,
+    TaskFilter, UserId,
 )
 from worker.web.rendering import RenderError
 from worker.web.study import load_study
@@ -84,17 +85,18 @@ def worklist_page(
     task: TaskFilter = None,
     finding: FindingFilter = None,
     review: ReviewFilter = None,
-    page: Page = 1,
+    cursor: PageCursor = None,
     who: Principal = Depends(page_user),
 ) -> Response:
     filters = parse_filters(status, task, finding, review)
     with _state(request).database.read_session() as session:
-        result = load_worklist(session, filters, page=page, page_size=PAGE_SIZE)
+        result = load_worklist(session, filters, page_size=PAGE_SIZE, cursor=cursor)  # type: ignore[arg-type]
     query = {k: v for k, v in vars(filters).items() if v}
     return _render(
         request, "worklist.html", who, worklist=result, filters=filters, choices=FILTER_CHOICES,
         refresh=WORKLIST_REFRESH_SECONDS,
-        page_link=lambda n: "/?" + urlencode({**query, "page": n}),
+        # Links carry the filters and a cursor; the first page has none.
+        page_link=lambda to: "/?" + urlencode({**query, **({"cursor": to.encode()} if to else {})}),
     )
 
 
@@ -218,8 +220,8 @@ def models_page(request: Request, who: Principal = Depends(page_admin)) -> Respo
 
     with _state(request).database.read_session() as session:
         registered = [describe(model) for model in list_models(session)]
-        rows = session.execute(select(Result.model_uid, func.count(Result.id)).group_by(Result.model_uid))
-        counts = {model_uid: count for model_uid, count in rows}
+        # Kept by the database on every result (worker.db.triage), not counted over the results table.
+        counts = {uid: n for uid, n in session.execute(select(ModelResultCount.model_uid, ModelResultCount.results))}
     evaluations = {model["model_uid"]: evaluation_splits(model["metrics"]) for model in registered}
     return _render(request, "admin_models.html", who, registered=registered, counts=counts,
                    evaluations=evaluations)

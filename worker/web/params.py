@@ -7,7 +7,8 @@ The bounds come from what the database can hold, so no value that passes validat
 * Ids are ``Integer`` columns. PostgreSQL's ``integer`` is 32-bit signed, and SQLAlchemy's psycopg dialect casts
   every bound id to it, so an id above 2**31 - 1 is a ``DataError`` there (SQLite's 64 bits would hold it; the
   narrower engine decides). Ids start at 1.
-* A page becomes ``OFFSET (page - 1) * page_size``: a 64-bit signed integer on both engines.
+* Worklist pages are keyset pages: ``cursor`` (:class:`worker.web.worklist.Cursor`) is checked by its pattern,
+  and every string the pattern admits decodes, so a schema-valid cursor is never refused.
 * Filters accept their listed values, or the empty string a form's "any" option sends (the same as leaving it out).
 * Free text that is stored (comments, reasons, names) holds no NUL character: PostgreSQL's text cannot. JSON
   bodies say so with :data:`NO_NUL`; every form field is checked by :func:`worker.web.auth.checked_form`.
@@ -17,17 +18,16 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
+from pydantic import AfterValidator
+
 from fastapi import Path, Query
 
 from worker.db.registry import ModelState
-from worker.web.worklist import FILTER_CHOICES, PAGE_SIZE
+from worker.web.worklist import CURSOR_PATTERN, FILTER_CHOICES, PAGE_SIZE, Cursor
 
 #: The largest id an ``Integer`` column holds on every supported database (PostgreSQL ``integer``).
 DB_ID_MAX = 2**31 - 1
-INT64_MAX = 2**63 - 1
 MAX_PAGE_SIZE = 500
-#: The last page whose offset fits in 64 bits at the largest page size.
-MAX_PAGE = INT64_MAX // MAX_PAGE_SIZE
 #: DICOM's Number of Frames is an IS: at most 2**31 - 1.
 MAX_FRAME = 2**31 - 1
 
@@ -50,10 +50,23 @@ RunId = Annotated[int, row_id("training run")]
 ModelUid = Annotated[str, Path(pattern=r"^[0-9][0-9.]{0,63}$", description="the model's UID")]
 Frame = Annotated[int, Path(ge=1, le=MAX_FRAME, description="the frame, from 1")]
 
-Page = Annotated[int, Query(ge=1, le=MAX_PAGE, description=f"the page, from 1 (at most {MAX_PAGE})")]
 PageSize = Annotated[int, Query(ge=1, le=MAX_PAGE_SIZE, description=f"rows a page, 1..{MAX_PAGE_SIZE}")]
 AuditBefore = Annotated[
     int | None, Query(ge=1, le=DB_ID_MAX, description="show the events older than this event id")
+]
+
+
+def _cursor(value: str | None) -> Cursor | None:
+    return None if value is None else Cursor.decode(value)
+
+
+#: A worklist page's cursor (a page's ``next`` or ``previous``); every value its pattern admits decodes. A string
+#: in the URL and the schema, it reaches the route decoded: a :class:`Cursor` (or ``None``).
+PageCursor = Annotated[
+    str | None,
+    Query(pattern=CURSOR_PATTERN, description="the page this cursor leads to (a page's next or previous); "
+                                              "none: the first page"),
+    AfterValidator(_cursor),
 ]
 
 
@@ -75,7 +88,7 @@ ModelStateFilter = Annotated[
 ]
 
 __all__ = [
-    "DB_ID_MAX", "MAX_FRAME", "MAX_PAGE", "MAX_PAGE_SIZE", "NO_NUL", "PAGE_SIZE", "AuditBefore", "FindingFilter",
-    "Frame", "InstanceId", "ModelStateFilter", "ModelUid", "ModelTaskFilter", "Page", "PageSize", "ResultId",
+    "DB_ID_MAX", "MAX_FRAME", "MAX_PAGE_SIZE", "NO_NUL", "PAGE_SIZE", "AuditBefore", "PageCursor",
+    "FindingFilter", "Frame", "InstanceId", "ModelStateFilter", "ModelUid", "ModelTaskFilter", "PageSize", "ResultId",
     "ReviewFilter", "RunId", "StatusFilter", "StudyId", "TaskFilter", "UserId",
 ]

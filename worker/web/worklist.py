@@ -1,4 +1,5 @@
-"""The worklist and study queries: one aggregate SQL query per page, the same on SQLite and PostgreSQL.
+"""The worklist: one page of studies in triage order, the same on SQLite and PostgreSQL, at a cost that does not
+grow with the archive.
 
 A study's row summarises its series: the latest job of each series (``jobs.revision = series.revision``), the
 current results (``superseded_by_pk IS NULL``) and each result's latest review. Triage order: suspected findings
@@ -6,47 +7,42 @@ not yet fully reviewed first, then other studies awaiting a result or a review, 
 each group the longest waiting (earliest received) first. An indeterminate result (``models.tasks.INDETERMINATE``:
 the model could not judge the series) is no finding: it awaits review like a negative one, shows its reason, and
 ``finding=indeterminate`` filters for it.
+
+The summary and the order's key are kept by the database (:mod:`worker.db.triage`), so a page is an index walk:
+
+* Pages are keyset pages: a :class:`Cursor` names the last row shown (the next page: the rows after it) or the
+  first (the previous page: the rows before it), and the page starts past it. No OFFSET: page 50 costs what page 1 costs, and a study arriving meanwhile neither
+  repeats nor hides a row of the pages that follow.
+* A filter walks its tag's index (``study_tags``); several filters walk the one matching the fewest studies and
+  check the others by primary key.
+* The total is counted up to :data:`TOTAL_CAP` studies (``total_exact`` false beyond: "10000+"), never over the
+  whole table.
+* The rows' details (patient, study, current results and reviews) come in one query.
 """
 
 from __future__ import annotations
 
-import enum
+import re
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
-from sqlalchemy import Select, and_, case, exists, func, literal, or_, select
+from sqlalchemy import ColumnElement, Select, and_, exists, func, literal, select, tuple_
 from sqlalchemy.orm import Session, aliased
 
 from models.tasks import INDETERMINATE, TASKS
-from worker.db.models import Job, JobState, Patient, Result, Review, Series, Study
+from worker.db.models import JobState, Patient, Result, Review, Series, Study
+from worker.db.triage import ReviewState, StudyTag, StudyTriage, tag
 
 PAGE_SIZE = 50
-
-# Study status: the most urgent state of its series' latest jobs wins (a failure shows over a success).
-_STATUS_ORDER: tuple[JobState, ...] = (
-    JobState.FAILED, JobState.RUNNING, JobState.QUEUED, JobState.RECEIVED, JobState.DONE, JobState.NOT_APPLICABLE,
-)
-_STATUS_RANK = {state: rank for rank, state in enumerate(_STATUS_ORDER)}
-
-
-class ReviewState(str, enum.Enum):
-    NO_RESULT = "no_result"  # nothing to review yet
-    PENDING = "pending"  # no current result reviewed
-    PARTIAL = "partial"  # some reviewed
-    CONFIRMED = "confirmed"  # all reviewed, none corrected
-    CORRECTED = "corrected"  # all reviewed, at least one corrected
+#: Totals are counted up to this many studies; a page beyond says "more than" instead of counting the archive.
+TOTAL_CAP = 10_000
 
 
 def is_suspected(task: str, label: str) -> bool:
     """Whether ``label`` is a finding: one of the task's classes that is not negative (indeterminate is none)."""
     known = TASKS.get(task)
     return known is not None and label in known.finding_classes
-
-
-def _suspected_sql(result: Any) -> Any:
-    """:func:`is_suspected` in SQL."""
-    return or_(*(and_(result.task == t.name, result.label.in_(t.finding_classes)) for t in TASKS.values()))
 
 
 #: The values each worklist filter accepts. ``finding`` is a result's label: a class, or ``indeterminate``.
@@ -111,160 +107,239 @@ class WorklistRow:
     results: list[SeriesResult] = field(default_factory=list)
 
 
+_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+_MICROSECOND = timedelta(microseconds=1)
+#: A cursor as it travels in a URL: ``{a|b}page.group.microseconds.study`` (see :class:`Cursor`). Every string
+#: that matches decodes: the pattern is the whole contract, so a schema-valid request is never refused.
+CURSOR_PATTERN = r"^[ab][1-9][0-9]{0,8}\.[0-2]\.[0-9]{1,17}\.[1-9][0-9]{0,9}$"
+_DB_ID_MAX = 2**31 - 1
+
+
+@dataclass(frozen=True)
+class Cursor:
+    """A position in triage order: the key of one row (triage group, received time, study id), the direction of
+    the page it leads to (``forward``: the rows after it; else the rows before it) and that page's ordinal (for
+    display; the key alone finds the page)."""
+
+    forward: bool
+    page: int
+    triage_group: int
+    received_at: datetime
+    study_id: int
+
+    def encode(self) -> str:
+        micros = (self.received_at - _EPOCH) // _MICROSECOND
+        return f"{'a' if self.forward else 'b'}{self.page}.{self.triage_group}.{micros}.{self.study_id}"
+
+    @classmethod
+    def decode(cls, text: str) -> Cursor:
+        """The cursor ``text`` encodes; ``ValueError`` if it does not match :data:`CURSOR_PATTERN`."""
+        if not re.fullmatch(CURSOR_PATTERN, text):
+            raise ValueError("not a worklist cursor")
+        page, group, micros, study = (int(p) for p in text[1:].split("."))
+        # 17 digits of microseconds stay within the calendar (year 5138). No study has an id beyond the column's
+        # range, so a larger one is the same position as the largest (and binds on PostgreSQL's integer).
+        return cls(text[0] == "a", page, group, _EPOCH + micros * _MICROSECOND, min(study, _DB_ID_MAX))
+
+
 @dataclass
 class WorklistPage:
     rows: list[WorklistRow]
+    #: The page's ordinal (1: the first page).
     page: int
     page_size: int
+    #: Studies matching the filters, counted up to :data:`TOTAL_CAP`: exact when ``total_exact``, else a lower
+    #: bound.
     total: int
+    total_exact: bool
+    #: The cursors of the next page and of the previous one; ``None`` when there is none.
+    next: Cursor | None = None
+    previous: Cursor | None = None
 
     @property
-    def pages(self) -> int:
-        return max(1, -(-self.total // self.page_size))
+    def pages(self) -> int | None:
+        """How many pages there are, when the total is exact."""
+        return max(1, -(-self.total // self.page_size)) if self.total_exact else None
 
 
-def _aggregate() -> Select[Any]:
-    """One row per study: status rank, whether a suspected finding awaits review, result and review counts.
-
-    The joins yield one row per (series, current result) with at most one job (the latest) and one review (the
-    latest, found by "no newer review of the same result"), so plain counts are exact: no ``COUNT(DISTINCT)``.
-    """
-    review, newer = aliased(Review), aliased(Review)
-    status_rank = case(
-        *((Job.state == state, rank) for state, rank in _STATUS_RANK.items()), else_=_STATUS_RANK[JobState.RECEIVED]
-    )
-    unreviewed_suspect = case((and_(_suspected_sql(Result), review.id.is_(None)), 1), else_=0)
-    return (
-        select(
-            Study.id.label("study_id"),
-            Study.created_at.label("received_at"),
-            func.min(status_rank).label("status_rank"),
-            func.max(unreviewed_suspect).label("unreviewed_suspect"),
-            func.count(Result.id).label("n_results"),
-            func.count(review.id).label("n_reviewed"),
-            func.count(case((review.decision == "correct", review.id))).label("n_corrected"),
-        )
-        .select_from(Study)
-        .outerjoin(Series, Series.study_pk == Study.id)
-        .outerjoin(Job, and_(Job.series_pk == Series.id, Job.revision == Series.revision))
-        .outerjoin(Result, and_(Result.series_pk == Series.id, Result.superseded_by_pk.is_(None)))
-        .outerjoin(
-            review,
-            and_(
-                review.result_pk == Result.id,
-                ~exists().where(newer.result_pk == review.result_pk, newer.id > review.id),
-            ),
-        )
-        .group_by(Study.id, Study.created_at)
-    )
+def _filter_tags(filters: WorklistFilter) -> list[str]:
+    return [tag(name, value) for name, value in vars(filters).items() if value is not None]
 
 
-def _review_state_sql(agg: Any) -> Any:
-    return case(
-        (agg.c.n_results == 0, literal(ReviewState.NO_RESULT.value)),
-        (agg.c.n_reviewed == 0, literal(ReviewState.PENDING.value)),
-        (agg.c.n_reviewed < agg.c.n_results, literal(ReviewState.PARTIAL.value)),
-        (agg.c.n_corrected > 0, literal(ReviewState.CORRECTED.value)),
-        else_=literal(ReviewState.CONFIRMED.value),
-    )
+def _capped_count(session: Session, query: Select[Any]) -> tuple[int, bool]:
+    """(count, exact): the rows of ``query`` counted up to :data:`TOTAL_CAP`."""
+    cap = TOTAL_CAP
+    n = session.scalar(select(func.count()).select_from(query.limit(cap + 1).subquery())) or 0
+    return min(n, cap), n <= cap
 
 
-def _study_conditions(filters: WorklistFilter) -> list[Any]:
-    """The task and finding filters, as conditions on ``studies`` (any series of the study matches)."""
+def _others(source: Any, tags: list[str]) -> list[ColumnElement[bool]]:
+    """The other filters, each a primary-key probe of ``study_tags``."""
     conditions = []
-    if filters.task is not None:
-        series, job = aliased(Series), aliased(Job)
-        conditions.append(
-            exists()
-            .where(series.study_pk == Study.id, job.series_pk == series.id, job.revision == series.revision)
-            .where(job.task == filters.task)
-        )
-    if filters.finding is not None:
-        series, result = aliased(Series), aliased(Result)
-        conditions.append(
-            exists()
-            .where(series.study_pk == Study.id, result.series_pk == series.id, result.superseded_by_pk.is_(None))
-            .where(result.label == filters.finding)
-        )
+    for other in tags:
+        probe = aliased(StudyTag)
+        conditions.append(exists().where(probe.study_pk == source.study_pk, probe.tag == other))
     return conditions
 
 
-def load_worklist(session: Session, filters: WorklistFilter, page: int = 1, page_size: int = PAGE_SIZE) -> WorklistPage:
-    """One page of the worklist in triage order."""
-    if page < 1 or not 1 <= page_size <= 500:
-        raise ValueError("page must be >= 1 and page_size 1..500")
-    conditions = _study_conditions(filters)
-    studies = _aggregate().where(*conditions).subquery("agg")
-    review_state = _review_state_sql(studies)
-    waiting = case((studies.c.n_reviewed < studies.c.n_results, 1), (studies.c.n_results == 0, 1), else_=2)
-    triage_group = case((studies.c.unreviewed_suspect == 1, 0), else_=waiting)
-    aggregate_filter = filters.status is not None or filters.review is not None
-    columns = [studies.c.study_id, studies.c.status_rank, review_state.label("review_state")]
-    if aggregate_filter:
-        # The total rides along as a window count: the ORDER BY materialises every matching row anyway, and a
-        # separate count would compute the aggregate a second time.
-        columns.append(func.count().over().label("total"))
-    query = select(*columns)
-    if filters.status is not None:
-        query = query.where(studies.c.status_rank == _STATUS_RANK[JobState(filters.status)])
-    if filters.review is not None:
-        query = query.where(review_state == filters.review)
-    page_rows = session.execute(
-        query.order_by(triage_group, studies.c.received_at, studies.c.study_id)
-        .limit(page_size)
-        .offset((page - 1) * page_size)
-    ).all()
-    if not aggregate_filter:
-        total = session.scalar(select(func.count(Study.id)).where(*conditions)) or 0  # cheap: no aggregate
-    elif page_rows:
-        total = int(page_rows[0].total)
-    else:  # past the last page, or nothing matches
-        total = session.scalar(select(func.count()).select_from(query.subquery())) or 0
-    rows = _detail_rows(session, [(r.study_id, _STATUS_ORDER[r.status_rank].value, r.review_state) for r in page_rows])
-    return WorklistPage(rows=rows, page=page, page_size=page_size, total=total)
+def _source(session: Session, filters: WorklistFilter) -> tuple[Any, list[ColumnElement[bool]], int, bool]:
+    """What to walk in triage order (``study_triage``, or one filter's rows of ``study_tags``), the conditions on
+    it, and the capped total."""
+    tags = _filter_tags(filters)
+    if not tags:
+        total, exact = _capped_count(session, select(StudyTriage.study_pk))
+        return StudyTriage, [], total, exact
+    counts = {}
+    for name in tags:
+        counts[name] = _capped_count(session, select(StudyTag.study_pk).where(StudyTag.tag == name))
+    # Walk the filter matching the fewest studies: the others reject as few of its rows as possible.
+    driver = min(tags, key=lambda name: counts[name][0])
+    source = aliased(StudyTag, name="driver")
+    conditions: list[ColumnElement[bool]] = [source.tag == driver, *_others(source, [t for t in tags if t != driver])]
+    if len(tags) == 1:
+        total, exact = counts[driver]
+    else:
+        # Count among the driver's first TOTAL_CAP rows: exact when it has no more, else a lower bound.
+        scanned = select(source.study_pk).where(source.tag == driver).limit(TOTAL_CAP + 1).subquery()
+        matched = session.scalar(
+            select(func.count()).select_from(scanned).where(*_others(scanned.c, [t for t in tags if t != driver]))
+        ) or 0
+        total, exact = min(matched, TOTAL_CAP), counts[driver][1] and matched <= TOTAL_CAP
+    return source, conditions, total, exact
 
 
-def _detail_rows(session: Session, keys: list[tuple[int, str, str]]) -> list[WorklistRow]:
-    """Patient, study and current-result details for the studies of one page (two small queries)."""
-    ids = [k[0] for k in keys]
+def _key(source: Any) -> tuple[Any, Any, Any]:
+    return source.triage_group, source.received_at, source.study_pk
+
+
+def _keys(
+    session: Session, source: Any, conditions: list[ColumnElement[bool]], cursor: Cursor | None, forward: bool,
+    limit: int,
+) -> list[tuple[int, datetime, int]]:
+    """The keys of up to ``limit`` rows past ``cursor`` (from the start without one), in walking order."""
+    key = _key(source)
+    query = select(*key).where(*conditions)
+    if cursor is not None:
+        position = tuple_(*key)
+        at = tuple_(*(
+            literal(value, column.type)
+            for column, value in zip(key, (cursor.triage_group, cursor.received_at, cursor.study_id), strict=True)
+        ))
+        query = query.where(position > at if forward else position < at)
+    order = key if forward else tuple(column.desc() for column in key)
+    return [tuple(row) for row in session.execute(query.order_by(*order).limit(limit))]  # type: ignore[misc]
+
+
+def load_worklist(
+    session: Session, filters: WorklistFilter, page_size: int = PAGE_SIZE, cursor: Cursor | None = None
+) -> WorklistPage:
+    """One page of the worklist in triage order: the first, or the one a cursor leads to."""
+    if not 1 <= page_size <= 500:
+        raise ValueError("page_size must be 1..500")
+    source, conditions, total, exact = _source(session, filters)
+    page, keys, more = 1, [], False
+    if cursor is not None and not cursor.forward:
+        back = _keys(session, source, conditions, cursor, forward=False, limit=page_size + 1)
+        if len(back) > page_size:
+            # Rows before these ones: a page between the first and the cursor's, and the cursor's row after it.
+            page, keys, more = max(2, cursor.page), back[:page_size][::-1], True
+        else:
+            cursor = None  # nothing before these rows: that is the first page, shown whole from the start
+    if cursor is None or cursor.forward:
+        if cursor is not None:
+            page = max(2, cursor.page)
+        fetched = _keys(session, source, conditions, cursor, forward=True, limit=page_size + 1)
+        more, keys = len(fetched) > page_size, fetched[:page_size]
+    rows = _detail_rows(session, [k[2] for k in keys])
+    return WorklistPage(
+        rows=rows, page=page, page_size=page_size, total=total, total_exact=exact,
+        next=Cursor(True, page + 1, *keys[-1]) if more and keys else None,
+        previous=Cursor(False, page - 1, *keys[0]) if page > 1 and keys else None,
+    )
+
+
+def _result_columns() -> tuple[Any, ...]:
+    # The columns a summary shows: not the per-slice probabilities, which can be large.
+    return (Result.id, Result.series_pk, Result.task, Result.label, Result.probabilities, Result.reason,
+            Result.model_name, Result.model_version)
+
+
+def _latest_review() -> ColumnElement[bool]:
+    newer = aliased(Review)
+    return and_(Review.result_pk == Result.id,
+                ~exists().where(newer.result_pk == Review.result_pk, newer.id > Review.id))
+
+
+def _series_result(row: Any) -> SeriesResult:
+    result_id, series_pk, task, label, probabilities, reason, model_name, model_version, decision, review_label = row
+    return SeriesResult(
+        result_id=result_id,
+        series_id=series_pk,
+        task=task,
+        label=label,
+        probability=None if label == INDETERMINATE else float(probabilities.get(label, 0.0)),
+        suspected=is_suspected(task, label),
+        reason=reason,
+        model_name=model_name,
+        model_version=model_version,
+        review_decision=decision,
+        review_label=review_label,
+    )
+
+
+def _detail_rows(session: Session, ids: list[int]) -> list[WorklistRow]:
+    """Patient, study, summary and current-result details of the studies ``ids``, in that order: one query."""
     if not ids:
         return []
-    studies = {
-        s.id: (s, p)
-        for s, p in session.execute(select(Study, Patient).join(Patient).where(Study.id.in_(ids))).all()
-    }
-    results = current_results(session, ids)
-    tasks: dict[int, set[str]] = {}
-    for study_id, task in session.execute(
-        select(Series.study_pk, Job.task)
-        .join(Job, and_(Job.series_pk == Series.id, Job.revision == Series.revision))
-        .where(Series.study_pk.in_(ids), Job.task.is_not(None))
-    ):
-        tasks.setdefault(study_id, set()).add(task)
-    rows = []
-    for study_id, status, review_state in keys:
-        study, patient = studies[study_id]
-        found = results.get(study_id, [])
-        headline = _headline(found)
-        rows.append(
-            WorklistRow(
-                study_id=study_id,
-                patient_name=patient.patient_name,
-                patient_id=patient.patient_id,
-                accession_number=study.accession_number,
-                study_description=study.study_description,
-                received_at=study.created_at,
-                status=status,
-                review_state=review_state,
-                finding=headline.label if headline else None,
-                probability=headline.probability if headline else None,
-                reason=headline.reason if headline else None,
-                model_version=headline.model_version if headline else None,
-                tasks=sorted(tasks.get(study_id, ())),
-                results=found,
-            )
+    query = (
+        select(
+            StudyTriage.study_pk, StudyTriage.status, StudyTriage.review_state, StudyTriage.tasks,
+            Study.accession_number, Study.study_description, Study.created_at,
+            Patient.patient_name, Patient.patient_id,
+            *_result_columns(), Review.decision, Review.label,
         )
-    return rows
+        .select_from(StudyTriage)
+        .join(Study, Study.id == StudyTriage.study_pk)
+        .join(Patient, Patient.id == Study.patient_pk)
+        .outerjoin(Series, Series.study_pk == StudyTriage.study_pk)
+        .outerjoin(Result, and_(Result.series_pk == Series.id, Result.superseded_by_pk.is_(None)))
+        .outerjoin(Review, _latest_review())
+        .add_columns(Series.series_number)
+        .where(StudyTriage.study_pk.in_(ids))
+    )
+    rows: dict[int, WorklistRow] = {}
+    # Ordered here, not by the database: a page's few rows, and a plan with no sort step (see the tests).
+    for row in sorted(session.execute(query), key=lambda r: (r[0], *_series_order(r.series_number, r.series_pk, r.id))):
+        study_id = row[0]
+        if study_id not in rows:
+            rows[study_id] = WorklistRow(
+                study_id=study_id,
+                patient_name=row.patient_name,
+                patient_id=row.patient_id,
+                accession_number=row.accession_number,
+                study_description=row.study_description,
+                received_at=row.created_at,
+                status=row.status,
+                review_state=row.review_state,
+                finding=None,
+                probability=None,
+                reason=None,
+                model_version=None,
+                tasks=sorted(t for t in (row.tasks or "").split(",") if t),
+            )
+        if row.id is not None:
+            rows[study_id].results.append(_series_result(row[9:19]))
+    for found in rows.values():
+        headline = _headline(found.results)
+        if headline is not None:
+            found.finding, found.probability = headline.label, headline.probability
+            found.reason, found.model_version = headline.reason, headline.model_version
+    return [rows[study_id] for study_id in ids if study_id in rows]
+
+
+def _series_order(series_number: int | None, series_id: int | None, result_id: int | None) -> tuple[Any, ...]:
+    # By series number, series without one last, then as stored.
+    return (series_number is None, series_number or 0, series_id or 0, result_id or 0)
 
 
 def _headline(results: list[SeriesResult]) -> SeriesResult | None:
@@ -277,46 +352,29 @@ def _headline(results: list[SeriesResult]) -> SeriesResult | None:
 
 def current_results(session: Session, study_ids: list[int]) -> dict[int, list[SeriesResult]]:
     """Current results of the given studies' series with each result's latest review, by study id."""
-    newer = aliased(Review)
     query = (
-        select(Series.study_pk, Result, Review.decision, Review.label)
+        select(Series.study_pk, *_result_columns(), Review.decision, Review.label)
         .join(Result, and_(Result.series_pk == Series.id, Result.superseded_by_pk.is_(None)))
-        .outerjoin(
-            Review,
-            and_(Review.result_pk == Result.id,
-                 ~exists().where(newer.result_pk == Review.result_pk, newer.id > Review.id)),
-        )
+        .outerjoin(Review, _latest_review())
+        .add_columns(Series.series_number)
         .where(Series.study_pk.in_(study_ids))
-        .order_by(Series.series_number, Series.id, Result.id)
     )
     out: dict[int, list[SeriesResult]] = {}
-    for study_id, result, decision, review_label in session.execute(query):
-        out.setdefault(study_id, []).append(
-            SeriesResult(
-                result_id=result.id,
-                series_id=result.series_pk,
-                task=result.task,
-                label=result.label,
-                probability=_label_probability(result),
-                suspected=is_suspected(result.task, result.label),
-                reason=result.reason,
-                model_name=result.model_name,
-                model_version=result.model_version,
-                review_decision=decision,
-                review_label=review_label,
-            )
-        )
+    for row in sorted(session.execute(query), key=lambda r: _series_order(r.series_number, r.series_pk, r.id)):
+        out.setdefault(row[0], []).append(_series_result(row[1:11]))
     return out
-
-
-def _label_probability(result: Result) -> float | None:
-    if result.label == INDETERMINATE:
-        return None
-    return float(result.probabilities.get(result.label, 0.0))
 
 
 def study_status(session: Session, study_id: int) -> tuple[str, str] | None:
     """(status, review state) of one study, by the worklist's rules; ``None`` if there is no such study."""
-    studies = _aggregate().where(Study.id == study_id).subquery()
-    row = session.execute(select(studies.c.status_rank, _review_state_sql(studies))).first()
-    return None if row is None else (_STATUS_ORDER[row[0]].value, row[1])
+    row = session.execute(
+        select(StudyTriage.status, StudyTriage.review_state).where(StudyTriage.study_pk == study_id)
+    ).first()
+    return None if row is None else (row[0], row[1])
+
+
+__all__ = [
+    "CURSOR_PATTERN", "FILTER_CHOICES", "PAGE_SIZE", "TOTAL_CAP", "Cursor", "ReviewState", "SeriesResult",
+    "WorklistFilter", "WorklistPage", "WorklistRow", "current_results", "is_suspected", "load_worklist",
+    "study_status",
+]
