@@ -113,7 +113,7 @@ def _worker(args: argparse.Namespace) -> int:
 
 def _results(args: argparse.Namespace) -> int:
     from worker.db import Database
-    from worker.report import format_report, results_report
+    from worker.report import write_json, write_text
 
     settings = read_settings(args)
     url = make_url(settings.effective_database_url)
@@ -121,10 +121,10 @@ def _results(args: argparse.Namespace) -> int:
         raise ConfigError(f"no database at {url.database}: has dicom-triage received anything with this --data-dir?")
     database = Database(settings.effective_database_url)
     try:
-        report = results_report(database, args.study)
+        # Streamed: a million series are written as they are read, not built in memory first (issue 22).
+        (write_json if args.json else write_text)(database, sys.stdout, args.study)
     finally:
         database.dispose()
-    print(json.dumps(report, indent=2) if args.json else format_report(report))
     return 0
 
 
