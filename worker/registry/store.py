@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import select
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, defer
 
 from config import Settings
 from models.card import CARD_FILE, MODEL_FILE, ModelCard
@@ -144,8 +144,10 @@ def get_model(session: Session, model_uid: str) -> RegisteredModel:
 
 
 def list_models(session: Session, task: str | None = None, state: str | None = None) -> list[RegisteredModel]:
-    query = select(RegisteredModel).order_by(RegisteredModel.task, RegisteredModel.created_at.desc(),
-                                             RegisteredModel.id.desc())
+    # Without the training data manifests: a model trained on the archive lists every series it was trained on,
+    # and the lists show none of it (it loads, by model, if read: get_model's page shows it).
+    query = select(RegisteredModel).options(defer(RegisteredModel.data_manifest)).order_by(
+        RegisteredModel.task, RegisteredModel.created_at.desc(), RegisteredModel.id.desc())
     if task is not None:
         query = query.where(RegisteredModel.task == get_task(task).name)
     if state is not None:
