@@ -295,7 +295,12 @@ def test_filters_and_order_match_the_reference(archive: Database) -> None:
             (e.study_id, e.status, e.review_state) for e in matching], filters
         with archive.read_session() as session:
             first = load_worklist(session, filters, page_size=97)
-        assert (first.total, first.total_exact) == (len(matching), True), filters
+        if first.total_exact:
+            assert first.total == len(matching), filters
+        else:  # counted up to the cap, or among the rarest filter's first rows: a lower bound
+            assert first.total <= min(len(matching), worklist.TOTAL_CAP), filters
+        if len(wanted) < 2:
+            assert first.total_exact == (len(matching) <= worklist.TOTAL_CAP), filters
         # Each row's details: its tasks and current results are the study's.
         for row in rows[:20]:
             assert {f"task:{t}" for t in row.tasks} | {f"finding:{r.label}" for r in row.results} == {
