@@ -281,6 +281,18 @@ REAL_NOTES = """## Real scanner DICOM: what the worker does with it, how it was 
   out notumor. Closing both needs training data with abnormal non-COVID lungs and real tumour series (the retraining
   issue's confirmed studies; sources worth adding to `../shared` are in `docs/real-dicom-sources.md`), not a new
   bridge.
+- **Fine-tuning on real series, tried and not shipped** (session 14; `bench/real_finetune.py`, every figure in
+  `docs/training-runs.json` `real_series_finetune_experiments`). `dataset from-dicom` exports labelled real series
+  through the worker's preprocessing; `train --init-from --recipe` fine-tunes beside the curated set, whose split
+  stays the shipped model's; `--interpolate 0.5` keeps half of the shipped weights. COVID, two patient folds of the
+  extra collection (each fine-tune saw the 16-patient pool and one fold; judged on the other): specificity 61% -> 78%
+  and 68% -> 74%, curated holdout 95.56% kept, but pooled AUC 0.823 -> 0.806, one of four COVID series lost
+  (COVID-CT-MD P001 0.69 -> 0.41) and 13 of 67 negatives still above 0.8: the threshold moves, the ranking does
+  not. Without interpolation the curated holdout falls (91.9% at lr 2e-4, 94.8% at 5e-5). Brain (21 subjects:
+  glioblastoma T1 post-contrast, volunteers' EPI/DTI): interpolated, curated 98.86/98.55 and nothing changes on
+  real series; not interpolated, two of seven glioma types right, but curated 98.17/97.95 (below the floors) and
+  two phantoms let through. The reachable repositories held two COVID-positive patients and one glioma collection
+  in one sequence: the data, not the recipe, is what is missing.
 """
 
 NOTES = """## How the shipped models were trained, why they still miss their targets, and how to rerun
