@@ -3,12 +3,10 @@ and the child processes a test starts."""
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
-import psycopg
 import pytest
 
 from dicom_factory import SHARED_DATA
@@ -16,24 +14,15 @@ from models.card import ModelCard
 from models.imagefiles import read_grey_image
 from models.preprocessing import prepare_batch
 from models.tasks import TASKS
+from databases import PG_ADMIN, scratch_postgres  # noqa: F401 (PG_ADMIN: imported from here by tests)
 from processes import Child
 from worker.db import Database, upgrade_database
-
-#: The server's own database, used only to create and drop the scratch ones (trust authentication).
-PG_ADMIN = "host=127.0.0.1 port=5432 user=postgres dbname=test"
-
 
 @pytest.fixture
 def postgres_url() -> Iterator[str]:
     """A fresh, empty PostgreSQL database on 127.0.0.1:5432, dropped after the test."""
-    name = f"triage_test_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(PG_ADMIN, autocommit=True) as admin:
-        admin.execute(f'CREATE DATABASE "{name}"')
-    try:
-        yield f"postgresql://postgres@127.0.0.1:5432/{name}"
-    finally:
-        with psycopg.connect(PG_ADMIN, autocommit=True) as admin:
-            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    with scratch_postgres() as url:
+        yield url
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

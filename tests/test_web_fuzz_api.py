@@ -25,7 +25,8 @@ import pytest
 import schemathesis
 from schemathesis import Case, CheckContext, Response
 
-from web_fuzz_helpers import MODEL_UID, LiveApp, Login, live_app, scratch_postgres
+from databases import scratch_postgres
+from web_fuzz_helpers import MODEL_UID, LiveApp, Login, live_app
 from worker.web.auth import CSRF_HEADER, SESSION_COOKIE
 from worker.web.app import openapi_schema
 

@@ -6,14 +6,12 @@ from __future__ import annotations
 
 import re
 import time
-import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
-import psycopg
 from sqlalchemy import select
 
 from processes import free_port
@@ -22,8 +20,6 @@ from worker.db import Database, Instance, JobState, Series, User
 from worker.registry import register_installed_models
 from worker.web.auth import CSRF_HEADER, SESSION_COOKIE
 
-#: The PostgreSQL server's own database, to create and drop scratch ones (conftest.PG_ADMIN).
-PG_ADMIN = "host=127.0.0.1 port=5432 user=postgres dbname=test"
 #: The installed model's card UID (fixed, so that the schema's examples can name it before the app starts).
 MODEL_UID = "2.25.26"
 #: The logins the fuzzers use; "anonymous" sends no session cookie.
@@ -67,19 +63,6 @@ def log_in(client: httpx.Client, user: str, password: str = PASSWORD) -> Login:
     assert me.status_code == 200, me.text
     return Login(role=me.json()["role"], cookies={SESSION_COOKIE: client.cookies[SESSION_COOKIE]},
                  csrf_token=me.json()["csrf_token"])
-
-
-@contextmanager
-def scratch_postgres() -> Iterator[str]:
-    """A fresh, empty PostgreSQL database (as conftest's ``postgres_url``, for a module's fixture), dropped after."""
-    name = f"triage_fuzz_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(PG_ADMIN, autocommit=True) as admin:
-        admin.execute(f'CREATE DATABASE "{name}"')
-    try:
-        yield f"postgresql://postgres@127.0.0.1:5432/{name}"
-    finally:
-        with psycopg.connect(PG_ADMIN, autocommit=True) as admin:
-            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 @contextmanager
