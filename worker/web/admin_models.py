@@ -40,7 +40,14 @@ from worker.registry import (
     register_installed_models,
     rollback,
 )
-from worker.retraining import MAX_TIME_BUDGET_MINUTES, RetrainOptions, load_runs, make_send, request_retraining
+from worker.retraining import (
+    MAX_TIME_BUDGET_MINUTES,
+    RetrainOptions,
+    RunView,
+    load_runs,
+    make_send,
+    request_retraining,
+)
 from worker.web.auth import Principal, api_csrf, api_user, checked_form, page_admin
 from worker.web.errors import error_responses
 from worker.web.params import NO_NUL, ModelStateFilter, ModelTaskFilter, ModelUid, RunId
@@ -420,23 +427,6 @@ class RetrainOut(BaseModel):
     run_id: int
 
 
-class RunOut(BaseModel):
-    """A training run (:class:`worker.retraining.RunView`)."""
-
-    id: int
-    task: str
-    state: str
-    progress: float
-    phase: str
-    requested_by: str
-    options: dict[str, Any]
-    history: dict[str, list[float]]
-    error: str
-    model_uid: str | None
-    created_at: str
-    finished_at: str | None
-
-
 class PromoteOut(BaseModel):
     model_uid: str
     task: str
@@ -479,12 +469,12 @@ def api_retrain(request: Request, body: RetrainIn, who: Principal = Depends(api_
     return {"run_id": _start(request, who, body.task, options)}
 
 
-@api_router.get("/runs/{run_id}", response_model=RunOut, responses=error_responses(403, 404, 422))
-def api_run(request: Request, run_id: RunId, _who: Principal = Depends(api_admin)) -> dict[str, Any]:
+@api_router.get("/runs/{run_id}", response_model=RunView, responses=error_responses(403, 404, 422))
+def api_run(request: Request, run_id: RunId, _who: Principal = Depends(api_admin)) -> RunView:
     runs = load_runs(_state(request).database, run_id)
     if not runs:
         raise HTTPException(404, f"no training run {run_id}")
-    return vars(runs[0])
+    return runs[0]  # a dataclass: FastAPI describes and serialises it as it would a Pydantic model
 
 
 _PROMOTE_CONFLICT = {"model": PromotionRefusedOut, "description": "the gate refused, or the model is already active"}
