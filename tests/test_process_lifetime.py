@@ -180,7 +180,9 @@ def test_serve_killed_mid_burst_and_terminated_mid_job(models_dir: Path, tmp_pat
         first = start([*args, "--processes", "2"], env)
         processes.append(first)
         wait_ready(first)
-        series = [mr_series(brain_images(25, seed=30 + i)) if i % 2 else ct_series(ct_images(25, seed=30 + i))
+        # 360 instances, so that the kill, sent once 20 are recorded, lands while most are still on their way
+        # (150 were all stored before the kill on a loaded CI machine).
+        series = [mr_series(brain_images(60, seed=30 + i)) if i % 2 else ct_series(ct_images(60, seed=30 + i))
                   for i in range(6)]
         uids = {s[0].SeriesInstanceUID for s in series}
         with ThreadPoolExecutor(len(series)) as pool:
