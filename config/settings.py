@@ -124,6 +124,17 @@ class Settings(BaseModel):
     #: on ``web_port``): loopback unless told otherwise; port 0 serves none.
     health_host: str = "127.0.0.1"
     health_port: int = Field(default=0, ge=0, le=65535)
+    #: Login throttling per account name and per client address (worker.web.throttle): after the n-th failure, n at
+    #: least ``login_backoff_after``, the next attempt waits login_backoff_seconds * 2**(n - after), at most
+    #: login_backoff_max_seconds (429 with Retry-After); at ``login_lockout_after`` failures a lockout of
+    #: ``login_lockout_seconds`` (it expires; ``users unlock`` lifts it). A client address, perhaps a proxy or NAT
+    #: in front of many users, is allowed ``login_address_factor`` times as many failures.
+    login_backoff_after: int = Field(default=3, ge=1, le=1000)
+    login_lockout_after: int = Field(default=10, ge=1, le=1000)
+    login_backoff_seconds: float = Field(default=1.0, gt=0, le=3600)
+    login_backoff_max_seconds: float = Field(default=60.0, gt=0, le=86400)
+    login_lockout_seconds: float = Field(default=900.0, gt=0, le=86400)
+    login_address_factor: int = Field(default=5, ge=1, le=1000)
     #: ``text`` (the human format) or ``json`` (one object a line; worker.logs).
     log_format: Literal["text", "json"] = "text"
     allowed_calling_aes: tuple[str, ...] = ()

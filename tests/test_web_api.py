@@ -471,7 +471,7 @@ def test_users_cli(tmp_path: Path) -> None:
     assert added.returncode == 0, added.stderr
     assert run("users", "add", "alice", "--role", "radiologist", stdin=PASSWORD + "\n").returncode == 2
     short = run("users", "add", "bob", "--role", "admin", stdin="short\n")
-    assert short.returncode == 2 and "at least 8" in short.stderr
+    assert short.returncode == 2 and "at least 12 characters" in short.stderr
     assert run("users", "add", "carol", "--role", "janitor", stdin=PASSWORD + "\n").returncode == 2
     listing = run("users", "list")
     assert listing.stdout.split() == ["alice", "radiologist", "active"]

@@ -20,6 +20,7 @@ from sqlalchemy import delete, select
 
 from worker.db import User, utcnow
 from worker.db.review import Role, WebSession, audit
+from worker.web import throttle
 from worker.web.security import new_token, needs_rehash, hash_password, token_digest, verify_dummy, verify_password
 
 SESSION_COOKIE = "dt_session"
@@ -150,28 +151,60 @@ def set_prelogin_cookie(request: Request, response: Response, binding: str) -> N
     response.set_cookie(PRELOGIN_COOKIE, signed, max_age=3600, **_cookie_args(request))
 
 
-def authenticate(request: Request, name: str, password: str) -> str | None:
-    """Check a name and password; on success open a session and return its cookie value, else ``None``.
+class LoginThrottled(Exception):
+    """A login attempt refused without checking the password: too many recent failures for the account name or
+    the client address (:mod:`worker.web.throttle`)."""
 
-    Both outcomes are audited (failures with no user, the attempted name as target, truncated).
+    def __init__(self, refusal: throttle.Refusal) -> None:
+        super().__init__(f"retry after {refusal.retry_after} s")
+        self.refusal = refusal
+
+
+def client_address(request: Request) -> str:
+    # uvicorn has already replaced it with X-Forwarded-For's when the peer is a proxy it trusts.
+    return request.client.host if request.client else "unknown"
+
+
+def authenticate(request: Request, name: str, password: str) -> str | None:
+    """Check a name and password; on success open a session and return its cookie value, else ``None``; raise
+    :class:`LoginThrottled` while the name or the client address must wait.
+
+    Every outcome is audited (failures with no user and the attempted name as target, truncated; with the client
+    address), and so is each lockout.
     """
     app = request.app.state.web
+    policy = throttle.Policy.from_settings(app.settings)
+    address = client_address(request)
+    keys = [throttle.account_key(name), throttle.address_key(address)]
     with app.database.session() as session:
         user = session.scalar(select(User).where(User.name == name))
-        if user is None or not user.active:
-            verify_dummy()  # same time as a wrong password: names cannot be probed by timing
-            audit(session, None, "login.failed", f"name:{name[:64]}")
+        if user is not None and not user.active:
+            user = None  # a disabled user is treated as an unknown name, in time and in answers
+        who = f"user:{user.id}" if user is not None else f"name:{name[:64]}"
+        origin = f"addr:{address[:64]}"
+        refusal = throttle.check(session, policy, keys, utcnow())
+        if refusal is not None:
+            audit(session, user, "login.throttled", f"{who} {origin}")
+        elif user is None or not verify_password(user.password_hash, password):
+            if user is None:
+                verify_dummy()  # same time as a wrong password: names cannot be probed by timing
+            audit(session, user, "login.failed", f"{who} {origin}")
+            for key in throttle.record_failure(session, policy, keys, utcnow()):
+                locked = f"{who} {origin}" if key.startswith(throttle.NAME_PREFIX) else origin
+                audit(session, user, "login.locked", locked)
             return None
-        if not verify_password(user.password_hash, password):
-            audit(session, user, "login.failed", f"user:{user.id}")
-            return None
-        if needs_rehash(user.password_hash):
-            user.password_hash = hash_password(password)
-        now = utcnow()
-        session.execute(delete(WebSession).where(WebSession.expires_at <= now))
-        token = new_token()
-        session.add(WebSession(token_sha256=token_digest(token), user_pk=user.id, expires_at=now + SESSION_LIFETIME))
-        audit(session, user, "login", f"user:{user.id}")
+        else:
+            throttle.clear(session, throttle.account_key(name))
+            if needs_rehash(user.password_hash):
+                user.password_hash = hash_password(password)
+            now = utcnow()
+            session.execute(delete(WebSession).where(WebSession.expires_at <= now))
+            token = new_token()
+            session.add(WebSession(token_sha256=token_digest(token), user_pk=user.id,
+                                   expires_at=now + SESSION_LIFETIME))
+            audit(session, user, "login", f"user:{user.id}")
+    if refusal is not None:  # raised after the block, so that its audit event is committed
+        raise LoginThrottled(refusal)
     return app.signer.sign(token)
 
 

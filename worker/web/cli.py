@@ -1,4 +1,4 @@
-"""``dicom-triage web`` (serve the worklist) and ``dicom-triage users`` (add, list, disable users).
+"""``dicom-triage web`` (serve the worklist) and ``dicom-triage users`` (add, list, disable, unlock users).
 
 Hook into the main command with ``worker.web.cli.register(subparsers)``; ``serve`` starts the same server in a
 thread with :func:`start_in_thread`.
@@ -38,6 +38,10 @@ def register(subparsers: Any) -> None:
     _common(disable)
     disable.add_argument("name")
     disable.set_defaults(handler=_users_disable)
+    unlock = actions.add_parser("unlock", help="lift a login lockout or back-off of a user name now")
+    _common(unlock)
+    unlock.add_argument("name")
+    unlock.set_defaults(handler=_users_unlock)
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -143,4 +147,16 @@ def _users_disable(args: argparse.Namespace) -> int:
             return 2
         set_active(session, user_id, False)
     print(f"disabled {args.name}")
+    return 0
+
+
+def _users_unlock(args: argparse.Namespace) -> int:
+    from worker.web.users import unlock
+
+    with _database(_settings(args)).session() as session:
+        lifted = unlock(session, args.name)
+    if lifted is None:
+        print(f"dicom-triage: no user {args.name!r} and no failed logins under that name", file=sys.stderr)
+        return 2
+    print(f"unlocked {args.name}" if lifted else f"{args.name} had no recent failed logins")
     return 0

@@ -59,8 +59,17 @@ def login_form(request: Request, next: str = "/") -> Response:
 
 @router.post("/login")
 def login(request: Request, form: dict[str, str] = Depends(checked_form)) -> Response:
-    cookie = auth.authenticate(request, form.get("username", ""), form.get("password", ""))
     target = auth.safe_next(form.get("next"))
+    try:
+        cookie = auth.authenticate(request, form.get("username", ""), form.get("password", ""))
+    except auth.LoginThrottled as throttled:
+        wait = throttled.refusal.retry_after
+        why = "locked after too many failed logins" if throttled.refusal.locked else "too many failed logins"
+        page = _render(request, "login.html", None, csrf_token=form.get(auth.CSRF_FIELD, ""), next=target,
+                       error=f"Login {why}: try again in {wait} s.")
+        page.status_code = 429
+        page.headers["Retry-After"] = str(wait)
+        return page
     if cookie is None:
         page = _render(request, "login.html", None, csrf_token=form.get(auth.CSRF_FIELD, ""), next=target,
                        error="Wrong user name or password.")
