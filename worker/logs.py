@@ -12,6 +12,7 @@ import atexit
 import json
 import logging
 import os
+import re
 import sys
 import threading
 import traceback
@@ -24,6 +25,40 @@ FORMATS = ("text", "json")
 #: Loggers whose lines at INFO say nothing useful in production (alembic's per-start plugin chatter, pynetdicom's
 #: lines per association and per instance) and cost time at hundreds of instances a second.
 NOISY = ("alembic", "pynetdicom")
+
+
+#: Our own packages' loggers: their lines are written to name rows and UIDs only, never a header value.
+OURS = ("worker", "dicom_io", "models", "training", "config", "__main__")
+#: uvicorn's request lines quote the request line (paths carry row ids only): kept as they are.
+VERBATIM = ("uvicorn.access",)
+#: A value quoted in a message: how libraries (highdicom, pydicom, Python's warnings) name the value they judge,
+#: e.g. highdicom's 'The string "DOE" is unlikely to represent the intended person name' on every SR of a
+#: scanner's single-component patient name.
+_QUOTED = re.compile(r'"[^"\n]*"|\'[^\'\n]*\'')
+REDACTED = '"<redacted>"'
+
+
+def redact_quoted(text: str) -> str:
+    return _QUOTED.sub(REDACTED, text)
+
+
+class NoPhiFilter(logging.Filter):
+    """Keeps patient data out of every log line (issue 18), on each root handler: a library's message (not one of
+    :data:`OURS`) has its quoted values replaced, and so has the message line of any exception, ours included
+    (an exception may quote the value it refused); the traceback's file and code lines stay. What our loggers
+    say is up to us: row ids and UIDs only."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not record.name.startswith(OURS) and record.name not in VERBATIM:
+            message = record.getMessage()
+            redacted = redact_quoted(message)
+            if redacted != message:
+                record.msg, record.args = redacted, ()
+        if record.exc_info and not record.exc_text:
+            lines = traceback.format_exception(*record.exc_info)
+            # Indented lines are the traceback's places and source; the others say what was raised.
+            record.exc_text = "".join(line if line.startswith(" ") else redact_quoted(line) for line in lines).rstrip()
+        return True
 
 
 class JsonFormatter(logging.Formatter):
@@ -45,7 +80,7 @@ class JsonFormatter(logging.Formatter):
         if isinstance(ids, dict) and ids:
             entry["ids"] = ids
         if record.exc_info:
-            entry["exception"] = "".join(traceback.format_exception(*record.exc_info)).rstrip()
+            entry["exception"] = record.exc_text or "".join(traceback.format_exception(*record.exc_info)).rstrip()
         return json.dumps(entry, default=str, ensure_ascii=False)
 
 
@@ -66,10 +101,14 @@ def configure_logging(log_format: str | None = None, role: str = "", text_format
     else:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter(text_format))
+    handler.addFilter(NoPhiFilter())
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)
     root.addHandler(handler)
+    # Python's warnings (highdicom's and pydicom's quote header values) become records of "py.warnings", which
+    # the filter sees, instead of lines written straight to stderr.
+    logging.captureWarnings(True)
     root.setLevel(logging.INFO)
     for noisy in NOISY:
         logging.getLogger(noisy).setLevel(logging.WARNING)
@@ -143,10 +182,17 @@ def uvicorn_log_config(log_format: str | None = None) -> dict[str, Any] | None:
     """uvicorn's ``log_config``: its own (the human format) for text; for JSON, none, so its loggers propagate to
     the root's JSON handler."""
     if chosen_format(log_format) != "json":
+        import copy
+
         from uvicorn.config import LOGGING_CONFIG
 
-        return LOGGING_CONFIG
+        # uvicorn's own handlers get the patient-data filter too (an ASGI exception's text passes through them).
+        config: dict[str, Any] = copy.deepcopy(LOGGING_CONFIG)
+        config.setdefault("filters", {})["no_phi"] = {"()": NoPhiFilter}
+        for handler in config["handlers"].values():
+            handler.setdefault("filters", []).append("no_phi")
+        return config
     return None
 
 
-__all__ = ["JsonFormatter", "configure_logging", "chosen_format", "uvicorn_log_config"]
+__all__ = ["JsonFormatter", "NoPhiFilter", "configure_logging", "redact_quoted", "chosen_format", "uvicorn_log_config"]
