@@ -12,7 +12,8 @@ The one definition of the path from a series' display images to its result, run 
    are left (:data:`MIN_SUITABLE_SHARE`, at least one slice); otherwise the slices left are combined by the task's
    rule (:func:`aggregate`, :data:`QUANTILES`) and the series suspicion, one minus the probability of the negative
    classes, is compared with the card's operating threshold: at or above it the series is the most probable
-   finding class, below it the negative class.
+   finding class, below it the negative class, unless too few slices were read to rule a finding out
+   (:data:`MIN_SLICES_FOR_NEGATIVE`): then it is indeterminate too.
 
 Every slice keeps its probabilities and, when excluded, its reason.
 """
@@ -32,6 +33,7 @@ from models.tasks import INDETERMINATE, Task
 
 __all__ = [
     "QUANTILES",
+    "MIN_SLICES_FOR_NEGATIVE",
     "MIN_SUITABLE_SHARE",
     "SeriesClassification",
     "aggregate",
@@ -54,6 +56,14 @@ QUANTILES: Mapping[str, float] = MappingProxyType({"covid-ct": 0.5, "brain-tumor
 #: A series whose slices are mostly not the anatomy is not what the model reads (an abdomen CT with a few lung-base
 #: slices, a head CT, a neck MR): below this share of suitable slices it is indeterminate.
 MIN_SUITABLE_SHARE = 0.25
+#: A negative answer ("no finding") claims something of the whole organ, so it needs the slices to cover it; a
+#: finding needs only the slices that show it. Below this many slices read, a series without a finding is
+#: indeterminate. brain-tumor, 10: a tumour shows on a minority of a brain's 20-30 axial 5 mm slices, so two slices
+#: near the vertex (RIDER Neuro MRI glioblastoma patients in the development set, no lesion on them) cannot say
+#: "no tumour"; every healthy volume read has 40 slices or more. covid-ct, 1: COVID-19 pneumonia is bilateral and
+#: diffuse, a single lung slice shows it or its absence, and the single pre-2020 slices read are answered on their
+#: own (docs/results.md).
+MIN_SLICES_FOR_NEGATIVE: Mapping[str, int] = MappingProxyType({"covid-ct": 1, "brain-tumor": 10})
 
 
 @dataclass(frozen=True)
@@ -172,6 +182,11 @@ def decide(
         side = task.finding_classes if float(suspicion(series, task)) >= threshold else task.negative_classes
         pool = [names.index(name) for name in side]
         label = names[max(pool, key=lambda i: series[i])]
+        needed = MIN_SLICES_FOR_NEGATIVE[task.name]
+        if label in task.negative_classes and kept.sum() < needed:
+            reason = (f"only {int(kept.sum())} slice(s) read, too few to rule out a finding (a negative result "
+                      f"needs {needed})")
+            label = INDETERMINATE
     return SeriesClassification(
         label=label,
         probabilities={name: round(float(p), 6) for name, p in zip(names, series)},

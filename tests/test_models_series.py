@@ -162,3 +162,21 @@ def test_head_region_refuses_noise_and_crops_a_head() -> None:
     assert (210 - 30) / (bottom - top) == pytest.approx(1 - m_top - m_bottom, abs=0.02), region.box
     assert (53 - left) / (right - left) == pytest.approx(m_left, abs=0.02), region.box
     assert not head_region(np.zeros((64, 64), np.float32)).suitable
+
+
+def test_decide_needs_slices_enough_to_rule_a_tumour_out() -> None:
+    region = Region((0, 0, 10, 10), 0.4)
+    normal, glioma = [0.02, 0.02, 0.94, 0.02], [0.90, 0.04, 0.04, 0.02]
+    # Two brain slices without a lesion cannot say "no tumour" (a tumour may lie on the slices not taken) ...
+    few = decide(_frames(2), [region] * 2, np.array([normal] * 2), None, BRAIN_TUMOR, {"threshold": 0.5})
+    assert few.label == INDETERMINATE
+    assert few.reason == "only 2 slice(s) read, too few to rule out a finding (a negative result needs 10)"
+    # ... but the same two slices showing one are a finding, and ten clear slices are a negative answer.
+    assert decide(_frames(2), [region] * 2, np.array([glioma] * 2), None, BRAIN_TUMOR, {}).label == "glioma"
+    assert decide(_frames(10), [region] * 10, np.array([normal] * 10), None, BRAIN_TUMOR, {}).label == "notumor"
+    # Excluded slices do not count: ten slices of which two show the head.
+    unsuitable = Region((0, 0, 10, 10), 0.0, "no head in the slice")
+    mostly_out = decide(_frames(10), [region] * 3 + [unsuitable] * 7, np.array([normal] * 10), None, BRAIN_TUMOR, {})
+    assert mostly_out.label == INDETERMINATE and "only 3 slice(s) read" in (mostly_out.reason or "")
+    # A single chest slice can be negative: COVID-19 pneumonia is diffuse.
+    assert decide(_frames(1), [region], np.array([[0.1, 0.9]]), None, COVID_CT, {}).label == "non-COVID"
