@@ -306,3 +306,39 @@ def exported_metric_names() -> set[str]:
     assert not missing, missing
     assert Readiness  # imported for its module's source
     return names
+
+
+def _associations_open(port: int) -> float | None:
+    """``dicom_triage_associations_open`` on a process's ``/metrics``, or None when it is not there."""
+    with urlopen(f"http://127.0.0.1:{port}/metrics", timeout=20) as answer:
+        for line in answer.read().decode().splitlines():
+            if line.startswith("dicom_triage_associations_open "):
+                return float(line.split()[1])
+    return None
+
+
+def test_listen_counts_its_open_associations(tmp_path: Path, processes: list[Child]) -> None:
+    from pynetdicom import AE
+    from pynetdicom.sop_class import Verification
+
+    from dicom_io.network import TCP_NODELAY_HANDLER
+
+    port, health_port = free_port(), free_port()
+    listen = Child(triage_command("listen", "--data-dir", str(tmp_path / "data"), "--dicom-port", str(port),
+                                  "--health-port", str(health_port)), triage_environment(tmp_path / "no-models"),
+                   name="listen")
+    processes.append(listen)
+    listen.wait_for_line(serve_ready, 120)
+    assert _associations_open(health_port) == 0
+
+    ae = AE(ae_title="PACS")
+    ae.add_requested_context(Verification)
+    held = [ae.associate("127.0.0.1", port, ae_title=OUR_AE, evt_handlers=[TCP_NODELAY_HANDLER]) for _ in range(3)]
+    assert all(assoc.is_established for assoc in held)
+    wait_for(lambda: _associations_open(health_port) == 3, 30, "three open associations", listen, alive=True)
+    held[0].release()
+    held[1].abort()  # an aborted association is closed too
+    wait_for(lambda: _associations_open(health_port) == 1, 30, "one open association", listen, alive=True)
+    held[2].release()
+    wait_for(lambda: _associations_open(health_port) == 0, 30, "no open association", listen, alive=True)
+    assert listen.terminate() == 0
