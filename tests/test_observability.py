@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -225,7 +226,8 @@ def test_prometheus_scrapes_serve_and_json_logs_carry_no_phi(models_dir: Path, t
         processes.append(prometheus)
         serve.wait_for_line(serve_ready, 180)
 
-        files = write_files(_phi_series(6), tmp_path / "series")
+        series = _phi_series(6)
+        files = write_files(series, tmp_path / "series")
         sent = netns.run([STORESCU, "-aet", "PACS", "-aec", OUR_AE, "127.0.0.1", str(dicom_port),
                           *map(str, files)])
         assert sent.returncode == 0, sent.stdout + sent.stderr
@@ -255,6 +257,12 @@ def test_prometheus_scrapes_serve_and_json_logs_carry_no_phi(models_dir: Path, t
         except ValueError:
             pytest.fail(f"not a JSON object: {line!r}")
         assert {"time", "level", "process", "logger", "message"} <= set(entry), line
+    # The lines about the series' job carry its ids: the job's row id and the series UID's digest (SHA-256, 16 hex
+    # digits), so that a log search finds them without the UID.
+    digest = hashlib.sha256(series[0].SeriesInstanceUID.encode()).hexdigest()[:16]
+    about = [json.loads(line)["ids"] for line in lines if '"series_uid_hash"' in line]
+    assert about and all(ids["series_uid_hash"] == digest and ids["job_id"] >= 1 for ids in about), about
+    assert any("model_uid" in ids for ids in about), about  # the classified line names the model
     text = "".join(serve.lines)
     for keyword, value in MARKERS.items():
         for fragment in {value, *value.replace("^", " ").split()}:
