@@ -5,7 +5,8 @@ to its card by ``tests/test_shipped_models.py``'s own test function, pointed at 
 scored the same way first. Exit 0 when the unchanged model passes and the shuffled one fails.
 
 ``ct-window``: a copy of this checkout (``git archive HEAD``) whose ``dicom_io.imaging.LUNG_WINDOW`` is swapped for
-a soft-tissue window (W 400 / L 40) runs the given test files; exit 0 when at least one test fails there.
+a soft-tissue window (W 400 / L 40) runs the given test files (as committed); exit 0 when at least one test fails
+there.
 
     .venv/bin/python bench/mutation_check.py model --task brain-tumor
     .venv/bin/python bench/mutation_check.py ct-window tests/test_imaging.py
@@ -94,6 +95,8 @@ def check_ct_window(test_files: list[str]) -> int:
     with tempfile.TemporaryDirectory() as temporary:
         tree = Path(temporary) / "tree"
         tree.mkdir()
+        # The tests read ../shared/data from the checkout's parent.
+        (Path(temporary) / "shared").symlink_to((ROOT.parent / "shared").resolve())
         archive = subprocess.run(["git", "-C", str(ROOT), "archive", "HEAD"], check=True, capture_output=True)
         subprocess.run(["tar", "-x", "-C", str(tree)], input=archive.stdout, check=True)
         imaging = tree / "dicom_io" / "imaging.py"
