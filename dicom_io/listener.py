@@ -217,6 +217,9 @@ class StorageListener:
         self._listening_socket = listening_socket
         self._server: ThreadedAssociationServer | None = None
         self._stopped = threading.Event()
+        #: Accepted associations not yet closed (by id), so that each one's end is reported once.
+        self._open: set[int] = set()
+        self._open_lock = threading.Lock()
         self._ae = self._build_ae(max_associations, max_pdu_size, acse_timeout)
 
     def _build_ae(self, max_associations: int, max_pdu_size: int, acse_timeout: float) -> AE:
@@ -260,6 +263,7 @@ class StorageListener:
             (evt.EVT_REJECTED, self._on_rejected),
             (evt.EVT_ACCEPTED, self._on_accepted),
             (evt.EVT_ABORTED, self._on_aborted),
+            (evt.EVT_CONN_CLOSE, self._on_closed),
         ]
         self._stopped.clear()
         # make_server's server_class and request_handler are pynetdicom's hooks for custom servers and associations;
@@ -373,6 +377,8 @@ class StorageListener:
     def _on_accepted(self, event: Event) -> None:
         # Optional on a sink (not part of InstanceSink): the worker's counts associations for its metrics.
         counted = getattr(self.sink, "association_accepted", None)
+        with self._open_lock:
+            self._open.add(id(event.assoc))
         if counted is not None:
             counted(event.assoc.requestor.ae_title)
         accepted = {cx.abstract_syntax for cx in event.assoc.accepted_contexts}
@@ -382,6 +388,17 @@ class StorageListener:
             LOGGER.info(
                 "from %s: no presentation context for %s", event.assoc.requestor.ae_title, ", ".join(sorted(refused))
             )
+
+    def _on_closed(self, event: Event) -> None:
+        # Every association's connection closes (release, abort, time-out), rejected ones too: only the accepted
+        # ones were counted open. Optional on a sink, as association_accepted is.
+        with self._open_lock:
+            if id(event.assoc) not in self._open:
+                return
+            self._open.discard(id(event.assoc))
+        ended = getattr(self.sink, "association_ended", None)
+        if ended is not None:
+            ended()
 
     def _on_aborted(self, event: Event) -> None:
         LOGGER.warning(

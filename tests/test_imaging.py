@@ -26,7 +26,6 @@ from pydicom.uid import (
 )
 
 from dicom_io.imaging import (
-    LUNG_WINDOW,
     ImagingError,
     Window,
     display_frames,
@@ -79,7 +78,12 @@ def _mr_from_display(grey: np.ndarray) -> Dataset:
     return _image_dataset(np.round(grey.astype(np.float64) * 4095 / 255).astype(np.uint16), "MR")
 
 
-def _hu_from_display(grey: np.ndarray, window: Window = LUNG_WINDOW) -> np.ndarray:
+#: The lung window as radiology publishes it (W 1500 / L -600 HU), written here rather than imported: a change of
+#: dicom_io.imaging.LUNG_WINDOW must fail the CT tests, not move their expected values with it.
+PUBLISHED_LUNG_WINDOW = Window(center=-600.0, width=1500.0)
+
+
+def _hu_from_display(grey: np.ndarray, window: Window = PUBLISHED_LUNG_WINDOW) -> np.ndarray:
     """Invert the DICOM linear VOI function: which HU value shows as grey level ``grey``."""
     return (grey.astype(np.float64) / 255.0 - 0.5) * (window.width - 1) + window.center - 0.5
 
@@ -117,6 +121,17 @@ def test_ct_round_trip_through_hounsfield_units_is_exact_to_rounding() -> None:
         (shown,) = display_frames(ds)
         # 1 HU is 255/1499 grey levels; stored values are rounded to whole HU.
         assert np.abs(shown - grey).max() <= 0.5, path.name
+
+
+def test_ct_shows_the_published_lung_window() -> None:
+    # Air (-1000 HU) and below the window's floor (-1350) dark, lung parenchyma mid-grey, soft tissue and bone
+    # (above the ceiling, 150) white: the DICOM linear VOI function (PS3.3 C.11.2.1.2.1) worked by hand.
+    hu = np.array([[-2000, -1350, -1000, -600], [-100, 40, 150, 1000]], dtype=np.int16)
+    ds = _image_dataset(hu + 1024, "CT")
+    ds.RescaleSlope, ds.RescaleIntercept, ds.RescaleType = 1, -1024, "HU"
+    (shown,) = display_frames(ds)
+    expected = [[0.0, 0.0, 59.54, 127.59], [212.64, 236.46, 255.0, 255.0]]
+    np.testing.assert_allclose(shown, expected, atol=0.01)
 
 
 @pytest.mark.parametrize("syntax", [RLELossless, JPEGLSLossless, JPEG2000Lossless])

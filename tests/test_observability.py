@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -225,7 +226,8 @@ def test_prometheus_scrapes_serve_and_json_logs_carry_no_phi(models_dir: Path, t
         processes.append(prometheus)
         serve.wait_for_line(serve_ready, 180)
 
-        files = write_files(_phi_series(6), tmp_path / "series")
+        series = _phi_series(6)
+        files = write_files(series, tmp_path / "series")
         sent = netns.run([STORESCU, "-aet", "PACS", "-aec", OUR_AE, "127.0.0.1", str(dicom_port),
                           *map(str, files)])
         assert sent.returncode == 0, sent.stdout + sent.stderr
@@ -255,6 +257,12 @@ def test_prometheus_scrapes_serve_and_json_logs_carry_no_phi(models_dir: Path, t
         except ValueError:
             pytest.fail(f"not a JSON object: {line!r}")
         assert {"time", "level", "process", "logger", "message"} <= set(entry), line
+    # The lines about the series' job carry its ids: the job's row id and the series UID's digest (SHA-256, 16 hex
+    # digits), so that a log search finds them without the UID.
+    digest = hashlib.sha256(series[0].SeriesInstanceUID.encode()).hexdigest()[:16]
+    about = [json.loads(line)["ids"] for line in lines if '"series_uid_hash"' in line]
+    assert about and all(ids["series_uid_hash"] == digest and ids["job_id"] >= 1 for ids in about), about
+    assert any("model_uid" in ids for ids in about), about  # the classified line names the model
     text = "".join(serve.lines)
     for keyword, value in MARKERS.items():
         for fragment in {value, *value.replace("^", " ").split()}:
@@ -306,3 +314,39 @@ def exported_metric_names() -> set[str]:
     assert not missing, missing
     assert Readiness  # imported for its module's source
     return names
+
+
+def _associations_open(port: int) -> float | None:
+    """``dicom_triage_associations_open`` on a process's ``/metrics``, or None when it is not there."""
+    with urlopen(f"http://127.0.0.1:{port}/metrics", timeout=20) as answer:
+        for line in answer.read().decode().splitlines():
+            if line.startswith("dicom_triage_associations_open "):
+                return float(line.split()[1])
+    return None
+
+
+def test_listen_counts_its_open_associations(tmp_path: Path, processes: list[Child]) -> None:
+    from pynetdicom import AE
+    from pynetdicom.sop_class import Verification
+
+    from dicom_io.network import TCP_NODELAY_HANDLER
+
+    port, health_port = free_port(), free_port()
+    listen = Child(triage_command("listen", "--data-dir", str(tmp_path / "data"), "--dicom-port", str(port),
+                                  "--health-port", str(health_port)), triage_environment(tmp_path / "no-models"),
+                   name="listen")
+    processes.append(listen)
+    listen.wait_for_line(serve_ready, 120)
+    assert _associations_open(health_port) == 0
+
+    ae = AE(ae_title="PACS")
+    ae.add_requested_context(Verification)
+    held = [ae.associate("127.0.0.1", port, ae_title=OUR_AE, evt_handlers=[TCP_NODELAY_HANDLER]) for _ in range(3)]
+    assert all(assoc.is_established for assoc in held)
+    wait_for(lambda: _associations_open(health_port) == 3, 30, "three open associations", listen, alive=True)
+    held[0].release()
+    held[1].abort()  # an aborted association is closed too
+    wait_for(lambda: _associations_open(health_port) == 1, 30, "one open association", listen, alive=True)
+    held[2].release()
+    wait_for(lambda: _associations_open(health_port) == 0, 30, "no open association", listen, alive=True)
+    assert listen.terminate() == 0

@@ -176,7 +176,12 @@ def test_a_lost_message_is_sent_again_once_per_timeout(pipeline: Pipeline) -> No
 
     [job_id] = scheduler(lost.append, now).run_once()
     assert lost == [job_id]
-    time.sleep(1.0)
+    # A message for a job that does not exist, sent after the lost one would have been: once the worker (one thread,
+    # first in first out) is done with it, any message for the lost job would have been taken first.
+    marker = job_id + 1000
+    pipeline.enqueue(marker)
+    pipeline.wait_consumed(marker, 1)
+    assert job_id not in pipeline.consumed
     assert pipeline.job().state == JobState.QUEUED  # nothing will ever run it
     assert scheduler(lost.append, now + timedelta(seconds=29)).resend_lost_jobs() == 0  # not yet
     later = now + timedelta(seconds=31)
@@ -244,13 +249,22 @@ def test_a_job_taken_along_that_fails_transiently_is_queued_again(pipeline: Pipe
 def test_srs_wait_for_the_burst_to_end() -> None:
     made: list[int] = []
     series_waiting = [True]
-    queue = SrQueue(made.append, lambda: series_waiting[0], idle_seconds=0.1, max_delay_seconds=30)
+    asked: list[float] = []  # when the queue asked whether series still wait: it considers making the SR
+
+    def pipeline_busy() -> bool:
+        asked.append(time.monotonic())
+        return series_waiting[0]
+
+    queue = SrQueue(made.append, pipeline_busy, idle_seconds=0.1, max_delay_seconds=30)
     with queue.busy():
         queue.submit(1)
-        time.sleep(0.4)
-        assert made == []  # a job is being classified
-    time.sleep(0.4)
-    assert made == []  # other series still wait to be classified
+        time.sleep(0.4)  # a job being classified
+    busy_ended = time.monotonic()
+    # The queue considers the SR (asks, holds it, asks again) only once classification has been idle for a while,
+    # and makes none while series wait.
+    wait_for(lambda: len(asked) >= 2, timeout=5)
+    assert made == []
+    assert asked[0] - busy_ended >= 0.09  # idle_seconds after the job, less the lock's hand-over
     series_waiting[0] = False
     wait_for(lambda: made == [1], timeout=5)
 

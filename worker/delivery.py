@@ -141,20 +141,21 @@ def attempt_delivery(database: Database, settings: Settings, delivery_pk: int) -
         delivery.updated_at = finished
         if error is None:
             delivery.status, delivery.error, delivery.next_attempt_at = DeliveryStatus.SENT.value, "", None
-            log.info("SR delivery %d sent to %s (attempt %d)", delivery_pk, destination_text, attempts)
+            log.info("SR delivery %d sent to %s (attempt %d)", delivery_pk, destination_text, attempts,
+                     extra={"ids": {"delivery_id": delivery_pk}})
             SR_DELIVERIES.labels(destination_text, "sent").inc()
             return AttemptOutcome(DeliveryStatus.SENT)
         delivery.error = error[:2000]
         if give_up or attempts >= settings.sr_delivery_max_attempts:
             delivery.status, delivery.next_attempt_at = DeliveryStatus.FAILED.value, None
             log.error("SR delivery %d to %s failed for good after %d attempt(s): %s",
-                      delivery_pk, destination_text, attempts, error)
+                      delivery_pk, destination_text, attempts, error, extra={"ids": {"delivery_id": delivery_pk}})
             SR_DELIVERIES.labels(destination_text, "failed").inc()
             return AttemptOutcome(DeliveryStatus.FAILED)
         delay = backoff_seconds(settings, attempts)
         delivery.next_attempt_at = finished + timedelta(seconds=delay)
         log.warning("SR delivery %d to %s: attempt %d failed, next in %.1f s: %s",
-                    delivery_pk, destination_text, attempts, delay, error)
+                    delivery_pk, destination_text, attempts, delay, error, extra={"ids": {"delivery_id": delivery_pk}})
         SR_DELIVERIES.labels(destination_text, "retry").inc()
         return AttemptOutcome(DeliveryStatus.PENDING, retry_in=delay)
 

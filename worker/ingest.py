@@ -38,7 +38,8 @@ from dicom_io.archive import Archive, StoredInstance, fsync_path
 from dicom_io.listener import received_file
 from dicom_io.validation import element_text
 from worker.db import Database, Instance, Patient, RejectedInstance, Series, Study, utcnow
-from worker.metrics import ARCHIVED_BYTES, ASSOCIATIONS_ACCEPTED, INSTANCES_RECEIVED, ae_label, count_rejection
+from worker.metrics import (ARCHIVED_BYTES, ASSOCIATIONS_ACCEPTED, ASSOCIATIONS_OPEN, INSTANCES_RECEIVED, ae_label,
+                            count_rejection)
 from worker.workers import other_process_alive
 
 LOGGER = logging.getLogger(__name__)
@@ -402,6 +403,11 @@ class DatabaseSink:
     def association_accepted(self, calling_ae: str) -> None:
         """Counted for the metrics (the listener calls it for each association it accepts)."""
         ASSOCIATIONS_ACCEPTED.labels(ae_label(calling_ae)).inc()
+        ASSOCIATIONS_OPEN.inc()
+
+    def association_ended(self) -> None:
+        """An accepted association's connection closed (released, aborted or timed out)."""
+        ASSOCIATIONS_OPEN.dec()
 
     def reject(self, calling_ae: str, sop_instance_uid: str | None, reason: str) -> None:
         """Record an instance (or, with ``sop_instance_uid`` None, an association) the listener refused."""

@@ -9,6 +9,7 @@ listener processes ``serve`` starts log as it does.
 from __future__ import annotations
 
 import atexit
+import hashlib
 import json
 import logging
 import os
@@ -36,6 +37,12 @@ VERBATIM = ("uvicorn.access",)
 #: scanner's single-component patient name.
 _QUOTED = re.compile(r'"[^"\n]*"|\'[^\'\n]*\'')
 REDACTED = '"<redacted>"'
+
+
+def uid_hash(uid: str) -> str:
+    """A short stable digest of a study or series UID for the ``ids`` of a JSON log line: lines about one series
+    are found together by a field that is the same length for every UID (the UID itself is in the message)."""
+    return hashlib.sha256(uid.encode()).hexdigest()[:16]
 
 
 def redact_quoted(text: str) -> str:
@@ -195,4 +202,5 @@ def uvicorn_log_config(log_format: str | None = None) -> dict[str, Any] | None:
     return None
 
 
-__all__ = ["JsonFormatter", "NoPhiFilter", "configure_logging", "redact_quoted", "chosen_format", "uvicorn_log_config"]
+__all__ = ["JsonFormatter", "NoPhiFilter", "configure_logging", "redact_quoted", "uid_hash", "chosen_format",
+           "uvicorn_log_config"]

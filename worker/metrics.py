@@ -43,6 +43,8 @@ INSTANCES_REJECTED = Counter(
 ASSOCIATIONS_ACCEPTED = Counter("dicom_triage_associations_accepted", "DICOM associations accepted", ["calling_ae"])
 ASSOCIATIONS_REFUSED = Counter(
     "dicom_triage_associations_refused", "DICOM associations refused", ["reason", "calling_ae"])
+#: Summed over the live listener processes (a dead process's associations died with it).
+ASSOCIATIONS_OPEN = Gauge("dicom_triage_associations_open", "DICOM associations open now", multiprocess_mode="livesum")
 ARCHIVED_BYTES = Counter("dicom_triage_archived_bytes", "Bytes of instances written to the archive")
 JOBS_FINISHED = Counter("dicom_triage_jobs_finished", "Classification jobs ended", ["task", "outcome"])
 JOB_LATENCY = Histogram(

@@ -198,7 +198,7 @@ def publish_result(
                 continue
             published = _record(session, settings, plan, sr, encoded)
         log.info("SR %s (revision %d) reports result %d: %s", published.sop_instance_uid, published.revision,
-                 result_pk, plan.label)
+                 result_pk, plan.label, extra={"ids": {"result_id": result_pk, "sr_uid": published.sop_instance_uid}})
         _enqueue_all(settings, published.delivery_pks, enqueue)
         return published
     raise SRError(f"result {result_pk} kept changing while its SR was made ({PUBLISH_TRIES} tries)")

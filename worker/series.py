@@ -25,6 +25,7 @@ from sqlalchemy import exists, func, or_, select, update
 
 from config import Settings
 from worker.db import Database, Instance, Job, JobState, Series, Study, WorkerProcess, utcnow
+from worker.logs import uid_hash
 from worker.routing import SeriesFacts, route
 from worker.workers import STALE_AFTER
 
@@ -146,7 +147,9 @@ class SeriesScheduler:
             )
             session.add(job)
             session.flush()
-            log.info("series %s revision %d: %s", series.series_instance_uid, job.revision, decision.reason)
+            log.info("series %s revision %d: %s", series.series_instance_uid, job.revision, decision.reason,
+                     extra={"ids": {"job_id": job.id, "series_id": series.id,
+                                    "series_uid_hash": uid_hash(series.series_instance_uid)}})
             return job.id
 
     def requeue_orphans(self) -> int:

@@ -41,6 +41,7 @@ from models.tasks import INDETERMINATE
 from worker.celery_app import CLASSIFY_SERIES
 from worker.db import Database, Instance, Job, JobState, Result, Series, utcnow
 from worker.inference import ModelCache, SeriesBatcher, SeriesClassification, decode_series
+from worker.logs import uid_hash
 from worker.metrics import JOB_LATENCY, JOBS_FINISHED
 from worker.reporting import publish_result
 
@@ -227,7 +228,7 @@ def _claim(session: Session, job_id: int, worker_pk: int, busy: Collection[int] 
            ) -> ClaimedJob | None:
     job = session.get(Job, job_id, with_for_update=True, populate_existing=True)
     if job is None:
-        log.warning("job %d does not exist; message dropped", job_id)
+        log.warning("job %d does not exist; message dropped", job_id, extra={"ids": {"job_id": job_id}})
         return None
     if job.state.is_final or job_id in busy or (only_queued and job.state != JobState.QUEUED):
         return None
@@ -420,7 +421,8 @@ class _Group:
     def error(self, job: ClaimedJob, exc: BaseException) -> None:
         database = self.context.database
         if not is_transient(exc):
-            log.warning("job %d (series %s) failed: %s", job.job_id, job.series_instance_uid, exc)
+            log.warning("job %d (series %s) failed: %s", job.job_id, job.series_instance_uid, exc,
+                        extra={"ids": {"job_id": job.job_id, "series_uid_hash": uid_hash(job.series_instance_uid)}})
             fail_job(database, job.job_id, f"{type(exc).__name__}: {exc}")
         elif job is self.primary:
             self.retry = exc
@@ -447,7 +449,8 @@ class _Group:
             job = by_id[job_id]
             self.settled.add(job_id)
             log.info("job %d: series %s is %s", job.job_id, job.series_instance_uid, classification.label,
-                     extra={"ids": {"job_id": job.job_id, "model_uid": card.uid}})
+                     extra={"ids": {"job_id": job.job_id, "model_uid": card.uid,
+                                    "series_uid_hash": uid_hash(job.series_instance_uid)}})
             # If the process dies before the SR is made, the next worker's start-up makes it (publish_missing).
             self.context.sr_queue.submit(job.job_id)
 
@@ -516,7 +519,7 @@ def publish_job_sr(context: WorkerContext, job_id: int) -> None:
         if result_pk is not None:
             publish_result(context.database, context.settings, result_pk)
     except Exception:
-        log.exception("job %d: no SR made for its result", job_id)
+        log.exception("job %d: no SR made for its result", job_id, extra={"ids": {"job_id": job_id}})
 
 
 def register_tasks(app: Celery, context: WorkerContext) -> None:

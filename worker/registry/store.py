@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, defer
 
 from config import Settings
@@ -102,15 +103,22 @@ def register_installed_models(database: Database, settings: Settings) -> list[st
         folder = installed_model_dir(settings, task_name)
         if not (folder / CARD_FILE).is_file():
             continue
-        with database.session() as session:
-            if session.scalar(select(RegisteredModel.id).where(RegisteredModel.task == task_name).limit(1)):
-                continue
-            try:
-                model = register_model(session, folder, actor=INSTALLED_ACTOR, state=ModelState.ACTIVE)
-            except (RegistryError, ValueError, OSError) as exc:
-                log.error("installed %s model in %s not registered: %s", task_name, folder, exc)
-                continue
-            registered.append(model.model_uid)
+        try:
+            with database.session() as session:
+                if session.scalar(select(RegisteredModel.id).where(RegisteredModel.task == task_name).limit(1)):
+                    continue
+                try:
+                    model = register_model(session, folder, actor=INSTALLED_ACTOR, state=ModelState.ACTIVE)
+                except (RegistryError, ValueError, OSError) as exc:
+                    log.error("installed %s model in %s not registered: %s", task_name, folder, exc)
+                    continue
+                uid = model.model_uid
+        except IntegrityError:
+            # Processes starting together on a fresh database (two workers) race to register the same model: the
+            # one whose insert lost finds it registered, which is what it wanted.
+            log.info("installed %s model registered by another process meanwhile", task_name)
+            continue
+        registered.append(uid)
     return registered
 
 

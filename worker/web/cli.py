@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import getpass
+import signal
 import sys
 import threading
 from pathlib import Path
@@ -93,11 +94,18 @@ def _web(args: argparse.Namespace) -> int:
     readiness = Readiness("web", standard_checks(settings, database))
     health = ProcessHealth(settings.model_copy(update={"health_port": 0}), readiness,
                            url=f"http://{settings.web_host}:{settings.web_port}").start()
+    # uvicorn (0.29 on) shuts the app down on SIGTERM, puts back the handler it found and raises the signal again
+    # for it: this one makes a complete shutdown end with status 0, as the other commands do, not by the signal.
+    signal.signal(signal.SIGTERM, _exit_cleanly)
     try:
         build_server(settings, database, readiness=readiness).run()
     finally:
         health.stop()
     return 0
+
+
+def _exit_cleanly(signum: int, frame: Any) -> None:
+    raise SystemExit(0)
 
 
 def _read_password(from_stdin: bool) -> str:
