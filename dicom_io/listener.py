@@ -184,8 +184,12 @@ class _HandshakeInThreadServer(ThreadedAssociationServer):
                 request.do_handshake()
                 request.settimeout(timeout)
             except (OSError, ValueError) as exc:  # ssl.SSLError, socket.timeout, a reset connection
-                reason = (f"no TLS handshake within {self.handshake_timeout:g} s" if isinstance(exc, TimeoutError)
-                          else f"TLS handshake failed: {getattr(exc, 'reason', None) or exc}")
+                if isinstance(exc, TimeoutError):
+                    reason = f"no TLS handshake within {self.handshake_timeout:g} s"
+                elif isinstance(exc, ssl.SSLCertVerificationError):  # the client's certificate: say what is wrong
+                    reason = f"TLS handshake failed: client certificate: {exc.verify_message or exc.reason}"
+                else:
+                    reason = f"TLS handshake failed: {getattr(exc, 'reason', None) or exc}"
                 if self.on_handshake_failure is not None:
                     self.on_handshake_failure(client_address, reason)
                 self.shutdown_request(request)

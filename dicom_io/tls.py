@@ -120,7 +120,8 @@ def make_dev_certs(directory: Path, hosts: tuple[str, ...] = ("localhost", "127.
     """Write a local CA and a server and a client certificate signed by it (RSA 2048, PEM) into ``directory``.
 
     For trying TLS out, not for production (see the module's note). The server certificate names ``hosts``; the
-    client certificate's subject is ``CN=dicom-triage-client``. Existing files are replaced.
+    client certificate's subject is ``CN=dicom-triage-client``. Existing files are replaced. The certificates are
+    valid from five minutes ago for ``days`` days: ``days=0`` makes them expired at once (for tests of expiry).
     """
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization

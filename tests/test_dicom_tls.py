@@ -163,3 +163,26 @@ def test_calling_ae_bound_to_a_certificate_subject(tmp_path: Path, certs: DevCer
     with running_listener(tmp_path / "plain", required_subjects={"MODALITY": subject}) as (plain, plain_sink):
         assert storescu(plain.port, series[:1], calling_ae="MODALITY").statuses == []
         assert plain_sink.stored == []
+
+
+def test_expired_and_self_signed_certificates_are_refused(tmp_path: Path, certs: DevCertificates,
+                                                          foreign: DevCertificates, series: list[Path]) -> None:
+    expired = make_dev_certs(tmp_path / "expired", days=0)  # its CA, server and client certificates all expired
+    # An expired server certificate from a CA we trust: our SCU refuses it.
+    with running_listener(tmp_path / "a", ssl_context=server_context(expired.server_cert, expired.server_key)) \
+            as (listener, _sink):
+        with pytest.raises(AssociationError, match="certificate has expired"):
+            echo("127.0.0.1", listener.port, LISTENER_AE, tls=client_context(expired.ca_cert))
+    # A self-signed server certificate (another CA's own): refused too.
+    with running_listener(tmp_path / "b", ssl_context=server_context(foreign.ca_cert, foreign.ca_key)) \
+            as (listener, _sink):
+        with pytest.raises(AssociationError, match="self.signed certificate"):
+            echo("127.0.0.1", listener.port, LISTENER_AE, tls=client_context(certs.ca_cert))
+    # An expired client certificate is refused by a listener that trusts its CA and requires one.
+    context = server_context(certs.server_cert, certs.server_key, expired.ca_cert, require_client_certificate=True)
+    with running_listener(tmp_path / "c", ssl_context=context) as (listener, sink):
+        result = storescu(listener.port, series[:1], "+tls", str(expired.client_key), str(expired.client_cert),
+                          "+cf", str(certs.ca_cert))
+        assert result.statuses == [] and result.returncode != 0
+        assert wait_for(lambda: any("expired" in r.reason for r in sink.rejections)), sink.rejections
+        assert sink.stored == []
