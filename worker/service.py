@@ -141,9 +141,10 @@ class Ingest:
         """(port, over TLS) of each listener: the bound ones in this process, else as configured."""
         if self.receiver is not None:
             return [(listener.port, listener.ssl_context is not None) for listener in self.receiver.listeners]
-        plain = [(self.settings.dicom_port, False)] if self.settings.dicom_plain else []
-        tls = [(self.settings.dicom_tls_port, True)] if self.settings.dicom_tls_port is not None else []
-        return plain + tls
+        ports = [(self.settings.dicom_port, False)] if self.settings.dicom_plain else []
+        if self.settings.dicom_tls_port is not None:
+            ports.append((self.settings.dicom_tls_port, True))
+        return ports
 
     def dicom_port(self) -> int:
         """The port associations are accepted on (the bound one, when the settings asked for 0): the plain one, or
