@@ -44,30 +44,55 @@ def _comma_separated(text: str) -> list[str]:
     return [item.strip() for item in text.split(",") if item.strip()]
 
 
-class Destination(BaseModel):
-    """A DICOM peer we send Structured Reports to, written ``AE@HOST:PORT``."""
+#: The suffix of a TLS destination's text form (``AE@HOST:PORT+tls``), which is what a delivery row records.
+TLS_SUFFIX = "+tls"
 
-    model_config = ConfigDict(frozen=True)
+
+class Destination(BaseModel):
+    """A DICOM peer we send Structured Reports to, written ``AE@HOST:PORT`` (plain TCP).
+
+    Over DICOM TLS it is a table in the TOML file with ``tls = true``, the CA bundle its certificate must chain to
+    (``tls_ca``) and, for a peer that requires one, our client certificate and key; its text form then ends in
+    ``+tls``. A destination parsed from such text alone has no CA: its deliveries fail with that reason (never
+    plain TCP) until the configuration names it.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
 
     ae_title: str
     host: str
     port: int = Field(ge=1, le=65535)
+    tls: bool = False
+    tls_ca: Path | None = None
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
 
     @field_validator("ae_title")
     @classmethod
     def _ae(cls, value: str) -> str:
         return _check_ae_title(value)
 
+    @model_validator(mode="after")
+    def _tls_files(self) -> "Destination":
+        if not self.tls and any((self.tls_ca, self.tls_cert, self.tls_key)):
+            raise ValueError("tls_ca, tls_cert and tls_key need tls = true")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("a client certificate needs both tls_cert and tls_key")
+        return self
+
     @classmethod
     def parse(cls, text: str) -> "Destination":
-        match = re.fullmatch(r"(?P<ae>[^@]+)@(?P<host>\[[^\]]+\]|[^:]+):(?P<port>\d+)", text.strip())
+        stripped = text.strip()
+        tls = stripped.endswith(TLS_SUFFIX)
+        match = re.fullmatch(r"(?P<ae>[^@]+)@(?P<host>\[[^\]]+\]|[^:]+):(?P<port>\d+)",
+                             stripped.removesuffix(TLS_SUFFIX))
         if not match:
             raise ValueError(f"{text!r} is not a destination of the form AE@HOST:PORT")
-        return cls(ae_title=match["ae"], host=match["host"].strip("[]"), port=int(match["port"]))
+        return cls(ae_title=match["ae"], host=match["host"].strip("[]"), port=int(match["port"]), tls=tls)
 
     def __str__(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host  # IPv6: parse() reads it back
-        return f"{self.ae_title}@{host}:{self.port}"
+        return f"{self.ae_title}@{host}:{self.port}{TLS_SUFFIX if self.tls else ''}"
 
 
 #: Series descriptions of scouts and localizers, as scanners write them.
@@ -118,8 +143,25 @@ class Settings(BaseModel):
     ae_title: str = "DICOM_TRIAGE"
     dicom_host: str = "0.0.0.0"
     dicom_port: int = Field(default=11112, ge=1, le=65535)
+    #: DICOM TLS (PS3.15 Annex B, TLS 1.2+; dicom_io.tls): a second port for TLS associations, with our
+    #: certificate and key, and the CA bundle client certificates must chain to. ``dicom_plain = false`` leaves
+    #: only the TLS port listening.
+    dicom_tls_port: int | None = Field(default=None, ge=1, le=65535)
+    dicom_tls_cert: Path | None = None
+    dicom_tls_key: Path | None = None
+    dicom_tls_ca: Path | None = None
+    #: Refuse TLS clients without a certificate from ``dicom_tls_ca`` (during the handshake).
+    require_client_certificate: bool = False
+    dicom_plain: bool = True
+    #: Calling AE title -> the client certificate subject it must present (``O=...,CN=...``, as the listener logs
+    #: it): such an AE is refused on the plain port and without that certificate. TOML only.
+    dicom_tls_subjects: dict[str, str] = Field(default_factory=dict)
     web_host: str = "127.0.0.1"
     web_port: int = Field(default=8080, ge=1, le=65535)
+    #: HTTPS for the web app (both or neither): cookies are then Secure and responses carry HSTS. Without them,
+    #: serve the web app behind a TLS-terminating reverse proxy (README).
+    web_tls_cert: Path | None = None
+    web_tls_key: Path | None = None
     #: ``/healthz``, ``/readyz`` and ``/metrics`` of a ``listen`` or ``worker`` process (the web app serves its own
     #: on ``web_port``): loopback unless told otherwise; port 0 serves none.
     health_host: str = "127.0.0.1"
@@ -229,6 +271,32 @@ class Settings(BaseModel):
             raise ValueError(f"{value!r} is not a redis://, amqp:// or filesystem:// broker URL")
         return value
 
+    @field_validator("dicom_tls_subjects")
+    @classmethod
+    def _subject_aes(cls, value: dict[str, str]) -> dict[str, str]:
+        return {_check_ae_title(ae): subject for ae, subject in value.items()}
+
+    @model_validator(mode="after")
+    def _tls(self) -> "Settings":
+        problems = []
+        if self.dicom_tls_port is not None:
+            if self.dicom_tls_cert is None or self.dicom_tls_key is None:
+                problems.append("dicom_tls_port needs dicom_tls_cert and dicom_tls_key")
+            if self.dicom_plain and self.dicom_tls_port == self.dicom_port:
+                problems.append("dicom_tls_port must differ from dicom_port")
+        else:
+            if not self.dicom_plain:
+                problems.append("dicom_plain = false needs dicom_tls_port")
+            if self.dicom_tls_subjects:
+                problems.append("dicom_tls_subjects needs dicom_tls_port")
+        if self.require_client_certificate and self.dicom_tls_ca is None:
+            problems.append("require_client_certificate needs dicom_tls_ca")
+        if (self.web_tls_cert is None) != (self.web_tls_key is None):
+            problems.append("web_tls_cert and web_tls_key go together")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
     @model_validator(mode="after")
     def _absolute_data_dir(self) -> "Settings":
         object.__setattr__(self, "data_dir", self.data_dir.expanduser().resolve())
@@ -242,6 +310,11 @@ class Settings(BaseModel):
     @property
     def effective_database_url(self) -> str:
         return self.database_url or f"sqlite:///{self.data_dir / 'triage.sqlite3'}"
+
+    @property
+    def web_url(self) -> str:
+        """Where the web app answers (https with ``web_tls_cert``)."""
+        return f"{'https' if self.web_tls_cert is not None else 'http'}://{self.web_host}:{self.web_port}"
 
     @property
     def effective_broker_url(self) -> str:
@@ -261,8 +334,8 @@ def _from_environment(env: Mapping[str, str]) -> dict[str, Any]:
         name = key[len(ENV_PREFIX):].lower()
         if name not in known:
             raise ConfigError(f"{key}: unknown setting (known: {', '.join(sorted(known))})")
-        if name == "routing_rules":
-            raise ConfigError(f"{key}: routing rules can only be set in the TOML config file")
+        if name in ("routing_rules", "dicom_tls_subjects"):
+            raise ConfigError(f"{key}: {name} can only be set in the TOML config file")
         values[name] = raw
     return values
 

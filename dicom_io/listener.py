@@ -13,6 +13,7 @@ import errno
 import logging
 import shutil
 import socket
+import ssl
 import struct
 import threading
 from collections.abc import Iterable
@@ -29,6 +30,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 from dicom_io.network import TCP_NODELAY_HANDLER
 from dicom_io.reactor import EventDrivenRequestHandler
 from dicom_io.reading import read_received
+from dicom_io.tls import peer_subject
 from dicom_io.validation import STATUS_CANNOT_UNDERSTAND, InvalidInstance, validate_instance
 
 LOGGER = logging.getLogger(__name__)
@@ -154,7 +156,48 @@ def _status(code: int, comment: str) -> Dataset:
     return status
 
 
-class _SharedSocketServer(ThreadedAssociationServer):
+class _HandshakeInThreadServer(ThreadedAssociationServer):
+    """pynetdicom's threaded server with the TLS handshake moved from the accepting thread to the connection's own.
+
+    pynetdicom completes the handshake inside ``accept``: one client that connects and then stalls (a port scanner,
+    a half-open connection) would hold every other connection up. Here the accepting thread only wraps the socket;
+    the connection's thread shakes hands within ``handshake_timeout`` seconds and drops a client that fails (plain
+    DICOM or HTTP on the TLS port, an untrusted or missing client certificate), reporting it through
+    ``on_handshake_failure(address, reason)``.
+    """
+
+    handshake_timeout: float = 30.0
+    on_handshake_failure: Any = None
+
+    def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
+        client_socket, address = self.socket.accept()
+        if self.ssl_context is not None:
+            client_socket = self.ssl_context.wrap_socket(client_socket, server_side=True,
+                                                         do_handshake_on_connect=False)
+        return client_socket, address
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        if isinstance(request, ssl.SSLSocket):
+            timeout = request.gettimeout()
+            try:
+                request.settimeout(self.handshake_timeout)
+                request.do_handshake()
+                request.settimeout(timeout)
+            except (OSError, ValueError) as exc:  # ssl.SSLError, socket.timeout, a reset connection
+                if isinstance(exc, TimeoutError):
+                    reason = f"no TLS handshake within {self.handshake_timeout:g} s"
+                elif isinstance(exc, ssl.SSLCertVerificationError):  # the client's certificate: say what is wrong
+                    reason = f"TLS handshake failed: client certificate: {exc.verify_message or exc.reason}"
+                else:
+                    reason = f"TLS handshake failed: {getattr(exc, 'reason', None) or exc}"
+                if self.on_handshake_failure is not None:
+                    self.on_handshake_failure(client_address, reason)
+                self.shutdown_request(request)
+                return
+        super().process_request_thread(request, client_address)
+
+
+class _SharedSocketServer(_HandshakeInThreadServer):
     """pynetdicom's threaded server accepting on a listening socket it is given, which other processes (listeners
     started by one supervisor) accept on too: whichever is free takes the next connection. SO_REUSEPORT instead
     hands each connection to one process by a hash of the peer's port, regardless of load, so 8 associations landed
@@ -189,6 +232,12 @@ class StorageListener:
     0xA700 (out of resources) and nothing is handed to the sink. ``listening_socket``, a bound and listening TCP
     socket (``host`` and ``port`` are then its own), is accepted on instead of binding one: processes given the
     same socket share the port, each connection going to a process that is free to accept it.
+
+    With ``ssl_context`` (:func:`dicom_io.tls.server_context`) every connection must complete a TLS handshake within
+    ``acse_timeout`` seconds; one that does not is dropped and reported to the sink as a refused association, and
+    the others go on. ``required_subjects`` maps calling AE titles to the client certificate subject each must
+    present (as :func:`dicom_io.tls.peer_subject` writes it): such an AE coming without that certificate, or over
+    plain TCP, is refused.
     """
 
     def __init__(
@@ -204,6 +253,8 @@ class StorageListener:
         max_pdu_size: int = 0,
         acse_timeout: float = 30,
         listening_socket: socket.socket | None = None,
+        ssl_context: ssl.SSLContext | None = None,
+        required_subjects: dict[str, str] | None = None,
     ) -> None:
         if min_free_bytes > 0 and archive_root is None:
             raise ValueError("min_free_bytes needs archive_root: the file system whose free space is watched")
@@ -215,6 +266,9 @@ class StorageListener:
         self.archive_root = Path(archive_root) if archive_root is not None else None
         self._requested_port = port
         self._listening_socket = listening_socket
+        self.ssl_context = ssl_context
+        self.required_subjects = {ae.strip(): subject for ae, subject in (required_subjects or {}).items()}
+        self._acse_timeout = acse_timeout
         self._server: ThreadedAssociationServer | None = None
         self._stopped = threading.Event()
         #: Accepted associations not yet closed (by id), so that each one's end is reported once.
@@ -271,17 +325,21 @@ class StorageListener:
         # shutdown() expects) is done here.
         if self._listening_socket is None:
             server = self._ae.make_server((self.host, self._requested_port), evt_handlers=handlers,
-                                          server_class=ThreadedAssociationServer,
+                                          ssl_context=self.ssl_context, server_class=_HandshakeInThreadServer,
                                           request_handler=EventDrivenRequestHandler)
         else:
             self.host, port = self._listening_socket.getsockname()[:2]
             server = self._ae.make_server((self.host, port), evt_handlers=handlers, server_class=_SharedSocketServer,
-                                          request_handler=EventDrivenRequestHandler,
+                                          ssl_context=self.ssl_context, request_handler=EventDrivenRequestHandler,
                                           listening_socket=self._listening_socket)
+        assert isinstance(server, _HandshakeInThreadServer)
+        server.handshake_timeout = self._acse_timeout
+        server.on_handshake_failure = self._on_handshake_failure
         threading.Thread(target=server.serve_forever, name="AcceptorServer", daemon=True).start()
         self._ae._servers.append(server)
         self._server = server
-        LOGGER.info("listening as %s on %s:%d", self.ae_title, self.host, self.port)
+        LOGGER.info("listening as %s on %s:%d%s", self.ae_title, self.host, self.port,
+                    " (TLS)" if self.ssl_context is not None else "")
 
     def stop(self) -> None:
         """Stop accepting, end open associations and release the port."""
@@ -374,7 +432,30 @@ class StorageListener:
         LOGGER.warning("%s (from %s)", reason, event.assoc.requestor.address)
         self._report_reject(calling_ae, None, reason)
 
+    def _on_handshake_failure(self, address: Any, reason: str) -> None:
+        host = address[0] if isinstance(address, tuple) else str(address)
+        LOGGER.warning("connection from %s dropped: %s", host, reason)
+        self._report_reject("", None, f"connection from {host} dropped: {reason}")
+
+    def _subject_refusal(self, event: Event) -> str | None:
+        """Why the association's calling AE may not use this connection (its bound certificate is missing)."""
+        calling_ae = event.assoc.requestor.ae_title
+        required = self.required_subjects.get(calling_ae)
+        if required is None:
+            return None
+        sock = event.assoc.dul.socket.socket if event.assoc.dul.socket else None
+        presented = peer_subject(sock)
+        if presented == required:
+            return None
+        return (f"association aborted: calling AE title {calling_ae!r} must present the client certificate "
+                f"{required!r} (presented {presented or 'none'})")
+
     def _on_accepted(self, event: Event) -> None:
+        if (refusal := self._subject_refusal(event)) is not None:
+            LOGGER.warning("%s (from %s)", refusal, event.assoc.requestor.address)
+            self._report_reject(event.assoc.requestor.ae_title, None, refusal)
+            event.assoc.abort()
+            return
         # Optional on a sink (not part of InstanceSink): the worker's counts associations for its metrics.
         counted = getattr(self.sink, "association_accepted", None)
         with self._open_lock:

@@ -1,7 +1,12 @@
-"""Sending to a DICOM peer: C-STORE of datasets or files, and C-ECHO. Every association sets TCP_NODELAY."""
+"""Sending to a DICOM peer: C-STORE of datasets or files, and C-ECHO. Every association sets TCP_NODELAY.
+
+Given an SSL context (:func:`dicom_io.tls.client_context`) the association goes over TLS or not at all: a peer whose
+certificate does not verify is an :class:`AssociationError` naming OpenSSL's reason, never a plain retry.
+"""
 
 from __future__ import annotations
 
+import ssl
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -49,7 +54,46 @@ class _PeerRefusal:
             self.pdu = pdu
 
 
-def _describe_failure(assoc: Association, refusal: _PeerRefusal) -> str:
+class _HandshakeRecord:
+    """The TLS error on an association we open: pynetdicom logs it and reports only a failed or closed connection.
+    The context's socket class keeps it (one context per association, so nothing is shared). With TLS 1.3 a server
+    refusing our certificate says so after the handshake, on our first read: reads are watched too."""
+
+    def __init__(self, context: ssl.SSLContext) -> None:
+        self.error: str | None = None
+        record = self
+
+        class RecordingSocket(ssl.SSLSocket):
+            def connect(self, address: object) -> None:  # type: ignore[override]
+                try:
+                    super().connect(address)  # type: ignore[arg-type]
+                except OSError as exc:
+                    record.note(exc)
+                    raise
+
+            def recv(self, buflen: int = 1024, flags: int = 0) -> bytes:
+                try:
+                    return super().recv(buflen, flags)
+                except ssl.SSLError as exc:
+                    record.note(exc)
+                    raise
+
+        context.sslsocket_class = RecordingSocket
+
+    def note(self, exc: OSError) -> None:
+        if self.error is not None:
+            return
+        if isinstance(exc, ssl.SSLCertVerificationError):
+            self.error = f"TLS handshake failed: {exc.verify_message or exc.reason}"
+        elif isinstance(exc, ssl.SSLError):
+            self.error = f"TLS handshake failed: {exc.reason or exc}"
+        else:
+            self.error = f"TLS connection failed: {exc}"
+
+
+def _describe_failure(assoc: Association, refusal: _PeerRefusal, handshake: _HandshakeRecord | None = None) -> str:
+    if handshake is not None and handshake.error is not None:
+        return handshake.error
     if isinstance(refusal.pdu, A_ASSOCIATE_RJ):
         answer = refusal.pdu.to_primitive()  # the primitive's wording, as when pynetdicom itself reports it
         return f"association rejected ({answer.result_str}, {answer.source_str}: {answer.reason_str})"
@@ -63,10 +107,13 @@ def _describe_failure(assoc: Association, refusal: _PeerRefusal) -> str:
     return "association aborted"
 
 
-def _associate(ae: AE, host: str, port: int, called_ae: str) -> tuple[Association, _PeerRefusal]:
+def _associate(ae: AE, host: str, port: int, called_ae: str, tls: ssl.SSLContext | None) \
+        -> tuple[Association, _PeerRefusal, _HandshakeRecord | None]:
     refusal = _PeerRefusal()
-    assoc = ae.associate(host, port, ae_title=called_ae, evt_handlers=[TCP_NODELAY_HANDLER, refusal.handler()])
-    return assoc, refusal
+    handshake = _HandshakeRecord(tls) if tls is not None else None
+    assoc = ae.associate(host, port, ae_title=called_ae, evt_handlers=[TCP_NODELAY_HANDLER, refusal.handler()],
+                         tls_args=(tls, host) if tls is not None else None)
+    return assoc, refusal, handshake
 
 
 def _contexts_for(items: Sequence[tuple[str, str]]) -> list[PresentationContext]:
@@ -107,8 +154,11 @@ def send_datasets(
     called_ae: str,
     calling_ae: str = DEFAULT_CALLING_AE,
     max_pdu_size: int = 0,
+    tls: ssl.SSLContext | None = None,
 ) -> list[int]:
     """C-STORE every dataset or file on one association and return each response's status, in order.
+
+    With ``tls`` (a context used for this association only) the association is made over TLS.
 
     Raises :class:`AssociationError` when the association cannot be made or breaks before all are answered
     (its ``statuses`` hold the answers received so far).
@@ -119,9 +169,9 @@ def send_datasets(
     ae = _new_ae(calling_ae)
     ae.maximum_pdu_size = max_pdu_size
     ae.requested_contexts = _contexts_for([_identify(item) for item in items])
-    assoc, refusal = _associate(ae, host, port, called_ae)
+    assoc, refusal, handshake = _associate(ae, host, port, called_ae, tls)
     if not assoc.is_established:
-        raise AssociationError(f"{called_ae}@{host}:{port}: {_describe_failure(assoc, refusal)}")
+        raise AssociationError(f"{called_ae}@{host}:{port}: {_describe_failure(assoc, refusal, handshake)}")
     statuses: list[int] = []
     try:
         for item in items:
@@ -139,13 +189,15 @@ def send_datasets(
     return statuses
 
 
-def echo(host: str, port: int, called_ae: str, calling_ae: str = DEFAULT_CALLING_AE) -> int:
-    """C-ECHO the peer and return its status; raises :class:`AssociationError` when it cannot be reached."""
+def echo(host: str, port: int, called_ae: str, calling_ae: str = DEFAULT_CALLING_AE,
+         tls: ssl.SSLContext | None = None) -> int:
+    """C-ECHO the peer (over TLS with ``tls``) and return its status; raises :class:`AssociationError` when it
+    cannot be reached."""
     ae = _new_ae(calling_ae)
     ae.add_requested_context(Verification)
-    assoc, refusal = _associate(ae, host, port, called_ae)
+    assoc, refusal, handshake = _associate(ae, host, port, called_ae, tls)
     if not assoc.is_established:
-        raise AssociationError(f"{called_ae}@{host}:{port}: {_describe_failure(assoc, refusal)}")
+        raise AssociationError(f"{called_ae}@{host}:{port}: {_describe_failure(assoc, refusal, handshake)}")
     try:
         response = assoc.send_c_echo()
     finally:

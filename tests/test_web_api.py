@@ -161,7 +161,9 @@ def test_session_cookie_flags_and_security_headers(env: Env) -> None:
     response = client.post("/login", data={"username": "rad", "password": PASSWORD, "csrf_token": token})
     cookie = next(c for c in response.headers.get_list("set-cookie") if c.startswith("dt_session="))
     assert "HttpOnly" in cookie and "SameSite=lax" in cookie
+    assert "secure" not in cookie.lower()  # plain HTTP (a localhost trial): the cookie must still be sent back
     page = client.get("/")
+    assert "strict-transport-security" not in page.headers  # HSTS only over HTTPS (tests/test_web_https.py)
     assert "script-src 'self'" in page.headers["content-security-policy"]
     assert page.headers["cache-control"] == "no-store"
     assert page.headers["x-frame-options"] == "DENY"

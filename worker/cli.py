@@ -44,7 +44,10 @@ def _add_network_options(parser: argparse.ArgumentParser, web: bool) -> None:
         help="listener processes sharing the DICOM port (listen_processes; each accepts up to max_associations)",
     )
     if web:
+        from worker.web.cli import add_web_tls_options
+
         parser.add_argument("--web-port", type=int, metavar="N", help="web worklist port")
+        add_web_tls_options(parser)
     else:
         _add_health_options(parser)
 
@@ -75,6 +78,8 @@ def read_settings(args: argparse.Namespace) -> Settings:
         "sr_destinations": getattr(args, "sr_destinations", None),
         "health_port": getattr(args, "health_port", None),
         "health_host": getattr(args, "health_host", None),
+        "web_tls_cert": getattr(args, "web_tls_cert", None),
+        "web_tls_key": getattr(args, "web_tls_key", None),
     }
     settings = load_settings(args.config, **overrides)
     check_rules(settings.routing_rules)
@@ -148,8 +153,32 @@ def _sr_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def _tls_make_dev_certs(args: argparse.Namespace) -> int:
+    from dicom_io.tls import make_dev_certs
+
+    try:
+        written = make_dev_certs(args.directory, hosts=tuple(args.host or ("localhost", "127.0.0.1")))
+    except OSError as exc:
+        print(f"dicom-triage: cannot write certificates to {args.directory}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+    for name, path in vars(written).items():
+        print(f"{name}: {path}")
+    print("for trying TLS out only: not for production (unencrypted keys, a CA nobody else trusts)")
+    return 0
+
+
 def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
     """Add the worker's subcommands."""
+    tls = subparsers.add_parser("tls", help="TLS helpers")
+    tls_commands = tls.add_subparsers(dest="tls_command", required=True, metavar="TLS_COMMAND")
+    dev = tls_commands.add_parser(
+        "make-dev-certs", help="write a local CA, a server and a client certificate (not for production)")
+    dev.add_argument("directory", type=Path, metavar="DIR")
+    dev.add_argument("--host", action="append", metavar="NAME",
+                     help="a name or address the server certificate is for (repeatable; default localhost, "
+                          "127.0.0.1)")
+    dev.set_defaults(handler=_tls_make_dev_certs)
+
     serve = subparsers.add_parser("serve", help="listener, scheduler, web worklist and workers in one")
     _add_settings_options(serve)
     _add_network_options(serve, web=True)

@@ -12,6 +12,11 @@ Messages can be lost (Celery's filesystem broker forgets a fetched message when 
 moving ``next_attempt_at`` past the attempt's longest duration, so a second message for the same row finds it not
 due and drops itself; and the delivery worker re-sends a message for every pending row at start and for every row
 overdue for long (the sweep).
+
+A destination configured with ``tls = true`` is recorded as ``AE@HOST:PORT+tls`` and sent to over DICOM TLS only,
+with the CA and client certificate of the configured destination of that name, read afresh for each attempt (a CA
+bundle fixed on disk is used by the next retry). A certificate that does not verify, or a TLS destination no longer
+configured, is a failed attempt with its reason, retried like any other: never a plain association.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from sqlalchemy.exc import OperationalError
 
 from config import Destination, Settings
 from dicom_io.scu import AssociationError, send_datasets
+from dicom_io.tls import TLSConfigError, client_context
 from worker.celery_app import create_celery_app, run_celery_worker
 from worker.db import Database, SrDelivery, SrDocument, upgrade_database, utcnow
 from worker.metrics import SR_DELIVERIES
@@ -85,9 +91,19 @@ def _store_failure_reason(status: int) -> str | None:
 
 
 def send_sr(path: Path, destination: Destination, calling_ae: str) -> str | None:
-    """C-STORE the SR file at ``path``; ``None`` on success, else why it was not stored."""
+    """C-STORE the SR file at ``path`` (over TLS for a TLS destination); ``None`` on success, else why it was not
+    stored."""
+    tls = None
+    if destination.tls:
+        if destination.tls_ca is None:
+            return f"{destination}: a TLS destination with no tls_ca configured (not sent over plain TCP)"
+        try:
+            tls = client_context(destination.tls_ca, destination.tls_cert, destination.tls_key)
+        except TLSConfigError as exc:
+            return f"{destination}: {exc}"
     try:
-        (status,) = send_datasets([path], destination.host, destination.port, destination.ae_title, calling_ae)
+        (status,) = send_datasets([path], destination.host, destination.port, destination.ae_title, calling_ae,
+                                  tls=tls)
     except AssociationError as exc:
         return str(exc)
     except (ValueError, RuntimeError) as exc:
@@ -96,6 +112,15 @@ def send_sr(path: Path, destination: Destination, calling_ae: str) -> str | None
     except OSError as exc:
         return f"{destination}: {type(exc).__name__}: {exc}"
     return _store_failure_reason(status)
+
+
+def configured_destination(settings: Settings, text: str) -> Destination:
+    """The destination a delivery row names: the configured one of that text form (with its TLS files), else the
+    text parsed (a ``+tls`` one then has no CA, and is not sent)."""
+    for destination in settings.sr_destinations:
+        if str(destination) == text:
+            return destination
+    return Destination.parse(text)
 
 
 def attempt_delivery(database: Database, settings: Settings, delivery_pk: int) -> AttemptOutcome | None:
@@ -125,7 +150,7 @@ def attempt_delivery(database: Database, settings: Settings, delivery_pk: int) -
 
     give_up = False
     try:
-        destination = Destination.parse(destination_text)
+        destination = configured_destination(settings, destination_text)
     except ValueError as exc:
         error: str | None = f"bad destination: {exc}"
         give_up = True
@@ -257,6 +282,7 @@ __all__ = [
     "DeliveryStatus",
     "attempt_delivery",
     "backoff_seconds",
+    "configured_destination",
     "delivery_enqueue",
     "make_delivery_enqueue",
     "register_delivery_task",

@@ -14,6 +14,10 @@ one may have left without a row (its ``.ingest-open-<pid>`` marker names a proce
 
 Children are spawned, not forked: the parent already runs threads (scheduler, web) and holds database connections;
 the listening socket is passed to them. A second ``dicom-triage`` on the same port fails with "address in use".
+
+With ``dicom_tls_port`` each Receiver runs a second listener, on the TLS port, sharing its sink (and the group a
+second listening socket); ``dicom_plain = false`` leaves the TLS one alone. Its certificate files are read at start:
+a missing or mismatched file is a :class:`~worker.errors.StartupError` naming it.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import multiprocessing
 import os
 import signal
 import socket
+import ssl
 import threading
 import time
 from multiprocessing.process import BaseProcess
@@ -31,6 +36,7 @@ from multiprocessing.synchronize import Event as ProcessEvent
 from config import Settings
 from dicom_io.archive import Archive
 from dicom_io.listener import StorageListener
+from dicom_io.tls import TLSConfigError, server_context
 from worker.db import Database
 from worker.errors import StartupError
 from worker.ingest import DatabaseSink
@@ -55,43 +61,69 @@ class Receiver:
     fsynced before each commit, and a start after an unclean end re-records any file whose row was lost.
     """
 
-    def __init__(self, settings: Settings, *, listening_socket: socket.socket | None = None) -> None:
+    def __init__(self, settings: Settings, *, listening_socket: socket.socket | None = None,
+                 tls_listening_socket: socket.socket | None = None) -> None:
         self.settings = settings
+        tls = dicom_tls_context(settings)  # before anything is opened: a bad file ends the start here
         self._database = Database(settings.effective_database_url, durable_commits=False)
         archive = Archive(settings.archive_dir, files_ahead=settings.archive_files_ahead)
         self.sink = DatabaseSink(archive, self._database)
-        self.listener = StorageListener(
-            ae_title=settings.ae_title,
-            host=settings.dicom_host,
-            port=settings.dicom_port,
-            sink=self.sink,
-            allowed_calling_aes=settings.allowed_calling_aes,
-            max_associations=settings.max_associations,
-            min_free_bytes=settings.min_free_disk_mb * 1024 * 1024,
-            archive_root=settings.archive_dir,
-            listening_socket=listening_socket,
-        )
+        common = dict(ae_title=settings.ae_title, host=settings.dicom_host, sink=self.sink,
+                      allowed_calling_aes=settings.allowed_calling_aes, max_associations=settings.max_associations,
+                      min_free_bytes=settings.min_free_disk_mb * 1024 * 1024, archive_root=settings.archive_dir,
+                      required_subjects=settings.dicom_tls_subjects)
+        #: The plain listener (if ``dicom_plain``), then the TLS one (if ``dicom_tls_port``).
+        self.listeners: list[StorageListener] = []
+        if settings.dicom_plain:
+            self.listeners.append(StorageListener(port=settings.dicom_port, listening_socket=listening_socket,
+                                                  **common))  # type: ignore[arg-type]
+        if tls is not None and settings.dicom_tls_port is not None:
+            self.listeners.append(StorageListener(port=settings.dicom_tls_port, ssl_context=tls,
+                                                  listening_socket=tls_listening_socket,
+                                                  **common))  # type: ignore[arg-type]
+
+    @property
+    def listener(self) -> StorageListener:
+        """The first listener: the plain one, or the TLS one when it is alone."""
+        return self.listeners[0]
 
     def start(self) -> None:
         try:
             self.sink.open()  # before the first association: recovery, then this process's marker
         except OSError as exc:
             raise StartupError(f"cannot use archive {self.settings.archive_dir}: {exc}") from exc
-        try:
-            self.listener.start()
-        except OSError as exc:
-            where = f"{self.settings.dicom_host}:{self.settings.dicom_port}"
-            raise StartupError(f"cannot listen for DICOM on {where}: {exc.strerror or exc}") from exc
+        for listener in self.listeners:
+            try:
+                listener.start()
+            except OSError as exc:
+                for started in self.listeners:
+                    started.stop()
+                where = f"{self.settings.dicom_host}:{listener.port}"
+                raise StartupError(f"cannot listen for DICOM on {where}: {exc.strerror or exc}") from exc
 
     def stop(self) -> None:
-        self.listener.stop()
+        for listener in self.listeners:
+            listener.stop()
         self.sink.close(timeout=SINK_CLOSE_SECONDS)
         self.sink.archive.close()
         self._database.dispose()
 
 
+def dicom_tls_context(settings: Settings) -> ssl.SSLContext | None:
+    """The TLS listener's context from the settings, or None without ``dicom_tls_port``; a file that is missing or
+    does not match is a :class:`StartupError` naming it."""
+    if settings.dicom_tls_port is None:
+        return None
+    assert settings.dicom_tls_cert is not None and settings.dicom_tls_key is not None  # Settings checks
+    try:
+        return server_context(settings.dicom_tls_cert, settings.dicom_tls_key, settings.dicom_tls_ca,
+                              settings.require_client_certificate)
+    except TLSConfigError as exc:
+        raise StartupError(f"cannot listen for DICOM TLS on port {settings.dicom_tls_port}: {exc}") from None
+
+
 def _child_main(settings: Settings, index: int, ready: ProcessEvent, parent: int,
-                listening_socket: socket.socket) -> None:
+                listening_socket: socket.socket | None, tls_listening_socket: socket.socket | None) -> None:
     """A listener child: serve until SIGTERM or SIGINT (the parent, Ctrl-C on the process group, or the kernel when
     the parent ``parent`` is gone: an orphan would keep the shared socket open, and a restarted service could not
     bind), then stop within :data:`~worker.lifetime.KILL_AFTER_SECONDS`."""
@@ -100,8 +132,9 @@ def _child_main(settings: Settings, index: int, ready: ProcessEvent, parent: int
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
     die_with_parent(parent)  # after the handler: the parent's death is a SIGTERM like any other
-    receiver = Receiver(settings, listening_socket=listening_socket)  # each takes the whole limit (module's note)
     try:
+        # Each takes the whole limit (module's note).
+        receiver = Receiver(settings, listening_socket=listening_socket, tls_listening_socket=tls_listening_socket)
         receiver.start()
     except StartupError as exc:
         log.error("%s", exc)
@@ -136,6 +169,7 @@ class ListenerGroup:
         self._context = multiprocessing.get_context("spawn")
         self._children = [_Child(index) for index in range(settings.listen_processes)]
         self._socket: socket.socket | None = None
+        self._tls_socket: socket.socket | None = None
 
     @property
     def pids(self) -> list[int]:
@@ -144,7 +178,8 @@ class ListenerGroup:
     def _spawn(self, child: _Child) -> None:
         child.ready = self._context.Event()
         child.process = self._context.Process(
-            target=_child_main, args=(self.settings, child.index, child.ready, os.getpid(), self._socket),
+            target=_child_main,
+            args=(self.settings, child.index, child.ready, os.getpid(), self._socket, self._tls_socket),
             name=f"listener-{child.index}",
             daemon=False,
         )
@@ -155,7 +190,15 @@ class ListenerGroup:
     def start(self) -> None:
         """Bind the port, start every child and return once all listen; :class:`StartupError` if the port cannot
         be bound or a child exits first (the others are stopped)."""
-        self._socket = _listening_socket(self.settings.dicom_host, self.settings.dicom_port)
+        dicom_tls_context(self.settings)  # a bad certificate file is reported here, not by every child
+        if self.settings.dicom_plain:
+            self._socket = _listening_socket(self.settings.dicom_host, self.settings.dicom_port)
+        if self.settings.dicom_tls_port is not None:
+            try:
+                self._tls_socket = _listening_socket(self.settings.dicom_host, self.settings.dicom_tls_port)
+            except StartupError:
+                self.stop()
+                raise
         for child in self._children:
             self._spawn(child)
         deadline = time.monotonic() + START_TIMEOUT_SECONDS
@@ -215,9 +258,10 @@ class ListenerGroup:
                 process.join()
         for child in self._children:
             child.process = None
-        if self._socket is not None:
-            self._socket.close()
-            self._socket = None
+        for sock in (self._socket, self._tls_socket):
+            if sock is not None:
+                sock.close()
+        self._socket = self._tls_socket = None
 
 
 def _listening_socket(host: str, port: int) -> socket.socket:

@@ -137,13 +137,23 @@ class Ingest:
         return "" if alive == self.settings.listen_processes else (
             f"{alive} of {self.settings.listen_processes} listener processes running")
 
+    def _ports(self) -> list[tuple[int, bool]]:
+        """(port, over TLS) of each listener: the bound ones in this process, else as configured."""
+        if self.receiver is not None:
+            return [(listener.port, listener.ssl_context is not None) for listener in self.receiver.listeners]
+        ports = [(self.settings.dicom_port, False)] if self.settings.dicom_plain else []
+        if self.settings.dicom_tls_port is not None:
+            ports.append((self.settings.dicom_tls_port, True))
+        return ports
+
     def dicom_port(self) -> int:
-        """The port associations are accepted on (the bound one, when the settings asked for 0)."""
-        return self.receiver.listener.port if self.receiver is not None else self.settings.dicom_port
+        """The port associations are accepted on (the bound one, when the settings asked for 0): the plain one, or
+        the TLS one when it is alone."""
+        return self._ports()[0][0]
 
     def describe(self) -> str:
-        port = self.dicom_port()
-        where = f"DICOM {self.settings.ae_title}@{self.settings.dicom_host}:{port}"
+        ports = " and ".join(f"{port}{' (TLS)' if tls else ''}" for port, tls in self._ports())
+        where = f"DICOM {self.settings.ae_title}@{self.settings.dicom_host}:{ports}"
         if self.group is None:
             return where
         pids = ", ".join(map(str, self.group.pids))
@@ -338,7 +348,7 @@ def _serve(settings: Settings, config_file: Path | None, database: Database, loc
         readiness = listener_readiness("serve", settings, database, ingest)
         web, web_thread = start_in_thread(settings, database, readiness=readiness)
         health = ProcessHealth(settings.model_copy(update={"health_port": 0}), readiness,
-                               url=f"http://{settings.web_host}:{settings.web_port}").start()
+                               url=settings.web_url).start()
         for worker in workers:
             worker.ensure_running()
         record()
@@ -347,8 +357,7 @@ def _serve(settings: Settings, config_file: Path | None, database: Database, loc
                 raise StartupError(f"cannot serve the web worklist on {settings.web_host}:{settings.web_port}")
             if not ready and web.started and child.pid is not None and worker_registered(database, child.pid):
                 ready = True
-                web_url = f"http://{settings.web_host}:{settings.web_port}"
-                _ready(f"{ingest.describe()}, web {web_url}, worker pid {child.pid}, data {settings.data_dir}")
+                _ready(f"{ingest.describe()}, web {settings.web_url}, worker pid {child.pid}, data {settings.data_dir}")
             ingest.supervise()
             for worker in workers:
                 worker.ensure_running()

@@ -37,6 +37,8 @@ from worker.web.security import Signer, load_or_create_secret
 
 _HERE = Path(__file__).resolve().parent
 
+#: Browsers that once reached us over HTTPS use nothing else for a year.
+HSTS = "max-age=31536000"
 SECURITY_HEADERS = {
     "Content-Security-Policy": (
         "default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'; "
@@ -211,6 +213,8 @@ def create_app(
             response.headers.setdefault(name, value)
         if not request.url.path.startswith("/static/"):
             response.headers.setdefault("Cache-Control", "no-store")
+        if request.url.scheme == "https":  # HSTS means nothing over plain HTTP (RFC 6797 8.1), and is ignored there
+            response.headers.setdefault("Strict-Transport-Security", HSTS)
         return response
 
     return app

@@ -22,6 +22,7 @@ def register(subparsers: Any) -> None:
     _common(web)
     web.add_argument("--web-host", help="address to listen on (default from settings: 127.0.0.1)")
     web.add_argument("--web-port", type=int, help="port to listen on (default from settings: 8080)")
+    add_web_tls_options(web)
     web.set_defaults(handler=_web)
 
     users = subparsers.add_parser("users", help="manage web users")
@@ -43,6 +44,28 @@ def register(subparsers: Any) -> None:
     _common(unlock)
     unlock.add_argument("name")
     unlock.set_defaults(handler=_users_unlock)
+
+
+def add_web_tls_options(parser: argparse.ArgumentParser) -> None:
+    """``--web-tls-cert/--web-tls-key``: HTTPS (Secure cookies, HSTS); without them put a TLS proxy in front."""
+    parser.add_argument("--web-tls-cert", type=Path, metavar="FILE",
+                        help="serve the web app over HTTPS with this certificate (PEM; web_tls_cert)")
+    parser.add_argument("--web-tls-key", type=Path, metavar="FILE", help="its private key (PEM; web_tls_key)")
+
+
+def web_tls_files(settings: Settings) -> dict[str, str]:
+    """uvicorn's TLS arguments from the settings, the files checked first: a missing or mismatched file is a
+    :class:`~worker.errors.StartupError` naming it (uvicorn would fail inside its thread with a traceback)."""
+    if settings.web_tls_cert is None or settings.web_tls_key is None:
+        return {}
+    from dicom_io.tls import TLSConfigError, server_context
+    from worker.errors import StartupError
+
+    try:
+        server_context(settings.web_tls_cert, settings.web_tls_key)
+    except TLSConfigError as exc:
+        raise StartupError(f"cannot serve the web app over HTTPS: {exc}") from None
+    return {"ssl_certfile": str(settings.web_tls_cert), "ssl_keyfile": str(settings.web_tls_key)}
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -72,7 +95,7 @@ def build_server(settings: Settings, database: Any = None, on_correction: Any = 
     app = create_app(settings, database or _database(settings), on_correction=on_correction, readiness=readiness)
     config = uvicorn.Config(app, host=settings.web_host, port=settings.web_port, log_level="info",
                             proxy_headers=True, server_header=False,
-                            log_config=uvicorn_log_config(settings.log_format))
+                            log_config=uvicorn_log_config(settings.log_format), **web_tls_files(settings))
     return uvicorn.Server(config)
 
 
@@ -89,11 +112,12 @@ def start_in_thread(settings: Settings, database: Any = None, on_correction: Any
 def _web(args: argparse.Namespace) -> int:
     from worker.health import ProcessHealth, Readiness, standard_checks
 
-    settings = _settings(args, web_host=args.web_host, web_port=args.web_port)
+    settings = _settings(args, web_host=args.web_host, web_port=args.web_port, web_tls_cert=args.web_tls_cert,
+                         web_tls_key=args.web_tls_key)
     database = _database(settings)
     readiness = Readiness("web", standard_checks(settings, database))
     health = ProcessHealth(settings.model_copy(update={"health_port": 0}), readiness,
-                           url=f"http://{settings.web_host}:{settings.web_port}").start()
+                           url=settings.web_url).start()
     # uvicorn (0.29 on) shuts the app down on SIGTERM, puts back the handler it found and raises the signal again
     # for it: this one makes a complete shutdown end with status 0, as the other commands do, not by the signal.
     signal.signal(signal.SIGTERM, _exit_cleanly)
