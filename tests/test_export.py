@@ -205,16 +205,38 @@ def test_pseudonyms_depend_on_the_key_and_refusals(archive_env) -> None:
 
 
 def test_cli_export(archive_env) -> None:
+    """Reviewed labels by default: the plain command exports only confirmed/corrected series and says how many
+    unreviewed results it left out; ``--include-unreviewed`` adds them, and export.json counts the model's labels."""
     settings, _, _, root = archive_env
     env = {k: v for k, v in os.environ.items() if not k.startswith("DICOM_TRIAGE_")}
     env.update(DICOM_TRIAGE_PSEUDONYM_KEY=KEY, CUDA_VISIBLE_DEVICES="")
-    command = [sys.executable, "-m", "worker.cli", "dataset", "export", "--task", "covid-ct", "--out",
-               str(root / "cli"), "--confirmed-only", "--data-dir", str(settings.data_dir)]
-    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr
-    assert "exported 12 images of 6 series" in done.stdout
-    bad = subprocess.run([*command, "--since", "yesterday"], cwd=ROOT, env=env,
-                         capture_output=True, text=True, timeout=120)
+    base = [sys.executable, "-m", "worker.cli", "dataset", "export", "--task", "covid-ct",
+            "--data-dir", str(settings.data_dir)]
+
+    def export(out: str, *flags: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([*base, "--out", str(root / out), *flags], cwd=ROOT, env=env, capture_output=True,
+                              text=True, timeout=120)
+
+    default = export("cli")
+    assert default.returncode == 0, default.stderr
+    assert "exported 12 images of 6 series" in default.stdout
+    assert "left out 1 unreviewed results" in default.stdout
+    summary = json.loads((root / "cli" / "export.json").read_text())
+    assert (summary["model_labels"], summary["unreviewed_left_out"]) == (0, 1)
+    assert {row["label_source"] for row in read_manifest(root / "cli")} == {"radiologist"}
+
+    everything = export("cli-all", "--include-unreviewed")
+    assert everything.returncode == 0, everything.stderr
+    assert "exported 14 images of 7 series" in everything.stdout
+    assert "2 images are labelled with the model's own unreviewed result" in everything.stdout
+    summary = json.loads((root / "cli-all" / "export.json").read_text())
+    assert summary["label_sources"] == {"radiologist": 12, "model": 2} and summary["unreviewed_left_out"] == 0
+
+    old_flag = export("cli-old", "--confirmed-only")  # the old opt-in, now the default, still accepted
+    assert old_flag.returncode == 0 and "exported 12 images of 6 series" in old_flag.stdout
+    both = export("cli-both", "--confirmed-only", "--include-unreviewed")
+    assert both.returncode == 2 and "contradict" in both.stderr and not (root / "cli-both").exists()
+    bad = export("cli-bad", "--since", "yesterday")
     assert bad.returncode == 2 and "is not a date" in bad.stderr
 
 

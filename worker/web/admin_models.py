@@ -28,6 +28,7 @@ from models.tasks import TASKS
 from training.cli import ARCHITECTURE_NAMES
 from worker.db import User
 from worker.db.review import Role, audit
+from worker.export import label_counts
 from worker.registry import (
     PromotionRefused,
     RegistryError,
@@ -96,7 +97,10 @@ def _overview(request: Request) -> dict[str, Any]:
     register_installed_models(state.database, state.settings)
     with state.database.read_session() as session:
         models = [describe(m) for m in list_models(session)]
-    return {"models": models, "runs": load_runs(state.database)}
+    # What a retraining would learn from, shown before one starts: reviewed labels, and the unreviewed results
+    # left out unless the admin includes them.
+    labels = {name: label_counts(state.database, TASKS[name]) for name in TASK_NAMES}
+    return {"models": models, "runs": load_runs(state.database), "label_counts": labels}
 
 
 @dataclass(frozen=True)
