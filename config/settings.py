@@ -174,6 +174,9 @@ class Settings(BaseModel):
     reference_sets: dict[str, Path] = Field(default_factory=dict)
     #: Extra labelled image folders per task that every retraining adds to the exported archive data.
     external_training_data: dict[str, tuple[Path, ...]] = Field(default_factory=dict)
+    #: The fewest patients each class needs for ``dataset export`` to write a training set: with fewer, a split by
+    #: patient cannot keep a class on both sides, and a model would learn a patient rather than a finding.
+    export_min_patients_per_class: int = Field(default=2, ge=0, le=100000)
     #: How much worse than the active model (accuracy and every class's recall, as fractions) a candidate may be.
     promotion_tolerance: float = Field(default=0.02, ge=0, le=1)
 

@@ -47,17 +47,19 @@ PATIENTS = [
 SLICES = 2
 
 
-def seed(database: Database, settings, archive: Archive) -> dict[str, list[str]]:
-    """Archive and classify every patient's series, and record the decisions; return series UIDs per patient."""
+def seed(database: Database, settings, archive: Archive, patients: list[tuple] | None = None,
+         offset: int = 0) -> dict[str, list[str]]:
+    """Archive and classify every patient's series (``PATIENTS`` unless given; a truth of ``A|B`` gives the
+    patient's series those labels in turn), and record the decisions; return series UIDs per patient."""
     series_by_patient: dict[str, list[str]] = {}
-    offset = 0
     with database.session() as session:
         reviewer = User(name="rad", role="radiologist", password_hash="x")
         session.add(reviewer)
-        for pid, name, birth, truth, model_label, decision, count in PATIENTS:
+        for pid, name, birth, truths, model_label, decision, count in (PATIENTS if patients is None else patients):
             patient = Patient(patient_id=pid, patient_name=name, birth_date=birth)
             session.add(patient)
-            for _ in range(count):
+            for number in range(count):
+                truth = truths.split("|")[number % len(truths.split("|"))]
                 datasets = ct_series(covid_files(truth, 100 + offset, SLICES), patient_id=pid, patient_name=name,
                                      study_instance_uid=generate_uid(), series_instance_uid=generate_uid())
                 offset += SLICES
@@ -78,8 +80,9 @@ def seed(database: Database, settings, archive: Archive) -> dict[str, list[str]]
                           series_last_received_at=utcnow())
                 session.add(job)
                 session.flush()
-                result = Result(job_pk=job.id, series_pk=series.id, revision=1, task=COVID_CT.name, label=model_label,
-                                probabilities={model_label: 0.9}, slice_probabilities=[], aggregation="test",
+                shown = truth if decision is Decision.CONFIRM else model_label  # a confirmation keeps it
+                result = Result(job_pk=job.id, series_pk=series.id, revision=1, task=COVID_CT.name, label=shown,
+                                probabilities={shown: 0.9}, slice_probabilities=[], aggregation="test",
                                 model_name="m", model_version="1", model_uid="2.25.7")
                 session.add(result)
                 session.flush()
@@ -282,7 +285,9 @@ def test_training_images_from_real_dicom_match_the_workers_input(tmp_path: Path)
         session.flush()
         record_decision(session, result, reviewer, Decision.CONFIRM, "non-COVID")
     try:
-        export = export_dataset(database, settings, COVID_CT, tmp_path / "out", confirmed_only=True)
+        # One patient of one class: the parity is checked without the export's patients-per-class floor.
+        export = export_dataset(database, settings, COVID_CT, tmp_path / "out", confirmed_only=True,
+                                min_patients_per_class=0)
     finally:
         database.dispose()
     frames = decode_series(files)

@@ -62,6 +62,19 @@ class ExportError(ValueError):
     """The export cannot run (no key, output folder not empty, ...); the message says what to do."""
 
 
+def check_patients_per_class(patient_labels: dict[str, str], class_names: tuple[str, ...], minimum: int) -> None:
+    """Refuse a non-empty export where a class has fewer than ``minimum`` patients (an empty one trains nothing
+    and is left to the caller to refuse)."""
+    if not patient_labels or minimum <= 0:
+        return
+    counts = {name: sum(1 for label in patient_labels.values() if label == name) for name in class_names}
+    short = [f"{name} has {count}" for name, count in counts.items() if count < minimum]
+    if short:
+        raise ExportError(f"too few patients per class to export a patient-safe training set: {', '.join(short)} "
+                          f"(at least {minimum} each; setting export_min_patients_per_class). Review more studies "
+                          "of those classes, or add an external labelled folder")
+
+
 @dataclass(frozen=True)
 class LabelledSeries:
     """A series to export and its label; ``source`` is ``radiologist`` (confirmed/corrected) or ``model``."""
@@ -98,6 +111,13 @@ class ExportResult:
     def model_labels(self) -> int:
         """How many exported images carry the model's own, unreviewed label (0 unless asked for)."""
         return self.label_sources().get("model", 0)
+
+    def patients(self) -> dict[str, dict[str, int]]:
+        """Patients per split and class (a patient counts under the class the split was stratified by)."""
+        seen: dict[str, dict[str, set[str]]] = {TRAIN_FOLDER: {}, TEST_FOLDER: {}}
+        for entry in self.series:
+            seen[entry["split"]].setdefault(entry["label"], set()).add(entry["pseudo_patient"])
+        return {split: {label: len(who) for label, who in per_class.items()} for split, per_class in seen.items()}
 
     def counts(self) -> dict[str, dict[str, int]]:
         """Images per split and class."""
@@ -232,6 +252,7 @@ def export_dataset(
     *,
     confirmed_only: bool = True,
     since: date | None = None,
+    min_patients_per_class: int | None = None,
 ) -> ExportResult:
     """Export the task's labelled archived series to ``out_dir`` (which must not exist or be empty).
 
@@ -240,9 +261,9 @@ def export_dataset(
     pseudonyms = _pseudonymizer(settings)
     options = {"confirmed_only": confirmed_only, "since": since.isoformat() if since else None}
     left_out = 0 if not confirmed_only else label_counts(database, task)["unreviewed"]
-    result = _export(out_dir, task, pseudonyms, lambda: labelled_series(database, task, confirmed_only, since),
-                     options, unreviewed_left_out=left_out)
-    return result
+    minimum = settings.export_min_patients_per_class if min_patients_per_class is None else min_patients_per_class
+    return _export(out_dir, task, pseudonyms, lambda: labelled_series(database, task, confirmed_only, since),
+                   {**options, "min_patients_per_class": minimum}, unreviewed_left_out=left_out)
 
 
 def _header_patient_identity(path: Path) -> str:
@@ -279,7 +300,8 @@ def export_dicom_tree(settings: Settings, task: Task, root: Path | str, labels_f
     """Export a labelled tree of DICOM series (not the archive) to ``out_dir``, as :func:`export_dataset` does."""
     pseudonyms = _pseudonymizer(settings)
     root = Path(root)
-    options = {"dicom_tree": True, "labels": labels_file.name if labels_file else None}
+    options = {"dicom_tree": True, "labels": labels_file.name if labels_file else None,
+               "min_patients_per_class": settings.export_min_patients_per_class}
     return _export(out_dir, task, pseudonyms, lambda: labelled_tree_series(root, labels_file, task), options)
 
 
@@ -317,6 +339,8 @@ def _export_into(work: Path, task: Task, pseudonyms: Pseudonymizer, series_list:
         patient: max(task.class_names, key=lambda c: (labels.count(c), -task.class_names.index(c)))
         for patient, labels in votes.items()
     }
+    # Refused before a single file is written: the message says which class is short, and by how much.
+    check_patients_per_class(patient_labels, task.class_names, int(options.get("min_patients_per_class", 0)))
     splits = assign_splits(patient_labels, pseudonyms, task.class_names)
     result = ExportResult(out_dir=work, task=task.name, unreviewed_left_out=unreviewed_left_out)
     rows: list[dict[str, Any]] = []
@@ -356,6 +380,8 @@ def _export_into(work: Path, task: Task, pseudonyms: Pseudonymizer, series_list:
         "images": result.images,
         "series": len(result.series),
         "counts": result.counts(),
+        # Class balance by patients, not only images: one patient's many slices weigh as one patient.
+        "patients": result.patients(),
         # Images per label source; "model" images carry the model's own unreviewed result as their label.
         "label_sources": result.label_sources(),
         "model_labels": result.model_labels(),
@@ -367,5 +393,5 @@ def _export_into(work: Path, task: Task, pseudonyms: Pseudonymizer, series_list:
     return result
 
 
-__all__ = ["ExportError", "ExportResult", "Pseudonymizer", "assign_splits", "export_dataset", "export_dicom_tree",
+__all__ = ["ExportError", "ExportResult", "Pseudonymizer", "assign_splits", "check_patients_per_class", "export_dataset", "export_dicom_tree",
            "label_counts", "labelled_series", "labelled_tree_series"]

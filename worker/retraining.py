@@ -217,8 +217,10 @@ def _run(settings: Settings, database: Database, run: TrainingRun) -> None:
     init_from = active_dir if options.start_from_active else None
     if options.start_from_active and init_from is None:
         raise RegistryError(f"no active {task.name} model to start from")
+    # With external folders the archive's part may be small: they give every class its patients.
     exported = export_dataset(database, settings, task, folder / "data", confirmed_only=options.confirmed_only,
-                              since=date.fromisoformat(options.since) if options.since else None)
+                              since=date.fromisoformat(options.since) if options.since else None,
+                              min_patients_per_class=0 if external else None)
     if exported.images == 0 and not external:
         raise ExportError(f"no labelled {task.name} series to train on (confirm some results first)")
     left_out = (f", left out {exported.unreviewed_left_out} unreviewed results" if exported.unreviewed_left_out

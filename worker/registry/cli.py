@@ -65,10 +65,13 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _print_export(result: Any) -> None:
-    counts = result.counts()
+    counts, patients = result.counts(), result.patients()
     print(f"exported {result.images} images of {len(result.series)} series to {result.out_dir}")
     for split, per_class in counts.items():
-        print(f"  {split}: " + (", ".join(f"{k}={v}" for k, v in sorted(per_class.items())) or "none"))
+        total = sum(per_class.values())
+        print(f"  {split}: " + (", ".join(
+            f"{k}={v} images ({v / total:.0%}) of {patients[split].get(k, 0)} patients"
+            for k, v in sorted(per_class.items())) or "none"))
     for skipped in result.skipped:
         print(f"  skipped series {skipped['pseudo_series']}: {skipped['reason']}")
     if result.model_labels():
