@@ -232,8 +232,31 @@ def models_page(request: Request, who: Principal = Depends(page_admin)) -> Respo
         # Kept by the database on every result (worker.db.triage), not counted over the results table.
         counts = {uid: n for uid, n in session.execute(select(ModelResultCount.model_uid, ModelResultCount.results))}
     evaluations = {model["model_uid"]: evaluation_splits(model["metrics"]) for model in registered}
+    from worker.drift import drift_report
+
+    state = _state(request)
     return _render(request, "admin_models.html", who, registered=registered, counts=counts,
-                   evaluations=evaluations)
+                   evaluations=evaluations, drift=drift_report(state.database, state.settings),
+                   gates=_last_gates(state.database))
+
+
+def _last_gates(database: Any) -> dict[str, dict[str, Any]]:
+    """Each model's latest gate verdict (a refusal, or the one its promotion passed or was forced past), from the
+    registry's events: what the models page shows beside it."""
+    from worker.db.registry import ModelEvent, RegisteredModel
+
+    verdicts: dict[str, dict[str, Any]] = {}
+    with database.read_session() as session:
+        rows = session.execute(
+            select(RegisteredModel.model_uid, ModelEvent.action, ModelEvent.reason, ModelEvent.details)
+            .join(ModelEvent, ModelEvent.model_pk == RegisteredModel.id)
+            .where(ModelEvent.action.in_(("promotion_refused", "promote", "promote_forced")))
+            .order_by(ModelEvent.id))
+        for uid, action, reason, details in rows:
+            gate = (details or {}).get("gate")
+            if gate:
+                verdicts[uid] = {"action": action, "reason": reason, **gate}
+    return verdicts
 
 
 AUDIT_PAGE_SIZE = 200
