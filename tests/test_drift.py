@@ -1,6 +1,6 @@
 """The drift watch (issue 23) on a real migrated database, SQLite then PostgreSQL: four ordinary weeks of covid-ct
 results (a quarter COVID, a few corrections) and then a synthetic week where every series is called COVID. The
-weekly figures flag that week's COVID share and nothing in the ordinary ones; the admin models page shows the
+weekly figures flag that week's COVID share and nothing in the ordinary ones; the admin drift page shows the
 warning; ``/metrics`` exports the warning gauge that the ``DicomTriageModelDrift`` alert watches."""
 
 from __future__ import annotations
@@ -99,7 +99,8 @@ def test_the_drift_warning_on_the_admin_page_and_in_metrics(tmp_path: Path, data
         token = re.search(r'name="csrf_token" value="([^"]+)"', client.get("/login").text)[1]
         assert client.post("/login", data={"username": "boss", "password": PASSWORD,
                                            "csrf_token": token}).status_code == 303
-        page = client.get("/admin/models")
+        assert 'href="/admin/drift"' in client.get("/admin/models").text
+        page = client.get("/admin/drift")
         assert page.status_code == 200
         warning = re.search(r'data-testid="drift-warning-covid-ct">(.*?)</p>', page.text, re.S)
         assert warning, page.text[-3000:]

@@ -232,12 +232,18 @@ def models_page(request: Request, who: Principal = Depends(page_admin)) -> Respo
         # Kept by the database on every result (worker.db.triage), not counted over the results table.
         counts = {uid: n for uid, n in session.execute(select(ModelResultCount.model_uid, ModelResultCount.results))}
     evaluations = {model["model_uid"]: evaluation_splits(model["metrics"]) for model in registered}
+    return _render(request, "admin_models.html", who, registered=registered, counts=counts,
+                   evaluations=evaluations, gates=_last_gates(_state(request).database))
+
+
+@router.get("/admin/drift")
+def drift_page(request: Request, who: Principal = Depends(page_admin)) -> Response:
+    """Per task and week: predicted class shares, indeterminate and correction rates, mean confidence, warnings.
+    A page of its own: it reads weeks of results, which the models page (timed at a million studies) must not."""
     from worker.drift import drift_report
 
     state = _state(request)
-    return _render(request, "admin_models.html", who, registered=registered, counts=counts,
-                   evaluations=evaluations, drift=drift_report(state.database, state.settings),
-                   gates=_last_gates(state.database))
+    return _render(request, "admin_drift.html", who, drift=drift_report(state.database, state.settings))
 
 
 def _last_gates(database: Any) -> dict[str, dict[str, Any]]:
