@@ -106,6 +106,13 @@ def test_better_on_curated_but_worse_on_external_is_refused_then_forced_with_a_r
     row = re.search(r"<tr><td>external roc_auc</td>(.*?)</tr>", page, re.S)
     assert row and re.findall(r"<td>(.*?)</td>", row[1])[-1] == "worse", page[-3000:]
     assert "refuses" in page
+    # And the models page keeps the refusal's figures beside the model.
+    models_page = client.get("/admin/models").text
+    row = re.search(rf'<tr data-model="{uid}" data-metric="external roc_auc">(.*?)</tr>', models_page, re.S)
+    assert row, models_page[-3000:]
+    cells = re.findall(r"<td>(.*?)</td>", row[1], re.S)
+    assert cells[1:] == ["promotion_refused", "external roc_auc", f"{external['candidate']:.4f}",
+                         f"{external['active']:.4f}", "worse"]
 
     no_reason = _cli(env, "models", "promote", uid, "--force")
     assert no_reason.returncode == 2 and "--force needs --reason" in no_reason.stderr
