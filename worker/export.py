@@ -393,5 +393,5 @@ def _export_into(work: Path, task: Task, pseudonyms: Pseudonymizer, series_list:
     return result
 
 
-__all__ = ["ExportError", "ExportResult", "Pseudonymizer", "assign_splits", "check_patients_per_class", "export_dataset", "export_dicom_tree",
-           "label_counts", "labelled_series", "labelled_tree_series"]
+__all__ = ["ExportError", "ExportResult", "Pseudonymizer", "assign_splits", "check_patients_per_class",
+           "export_dataset", "export_dicom_tree", "label_counts", "labelled_series", "labelled_tree_series"]
