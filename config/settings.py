@@ -216,6 +216,19 @@ class Settings(BaseModel):
     reference_sets: dict[str, Path] = Field(default_factory=dict)
     #: Extra labelled image folders per task that every retraining adds to the exported archive data.
     external_training_data: dict[str, tuple[Path, ...]] = Field(default_factory=dict)
+    #: The fewest patients each class needs for ``dataset export`` to write a training set: with fewer, a split by
+    #: patient cannot keep a class on both sides, and a model would learn a patient rather than a finding.
+    export_min_patients_per_class: int = Field(default=2, ge=0, le=100000)
+    #: Drift watch (worker.drift): weeks shown, weeks a week is compared with, the fewest series a week needs to be
+    #: judged, and the bounds: a class share this many times its baseline, the correction rate this many times, the
+    #: indeterminate rate up by this much, the mean confidence down by this much (both absolute).
+    drift_weeks: int = Field(default=8, ge=2, le=104)
+    drift_baseline_weeks: int = Field(default=4, ge=1, le=52)
+    drift_min_series: int = Field(default=10, ge=1, le=1000000)
+    drift_share_ratio: float = Field(default=3.0, gt=1, le=1000)
+    drift_correction_ratio: float = Field(default=2.0, gt=1, le=1000)
+    drift_indeterminate_rise: float = Field(default=0.15, gt=0, le=1)
+    drift_confidence_drop: float = Field(default=0.10, gt=0, le=1)
     #: How much worse than the active model (accuracy and every class's recall, as fractions) a candidate may be.
     promotion_tolerance: float = Field(default=0.02, ge=0, le=1)
 

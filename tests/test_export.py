@@ -47,17 +47,19 @@ PATIENTS = [
 SLICES = 2
 
 
-def seed(database: Database, settings, archive: Archive) -> dict[str, list[str]]:
-    """Archive and classify every patient's series, and record the decisions; return series UIDs per patient."""
+def seed(database: Database, settings, archive: Archive, patients: list[tuple] | None = None,
+         offset: int = 0) -> dict[str, list[str]]:
+    """Archive and classify every patient's series (``PATIENTS`` unless given; a truth of ``A|B`` gives the
+    patient's series those labels in turn), and record the decisions; return series UIDs per patient."""
     series_by_patient: dict[str, list[str]] = {}
-    offset = 0
     with database.session() as session:
         reviewer = User(name="rad", role="radiologist", password_hash="x")
         session.add(reviewer)
-        for pid, name, birth, truth, model_label, decision, count in PATIENTS:
+        for pid, name, birth, truths, model_label, decision, count in (PATIENTS if patients is None else patients):
             patient = Patient(patient_id=pid, patient_name=name, birth_date=birth)
             session.add(patient)
-            for _ in range(count):
+            for number in range(count):
+                truth = truths.split("|")[number % len(truths.split("|"))]
                 datasets = ct_series(covid_files(truth, 100 + offset, SLICES), patient_id=pid, patient_name=name,
                                      study_instance_uid=generate_uid(), series_instance_uid=generate_uid())
                 offset += SLICES
@@ -78,8 +80,9 @@ def seed(database: Database, settings, archive: Archive) -> dict[str, list[str]]
                           series_last_received_at=utcnow())
                 session.add(job)
                 session.flush()
-                result = Result(job_pk=job.id, series_pk=series.id, revision=1, task=COVID_CT.name, label=model_label,
-                                probabilities={model_label: 0.9}, slice_probabilities=[], aggregation="test",
+                shown = truth if decision is Decision.CONFIRM else model_label  # a confirmation keeps it
+                result = Result(job_pk=job.id, series_pk=series.id, revision=1, task=COVID_CT.name, label=shown,
+                                probabilities={shown: 0.9}, slice_probabilities=[], aggregation="test",
                                 model_name="m", model_version="1", model_uid="2.25.7")
                 session.add(result)
                 session.flush()
@@ -205,16 +208,38 @@ def test_pseudonyms_depend_on_the_key_and_refusals(archive_env) -> None:
 
 
 def test_cli_export(archive_env) -> None:
+    """Reviewed labels by default: the plain command exports only confirmed/corrected series and says how many
+    unreviewed results it left out; ``--include-unreviewed`` adds them, and export.json counts the model's labels."""
     settings, _, _, root = archive_env
     env = {k: v for k, v in os.environ.items() if not k.startswith("DICOM_TRIAGE_")}
     env.update(DICOM_TRIAGE_PSEUDONYM_KEY=KEY, CUDA_VISIBLE_DEVICES="")
-    command = [sys.executable, "-m", "worker.cli", "dataset", "export", "--task", "covid-ct", "--out",
-               str(root / "cli"), "--confirmed-only", "--data-dir", str(settings.data_dir)]
-    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr
-    assert "exported 12 images of 6 series" in done.stdout
-    bad = subprocess.run([*command, "--since", "yesterday"], cwd=ROOT, env=env,
-                         capture_output=True, text=True, timeout=120)
+    base = [sys.executable, "-m", "worker.cli", "dataset", "export", "--task", "covid-ct",
+            "--data-dir", str(settings.data_dir)]
+
+    def export(out: str, *flags: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([*base, "--out", str(root / out), *flags], cwd=ROOT, env=env, capture_output=True,
+                              text=True, timeout=120)
+
+    default = export("cli")
+    assert default.returncode == 0, default.stderr
+    assert "exported 12 images of 6 series" in default.stdout
+    assert "left out 1 unreviewed results" in default.stdout
+    summary = json.loads((root / "cli" / "export.json").read_text())
+    assert (summary["model_labels"], summary["unreviewed_left_out"]) == (0, 1)
+    assert {row["label_source"] for row in read_manifest(root / "cli")} == {"radiologist"}
+
+    everything = export("cli-all", "--include-unreviewed")
+    assert everything.returncode == 0, everything.stderr
+    assert "exported 14 images of 7 series" in everything.stdout
+    assert "2 images are labelled with the model's own unreviewed result" in everything.stdout
+    summary = json.loads((root / "cli-all" / "export.json").read_text())
+    assert summary["label_sources"] == {"radiologist": 12, "model": 2} and summary["unreviewed_left_out"] == 0
+
+    old_flag = export("cli-old", "--confirmed-only")  # the old opt-in, now the default, still accepted
+    assert old_flag.returncode == 0 and "exported 12 images of 6 series" in old_flag.stdout
+    both = export("cli-both", "--confirmed-only", "--include-unreviewed")
+    assert both.returncode == 2 and "contradict" in both.stderr and not (root / "cli-both").exists()
+    bad = export("cli-bad", "--since", "yesterday")
     assert bad.returncode == 2 and "is not a date" in bad.stderr
 
 
@@ -260,7 +285,9 @@ def test_training_images_from_real_dicom_match_the_workers_input(tmp_path: Path)
         session.flush()
         record_decision(session, result, reviewer, Decision.CONFIRM, "non-COVID")
     try:
-        export = export_dataset(database, settings, COVID_CT, tmp_path / "out", confirmed_only=True)
+        # One patient of one class: the parity is checked without the export's patients-per-class floor.
+        export = export_dataset(database, settings, COVID_CT, tmp_path / "out", confirmed_only=True,
+                                min_patients_per_class=0)
     finally:
         database.dispose()
     frames = decode_series(files)

@@ -306,9 +306,12 @@ def exported_metric_names() -> set[str]:
     names |= {"dicom_triage_ready", "dicom_triage_disk_free_bytes", "dicom_triage_disk_watermark_bytes",
               "dicom_triage_database_up", "dicom_triage_series", "dicom_triage_queue_depth",
               "dicom_triage_queue_oldest_age_seconds", "dicom_triage_sr_deliveries", "dicom_triage_training_runs",
-              "dicom_triage_active_model_info", "dicom_triage_worker_processes"}
+              "dicom_triage_active_model_info", "dicom_triage_worker_processes", "dicom_triage_drift_class_share",
+              "dicom_triage_drift_indeterminate_rate", "dicom_triage_drift_correction_rate",
+              "dicom_triage_drift_mean_confidence", "dicom_triage_drift_warning"}
     # The state gauges above are named in worker.metrics.StateCollector: each of them must be there.
-    source = Path(metrics.__file__).read_text() + Path(__import__("worker.health").health.__file__).read_text()
+    source = (Path(metrics.__file__).read_text() + Path(__import__("worker.health").health.__file__).read_text()
+              + Path(__import__("worker.drift").drift.__file__).read_text())
     missing = {name for name in names if name.startswith("dicom_triage_") and not name.endswith(
         ("_total", "_created", "_bucket", "_count", "_sum")) and f'"{name}"' not in source}
     assert not missing, missing

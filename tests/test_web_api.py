@@ -101,7 +101,7 @@ def fresh(tmp_path: Path) -> Iterator[Env]:
     environment.database.dispose()
 
 
-PAGE_ROUTES = ["/", "/studies/1", "/admin/users", "/admin/models", "/admin/audit", "/thumbnails/1/1.png", "/heatmaps/1/1/1.png"]
+PAGE_ROUTES = ["/", "/studies/1", "/admin/users", "/admin/models", "/admin/drift", "/admin/audit", "/thumbnails/1/1.png", "/heatmaps/1/1/1.png"]
 API_ROUTES = ["/api/me", "/api/worklist", "/api/studies/1", "/openapi.json"]
 
 
@@ -401,7 +401,7 @@ def test_form_decision(fresh: Env) -> None:
 
 def test_admin_pages(fresh: Env) -> None:
     rad = fresh.as_user("rad")
-    for path in ("/admin/users", "/admin/models", "/admin/audit"):
+    for path in ("/admin/users", "/admin/models", "/admin/drift", "/admin/audit"):
         assert rad.get(path).status_code == 403
     assert rad.post("/admin/users", data={"csrf_token": csrf(rad), "username": "x", "role": "admin",
                                           "password": PASSWORD}).status_code == 403

@@ -62,6 +62,19 @@ class ExportError(ValueError):
     """The export cannot run (no key, output folder not empty, ...); the message says what to do."""
 
 
+def check_patients_per_class(patient_labels: dict[str, str], class_names: tuple[str, ...], minimum: int) -> None:
+    """Refuse a non-empty export where a class has fewer than ``minimum`` patients (an empty one trains nothing
+    and is left to the caller to refuse)."""
+    if not patient_labels or minimum <= 0:
+        return
+    counts = {name: sum(1 for label in patient_labels.values() if label == name) for name in class_names}
+    short = [f"{name} has {count}" for name, count in counts.items() if count < minimum]
+    if short:
+        raise ExportError(f"too few patients per class to export a patient-safe training set: {', '.join(short)} "
+                          f"(at least {minimum} each; setting export_min_patients_per_class). Review more studies "
+                          "of those classes, or add an external labelled folder")
+
+
 @dataclass(frozen=True)
 class LabelledSeries:
     """A series to export and its label; ``source`` is ``radiologist`` (confirmed/corrected) or ``model``."""
@@ -85,6 +98,26 @@ class ExportResult:
     #: ``[{"pseudo_series", "reason"}]`` for series that could not be rendered.
     skipped: list[dict[str, str]] = field(default_factory=list)
     manifest_sha256: str = ""
+    #: Unreviewed model results left out because only radiologists' labels were asked for (the default).
+    unreviewed_left_out: int = 0
+
+    def label_sources(self) -> dict[str, int]:
+        """Images per label source: ``radiologist`` (confirmed/corrected), ``model`` (the model's own result)..."""
+        out: dict[str, int] = {}
+        for entry in self.series:
+            out[entry["label_source"]] = out.get(entry["label_source"], 0) + entry["images"]
+        return out
+
+    def model_labels(self) -> int:
+        """How many exported images carry the model's own, unreviewed label (0 unless asked for)."""
+        return self.label_sources().get("model", 0)
+
+    def patients(self) -> dict[str, dict[str, int]]:
+        """Patients per split and class (a patient counts under the class the split was stratified by)."""
+        seen: dict[str, dict[str, set[str]]] = {TRAIN_FOLDER: {}, TEST_FOLDER: {}}
+        for entry in self.series:
+            seen[entry["split"]].setdefault(entry["label"], set()).add(entry["pseudo_patient"])
+        return {split: {label: len(who) for label, who in per_class.items()} for split, per_class in seen.items()}
 
     def counts(self) -> dict[str, dict[str, int]]:
         """Images per split and class."""
@@ -125,6 +158,32 @@ def _patient_identity(patient: Patient, study: Study) -> str:
     return f"id:{patient.issuer_of_patient_id}\x00{patient.patient_id}"
 
 
+def _unreviewed_results(task: Task) -> Any:
+    """The select of the task's current results on series no radiologist confirmed or corrected."""
+    return (
+        select(Series, Study, Patient, Result.label)
+        .join(Study, Series.study_pk == Study.id)
+        .join(Patient, Study.patient_pk == Patient.id)
+        .join(Result, Result.series_pk == Series.id)
+        .where(Result.task == task.name, Result.superseded_by_pk.is_(None),
+               Series.id.not_in(select(TrainingExample.series_pk)))
+    )
+
+
+def label_counts(database: Database, task: Task) -> dict[str, int]:
+    """``{"reviewed": n, "unreviewed": m}``: series a retraining of ``task`` would learn from by default (reviewed
+    by a radiologist) and series whose only label is the model's own result (used only when asked for). What the
+    admin page shows before a run starts."""
+    from sqlalchemy import func
+
+    with database.read_session() as session:
+        reviewed = session.scalar(select(func.count()).select_from(TrainingExample)
+                                  .where(TrainingExample.task == task.name)) or 0
+        unreviewed = session.scalar(select(func.count()).select_from(
+            _unreviewed_results(task).where(Result.label.in_(task.class_names)).subquery())) or 0
+    return {"reviewed": int(reviewed), "unreviewed": int(unreviewed)}
+
+
 def labelled_series(database: Database, task: Task, confirmed_only: bool, since: date | None) -> list[LabelledSeries]:
     """The task's archived series with a label: the radiologists' (latest decision) and, unless
     ``confirmed_only``, the current model result of series nobody reviewed."""
@@ -138,15 +197,7 @@ def labelled_series(database: Database, task: Task, confirmed_only: bool, since:
         )
         rows = [(s, st, p, label, "radiologist") for s, st, p, label in session.execute(query)]
         if not confirmed_only:
-            reviewed = select(TrainingExample.series_pk)
-            unreviewed = (
-                select(Series, Study, Patient, Result.label)
-                .join(Study, Series.study_pk == Study.id)
-                .join(Patient, Study.patient_pk == Patient.id)
-                .join(Result, Result.series_pk == Series.id)
-                .where(Result.task == task.name, Result.superseded_by_pk.is_(None), Series.id.not_in(reviewed))
-            )
-            rows += [(s, st, p, label, "model") for s, st, p, label in session.execute(unreviewed)]
+            rows += [(s, st, p, label, "model") for s, st, p, label in session.execute(_unreviewed_results(task))]
         if since is not None:
             start = datetime(since.year, since.month, since.day, tzinfo=timezone.utc)
             rows = [row for row in rows if row[0].first_received_at >= start]
@@ -201,6 +252,7 @@ def export_dataset(
     *,
     confirmed_only: bool = True,
     since: date | None = None,
+    min_patients_per_class: int | None = None,
 ) -> ExportResult:
     """Export the task's labelled archived series to ``out_dir`` (which must not exist or be empty).
 
@@ -208,7 +260,10 @@ def export_dataset(
     """
     pseudonyms = _pseudonymizer(settings)
     options = {"confirmed_only": confirmed_only, "since": since.isoformat() if since else None}
-    return _export(out_dir, task, pseudonyms, lambda: labelled_series(database, task, confirmed_only, since), options)
+    left_out = 0 if not confirmed_only else label_counts(database, task)["unreviewed"]
+    minimum = settings.export_min_patients_per_class if min_patients_per_class is None else min_patients_per_class
+    return _export(out_dir, task, pseudonyms, lambda: labelled_series(database, task, confirmed_only, since),
+                   {**options, "min_patients_per_class": minimum}, unreviewed_left_out=left_out)
 
 
 def _header_patient_identity(path: Path) -> str:
@@ -245,19 +300,21 @@ def export_dicom_tree(settings: Settings, task: Task, root: Path | str, labels_f
     """Export a labelled tree of DICOM series (not the archive) to ``out_dir``, as :func:`export_dataset` does."""
     pseudonyms = _pseudonymizer(settings)
     root = Path(root)
-    options = {"dicom_tree": True, "labels": labels_file.name if labels_file else None}
+    options = {"dicom_tree": True, "labels": labels_file.name if labels_file else None,
+               "min_patients_per_class": settings.export_min_patients_per_class}
     return _export(out_dir, task, pseudonyms, lambda: labelled_tree_series(root, labels_file, task), options)
 
 
 def _export(out_dir: Path | str, task: Task, pseudonyms: Pseudonymizer,
-            series_source: Callable[[], list[LabelledSeries]], options: dict[str, Any]) -> ExportResult:
+            series_source: Callable[[], list[LabelledSeries]], options: dict[str, Any],
+            unreviewed_left_out: int = 0) -> ExportResult:
     out_dir = Path(out_dir).resolve()
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise ExportError(f"{out_dir} exists and is not an empty folder")
     work = out_dir.with_name(f".{out_dir.name}.partial-{os.getpid()}")
     shutil.rmtree(work, ignore_errors=True)
     try:
-        result = _export_into(work, task, pseudonyms, series_source(), options)
+        result = _export_into(work, task, pseudonyms, series_source(), options, unreviewed_left_out)
         if out_dir.exists():
             out_dir.rmdir()
         out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -270,7 +327,7 @@ def _export(out_dir: Path | str, task: Task, pseudonyms: Pseudonymizer,
 
 
 def _export_into(work: Path, task: Task, pseudonyms: Pseudonymizer, series_list: list[LabelledSeries],
-                 options: dict[str, Any]) -> ExportResult:
+                 options: dict[str, Any], unreviewed_left_out: int = 0) -> ExportResult:
     for split in (TRAIN_FOLDER, TEST_FOLDER):
         for class_name in task.class_names:
             (work / split / class_name).mkdir(parents=True, exist_ok=True)
@@ -282,8 +339,10 @@ def _export_into(work: Path, task: Task, pseudonyms: Pseudonymizer, series_list:
         patient: max(task.class_names, key=lambda c: (labels.count(c), -task.class_names.index(c)))
         for patient, labels in votes.items()
     }
+    # Refused before a single file is written: the message says which class is short, and by how much.
+    check_patients_per_class(patient_labels, task.class_names, int(options.get("min_patients_per_class", 0)))
     splits = assign_splits(patient_labels, pseudonyms, task.class_names)
-    result = ExportResult(out_dir=work, task=task.name)
+    result = ExportResult(out_dir=work, task=task.name, unreviewed_left_out=unreviewed_left_out)
     rows: list[dict[str, Any]] = []
     for item in series_list:
         patient, series_id = pseudonyms.patient(item.patient_identity), pseudonyms.series(item.series_instance_uid)
@@ -321,6 +380,12 @@ def _export_into(work: Path, task: Task, pseudonyms: Pseudonymizer, series_list:
         "images": result.images,
         "series": len(result.series),
         "counts": result.counts(),
+        # Class balance by patients, not only images: one patient's many slices weigh as one patient.
+        "patients": result.patients(),
+        # Images per label source; "model" images carry the model's own unreviewed result as their label.
+        "label_sources": result.label_sources(),
+        "model_labels": result.model_labels(),
+        "unreviewed_left_out": result.unreviewed_left_out,
         "skipped": result.skipped,
         "manifest_sha256": result.manifest_sha256,
     }
@@ -328,5 +393,5 @@ def _export_into(work: Path, task: Task, pseudonyms: Pseudonymizer, series_list:
     return result
 
 
-__all__ = ["ExportError", "ExportResult", "Pseudonymizer", "assign_splits", "export_dataset", "export_dicom_tree",
-           "labelled_series", "labelled_tree_series"]
+__all__ = ["ExportError", "ExportResult", "Pseudonymizer", "assign_splits", "check_patients_per_class",
+           "export_dataset", "export_dicom_tree", "label_counts", "labelled_series", "labelled_tree_series"]

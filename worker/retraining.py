@@ -217,20 +217,32 @@ def _run(settings: Settings, database: Database, run: TrainingRun) -> None:
     init_from = active_dir if options.start_from_active else None
     if options.start_from_active and init_from is None:
         raise RegistryError(f"no active {task.name} model to start from")
+    # With external folders the archive's part may be small: they give every class its patients.
     exported = export_dataset(database, settings, task, folder / "data", confirmed_only=options.confirmed_only,
-                              since=date.fromisoformat(options.since) if options.since else None)
+                              since=date.fromisoformat(options.since) if options.since else None,
+                              min_patients_per_class=0 if external else None)
     if exported.images == 0 and not external:
         raise ExportError(f"no labelled {task.name} series to train on (confirm some results first)")
-    _update(database, run.id, progress=_EXPORT_SHARE, phase=f"exported {exported.images} images; training")
+    left_out = (f", left out {exported.unreviewed_left_out} unreviewed results" if exported.unreviewed_left_out
+                else "")
+    model_own = f" ({exported.model_labels()} with the model's own label)" if exported.model_labels() else ""
+    _update(database, run.id, progress=_EXPORT_SHARE,
+            phase=f"exported {exported.images} images{model_own}{left_out}; training")
     sources = ([exported.out_dir] if exported.images else []) + external
     model_dir = folder / "model"
     history = _train(database, run.id, train_command(task.name, sources, model_dir, options, init_from, active_dir),
                      options.epochs, folder / "train.log")
     _update(database, run.id, progress=_EXPORT_SHARE + _TRAIN_SHARE, phase="registering", history=history)
     card = ModelCard.load(model_dir / CARD_FILE)
+    # Where the labels came from travels with the model: its card and its registry row say how many of the
+    # archive images it learned from carry the model's own, unreviewed result as their label.
+    labels = {"label_sources": exported.label_sources(), "model_labels": exported.model_labels(),
+              "unreviewed_left_out": exported.unreviewed_left_out, "confirmed_only": options.confirmed_only}
+    card.training = {**card.training, "archive_labels": labels}
+    card.save(model_dir / CARD_FILE)
     manifest = {
         "export": {"manifest_sha256": exported.manifest_sha256, "counts": exported.counts(),
-                   "skipped": exported.skipped},
+                   "skipped": exported.skipped, **labels},
         "series": exported.series,
         "external": [str(p) for p in external],
         "dataset_manifest_sha256": card.dataset_manifest_sha256,

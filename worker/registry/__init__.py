@@ -12,6 +12,7 @@ from worker.registry.store import (
     get_model,
     installed_model_dir,
     list_models,
+    model_card,
     model_events,
     promote,
     reference_metrics,

@@ -53,9 +53,11 @@ def _export(args: argparse.Namespace) -> int:
     from worker.export import ExportError, export_dataset
 
     settings = _settings(args)
+    if args.confirmed_only and args.include_unreviewed:
+        return _fail(f"--confirmed-only and {INCLUDE_UNREVIEWED} contradict each other; give one")
     try:
         result = export_dataset(_database(settings), settings, get_task(args.task), args.out,
-                                confirmed_only=args.confirmed_only, since=args.since)
+                                confirmed_only=not args.include_unreviewed, since=args.since)
     except ExportError as exc:
         return _fail(str(exc))
     _print_export(result)
@@ -63,12 +65,30 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _print_export(result: Any) -> None:
-    counts = result.counts()
+    counts, patients = result.counts(), result.patients()
     print(f"exported {result.images} images of {len(result.series)} series to {result.out_dir}")
     for split, per_class in counts.items():
-        print(f"  {split}: " + (", ".join(f"{k}={v}" for k, v in sorted(per_class.items())) or "none"))
+        total = sum(per_class.values())
+        print(f"  {split}: " + (", ".join(
+            f"{k}={v} images ({v / total:.0%}) of {patients[split].get(k, 0)} patients"
+            for k, v in sorted(per_class.items())) or "none"))
     for skipped in result.skipped:
         print(f"  skipped series {skipped['pseudo_series']}: {skipped['reason']}")
+    if result.model_labels():
+        print(f"  {result.model_labels()} images are labelled with the model's own unreviewed result")
+    if result.unreviewed_left_out:
+        print(f"  left out {result.unreviewed_left_out} unreviewed results (only radiologist-confirmed or corrected "
+              f"labels by default; {INCLUDE_UNREVIEWED} adds them)")
+
+
+#: The one flag name, on ``dataset export`` and ``models retrain``, that adds unreviewed model results as labels.
+INCLUDE_UNREVIEWED = "--include-unreviewed"
+
+
+def _add_unreviewed_option(parser: argparse.ArgumentParser, *aliases: str) -> None:
+    parser.add_argument(INCLUDE_UNREVIEWED, *aliases, dest="include_unreviewed", action="store_true",
+                        help="also series nobody reviewed, labelled with the model's own result (default: only "
+                             "radiologist-confirmed or corrected labels)")
 
 
 def _from_dicom(args: argparse.Namespace) -> int:
@@ -166,15 +186,26 @@ def _retrain(args: argparse.Namespace) -> int:
     settings = _settings(args)
     try:
         options = RetrainOptions(epochs=args.epochs, architecture=args.arch, input_size=args.input_size,
-                                 batch_size=args.batch_size, confirmed_only=not args.all_results,
+                                 batch_size=args.batch_size, confirmed_only=not args.include_unreviewed,
                                  since=args.since.isoformat() if args.since else None,
                                  external=tuple(args.external) if args.external else None,
                                  start_from_active=args.from_active, time_budget_minutes=args.time_budget)
     except ValueError as exc:
         return _fail(str(exc))
-    run_id = request_retraining(_database(settings), make_send(create_celery_app(settings)), args.task, options,
+    database = _database(settings)
+    run_id = request_retraining(database, make_send(create_celery_app(settings)), args.task, options,
                                 args.actor)
     print(f"queued training run {run_id} on the training queue")
+    from models.tasks import get_task
+    from worker.export import label_counts
+
+    counts = label_counts(database, get_task(args.task))
+    if options.confirmed_only:
+        print(f"  labels: {counts['reviewed']} radiologist-reviewed series; left out {counts['unreviewed']} "
+              f"unreviewed results ({INCLUDE_UNREVIEWED} adds them)")
+    else:
+        print(f"  labels: {counts['reviewed']} radiologist-reviewed series and {counts['unreviewed']} series "
+              "labelled with the model's own unreviewed result")
     return 0
 
 
@@ -192,8 +223,9 @@ def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") 
     _common(export)
     export.add_argument("--task", required=True, choices=sorted(TASKS))
     export.add_argument("--out", required=True, type=Path, help="folder to create (must not exist or be empty)")
-    export.add_argument("--confirmed-only", action="store_true",
-                        help="only radiologist-confirmed or corrected labels (default: also unreviewed results)")
+    _add_unreviewed_option(export)
+    # The default since issue 23; kept so scripts written for the old opt-in still run.
+    export.add_argument("--confirmed-only", action="store_true", help=argparse.SUPPRESS)
     export.add_argument("--since", type=_date, metavar="DATE", help="only series received on or after this date")
     export.set_defaults(handler=_export)
     from_dicom = dataset_actions.add_parser(
@@ -244,7 +276,7 @@ def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") 
     retrain.add_argument("--arch", default="triage-cnn")
     retrain.add_argument("--input-size", help="HxW or HxWxC (default: the architecture's)")
     retrain.add_argument("--batch-size", type=int, default=32)
-    retrain.add_argument("--all-results", action="store_true", help="also unreviewed results' labels")
+    _add_unreviewed_option(retrain, "--all-results")  # --all-results: the old name, kept working
     retrain.add_argument("--since", type=_date, metavar="DATE")
     retrain.add_argument("--external", action="append", metavar="DIR",
                          help="external labelled folder (repeatable; default: the external_training_data setting)")

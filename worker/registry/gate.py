@@ -5,6 +5,12 @@ are evaluated on every image of it through the inference path the worker uses (:
 and the candidate passes only if neither its accuracy nor any class's recall is lower than the active model's by
 more than the tolerance. Recall per class, not only accuracy: a model that gains accuracy by missing the rare
 finding (a pituitary tumour, COVID) must not slip through.
+
+The curated images are not what the hospital sends, so the gate also compares the two models' ``external`` split:
+series-level figures on real scanner DICOM that ``dicom-triage evaluate TASK --dicom DIR --labels FILE
+--record-split external`` records on each card (:data:`EXTERNAL_CHECKS`: ROC AUC, sensitivity and specificity at
+the card's operating threshold, which must not fall, and the indeterminate rate, which must not rise). Where the
+active model's card has that split, a candidate without it is refused: it has not been measured where it counts.
 """
 
 from __future__ import annotations
@@ -19,6 +25,12 @@ from models.tasks import Task
 
 #: Differences this small are rounding, not a worse model.
 _EPSILON = 1e-9
+#: The card split of real scanner series (``evaluate --dicom ... --record-split external``).
+EXTERNAL_SPLIT = "external"
+#: The external split's figures the gate compares, each with whether a higher value is the better one.
+EXTERNAL_CHECKS: tuple[tuple[str, bool], ...] = (
+    ("roc_auc", True), ("sensitivity", True), ("specificity", True), ("indeterminate_rate", False),
+)
 
 
 class ReferenceSetError(ValueError):
@@ -86,6 +98,14 @@ class GateCheck:
     candidate: float
     active: float
     passed: bool
+    #: ``False`` for a figure where lower is better (the indeterminate rate).
+    higher_is_better: bool = True
+
+
+def _check(metric: str, candidate: float, active: float, tolerance: float, higher_is_better: bool = True) -> GateCheck:
+    if higher_is_better:
+        return GateCheck(metric, candidate, active, candidate >= active - tolerance - _EPSILON)
+    return GateCheck(metric, candidate, active, candidate <= active + tolerance + _EPSILON, False)
 
 
 @dataclass(frozen=True)
@@ -93,23 +113,65 @@ class GateDecision:
     passed: bool
     tolerance: float
     checks: tuple[GateCheck, ...] = field(default_factory=tuple)
+    #: Refusals that are no comparison of two figures (the candidate lacks a split the active model has).
+    missing: tuple[str, ...] = field(default_factory=tuple)
 
     @property
     def failures(self) -> list[str]:
-        """Why the candidate was refused, one line per failed check."""
+        """Why the candidate was refused, one line per failed check, both figures shown."""
         return [
             f"{c.metric} {c.candidate:.4f} is worse than the active model's {c.active:.4f} "
             f"by more than {self.tolerance:.4f}"
             for c in self.checks if not c.passed
-        ]
+        ] + list(self.missing)
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "passed": self.passed,
             "tolerance": self.tolerance,
             "checks": [vars(c) for c in self.checks],
+            "missing": list(self.missing),
             "failures": self.failures,
         }
+
+    def with_external(self, candidate_card: dict[str, Any], active_card: dict[str, Any]) -> "GateDecision":
+        """This decision plus the external split's checks (:func:`external_checks`)."""
+        checks, missing = external_checks(candidate_card, active_card, self.tolerance)
+        all_checks = self.checks + checks
+        all_missing = self.missing + missing
+        return GateDecision(all(c.passed for c in all_checks) and not all_missing, self.tolerance, all_checks,
+                            all_missing)
+
+
+def external_checks(candidate_card: dict[str, Any], active_card: dict[str, Any],
+                    tolerance: float) -> tuple[tuple[GateCheck, ...], tuple[str, ...]]:
+    """Compare the ``external`` split of two cards' ``metrics`` (dicts as ``card.json`` holds them).
+
+    Nothing to compare where the active model has no external split (the gate cannot ask more of a candidate than
+    of the model in use). A figure the active model's split lacks (``None``: no positives, say) is not compared;
+    one the candidate's lacks where the active model has it is a refusal.
+    """
+    active = (active_card.get("metrics") or {}).get(EXTERNAL_SPLIT)
+    if not isinstance(active, dict):
+        return (), ()
+    candidate = (candidate_card.get("metrics") or {}).get(EXTERNAL_SPLIT)
+    if not isinstance(candidate, dict):
+        return (), (f"the candidate has no {EXTERNAL_SPLIT!r} split while the active model has one; record it with "
+                    f"dicom-triage evaluate TASK --dicom DIR --labels FILE --model MODEL_DIR "
+                    f"--record-split {EXTERNAL_SPLIT}",)
+    if candidate.get("source") != active.get("source"):
+        return (), (f"the {EXTERNAL_SPLIT} splits were measured on different series ({candidate.get('source')!r} "
+                    f"and {active.get('source')!r}); evaluate both models on the same tree",)
+    checks, missing = [], []
+    for name, higher_is_better in EXTERNAL_CHECKS:
+        if active.get(name) is None:
+            continue
+        if candidate.get(name) is None:
+            missing.append(f"{EXTERNAL_SPLIT} {name}: the candidate has no figure, the active model {active[name]}")
+            continue
+        checks.append(_check(f"{EXTERNAL_SPLIT} {name}", float(candidate[name]), float(active[name]), tolerance,
+                             higher_is_better))
+    return tuple(checks), tuple(missing)
 
 
 def gate_decision(candidate: dict[str, Any], active: dict[str, Any], tolerance: float) -> GateDecision:
@@ -119,9 +181,7 @@ def gate_decision(candidate: dict[str, Any], active: dict[str, Any], tolerance: 
     pairs = [("accuracy", float(candidate["accuracy"]), float(active["accuracy"]))]
     for name, active_class in active["per_class"].items():
         pairs.append((f"recall[{name}]", float(candidate["per_class"][name]["recall"]), float(active_class["recall"])))
-    checks = tuple(
-        GateCheck(metric, cand, act, cand >= act - tolerance - _EPSILON) for metric, cand, act in pairs
-    )
+    checks = tuple(_check(metric, cand, act, tolerance) for metric, cand, act in pairs)
     return GateDecision(all(c.passed for c in checks), tolerance, checks)
 
 
@@ -130,7 +190,10 @@ __all__ = [
     "GateDecision",
     "ReferenceSet",
     "ReferenceSetError",
+    "EXTERNAL_CHECKS",
+    "EXTERNAL_SPLIT",
     "evaluate_on_reference",
+    "external_checks",
     "gate_decision",
     "load_reference_set",
 ]

@@ -186,6 +186,17 @@ def describe(model: RegisteredModel) -> dict[str, Any]:
     }
 
 
+def model_card(model_dir: Path | str, registered: dict[str, Any]) -> dict[str, Any]:
+    """The card as its folder holds it now, else the one stored at registration.
+
+    ``evaluate --dicom ... --record-split external`` adds the external split to ``card.json`` after the model was
+    registered; the gate must compare what the card says today."""
+    try:
+        return ModelCard.load(Path(model_dir) / CARD_FILE).to_dict()
+    except (OSError, ValueError, KeyError, TypeError):
+        return registered
+
+
 def reference_metrics(database: Database, settings: Settings, model_uid: str) -> dict[str, Any]:
     """The model's metrics on its task's reference set, evaluated once per reference content and kept in the row."""
     with database.session() as session:
@@ -231,19 +242,23 @@ def promote(
         task_name = model.task
         current = active_model(session, task_name)
         current_uid = current.model_uid if current else None
+        cards = (model_card(model.model_dir, model.card), model_card(current.model_dir, current.card)) \
+            if current is not None else None
     decision: GateDecision | None = None
-    if current_uid is not None:
+    if current_uid is not None and cards is not None:
         try:
             decision = gate_decision(reference_metrics(database, settings, model_uid),
                                      reference_metrics(database, settings, current_uid), settings.promotion_tolerance)
+            decision = decision.with_external(*cards)  # the real-DICOM split, where the active card has one
         except (RegistryError, ValueError, OSError) as exc:
             if force_reason is None:
                 raise RegistryError(f"the gate cannot evaluate: {exc}; force the promotion with a reason") from exc
             log.warning("forced promotion of %s without the gate: %s", model_uid, exc)
         if decision is not None and not decision.passed and force_reason is None:
             with database.session() as session:
-                _event(session, get_model(session, model_uid), "promotion_refused", actor, gate=decision.to_dict(),
-                       active_uid=current_uid)
+                refused = get_model(session, model_uid)
+                refused.card = cards[0]  # the card the gate read, external split included, shown on its page
+                _event(session, refused, "promotion_refused", actor, gate=decision.to_dict(), active_uid=current_uid)
             raise PromotionRefused(decision)
     forced = force_reason is not None and (decision is None or not decision.passed) and current_uid is not None
     with database.session() as session:
@@ -261,6 +276,8 @@ def promote(
             session.flush()  # the retirement lands before the new activation
         model.state = ModelState.ACTIVE.value
         model.promoted_at, model.promoted_by = utcnow(), actor
+        if cards is not None:
+            model.card = cards[0]
         _event(session, model, "promote_forced" if forced else "promote", actor, force_reason if forced else "",
                replaced_uid=current_uid, gate=decision.to_dict() if decision else None)
     log.info("%s promoted %s model %s%s", actor, task_name, model_uid, f" (forced: {force_reason})" if forced else "")
@@ -311,6 +328,7 @@ __all__ = [
     "get_model",
     "installed_model_dir",
     "list_models",
+    "model_card",
     "model_events",
     "promote",
     "reference_metrics",

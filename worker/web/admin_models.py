@@ -28,6 +28,7 @@ from models.tasks import TASKS
 from training.cli import ARCHITECTURE_NAMES
 from worker.db import User
 from worker.db.review import Role, audit
+from worker.export import label_counts
 from worker.registry import (
     PromotionRefused,
     RegistryError,
@@ -35,6 +36,7 @@ from worker.registry import (
     gate_decision,
     get_model,
     list_models,
+    model_card,
     model_events,
     promote,
     register_installed_models,
@@ -96,7 +98,10 @@ def _overview(request: Request) -> dict[str, Any]:
     register_installed_models(state.database, state.settings)
     with state.database.read_session() as session:
         models = [describe(m) for m in list_models(session)]
-    return {"models": models, "runs": load_runs(state.database)}
+    # What a retraining would learn from, shown before one starts: reviewed labels, and the unreviewed results
+    # left out unless the admin includes them.
+    labels = {name: label_counts(state.database, TASKS[name]) for name in TASK_NAMES}
+    return {"models": models, "runs": load_runs(state.database), "label_counts": labels}
 
 
 @dataclass(frozen=True)
@@ -154,12 +159,17 @@ def _comparison(request: Request, uid: str) -> dict[str, Any]:
         shown["card"], shown["data_manifest"] = model.card, model.data_manifest
         shown["evaluations"] = [asdict(e) for e in evaluation_splits(shown["metrics"])]
         shown["events"] = [_event_json(e) for e in model_events(session, model)]
-        active = next((describe(m) for m in list_models(session, model.task, "active")), None)
+        active_row = next(iter(list_models(session, model.task, "active")), None)
+        active = describe(active_row) if active_row else None
+        active_card = active_row.card if active_row else {}
     mine, theirs = _reference(shown), _reference(active) if active else None
     verdict = None
     if mine and theirs and active and active["model_uid"] != uid:
         try:
-            verdict = gate_decision(mine, theirs, state.settings.promotion_tolerance).to_dict()
+            decision = gate_decision(mine, theirs, state.settings.promotion_tolerance)
+            # The external real-DICOM split too, as the promotion will compare it.
+            verdict = decision.with_external(model_card(shown["model_dir"], shown["card"]),
+                                             model_card(active["model_dir"], active_card)).to_dict()
         except ValueError:
             verdict = None  # evaluated on different reference sets: the promotion re-evaluates
     return {"model": shown, "active": active, "reference": mine, "active_reference": theirs, "verdict": verdict,
@@ -405,12 +415,14 @@ class GateCheckOut(BaseModel):
     candidate: float
     active: float
     passed: bool
+    higher_is_better: bool = True
 
 
 class GateOut(BaseModel):
     passed: bool
     tolerance: float
     checks: list[GateCheckOut]
+    missing: list[str] = Field(default_factory=list, description="refusals that compare no figures")
     failures: list[str]
 
 

@@ -32,6 +32,12 @@ def readyz(request: Request) -> JSONResponse:
 def metrics(request: Request) -> Response:
     from worker.metrics import CONTENT_TYPE, StateCollector, metrics_text
 
+    from worker.drift import DriftCollector
+
     state = request.app.state.web
-    text = metrics_text([StateCollector(state.settings, state.database), _readiness(request).collector()])
+    # One drift collector per app: it caches its weeks of figures between scrapes.
+    drift = getattr(request.app.state, "drift_collector", None)
+    if drift is None:
+        drift = request.app.state.drift_collector = DriftCollector(state.settings, state.database)
+    text = metrics_text([StateCollector(state.settings, state.database), _readiness(request).collector(), drift])
     return Response(text, media_type=CONTENT_TYPE)

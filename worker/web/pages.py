@@ -233,7 +233,36 @@ def models_page(request: Request, who: Principal = Depends(page_admin)) -> Respo
         counts = {uid: n for uid, n in session.execute(select(ModelResultCount.model_uid, ModelResultCount.results))}
     evaluations = {model["model_uid"]: evaluation_splits(model["metrics"]) for model in registered}
     return _render(request, "admin_models.html", who, registered=registered, counts=counts,
-                   evaluations=evaluations)
+                   evaluations=evaluations, gates=_last_gates(_state(request).database))
+
+
+@router.get("/admin/drift")
+def drift_page(request: Request, who: Principal = Depends(page_admin)) -> Response:
+    """Per task and week: predicted class shares, indeterminate and correction rates, mean confidence, warnings.
+    A page of its own: it reads weeks of results, which the models page (timed at a million studies) must not."""
+    from worker.drift import drift_report
+
+    state = _state(request)
+    return _render(request, "admin_drift.html", who, drift=drift_report(state.database, state.settings))
+
+
+def _last_gates(database: Any) -> dict[str, dict[str, Any]]:
+    """Each model's latest gate verdict (a refusal, or the one its promotion passed or was forced past), from the
+    registry's events: what the models page shows beside it."""
+    from worker.db.registry import ModelEvent, RegisteredModel
+
+    verdicts: dict[str, dict[str, Any]] = {}
+    with database.read_session() as session:
+        rows = session.execute(
+            select(RegisteredModel.model_uid, ModelEvent.action, ModelEvent.reason, ModelEvent.details)
+            .join(ModelEvent, ModelEvent.model_pk == RegisteredModel.id)
+            .where(ModelEvent.action.in_(("promotion_refused", "promote", "promote_forced")))
+            .order_by(ModelEvent.id))
+        for uid, action, reason, details in rows:
+            gate = (details or {}).get("gate")
+            if gate:
+                verdicts[uid] = {"action": action, "reason": reason, **gate}
+    return verdicts
 
 
 AUDIT_PAGE_SIZE = 200
