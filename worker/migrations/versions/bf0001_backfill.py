@@ -25,7 +25,7 @@ def upgrade() -> None:
         sa.Column("query", sa.Text(), nullable=False),
         sa.Column("state", sa.String(length=16), nullable=False),
         sa.Column("max_in_flight", sa.Integer(), nullable=False),
-        sa.Column("per_minute", sa.Float(), nullable=False),
+        sa.Column("per_minute", sa.Double(), nullable=False),
         sa.Column("created_at", _WHEN, nullable=False),
         sa.Column("started_at", _WHEN, nullable=True),
         sa.Column("finished_at", _WHEN, nullable=True),
