@@ -22,7 +22,7 @@ from sqlalchemy.orm import Session
 from config import Destination, Settings
 from dicom_io.retrieve import Peer, find_series, find_studies, move_series
 from dicom_io.scu import AssociationError
-from worker.db import Database, Job, JobState, Series, utcnow
+from worker.db import Database, Job, JobState, Series, Study, utcnow
 from worker.db.backfill import BackfillPlan, BackfillSeries, BackfillStudy, PlanState, StudyState
 
 log = logging.getLogger(__name__)
@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 #: States of a study that count against a plan's ``max_in_flight``: moved or moving, not yet classified.
 IN_FLIGHT = (StudyState.MOVING.value, StudyState.RECEIVED.value)
 FINAL_JOB_STATES = [state for state in JobState if state.is_final]
+ACTIVE_JOB_STATES = [state for state in JobState if not state.is_final]
 
 
 class BackfillError(ValueError):
@@ -40,6 +41,23 @@ def is_backfill_study(session: Session, study_instance_uid: str) -> bool:
     """Whether a backfill plan retrieves (or retrieved) this study."""
     return session.scalar(select(BackfillStudy.id).where(
         BackfillStudy.study_instance_uid == study_instance_uid).limit(1)) is not None
+
+
+def is_backfill_job(database: Database, job_id: int) -> bool:
+    """Whether the job classifies a series of a backfilled study (its classification waits behind live ones)."""
+    with database.read_session() as session:
+        study_uid = session.scalar(select(Study.study_instance_uid).join(Series, Series.study_pk == Study.id)
+                                   .join(Job, Job.series_pk == Series.id).where(Job.id == job_id))
+        return study_uid is not None and is_backfill_study(session, study_uid)
+
+
+def live_work_pending(session: Session) -> bool:
+    """Whether a live (not backfilled) series waits for or is being classified: backfill retrievals pause."""
+    backfilled = select(BackfillStudy.study_instance_uid)
+    return session.scalar(select(Job.id).join(Series, Job.series_pk == Series.id)
+                          .join(Study, Series.study_pk == Study.id)
+                          .where(Job.state.in_(ACTIVE_JOB_STATES), Study.study_instance_uid.not_in(backfilled))
+                          .limit(1)) is not None
 
 
 def peer_of(text: str) -> Peer:
@@ -193,8 +211,8 @@ class BackfillRunner:
                         log.info("backfill plan %d done", plan_id)
                     return
                 paced = time.monotonic() - self._last_start.get(plan_id, -1e9) >= 60.0 / plan.per_minute
-                if in_flight >= plan.max_in_flight or not paced:
-                    return
+                if in_flight >= plan.max_in_flight or not paced or live_work_pending(session):
+                    return  # live ingest first: no new study is moved while a live series waits
                 study = waiting
                 study.state, study.updated_at = StudyState.MOVING.value, utcnow()
                 self._last_start[plan_id] = time.monotonic()

@@ -27,8 +27,8 @@ from sqlalchemy.exc import OperationalError
 from config import Settings
 from dicom_io.archive import Archive
 from models.tasks import get_task
-from worker.backfill import BackfillRunner
-from worker.celery_app import INFERENCE_QUEUE, create_celery_app, make_enqueue, run_celery_worker
+from worker.backfill import BackfillRunner, is_backfill_job
+from worker.celery_app import INFERENCE_QUEUE, INFERENCE_QUEUES, create_celery_app, make_enqueue, run_celery_worker
 from worker.db import Database, upgrade_database
 from worker.delivery import DELIVERY_QUEUE, run_delivery_worker
 from worker.errors import StartupError
@@ -93,7 +93,8 @@ class Ingest:
         self.database = database
         self.receiver = Receiver(settings) if settings.listen_processes == 1 else None
         self.group = ListenerGroup(settings) if settings.listen_processes > 1 else None
-        self.scheduler = SeriesScheduler(settings, database, make_enqueue(create_celery_app(settings)))
+        self.scheduler = SeriesScheduler(settings, database, make_enqueue(
+            create_celery_app(settings), lambda job_id: is_backfill_job(database, job_id)))
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self.scheduler.run, args=(self._stop,), name="scheduler", daemon=True)
         # Backfill retrievals C-MOVE to our own AE: they run where the listener does.
@@ -234,7 +235,7 @@ def run_worker(settings: Settings, queue: str = INFERENCE_QUEUE) -> int:
             log.warning("stopping with SRs still to make; the next worker start makes them")
 
     try:
-        return run_celery_worker(app, "inference", INFERENCE_QUEUE, pool="threads",
+        return run_celery_worker(app, "inference", INFERENCE_QUEUES, pool="threads",
                                  concurrency=settings.worker_concurrency, handback=handback)
     finally:
         health.stop()
