@@ -1,4 +1,4 @@
-"""Backfill plans, their studies and series (issue 19).
+"""Backfill plans, their studies and series; API tokens of sending systems (issue 19).
 
 Revision ID: bf0001
 Revises: auth0001
@@ -59,9 +59,20 @@ def upgrade() -> None:
     )
     op.create_index(op.f("ix_backfill_series_study_pk"), "backfill_series", ["study_pk"])
     op.create_index(op.f("ix_backfill_series_series_instance_uid"), "backfill_series", ["series_instance_uid"])
+    op.create_table(
+        "api_tokens",
+        sa.Column("id", sa.Integer(), nullable=False),
+        sa.Column("name", sa.String(length=64), nullable=False),
+        sa.Column("token_sha256", sa.String(length=64), nullable=False),
+        sa.Column("created_at", _WHEN, nullable=False),
+        sa.PrimaryKeyConstraint("id"),
+        sa.UniqueConstraint("name"),
+        sa.UniqueConstraint("token_sha256"),
+    )
 
 
 def downgrade() -> None:
+    op.drop_table("api_tokens")
     op.drop_table("backfill_series")
     op.drop_table("backfill_studies")
     op.drop_table("backfill_plans")
