@@ -63,7 +63,8 @@ class MoveOutcome:
 
     @property
     def succeeded(self) -> bool:
-        return self.status == _SUCCESS or (self.status == 0xB000 and not self.failed)
+        # 0xB000 is "some sub-operations failed"; a peer may also say success while counting failures.
+        return self.status in (_SUCCESS, 0xB000) and not self.failed
 
 
 def _find(peer: Peer, identifier: Dataset, calling_ae: str, max_matches: int) -> Iterator[Dataset]:

@@ -133,3 +133,38 @@ def test_backfill_plans_exactly_the_matching_studies_and_resumes_after_serve_is_
         for process in started:
             process.stop()
         netns.close()
+
+
+def test_a_move_the_pacs_cannot_complete_fails_the_study_with_its_reason(models_dir: Path, tmp_path: Path) -> None:
+    netns = NetworkNamespace()
+    started: list[Child] = []
+    try:
+        orthanc = Orthanc(netns, tmp_path / "orthanc")
+        started.append(orthanc.process)
+        names = _load(orthanc, tmp_path)
+        # The PACS knows our AE at a port where nothing listens: every C-STORE sub-operation of its C-MOVE fails.
+        run = netns.run(["curl", "-sf", "-X", "PUT", "-d",
+                         json.dumps({"AET": OUR_AE, "Host": "127.0.0.1", "Port": OUR_PORT + 7}),
+                         orthanc.url("/modalities/triage")])
+        assert run.returncode == 0, run.stderr
+        data_dir = tmp_path / "data"
+        env = triage_environment(models_dir, ae_title=OUR_AE)
+        out = _cli(netns, env, "plan", "--from", SOURCE, "--modality", "MR", "--study-date", "20230101-20231231",
+                   "--data-dir", str(data_dir))
+        assert out.startswith("plan 1: 1 studies"), out
+        serve = Child(triage_command("serve", "--data-dir", str(data_dir), "--dicom-port", str(OUR_PORT),
+                                     "--web-port", "8081"), env, name="serve", netns=netns)
+        started.append(serve)
+        serve.wait_for_line(serve_ready, STARTUP_SECONDS, "serve")
+        _cli(netns, env, "run", "1", "--data-dir", str(data_dir))
+        plan = wait_for(lambda: (p := _status(netns, env, data_dir, 1))["state"] == "done" and p, 120,
+                        "the plan done", serve, alive=True)
+        assert plan["studies"]["failed"] == 1 and plan["studies"]["received"] == 0, plan
+        (failure,) = plan["failures"]
+        assert names[failure["study_instance_uid"]] == "brain-2023"
+        assert failure["reason"].startswith("C-MOVE of series ") and "status 0x" in failure["reason"], failure
+        assert serve.terminate() == 0
+    finally:
+        for process in started:
+            process.stop()
+        netns.close()
