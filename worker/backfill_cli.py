@@ -97,6 +97,13 @@ def _positive(text: str) -> float:
     return value
 
 
+def _count(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return value
+
+
 def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
     from worker.cli import _add_settings_options
 
@@ -109,14 +116,14 @@ def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") 
     plan.add_argument("--modality", required=True, metavar="MOD", help="e.g. MR or CT")
     plan.add_argument("--study-date", required=True, type=_date_range, metavar="A-B", help="YYYYMMDD-YYYYMMDD")
     plan.add_argument("--description", metavar="PATTERN", help="study description, DICOM wildcards (*, ?)")
-    plan.add_argument("--limit", type=int, metavar="N", help="at most N studies (the oldest first)")
+    plan.add_argument("--limit", type=_count, metavar="N", help="at most N studies (the oldest first)")
     plan.add_argument("--ae-title", metavar="AE", help="our AE title (calling AE, and the C-MOVE destination)")
     plan.set_defaults(handler=_plan)
 
     run = commands.add_parser("run", help="start (or resume) retrieving a plan; serve does the retrieval")
     _add_settings_options(run)
     run.add_argument("plan_id", type=int, metavar="PLAN_ID")
-    run.add_argument("--max-in-flight", type=int, metavar="N", help="studies moved but not yet classified")
+    run.add_argument("--max-in-flight", type=_count, metavar="N", help="studies moved but not yet classified")
     run.add_argument("--per-minute", type=_positive, metavar="R", help="studies started per minute")
     run.set_defaults(handler=_run)
 
