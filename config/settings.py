@@ -196,6 +196,11 @@ class Settings(BaseModel):
     series_quiet_seconds: float = Field(default=5.0, gt=0, le=86400)
     routing_rules: tuple[RoutingRule, ...] = DEFAULT_ROUTING_RULES
     sr_destinations: tuple[Destination, ...] = ()
+    #: Whether results of backfilled studies (worker.backfill) are sent as SRs to ``sr_destinations``; off by
+    #: default: the PACS already holds those studies' reports, and years of them would flood it (issue 19).
+    backfill_sr_to_pacs: bool = False
+    #: STOW-RS (worker.web.stow): a part bigger than this fails alone (its bytes are read and dropped).
+    stow_max_part_mb: int = Field(default=1024, ge=1, le=65536)
     #: SR delivery retries: attempt n waits backoff * 2**(n-1) seconds (capped), at most max_attempts attempts.
     sr_delivery_max_attempts: int = Field(default=12, ge=1, le=100)
     sr_delivery_backoff_seconds: float = Field(default=30.0, gt=0, le=86400)

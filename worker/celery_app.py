@@ -2,7 +2,10 @@
 
 Embedded default: Celery's filesystem broker under ``data_dir/broker`` (no server) and no result backend (results
 go to our database). Scale-out: a Redis (or AMQP) broker by URL. Either way: late acknowledgement, one message
-prefetched per worker slot, and the ``inference`` queue for :data:`CLASSIFY_SERIES`.
+prefetched per worker slot, and the ``inference`` queue for :data:`CLASSIFY_SERIES`; jobs of backfilled studies
+go to :data:`BACKFILL_QUEUE`, which inference workers consume after it (issue 19): with Redis strictly after (the
+``priority`` queue order), with the filesystem broker alternately (kombu's virtual transports cycle fairly), so a
+live series waits behind at most one backfill task per worker slot, never behind the whole backfill.
 """
 
 from __future__ import annotations
@@ -20,6 +23,10 @@ from worker.lifetime import BoundedStop
 from worker.logs import chosen_format
 
 INFERENCE_QUEUE = "inference"
+#: Classification of series that a backfill retrieved: consumed by the same workers, after live series.
+BACKFILL_QUEUE = "inference-backfill"
+#: The queues an inference worker consumes, the first first.
+INFERENCE_QUEUES = (INFERENCE_QUEUE, BACKFILL_QUEUE)
 CLASSIFY_SERIES = "dicom_triage.classify_series"
 
 
@@ -38,7 +45,8 @@ def broker_options(settings: Settings) -> dict[str, Any]:
             # The default 1 s poll would add up to a second to every result's latency.
             "polling_interval": 0.1,
         }
-    return {}
+    # Redis: BRPOP over the queues in the order given, so live jobs are always taken before backfill ones.
+    return {"queue_order_strategy": "priority"}
 
 
 def create_celery_app(settings: Settings) -> Celery:
@@ -66,7 +74,7 @@ def create_celery_app(settings: Settings) -> Celery:
     return app
 
 
-def run_celery_worker(app: Celery, name: str, queue: str, pool: str, concurrency: int,
+def run_celery_worker(app: Celery, name: str, queue: str | tuple[str, ...], pool: str, concurrency: int,
                       handback: Callable[[float], None] | None = None) -> int:
     """Consume ``queue`` in this process until signalled; return the worker's exit code. The worker is named
     ``NAME-PID@HOST``. Without gossip, mingle and heartbeat events: liveness is in our database, not the broker.
@@ -82,7 +90,7 @@ def run_celery_worker(app: Celery, name: str, queue: str, pool: str, concurrency
     worker_shutting_down.connect(lambda **_: stopping.begin(), weak=False)
     worker = app.Worker(
         hostname=f"{name}-{os.getpid()}@{socket.gethostname()}",
-        queues=[queue],
+        queues=[queue] if isinstance(queue, str) else list(queue),
         pool=pool,
         concurrency=concurrency,
         without_gossip=True,
@@ -96,10 +104,11 @@ def run_celery_worker(app: Celery, name: str, queue: str, pool: str, concurrency
     return int(worker.exitcode or 0)
 
 
-def make_enqueue(app: Celery) -> Callable[[int], None]:
-    """A function sending ``classify_series(job_id)`` to the inference queue (the scheduler's ``enqueue``)."""
+def make_enqueue(app: Celery, is_backfill: Callable[[int], bool] = lambda _job_id: False) -> Callable[[int], None]:
+    """A function sending ``classify_series(job_id)`` to the inference queue, or to :data:`BACKFILL_QUEUE` for a
+    job that ``is_backfill`` (the scheduler's ``enqueue``)."""
 
     def enqueue(job_id: int) -> None:
-        app.send_task(CLASSIFY_SERIES, args=[job_id], queue=INFERENCE_QUEUE)
+        app.send_task(CLASSIFY_SERIES, args=[job_id], queue=BACKFILL_QUEUE if is_backfill(job_id) else INFERENCE_QUEUE)
 
     return enqueue

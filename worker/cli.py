@@ -259,6 +259,7 @@ def _add_dicom_evaluation(evaluate: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from training import cli as training_cli
+    from worker import backfill_cli
     from worker.registry import cli as registry_cli
     from worker.web import cli as web_cli
 
@@ -268,6 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
     training_cli.register(subparsers)
     _add_dicom_evaluation(subparsers.choices["evaluate"])
     registry_cli.register(subparsers)
+    backfill_cli.register(subparsers)
     web_cli.register(subparsers)
     parser.add_argument("--log-format", choices=FORMATS, help="text (default) or json: one object a line")
     for sub in subparsers.choices.values():  # also after the command: dicom-triage serve --log-format json

@@ -30,6 +30,7 @@ from config import Settings
 from dicom_io.archive import Archive
 from dicom_io.sr import AlgorithmInfo, ClassificationResult, SRError, build_classification_sr, read_classification_sr
 from models.tasks import INDETERMINATE, get_task
+from worker.backfill import is_backfill_study
 from worker.db import Database, Instance, Result, Review, Series, SrDelivery, SrDocument
 from worker.db.review import Decision
 from worker.delivery import DeliveryEnqueue, DeliveryStatus, delivery_enqueue
@@ -229,9 +230,12 @@ def _record(session: Session, settings: Settings, plan: _Plan, sr: pydicom.Datas
     )
     session.add(document)
     session.flush()
+    destinations = settings.sr_destinations
+    if not settings.backfill_sr_to_pacs and is_backfill_study(session, str(sr.StudyInstanceUID)):
+        destinations = ()  # archived and shown, not sent (backfill_sr_to_pacs)
     deliveries = [
         SrDelivery(document_pk=document.id, destination=str(destination), status=DeliveryStatus.PENDING.value)
-        for destination in dict.fromkeys(settings.sr_destinations)
+        for destination in dict.fromkeys(destinations)
     ]
     session.add_all(deliveries)
     session.flush()

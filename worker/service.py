@@ -27,7 +27,8 @@ from sqlalchemy.exc import OperationalError
 from config import Settings
 from dicom_io.archive import Archive
 from models.tasks import get_task
-from worker.celery_app import INFERENCE_QUEUE, create_celery_app, make_enqueue, run_celery_worker
+from worker.backfill import BackfillRunner, is_backfill_job
+from worker.celery_app import INFERENCE_QUEUE, INFERENCE_QUEUES, create_celery_app, make_enqueue, run_celery_worker
 from worker.db import Database, upgrade_database
 from worker.delivery import DELIVERY_QUEUE, run_delivery_worker
 from worker.errors import StartupError
@@ -92,9 +93,13 @@ class Ingest:
         self.database = database
         self.receiver = Receiver(settings) if settings.listen_processes == 1 else None
         self.group = ListenerGroup(settings) if settings.listen_processes > 1 else None
-        self.scheduler = SeriesScheduler(settings, database, make_enqueue(create_celery_app(settings)))
+        self.scheduler = SeriesScheduler(settings, database, make_enqueue(
+            create_celery_app(settings), lambda job_id: is_backfill_job(database, job_id)))
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self.scheduler.run, args=(self._stop,), name="scheduler", daemon=True)
+        # Backfill retrievals C-MOVE to our own AE: they run where the listener does.
+        self._backfill = threading.Thread(target=BackfillRunner(settings, database).run, args=(self._stop,),
+                                          name="backfill", daemon=True)
 
     def start(self) -> None:
         if self.receiver is not None:
@@ -108,6 +113,7 @@ class Ingest:
                 raise StartupError(f"cannot use archive {self.settings.archive_dir}: {exc}") from exc
             self.group.start()
         self._thread.start()
+        self._backfill.start()
 
     def supervise(self) -> None:
         """Restart a listener process that died (call every half second or so)."""
@@ -127,6 +133,8 @@ class Ingest:
         self._stop.set()
         if self._thread.ident is not None:  # started; a round in progress ends first (a daemon thread past that)
             self._thread.join(timeout=KILL_AFTER_SECONDS)
+        if self._backfill.ident is not None:  # a C-MOVE under way is cut by the exit; its series is moved again
+            self._backfill.join(timeout=1.0)
 
     def accepting(self) -> str:
         """Why associations cannot be taken now (``""``: they can), from this process's own state."""
@@ -237,7 +245,7 @@ def run_worker(settings: Settings, queue: str = INFERENCE_QUEUE) -> int:
             log.warning("stopping with SRs still to make; the next worker start makes them")
 
     try:
-        return run_celery_worker(app, "inference", INFERENCE_QUEUE, pool="threads",
+        return run_celery_worker(app, "inference", INFERENCE_QUEUES, pool="threads",
                                  concurrency=settings.worker_concurrency, handback=handback)
     finally:
         health.stop()

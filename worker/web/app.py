@@ -29,7 +29,7 @@ from config import Settings
 from worker.db import Database
 from worker.db.review import Role
 from worker.health import Readiness, archive_check, broker_check, database_check
-from worker.web import ops
+from worker.web import ops, stow
 from worker.web.auth import LoginRequired, login_redirect, principal
 from worker.web.decisions import CorrectionHook
 from worker.web.rendering import ImageCache
@@ -175,6 +175,7 @@ def create_app(
     app.state.readiness = readiness or Readiness(
         "web", [database_check(database), broker_check(settings), archive_check(settings)])
     app.include_router(ops.router)
+    app.include_router(stow.router)
     app.mount("/static", StaticFiles(directory=_HERE / "static"), name="static")
 
     @app.get("/openapi.json", include_in_schema=False)

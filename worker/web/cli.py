@@ -45,6 +45,13 @@ def register(subparsers: Any) -> None:
     unlock.add_argument("name")
     unlock.set_defaults(handler=_users_unlock)
 
+    tokens = subparsers.add_parser("tokens", help="API tokens of sending systems (STOW-RS)")
+    token_actions = tokens.add_subparsers(dest="tokens_command", required=True, metavar="ACTION")
+    token_add = token_actions.add_parser("add", help="make a token for a sending system; it is printed once")
+    _common(token_add)
+    token_add.add_argument("name", help="the sending system, e.g. the PACS's name")
+    token_add.set_defaults(handler=_tokens_add)
+
 
 def add_web_tls_options(parser: argparse.ArgumentParser) -> None:
     """``--web-tls-cert/--web-tls-key``: HTTPS (Secure cookies, HSTS); without them put a TLS proxy in front."""
@@ -154,6 +161,22 @@ def _users_add(args: argparse.Namespace) -> int:
         print(f"dicom-triage: {exc}", file=sys.stderr)
         return 2
     print(f"added {args.role} {args.name}")
+    return 0
+
+
+def _tokens_add(args: argparse.Namespace) -> int:
+    from worker.db.tokens import TokenError, add_token
+
+    database = _database(_settings(args))
+    try:
+        with database.session() as session:
+            token = add_token(session, args.name)
+    except TokenError as exc:
+        print(f"dicom-triage: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        database.dispose()
+    print(token)  # alone on stdout, for scripts; it is not stored and cannot be shown again
     return 0
 
 

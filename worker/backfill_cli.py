@@ -1,0 +1,139 @@
+"""``dicom-triage backfill plan|run|status|cancel`` (issue 19): see :mod:`worker.backfill`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+
+from config import ConfigError
+
+
+def _database(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    from worker.cli import read_settings
+    from worker.service import open_database
+
+    settings = read_settings(args)
+    return settings, open_database(settings)
+
+
+def _date_range(text: str) -> str:
+    if not re.fullmatch(r"\d{8}(-\d{8})?|-\d{8}|\d{8}-", text):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a DICOM date or range (YYYYMMDD-YYYYMMDD)")
+    return text
+
+
+def _plan(args: argparse.Namespace) -> int:
+    from dicom_io.retrieve import QueryError
+    from dicom_io.scu import AssociationError
+    from worker.backfill import make_plan
+
+    settings, database = _database(args)
+    try:
+        summary = make_plan(database, settings, args.source, args.modality, args.study_date, args.description or "",
+                            args.limit)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
+    except (AssociationError, QueryError) as exc:
+        print(f"dicom-triage: backfill plan: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        database.dispose()
+    instances = summary.instances if summary.instances is not None else "unknown"
+    print(f"plan {summary.plan_id}: {summary.studies} studies, {summary.series} series, {instances} instances")
+    return 0
+
+
+def _run(args: argparse.Namespace) -> int:
+    from worker.backfill import BackfillError, start_plan
+
+    _settings, database = _database(args)
+    try:
+        start_plan(database, args.plan_id, args.max_in_flight, args.per_minute)
+    except BackfillError as exc:
+        print(f"dicom-triage: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        database.dispose()
+    print(f"plan {args.plan_id} running: serve (or listen) retrieves it; see backfill status")
+    return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    from worker.backfill import BackfillError, format_status, plan_status
+
+    _settings, database = _database(args)
+    try:
+        report = plan_status(database, args.plan_id)
+    except BackfillError as exc:
+        print(f"dicom-triage: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        database.dispose()
+    print(json.dumps(report, indent=2) if args.json else format_status(report))
+    return 0
+
+
+def _cancel(args: argparse.Namespace) -> int:
+    from worker.backfill import BackfillError, cancel_plan
+
+    _settings, database = _database(args)
+    try:
+        cancelled = cancel_plan(database, args.plan_id)
+    except BackfillError as exc:
+        print(f"dicom-triage: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        database.dispose()
+    print(f"plan {args.plan_id} cancelled ({cancelled} studies not retrieved)")
+    return 0
+
+
+def _positive(text: str) -> float:
+    value = float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError("must be positive")
+    return value
+
+
+def _count(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return value
+
+
+def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
+    from worker.cli import _add_settings_options
+
+    backfill = subparsers.add_parser("backfill", help="retrieve past studies from a PACS (C-FIND, C-MOVE)")
+    commands = backfill.add_subparsers(dest="backfill_command", required=True, metavar="BACKFILL_COMMAND")
+
+    plan = commands.add_parser("plan", help="C-FIND the PACS and store what matches as a plan")
+    _add_settings_options(plan)
+    plan.add_argument("--from", dest="source", required=True, metavar="AE@HOST:PORT", help="the PACS")
+    plan.add_argument("--modality", required=True, metavar="MOD", help="e.g. MR or CT")
+    plan.add_argument("--study-date", required=True, type=_date_range, metavar="A-B", help="YYYYMMDD-YYYYMMDD")
+    plan.add_argument("--description", metavar="PATTERN", help="study description, DICOM wildcards (*, ?)")
+    plan.add_argument("--limit", type=_count, metavar="N", help="at most N studies (the oldest first)")
+    plan.add_argument("--ae-title", metavar="AE", help="our AE title (calling AE, and the C-MOVE destination)")
+    plan.set_defaults(handler=_plan)
+
+    run = commands.add_parser("run", help="start (or resume) retrieving a plan; serve does the retrieval")
+    _add_settings_options(run)
+    run.add_argument("plan_id", type=int, metavar="PLAN_ID")
+    run.add_argument("--max-in-flight", type=_count, metavar="N", help="studies moved but not yet classified")
+    run.add_argument("--per-minute", type=_positive, metavar="R", help="studies started per minute")
+    run.set_defaults(handler=_run)
+
+    status = commands.add_parser("status", help="each plan's study counts per state, failures and ETA")
+    _add_settings_options(status)
+    status.add_argument("plan_id", type=int, nargs="?", metavar="PLAN_ID")
+    status.add_argument("--json", action="store_true", help="print JSON")
+    status.set_defaults(handler=_status)
+
+    cancel = commands.add_parser("cancel", help="stop a plan; studies not yet moving are not retrieved")
+    _add_settings_options(cancel)
+    cancel.add_argument("plan_id", type=int, metavar="PLAN_ID")
+    cancel.set_defaults(handler=_cancel)
