@@ -12,13 +12,15 @@ from dicom_io.synthesis import encode, mr_series
 from models.architectures import build_model, default_input_spec
 from models.card import ModelCard
 from models.inference import Classifier
+from models.preprocessing import prepare_batch
 from models.tasks import BRAIN_TUMOR, COVID_CT
+from worker.decoding import DecodePool, PreparedSeries
 from worker.inference import (
     ModelCache,
     SeriesBatcher,
     classify_series_files,
-    decode_series,
     predict_in_batches,
+    prepare_for,
 )
 
 
@@ -36,7 +38,7 @@ def classifier(tmp_path_factory: pytest.TempPathFactory) -> Classifier:
 def test_batches_do_not_change_predictions(classifier: Classifier) -> None:
     rng = np.random.default_rng(0)
     images = [rng.uniform(0, 255, (100, 120)).astype(np.float32) for _ in range(5)]
-    batched, distances = predict_in_batches(classifier, images, 4)  # batches of 4 and 1
+    batched, distances = predict_in_batches(classifier, prepare_batch(images, classifier.card.input_spec), 4)  # 4+1
     assert distances is None  # the tiny model has no domain file
     assert batched.shape == (5, len(BRAIN_TUMOR.class_names))
     np.testing.assert_allclose(batched, classifier.predict(images, batch_size=5), rtol=1e-5, atol=1e-6)
@@ -76,14 +78,14 @@ def test_batcher_fills_batches_across_series(classifier: Classifier, tmp_path: P
     batcher: SeriesBatcher[int] = SeriesBatcher(classifier, batch_size=4)
     classifier.predict_prepared = recording  # type: ignore[method-assign]
     try:
-        done = [[key for key, _ in batcher.add(index, decode_series(p))] for index, p in enumerate(paths)]
+        done = [[key for key, _ in batcher.add(index, prepare_for(classifier, p))] for index, p in enumerate(paths)]
         flushed = batcher.flush()
     finally:
         del classifier.predict_prepared
     assert done == [[], [0], [1]] and [key for key, _ in flushed] == [2]
     assert shapes == [4, 4, 1]
     batcher = SeriesBatcher(classifier, batch_size=4)
-    results = {key: c for index, p in enumerate(paths) for key, c in batcher.add(index, decode_series(p))}
+    results = {key: c for index, p in enumerate(paths) for key, c in batcher.add(index, prepare_for(classifier, p))}
     results.update(batcher.flush())
     for index, p in enumerate(paths):  # the same as classifying each series alone
         alone = classify_series_files(p, classifier, batch_size=32)
@@ -91,3 +93,24 @@ def test_batcher_fills_batches_across_series(classifier: Classifier, tmp_path: P
         for a, b in zip(results[index].slice_probabilities, alone.slice_probabilities):
             assert a["sop_instance_uid"] == b["sop_instance_uid"]
             np.testing.assert_allclose(a["probabilities"], b["probabilities"], atol=1e-5)
+
+
+def test_decode_pool_gives_what_the_worker_thread_gives_in_order_and_errors_stay_per_series(
+        classifier: Classifier, tmp_path: Path) -> None:
+    paths = [write_files(mr_series(brain_images(3, seed=seed)), tmp_path / str(seed)) for seed in (4, 5, 6)]
+    broken = tmp_path / "broken.dcm"
+    broken.write_bytes(b"not DICOM at all")
+    series = [(0, paths[0], 3), (1, [broken], 1), (2, paths[1], 3), (3, paths[2], 3)]
+    task, spec = classifier.task.name, classifier.card.input_spec
+    inline = list(DecodePool[int](0, 4).prepare_all(series, task, spec))
+    pool: DecodePool[int] = DecodePool(2, max_frames_in_flight=4)  # at most two 3-slice series ahead: the cap
+    try:
+        pooled = list(pool.prepare_all(series, task, spec))
+    finally:
+        pool.close()
+    assert [key for key, _ in pooled] == [0, 1, 2, 3] == [key for key, _ in inline]
+    assert isinstance(pooled[1][1], Exception) and isinstance(inline[1][1], Exception)
+    for (_, a), (_, b) in zip(pooled, inline):
+        if isinstance(a, PreparedSeries) and isinstance(b, PreparedSeries):
+            assert a.keys == b.keys and a.regions == b.regions
+            np.testing.assert_array_equal(a.inputs, b.inputs)
