@@ -45,6 +45,28 @@ def _configure_gpus() -> None:
         _gpu_done = True
 
 
+def gpu_count() -> int:
+    """The GPUs that Keras's backend (TensorFlow, or ``KERAS_BACKEND``: JAX, PyTorch) can run on; 0 when none or when
+    the backend cannot be loaded."""
+    try:
+        import keras
+
+        backend = keras.backend.backend()
+        if backend == "jax":
+            import jax
+
+            return sum(1 for device in jax.devices() if device.platform == "gpu")
+        if backend == "torch":
+            import torch
+
+            return torch.cuda.device_count()
+        import tensorflow as tf
+
+        return len(tf.config.list_physical_devices("GPU"))
+    except Exception:  # no backend that works: no GPU to use either
+        return 0
+
+
 class Classifier:
     """A trained model with its card. Build with :meth:`load`; :meth:`predict` is safe to call repeatedly."""
 

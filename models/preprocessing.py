@@ -112,10 +112,26 @@ def prepare_batch(images: Sequence[np.ndarray], spec: InputSpec) -> np.ndarray:
 
 
 def _resize_stack(stack: np.ndarray, height: int, width: int) -> np.ndarray:
-    """``(N, H, W)`` -> ``(N, height, width)``: ``rows @ image @ columns.T`` for every image, as two large matrix
-    products over the whole stack (five times faster than N small ones: 2 ms a 512 x 512 slice on one core)."""
-    count, rows_in, columns_in = stack.shape
-    rows, columns = resize_weights(rows_in, height), resize_weights(columns_in, width)
-    narrowed = (stack.reshape(count * rows_in, columns_in) @ columns.T).reshape(count, rows_in, width)
-    by_row = np.ascontiguousarray(narrowed.transpose(1, 0, 2)).reshape(rows_in, count * width)
-    return (rows @ by_row).reshape(height, count, width).transpose(1, 0, 2)
+    """``(N, H, W)`` -> ``(N, height, width)``: ``rows @ image @ columns.T`` for every image, each product summed
+    over its few non-zero weights (:func:`_taps`) rather than by BLAS: a dense product wastes most of its work on
+    zeros, and OpenBLAS's threads on a loaded machine made it ten times slower (40 ms a frame, 4 ms here)."""
+    _, rows_in, columns_in = stack.shape
+    index, weight = _taps(columns_in, width)
+    narrowed = sum(stack[:, :, index[:, tap]] * weight[:, tap] for tap in range(index.shape[1]))
+    index, weight = _taps(rows_in, height)
+    return sum(narrowed[:, index[:, tap], :] * weight[:, tap, np.newaxis] for tap in range(index.shape[1]))
+
+
+@lru_cache(maxsize=64)
+def _taps(size_in: int, size_out: int) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`resize_weights` as ``(size_out, taps)`` input indices and weights: each output pixel's non-zero
+    weights (the triangle kernel's span), padded with zero weights on pixel 0."""
+    dense = resize_weights(size_in, size_out)
+    nonzero = dense > 0
+    taps = max(1, int(nonzero.sum(axis=1).max()))
+    first = np.argmax(nonzero, axis=1)
+    index = np.minimum(first[:, np.newaxis] + np.arange(taps), size_in - 1)
+    weight = np.take_along_axis(dense, index, axis=1)
+    # A span shorter than ``taps`` near the edge would repeat the last pixel: its repeats weigh nothing.
+    weight[first[:, np.newaxis] + np.arange(taps) >= size_in] = 0.0
+    return index, weight.astype(np.float32)
