@@ -178,7 +178,7 @@ def device_name() -> str:
 
 
 def main() -> None:
-    from worker.decoding import default_decode_processes
+    from worker.decoding import available_cores
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--task", default="covid-ct", choices=sorted(PATTERNS))
@@ -207,8 +207,8 @@ def main() -> None:
         return
     counts = args.processes
     if counts is None:
-        cores = default_decode_processes() + 1
-        counts = [0, *sorted({n for n in (1, 2, 4, 8, 12, 15, cores - 1) if 1 <= n < cores})]
+        cores = available_cores()
+        counts = [0, *sorted({n for n in (1, 2, 4, 8, 12, 15, cores - 1) if 1 <= n < max(2, cores)})]
 
     from models.inference import Classifier, default_model_dir
     from models.preprocessing import prepare_batch

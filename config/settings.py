@@ -167,7 +167,7 @@ class Settings(BaseModel):
     #: Up to this many frames of queued series one worker classifies together (batches filled across series).
     inference_group_frames: int = Field(default=128, ge=1, le=65536)
     #: Processes that decode and preprocess series for a worker process (``worker.decoding.DecodePool``); unset:
-    #: the cores it may use but one; 0: decode in the worker's own thread.
+    #: the cores it may use but one (none below 4 cores); 0: decode in the worker's own threads.
     decode_processes: int | None = Field(default=None, ge=0, le=256)
     #: At most this many frames decoded ahead of the model per task (memory stays bounded: 512 x 512 CT frames
     #: take about 1.5 MB each while decoding, a model input of 192 x 192 0.15 MB).

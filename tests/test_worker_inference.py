@@ -14,7 +14,7 @@ from models.card import ModelCard
 from models.inference import Classifier
 from models.preprocessing import prepare_batch
 from models.tasks import BRAIN_TUMOR, COVID_CT
-from worker.decoding import DecodePool, PreparedSeries
+from worker.decoding import DecodePool, PreparedSeries, default_decode_processes
 from worker.inference import (
     ModelCache,
     SeriesBatcher,
@@ -114,3 +114,14 @@ def test_decode_pool_gives_what_the_worker_thread_gives_in_order_and_errors_stay
         if isinstance(a, PreparedSeries) and isinstance(b, PreparedSeries):
             assert a.keys == b.keys and a.regions == b.regions
             np.testing.assert_array_equal(a.inputs, b.inputs)
+
+
+@pytest.mark.parametrize(("cores", "processes"), [(1, 0), (2, 0), (3, 0), (4, 3), (16, 15)])
+def test_decode_processes_default_to_the_cores_but_one_from_four_cores(cores: int, processes: int) -> None:
+    assert default_decode_processes(cores) == processes
+
+
+@pytest.mark.parametrize(("processes", "frames"), [(-1, 8), (1, 0)])
+def test_a_decode_pool_refuses_a_nonsense_size(processes: int, frames: int) -> None:
+    with pytest.raises(ValueError, match="decode processes|frames in flight"):
+        DecodePool(processes, frames)

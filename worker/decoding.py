@@ -95,14 +95,25 @@ def prepare_series(paths: Sequence[Path], task_name: str, spec: InputSpec) -> Pr
     return PreparedSeries(keys, regions, prepare_batch(crops, spec))
 
 
-def default_decode_processes() -> int:
-    """Decoding processes when the settings name none: every core this process may use but one, which the model
-    call and the worker's own thread need (at least one)."""
+#: Below this many cores the worker decodes in its own threads (0 processes): with two cores its two threads
+#: already decode one series while the other's batch is predicted, and a pool would only add the copying of every
+#: model input between processes (bench/pipeline.py, same session: see docs/results.md).
+MIN_CORES_FOR_POOL = 4
+
+
+def available_cores() -> int:
+    """The cores this process may run on."""
     try:
-        cores = len(os.sched_getaffinity(0))
+        return len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
-        cores = os.cpu_count() or 1
-    return max(1, cores - 1)
+        return os.cpu_count() or 1
+
+
+def default_decode_processes(cores: int | None = None) -> int:
+    """Decoding processes when the settings name none: every core but one (the model call and the worker's own
+    threads need it), or 0 below :data:`MIN_CORES_FOR_POOL` cores."""
+    cores = available_cores() if cores is None else cores
+    return cores - 1 if cores >= MIN_CORES_FOR_POOL else 0
 
 
 class DecodePool(Generic[K]):
