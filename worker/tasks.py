@@ -496,12 +496,16 @@ def _classify(group: _Group) -> None:
     batcher: SeriesBatcher[int] = SeriesBatcher(classifier, context.settings.inference_batch_size)
     started: dict[int, float] = {}
     by_id = {job.job_id: job for job in group.jobs}
-    for job in group.jobs:
-        started[job.job_id] = time.perf_counter()
+
+    def series() -> Iterator[tuple[int, list[Path], int]]:
+        for job in group.jobs:
+            started[job.job_id] = time.perf_counter()  # a job's time runs from its decoding's start
+            yield job.job_id, job.paths, job.frames or len(job.paths)
+
     try:
         # The decoding processes work on the next series while the model predicts the batches filled so far.
-        series = ((job.job_id, job.paths, job.frames or len(job.paths)) for job in group.jobs)
-        for job_id, prepared in context.decoder.prepare_all(series, classifier.task.name, classifier.card.input_spec):
+        for job_id, prepared in context.decoder.prepare_all(series(), classifier.task.name,
+                                                            classifier.card.input_spec):
             if isinstance(prepared, BaseException):
                 group.error(by_id[job_id], prepared)
                 continue
