@@ -21,7 +21,7 @@ import numpy as np
 
 from models.inference import Classifier, default_model_dir
 from models.series import SeriesClassification, decide
-from worker.decoding import PreparedSeries, decode_series, prepare_series, series_inputs
+from worker.decoding import PreparedSeries, prepare_series
 from worker.metrics import INFERENCE_BATCH, INFERENCE_IMAGES
 
 __all__ = [
@@ -30,9 +30,8 @@ __all__ = [
     "SeriesBatcher",
     "SeriesClassification",
     "classify_series_files",
-    "decode_series",
     "predict_in_batches",
-    "series_inputs",
+    "prepare_for",
 ]
 
 K = TypeVar("K")
