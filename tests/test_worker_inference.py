@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -125,3 +126,25 @@ def test_decode_processes_default_to_the_cores_but_one_from_four_cores(cores: in
 def test_a_decode_pool_refuses_a_nonsense_size(processes: int, frames: int) -> None:
     with pytest.raises(ValueError, match="decode processes|frames in flight"):
         DecodePool(processes, frames)
+
+
+def test_a_decode_pool_keeps_to_its_frames_in_flight(classifier: Classifier, tmp_path: Path) -> None:
+    paths = write_files(mr_series(brain_images(3, seed=7)), tmp_path)
+    pulled: list[int] = []
+
+    def series() -> Iterator[tuple[int, list[Path], int]]:
+        for key in range(6):
+            pulled.append(key)
+            yield key, paths, 3
+
+    pool: DecodePool[int] = DecodePool(1, max_frames_in_flight=4)
+    ahead = []
+    try:
+        for received, (key, prepared) in enumerate(pool.prepare_all(series(), classifier.task.name,
+                                                                    classifier.card.input_spec)):
+            assert key == received and isinstance(prepared, PreparedSeries)
+            ahead.append(3 * (len(pulled) - received - 1))  # frames taken from the queue and not yet received
+    finally:
+        pool.close()
+    # At most the cap plus the series that asked for room (3 frames); without a cap all 15 others would be ahead.
+    assert max(ahead) <= 4 + 3 and len(ahead) == 6
