@@ -38,7 +38,7 @@ from worker.evaluation import (
     read_labels,
     score,
 )
-from worker.inference import decode_series
+from worker.decoding import decode_series
 
 
 def before(outcome: SeriesOutcome, paths: tuple[Path, ...], task: Task, classifier: Classifier) -> SeriesOutcome:

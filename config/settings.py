@@ -213,6 +213,12 @@ class Settings(BaseModel):
     queued_job_timeout_seconds: float = Field(default=300.0, gt=0, le=7 * 86400)
     #: Up to this many frames of queued series one worker classifies together (batches filled across series).
     inference_group_frames: int = Field(default=128, ge=1, le=65536)
+    #: Processes that decode and preprocess series for a worker process (``worker.decoding.DecodePool``); unset:
+    #: the cores it may use but one (none below 4 cores); 0: decode in the worker's own threads.
+    decode_processes: int | None = Field(default=None, ge=0, le=256)
+    #: At most this many frames decoded ahead of the model per task (memory stays bounded: 512 x 512 CT frames
+    #: take about 1.5 MB each while decoding, a model input of 192 x 192 0.15 MB).
+    decode_frames_in_flight: int = Field(default=512, ge=1, le=65536)
     #: Key of the keyed hash (HMAC-SHA256) that gives exported patients and series their pseudonymous IDs.
     #: Without it ``dataset export`` refuses to run: unkeyed hashes of patient IDs can be reversed by guessing.
     pseudonym_key: SecretStr | None = Field(default=None, min_length=16)

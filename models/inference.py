@@ -45,6 +45,28 @@ def _configure_gpus() -> None:
         _gpu_done = True
 
 
+def gpu_count() -> int:
+    """The GPUs that Keras's backend (TensorFlow, or ``KERAS_BACKEND``: JAX, PyTorch) can run on; 0 when none or when
+    the backend cannot be loaded."""
+    try:
+        import keras
+
+        backend = keras.backend.backend()
+        if backend == "jax":
+            import jax
+
+            return sum(1 for device in jax.devices() if device.platform == "gpu")
+        if backend == "torch":
+            import torch
+
+            return torch.cuda.device_count()
+        import tensorflow as tf
+
+        return len(tf.config.list_physical_devices("GPU"))
+    except Exception:  # no backend that works: no GPU to use either
+        return 0
+
+
 class Classifier:
     """A trained model with its card. Build with :meth:`load`; :meth:`predict` is safe to call repeatedly."""
 
@@ -55,6 +77,10 @@ class Classifier:
         self.domain = domain
         self.temperature = float(card.calibration.get("temperature", 1.0))
         self._with_features = _with_features(model) if domain is not None else None
+        import keras
+
+        #: Whether short batches are padded to the batch size (backends that compile each batch shape anew).
+        self._pad_batches = keras.backend.backend() != "tensorflow"
 
     @classmethod
     def load(cls, model_dir: Path | str) -> "Classifier":
@@ -66,8 +92,10 @@ class Classifier:
         if not model_file.is_file():
             raise FileNotFoundError(f"model directory {model_dir} has no {MODEL_FILE}")
         card = ModelCard.load(model_dir / CARD_FILE)
-        _configure_gpus()
         import keras
+
+        if keras.backend.backend() == "tensorflow":  # on JAX or PyTorch (KERAS_BACKEND) TensorFlow is not needed
+            _configure_gpus()
 
         import models.architectures  # noqa: F401  (registers the custom layers the saved models use)
 
@@ -104,16 +132,30 @@ class Classifier:
     def classify(self, images: Sequence[np.ndarray], batch_size: int = 32) -> tuple[np.ndarray, np.ndarray | None]:
         """Display images -> (``(N, num_classes)`` calibrated probabilities, ``(N,)`` feature distances to the
         training images, or ``None`` for a model without a domain file)."""
+        if len(images) == 0:
+            return self.classify_prepared(np.zeros((0, *self.card.input_spec.shape), np.float32), batch_size)
+        return self.classify_prepared(prepare_batch(images, self.card.input_spec), batch_size)
+
+    def classify_prepared(self, inputs: np.ndarray, batch_size: int = 32) -> tuple[np.ndarray, np.ndarray | None]:
+        """:meth:`classify` for model inputs already prepared (``(N, H, W, C)`` from :func:`prepare_batch`, e.g. by
+        the worker's decoding processes), ``batch_size`` rows per model call."""
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, not {batch_size}")
-        num_classes = len(self.card.class_names)
-        if len(images) == 0:
+        if len(inputs) == 0:
+            num_classes = len(self.card.class_names)
             return np.zeros((0, num_classes), dtype=np.float32), None if self.domain is None else np.zeros(0)
-        outputs = [self._run(prepare_batch(images[start:start + batch_size], self.card.input_spec))
-                   for start in range(0, len(images), batch_size)]
-        probabilities = np.concatenate([p for p, _ in outputs])
-        distances = [d for _, d in outputs if d is not None]
-        return probabilities, np.concatenate(distances) if distances else None
+        outputs = []
+        for start in range(0, len(inputs), batch_size):
+            batch = inputs[start:start + batch_size]
+            if self._pad_batches and len(batch) < batch_size:
+                # JAX and PyTorch compile one graph per batch shape (TensorFlow relaxes the shape once, see
+                # warm_up): a short last batch is padded to the full size rather than compiled again mid-job.
+                padding = np.zeros((batch_size - len(batch), *batch.shape[1:]), dtype=batch.dtype)
+                probabilities, distances = self._run(np.concatenate([batch, padding]))
+                outputs.append((probabilities[:len(batch)], None if distances is None else distances[:len(batch)]))
+            else:
+                outputs.append(self._run(batch))
+        return _joined(outputs)
 
     def _run(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         if self._with_features is None or self.domain is None:
@@ -131,13 +173,21 @@ class Classifier:
         """Trace the model now rather than in the first request: Keras compiles a graph for the first batch shape and
         a second one, shape-relaxed, for the next different shape (half a second each on a CPU); every later batch
         size reuses the relaxed one."""
-        for size in dict.fromkeys((batch_size, max(1, batch_size // 2))):
+        sizes = (batch_size,) if self._pad_batches else (batch_size, max(1, batch_size // 2))
+        for size in dict.fromkeys(sizes):
             self._run(np.zeros((size, *self.card.input_spec.shape), dtype=np.float32))
 
     def predict_prepared(self, batch: np.ndarray) -> np.ndarray:
         """Model input ``(N, H, W, C)`` float32 0..255 (from :func:`prepare_batch`) -> probabilities."""
         # predict_on_batch runs a compiled graph without predict()'s per-call dataset set-up: 2.5x an eager call.
         return apply_temperature(np.asarray(self._model.predict_on_batch(batch)), self.temperature)
+
+
+def _joined(outputs: Sequence[tuple[np.ndarray, np.ndarray | None]]) -> tuple[np.ndarray, np.ndarray | None]:
+    """Per-batch (probabilities, distances) -> all rows of each, in order (``None`` distances stay ``None``)."""
+    probabilities = np.concatenate([p for p, _ in outputs])
+    distances = [d for _, d in outputs if d is not None]
+    return probabilities, np.concatenate(distances) if distances else None
 
 
 def _with_features(model: "object") -> "object":

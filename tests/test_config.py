@@ -49,6 +49,8 @@ def test_file_then_environment_then_overrides(tmp_path: Path) -> None:
         ({"DICOM_TRIAGE_BROKER_URL": "kafka://x"}, "broker URL"),
         ({"DICOM_TRIAGE_SR_DESTINATIONS": "ORTHANC@host"}, "AE@HOST:PORT"),
         ({"DICOM_TRIAGE_NO_SUCH_THING": "1"}, "unknown setting"),
+        ({"DICOM_TRIAGE_DECODE_PROCESSES": "-1"}, "decode_processes [from DICOM_TRIAGE_DECODE_PROCESSES]"),
+        ({"DICOM_TRIAGE_DECODE_FRAMES_IN_FLIGHT": "0"}, "decode_frames_in_flight"),
     ],
 )
 def test_bad_environment_values_are_named(env: dict[str, str], fragment: str, tmp_path: Path) -> None:

@@ -31,7 +31,7 @@ from worker.db import Database, Instance, Job, JobState, Patient, Result, Series
 from worker.db.review import Decision, record_decision
 from training.data import load_and_split
 from worker.export import ExportError, Pseudonymizer, export_dataset
-from worker.inference import decode_series
+from worker.decoding import decode_series
 
 ROOT = Path(__file__).resolve().parents[1]
 KEY = "test-pseudonym-key-0123456789"

@@ -96,16 +96,19 @@ class Pipeline:
 
 @pytest.fixture
 def pipeline(tmp_path: Path, models_dir: Path) -> Iterator[Pipeline]:
-    settings = load_settings(env={}, data_dir=tmp_path, models_dir=models_dir)
+    # One decoding process whatever the cores: jobs and their errors (transient or not) cross the process boundary.
+    settings = load_settings(env={}, data_dir=tmp_path, models_dir=models_dir, decode_processes=1)
     upgrade_database(settings.effective_database_url)
     database = Database(settings.effective_database_url)
     registration = WorkerRegistration(database)
     line = Pipeline(settings, database)
     line.worker_pk = registration.id
-    register_tasks(line.app, WorkerContext(settings, database, ModelCache(models_dir), registration.id))
+    context = WorkerContext(settings, database, ModelCache(models_dir), registration.id)
+    register_tasks(line.app, context)
     with start_worker(line.app, pool="threads", concurrency=1, perform_ping_check=False,
                       queues=[INFERENCE_QUEUE], shutdown_timeout=30):
         yield line
+    context.decoder.close()  # its decoding processes (settings.decode_processes)
     line.close()
     registration.close()
     database.dispose()

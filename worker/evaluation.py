@@ -1,7 +1,7 @@
 """``dicom-triage evaluate TASK --dicom DIR``: the worker's own path on a labelled tree of real DICOM series.
 
 Each series goes where a pushed series goes: routing (the settings' ``routing_rules``, on the same header facts the
-scheduler reads), decoding (:func:`worker.inference.decode_series`), regions, slice selection, calibrated
+scheduler reads), decoding (:func:`worker.decoding.decode_series`), regions, slice selection, calibrated
 probabilities, aggregation and the indeterminate rule (:func:`worker.inference.classify_series_files`). The score is
 per series:
 

@@ -4,8 +4,8 @@ Layout: ``OUT/Training/<class>/*.png`` + ``OUT/Testing/<class>/*.png`` (every cl
 ``OUT/manifest.csv`` (one row per image: file, split, label, label source, pseudonymous patient and series, frame)
 and ``OUT/export.json`` (what was exported, with which options, and the manifest's hash).
 
-* Images are the worker's own preprocessing (:func:`worker.inference.decode_series`: modality LUT, the models' lung
-  window for CT, percentile window for MR; then :func:`worker.inference.series_inputs`: the lungs or the head cut out
+* Images are the worker's own preprocessing (:func:`worker.decoding.decode_series`: modality LUT, the models' lung
+  window for CT, percentile window for MR; then :func:`worker.decoding.series_inputs`: the lungs or the head cut out
   with the training images' margins), one 8-bit grey PNG per slice the worker reads, so a model trains on what it
   will see. Slices the worker leaves out (no lung, no head) are not exported; each series counts them.
 * De-identified: file names and the manifest hold only pseudonymous IDs, an HMAC-SHA256 under the configured
@@ -46,7 +46,7 @@ from models.tasks import Task
 from training.data import PATIENT_MANIFEST
 from worker.db import Database, Instance, Patient, Result, Series, Study
 from worker.db.review import TrainingExample
-from worker.inference import decode_series, series_inputs
+from worker.decoding import decode_series, series_inputs
 
 log = logging.getLogger(__name__)
 

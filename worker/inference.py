@@ -1,10 +1,11 @@
-"""Classify series: archive files -> display frames -> model -> slice probabilities -> series result.
+"""Classify series: archive files -> model inputs -> model -> slice probabilities -> series result.
 
-The path from display frames to the result (regions, slices left out, aggregation, ``indeterminate``) is
-:mod:`models.series`, the one definition ``dicom-triage evaluate --dicom`` runs too; this module adds reading the
-archive files, the process-wide model lock and cache, and :class:`SeriesBatcher`, which classifies several series
-at once with model batches filled across them. Every slice's probabilities are kept with the result (per SOP
-Instance UID and frame), and every slice left out says why.
+The path from archive files to model inputs is :func:`worker.decoding.prepare_series` (run in the worker's decoding
+processes, :class:`worker.decoding.DecodePool`); from probabilities to the result (slices left out, aggregation,
+``indeterminate``) it is :mod:`models.series`, the one definition ``dicom-triage evaluate --dicom`` runs too. This
+module adds the process-wide model lock and cache, and :class:`SeriesBatcher`, which classifies several series at
+once with model batches filled across them. Every slice's probabilities are kept with the result (per SOP Instance
+UID and frame), and every slice left out says why.
 """
 
 from __future__ import annotations
@@ -17,13 +18,10 @@ from pathlib import Path
 from typing import Generic, TypeVar
 
 import numpy as np
-from pydicom import dcmread
 
-from dicom_io.imaging import SeriesFrame, Window, series_frame_records
 from models.inference import Classifier, default_model_dir
-from models.regions import CT_WINDOW_HU, Region
-from models.series import SeriesClassification, decide, model_inputs
-from models.tasks import Task
+from models.series import SeriesClassification, decide
+from worker.decoding import PreparedSeries, prepare_series
 from worker.metrics import INFERENCE_BATCH, INFERENCE_IMAGES
 
 __all__ = [
@@ -32,15 +30,11 @@ __all__ = [
     "SeriesBatcher",
     "SeriesClassification",
     "classify_series_files",
-    "decode_series",
     "predict_in_batches",
-    "series_inputs",
+    "prepare_for",
 ]
 
 K = TypeVar("K")
-
-#: CT frames are displayed in the window the training images were made with (:data:`models.regions.CT_WINDOW_HU`).
-MODEL_CT_WINDOW = Window(*CT_WINDOW_HU)
 
 
 #: One model call at a time per process: TensorFlow spreads each call over every core already, so two worker
@@ -48,46 +42,30 @@ MODEL_CT_WINDOW = Window(*CT_WINDOW_HU)
 PREDICT_LOCK = threading.Lock()
 
 
-def predict_in_batches(classifier: Classifier, images: Sequence[np.ndarray], batch_size: int
+def predict_in_batches(classifier: Classifier, inputs: np.ndarray, batch_size: int
                        ) -> tuple[np.ndarray, np.ndarray | None]:
-    """``(N, C)`` calibrated probabilities and ``(N,)`` feature distances (``None`` without a domain file):
-    :meth:`Classifier.classify` (``batch_size`` images at a time, the last batch as it comes) under
+    """``(N, C)`` calibrated probabilities and ``(N,)`` feature distances (``None`` without a domain file) of model
+    inputs ``(N, H, W, C)``: :meth:`Classifier.classify_prepared` (``batch_size`` rows at a time) under
     :data:`PREDICT_LOCK`.
 
-    No padding to fixed batch shapes: after :meth:`Classifier.warm_up` Keras runs every batch size on one
-    shape-relaxed graph without tracing again (measured: a first call at 24, 17, 9 or 5 images costs what the next
-    one does), and padding 24 slices to 32 cost 28% more model time, 17 to 32 twice as much.
+    No padding to fixed batch shapes on TensorFlow: after :meth:`Classifier.warm_up` Keras runs every batch size on
+    one shape-relaxed graph without tracing again (measured: a first call at 24, 17, 9 or 5 images costs what the
+    next one does), and padding 24 slices to 32 cost 28% more model time, 17 to 32 twice as much.
     """
     with PREDICT_LOCK:
-        return classifier.classify(images, batch_size)
+        return classifier.classify_prepared(inputs, batch_size)
 
 
-def decode_series(paths: Sequence[Path]) -> list[SeriesFrame]:
-    """A series' frames from its archive files, as display images in spatial order (CT in the models' window, never
-    inverted).
-
-    Raises ``dicom_io.imaging.ImagingError`` (or pydicom's errors) for instances that cannot be decoded, and
-    ``ValueError`` for a series without frames.
-    """
-    # The models read CT as Hounsfield units in their window, air dark, whatever display MONOCHROME1 asks for.
-    frames = series_frame_records((dcmread(path) for path in paths), ct_window=MODEL_CT_WINDOW,
-                                  invert_monochrome1_ct=False)
-    if not frames:
-        raise ValueError("the series has no frames")
-    return frames
-
-
-def series_inputs(frames: Sequence[SeriesFrame], task: Task) -> tuple[list[Region], list[np.ndarray]]:
-    """Each frame's region and model input (:func:`models.series.model_inputs`; a frame's defect makes it
-    unsuitable): what the worker classifies and what ``dataset export`` writes for training."""
-    return model_inputs([frame.image for frame in frames], task, [frame.defect for frame in frames])
-
-
-def series_classification(frames: Sequence[SeriesFrame], regions: Sequence[Region], probabilities: np.ndarray,
-                          distances: np.ndarray | None, classifier: Classifier) -> SeriesClassification:
+def series_classification(prepared: PreparedSeries, probabilities: np.ndarray, distances: np.ndarray | None,
+                          classifier: Classifier) -> SeriesClassification:
     """The series result (:func:`models.series.decide`) from its frames' regions, probabilities and distances."""
-    keys = [{"sop_instance_uid": frame.sop_instance_uid, "frame": frame.frame_number} for frame in frames]
-    return decide(keys, regions, probabilities, distances, classifier.task, classifier.card.calibration)
+    return decide(prepared.keys, prepared.regions, probabilities, distances, classifier.task,
+                  classifier.card.calibration)
+
+
+def prepare_for(classifier: Classifier, paths: Sequence[Path]) -> PreparedSeries:
+    """:func:`worker.decoding.prepare_series` for ``classifier``'s task and input, in this thread."""
+    return prepare_series(paths, classifier.task.name, classifier.card.input_spec)
 
 
 def classify_series_files(paths: Sequence[Path], classifier: Classifier, batch_size: int) -> SeriesClassification:
@@ -95,20 +73,17 @@ def classify_series_files(paths: Sequence[Path], classifier: Classifier, batch_s
 
     Raises ``dicom_io.imaging.ImagingError`` (or pydicom's errors) for instances that cannot be decoded.
     """
-    frames = decode_series(paths)
-    regions, inputs = series_inputs(frames, classifier.task)
-    probabilities, distances = predict_in_batches(classifier, inputs, batch_size)
-    return series_classification(frames, regions, probabilities, distances, classifier)
+    prepared = prepare_for(classifier, paths)
+    probabilities, distances = predict_in_batches(classifier, prepared.inputs, batch_size)
+    return series_classification(prepared, probabilities, distances, classifier)
 
 
 @dataclass
 class _Pending:
-    """A series in a :class:`SeriesBatcher`: its frames, their regions and model inputs, and the probabilities and
-    feature distances (NaN: not yet known, or no domain file) predicted so far."""
+    """A series in a :class:`SeriesBatcher`: its prepared frames, and the probabilities and feature distances (NaN:
+    not yet known, or no domain file) predicted so far."""
 
-    frames: list[SeriesFrame]
-    regions: list[Region]
-    inputs: list[np.ndarray]
+    prepared: PreparedSeries
     probabilities: np.ndarray
     distances: np.ndarray
 
@@ -116,10 +91,10 @@ class _Pending:
 class SeriesBatcher(Generic[K]):
     """Classifies several series with model batches filled across them.
 
-    :meth:`add` a series' frames: every full batch of ``batch_size`` frames waiting (from this and earlier series)
-    is predicted at once, and the series whose frames are then all predicted are returned with their results. So
-    series of 24 slices fill batches of 32 instead of each making a short one, and a series' result comes as soon as
-    its last frame is predicted. :meth:`flush` predicts the rest.
+    :meth:`add` a prepared series: every full batch of ``batch_size`` frames waiting (from this and earlier
+    series) is predicted at once, and the series whose frames are then all predicted are returned with their
+    results. So series of 24 slices fill batches of 32 instead of each making a short one, and a series' result
+    comes as soon as its last frame is predicted. :meth:`flush` predicts the rest.
     """
 
     def __init__(self, classifier: Classifier, batch_size: int) -> None:
@@ -130,17 +105,16 @@ class SeriesBatcher(Generic[K]):
         #: Frames not yet predicted, in arrival order: (series key, index in that series).
         self._waiting: list[tuple[K, int]] = []
 
-    def add(self, key: K, frames: Sequence[SeriesFrame]) -> list[tuple[K, SeriesClassification]]:
+    def add(self, key: K, prepared: PreparedSeries) -> list[tuple[K, SeriesClassification]]:
         if key in self._series:
             raise ValueError(f"series {key!r} was added twice")
-        if not frames:
+        if not len(prepared):
             raise ValueError("the series has no frames")
         classes = len(self.classifier.class_names)
-        regions, inputs = series_inputs(frames, self.classifier.task)
-        self._series[key] = _Pending(list(frames), regions, inputs,
-                                     np.zeros((len(frames), classes), dtype=np.float32), np.full(len(frames), np.nan))
-        self._left[key] = len(frames)
-        self._waiting += [(key, index) for index in range(len(frames))]
+        count = len(prepared)
+        self._series[key] = _Pending(prepared, np.zeros((count, classes), dtype=np.float32), np.full(count, np.nan))
+        self._left[key] = count
+        self._waiting += [(key, index) for index in range(count)]
         full = len(self._waiting) // self.batch_size * self.batch_size
         return self._predict(full) if full else []
 
@@ -149,12 +123,14 @@ class SeriesBatcher(Generic[K]):
 
     def _predict(self, count: int) -> list[tuple[K, SeriesClassification]]:
         todo, self._waiting = self._waiting[:count], self._waiting[count:]
-        images = [self._series[key].inputs[index] for key, index in todo]
+        if not todo:
+            return []
+        inputs = np.stack([self._series[key].prepared.inputs[index] for key, index in todo])
         started = time.perf_counter()
-        probabilities, distances = predict_in_batches(self.classifier, images, self.batch_size)
+        probabilities, distances = predict_in_batches(self.classifier, inputs, self.batch_size)
         task = self.classifier.task.name
         INFERENCE_BATCH.labels(task).observe(time.perf_counter() - started)
-        INFERENCE_IMAGES.labels(task).inc(len(images))
+        INFERENCE_IMAGES.labels(task).inc(len(inputs))
         done = []
         for position, ((key, index), row) in enumerate(zip(todo, probabilities)):
             pending = self._series[key]
@@ -165,8 +141,8 @@ class SeriesBatcher(Generic[K]):
             if self._left[key] == 0:
                 del self._series[key], self._left[key]
                 known = None if np.isnan(pending.distances).any() else pending.distances
-                done.append((key, series_classification(pending.frames, pending.regions, pending.probabilities,
-                                                        known, self.classifier)))
+                done.append((key, series_classification(pending.prepared, pending.probabilities, known,
+                                                        self.classifier)))
         return done
 
 

@@ -94,13 +94,11 @@ def count_rejection(calling_ae: str, sop_instance_uid: str | None, reason: str) 
 
 
 def record_gpus(queue: str) -> int:
-    """Set :data:`WORKER_GPUS` for this worker (TensorFlow is already imported by a worker that loaded models)."""
-    try:
-        import tensorflow as tf
+    """Set :data:`WORKER_GPUS` for this worker: the GPUs its Keras backend sees (already imported by a worker that
+    loaded models)."""
+    from models.inference import gpu_count
 
-        count = len(tf.config.list_physical_devices("GPU"))
-    except Exception:  # no TensorFlow that works: no GPU to use either
-        count = 0
+    count = gpu_count()
     WORKER_GPUS.labels(queue).set(count)
     return count
 

@@ -40,7 +40,8 @@ from models.card import ModelCard
 from models.tasks import INDETERMINATE
 from worker.celery_app import CLASSIFY_SERIES
 from worker.db import Database, Instance, Job, JobState, Result, Series, utcnow
-from worker.inference import ModelCache, SeriesBatcher, SeriesClassification, decode_series
+from worker.decoding import DecodePool, default_decode_processes
+from worker.inference import ModelCache, SeriesBatcher, SeriesClassification
 from worker.logs import uid_hash
 from worker.metrics import JOB_LATENCY, JOBS_FINISHED
 from worker.reporting import publish_result
@@ -202,9 +203,14 @@ class WorkerContext:
     in_flight: set[int] = field(default_factory=set)
     claim_lock: threading.Lock = field(default_factory=threading.Lock)
     sr_queue: SrQueue = field(init=False)
+    #: Decodes and preprocesses series ahead of the model (``settings.decode_processes``).
+    decoder: DecodePool[int] = field(init=False)
 
     def __post_init__(self) -> None:
         self.sr_queue = SrQueue(lambda job_id: publish_job_sr(self, job_id), lambda: series_waiting(self.database))
+        processes = self.settings.decode_processes
+        self.decoder = DecodePool(default_decode_processes() if processes is None else processes,
+                                  self.settings.decode_frames_in_flight)
 
 
 def _series_files(session: Session, series_pk: int) -> tuple[list[Path], int]:
@@ -492,15 +498,21 @@ def _classify(group: _Group) -> None:
     group.card = classifier.card
     batcher: SeriesBatcher[int] = SeriesBatcher(classifier, context.settings.inference_batch_size)
     started: dict[int, float] = {}
-    try:
+    by_id = {job.job_id: job for job in group.jobs}
+
+    def series() -> Iterator[tuple[int, list[Path], int]]:
         for job in group.jobs:
-            started[job.job_id] = time.perf_counter()
-            try:
-                frames = decode_series(job.paths)
-            except Exception as exc:
-                group.error(job, exc)
+            started[job.job_id] = time.perf_counter()  # a job's time runs from its decoding's start
+            yield job.job_id, job.paths, job.frames or len(job.paths)
+
+    try:
+        # The decoding processes work on the next series while the model predicts the batches filled so far.
+        for job_id, prepared in context.decoder.prepare_all(series(), classifier.task.name,
+                                                            classifier.card.input_spec):
+            if isinstance(prepared, BaseException):
+                group.error(by_id[job_id], prepared)
                 continue
-            group.finish(batcher.add(job.job_id, frames), started)
+            group.finish(batcher.add(job_id, prepared), started)
         group.finish(batcher.flush(), started)
     except OperationalError:
         raise  # the database failed: the task's retry (and the release of the others) deal with it
@@ -525,6 +537,7 @@ def publish_job_sr(context: WorkerContext, job_id: int) -> None:
 def register_tasks(app: Celery, context: WorkerContext) -> None:
     """Add ``classify_series`` to ``app``, bound to this worker process's ``context``; trace its models first."""
     context.models.warm_up(context.settings.inference_batch_size)
+    context.decoder.start()
 
     # shared=False: a shared task would be copied into every Celery app made later in this process, bound to
     # this context (another database) and shadowing that app's own registration.
@@ -558,3 +571,4 @@ def register_tasks(app: Celery, context: WorkerContext) -> None:
     @worker_shutdown.connect(weak=False)
     def _drain_srs(**_: object) -> None:
         context.sr_queue.drain()
+        context.decoder.close()

@@ -1,0 +1,196 @@
+"""Series -> model inputs, in a pool of decoding processes that runs ahead of the model.
+
+:func:`prepare_series` is the one path from a series' archive files to what the model reads: decode the frames
+(:func:`decode_series`, :mod:`dicom_io.imaging`, compressed transfer syntaxes included), find each frame's region
+and cut it out (:func:`models.series.model_inputs`), resize to the model's input (:func:`models.preprocessing.
+prepare_batch`). :class:`DecodePool` only runs it, in ``processes`` separate processes: one Python process
+decodes and windows a 512 x 512 CT slice in 2-3 ms and finds its lungs in about 4 ms, while a GPU classifies 32
+slices in a few milliseconds, so one decoding thread would leave the device idle most of the time.
+
+:meth:`DecodePool.prepare_all` submits series ahead of the one being consumed, up to a cap of frames in flight
+(memory stays bounded), and yields them in submission order: while the caller's model runs one batch, the pool
+decodes the next series.
+
+This module imports nothing of Celery, the database or the metrics, because each decoding process imports it
+(spawned, not forked: the parent holds TensorFlow's or JAX's threads, which a fork would copy half-initialised).
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+from collections import deque
+from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Generic, TypeVar
+
+import numpy as np
+from pydicom import dcmread
+
+from dicom_io.imaging import SeriesFrame, Window, series_frame_records
+from models.preprocessing import InputSpec, prepare_batch
+from models.regions import CT_WINDOW_HU, Region
+from models.series import model_inputs
+from models.tasks import Task, get_task
+
+__all__ = [
+    "DecodePool",
+    "MODEL_CT_WINDOW",
+    "PreparedSeries",
+    "decode_series",
+    "default_decode_processes",
+    "prepare_series",
+    "series_inputs",
+]
+
+K = TypeVar("K")
+
+#: CT frames are displayed in the window the training images were made with (:data:`models.regions.CT_WINDOW_HU`).
+MODEL_CT_WINDOW = Window(*CT_WINDOW_HU)
+
+
+def decode_series(paths: Sequence[Path]) -> list[SeriesFrame]:
+    """A series' frames from its archive files, as display images in spatial order (CT in the models' window, never
+    inverted).
+
+    Raises ``dicom_io.imaging.ImagingError`` (or pydicom's errors) for instances that cannot be decoded, and
+    ``ValueError`` for a series without frames.
+    """
+    # The models read CT as Hounsfield units in their window, air dark, whatever display MONOCHROME1 asks for.
+    frames = series_frame_records((dcmread(path) for path in paths), ct_window=MODEL_CT_WINDOW,
+                                  invert_monochrome1_ct=False)
+    if not frames:
+        raise ValueError("the series has no frames")
+    return frames
+
+
+def series_inputs(frames: Sequence[SeriesFrame], task: Task) -> tuple[list[Region], list[np.ndarray]]:
+    """Each frame's region and model input (:func:`models.series.model_inputs`; a frame's defect makes it
+    unsuitable): what the worker classifies and what ``dataset export`` writes for training."""
+    return model_inputs([frame.image for frame in frames], task, [frame.defect for frame in frames])
+
+
+@dataclass(frozen=True)
+class PreparedSeries:
+    """A series ready for the model: each frame's identity and region, and the model inputs ``(N, H, W, C)``."""
+
+    #: ``{"sop_instance_uid", "frame"}`` per frame, in spatial order (the result's slice keys).
+    keys: list[dict[str, Any]]
+    regions: list[Region]
+    inputs: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+
+def prepare_series(paths: Sequence[Path], task_name: str, spec: InputSpec) -> PreparedSeries:
+    """Decode a series and make its model inputs (see the module docstring); raises what :func:`decode_series`
+    raises."""
+    frames = decode_series(paths)
+    regions, crops = series_inputs(frames, get_task(task_name))
+    keys = [{"sop_instance_uid": frame.sop_instance_uid, "frame": frame.frame_number} for frame in frames]
+    return PreparedSeries(keys, regions, prepare_batch(crops, spec))
+
+
+#: Below this many cores the worker decodes in its own threads (0 processes): with two cores its two threads
+#: already decode one series while the other's batch is predicted, and a pool would only add the copying of every
+#: model input between processes (bench/pipeline.py, same session: see docs/results.md).
+MIN_CORES_FOR_POOL = 4
+
+
+def available_cores() -> int:
+    """The cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def default_decode_processes(cores: int | None = None) -> int:
+    """Decoding processes when the settings name none: every core but one (the model call and the worker's own
+    threads need it), or 0 below :data:`MIN_CORES_FOR_POOL` cores."""
+    cores = available_cores() if cores is None else cores
+    return cores - 1 if cores >= MIN_CORES_FOR_POOL else 0
+
+
+class DecodePool(Generic[K]):
+    """Runs :func:`prepare_series` on ``processes`` processes (0: in the calling thread), ahead of the consumer.
+
+    The processes start on first use and stay for the pool's life (a spawn costs about a second: imports);
+    :meth:`close` ends them. Safe to use from several threads at once (each call keeps its own cap).
+    """
+
+    def __init__(self, processes: int, max_frames_in_flight: int) -> None:
+        if processes < 0:
+            raise ValueError(f"decode processes must be 0 or more, not {processes}")
+        if max_frames_in_flight < 1:
+            raise ValueError(f"frames in flight must be at least 1, not {max_frames_in_flight}")
+        self.processes = processes
+        self.max_frames_in_flight = max_frames_in_flight
+        self._executor: ProcessPoolExecutor | None = None
+
+    def _pool(self) -> ProcessPoolExecutor:
+        if self._executor is None:
+            self._executor = ProcessPoolExecutor(self.processes, mp_context=multiprocessing.get_context("spawn"))
+        return self._executor
+
+    def start(self) -> None:
+        """Start the processes now (and let them import), rather than with the first series."""
+        if self.processes:
+            for future in [self._pool().submit(_ready) for _ in range(self.processes)]:
+                future.result()
+
+    def prepare_all(self, series: Iterable[tuple[K, Sequence[Path], int]], task_name: str, spec: InputSpec
+                    ) -> Iterator[tuple[K, PreparedSeries | BaseException]]:
+        """``(key, paths, frames)`` per series -> ``(key, prepared series or the error that stopped it)``, in the
+        order given. Series are decoded ahead while fewer than ``max_frames_in_flight`` frames (``frames``: the
+        series' frame count as the database knows it, at least 1) are submitted and not yet yielded; one series
+        is always let through, however large. A series' error never stops the others."""
+        if not self.processes:
+            for key, paths, _ in series:
+                try:
+                    yield key, prepare_series(paths, task_name, spec)
+                except Exception as exc:
+                    yield key, exc
+            return
+        pool = self._pool()
+        pending: deque[tuple[K, int, Future[PreparedSeries]]] = deque()
+        in_flight = 0
+        for key, paths, frames in series:
+            frames = max(1, frames)
+            while pending and in_flight + frames > self.max_frames_in_flight:
+                done_key, done_frames, future = pending.popleft()
+                in_flight -= done_frames
+                yield done_key, self._check(_outcome(future))
+            pending.append((key, frames, pool.submit(prepare_series, list(paths), task_name, spec)))
+            in_flight += frames
+        while pending:
+            done_key, _, future = pending.popleft()
+            yield done_key, self._check(_outcome(future))
+
+    def _check(self, outcome: PreparedSeries | BaseException) -> PreparedSeries | BaseException:
+        if isinstance(outcome, BrokenProcessPool) and self._executor is not None:
+            # A decoding process died (killed, out of memory): this pool takes no more work; the next call starts
+            # a fresh one instead of failing every later series.
+            self._executor.shutdown(wait=False, cancel_futures=True)
+            self._executor = None
+        return outcome
+
+    def close(self) -> None:
+        if self._executor is not None:
+            self._executor.shutdown(wait=True, cancel_futures=True)
+            self._executor = None
+
+
+def _ready() -> bool:
+    return True
+
+
+def _outcome(future: Future[PreparedSeries]) -> PreparedSeries | BaseException:
+    try:
+        return future.result()
+    except Exception as exc:  # the series' own error, or the pool broken (a decoding process killed)
+        return exc
