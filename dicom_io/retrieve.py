@@ -70,7 +70,7 @@ class MoveOutcome:
 def _find(peer: Peer, identifier: Dataset, calling_ae: str, max_matches: int) -> Iterator[Dataset]:
     ae = _new_ae(calling_ae)
     ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
-    assoc, refusal = _associate(ae, peer.host, peer.port, peer.ae_title)
+    assoc, refusal, _ = _associate(ae, peer.host, peer.port, peer.ae_title, None)
     if not assoc.is_established:
         raise AssociationError(f"{peer}: {_describe_failure(assoc, refusal)}")
     count = 0
@@ -133,7 +133,7 @@ def move_series(peer: Peer, study_instance_uid: str, series_instance_uid: str, d
     ae = _new_ae(calling_ae)
     ae.dimse_timeout = timeout_seconds  # a peer answering "pending" forever ends here
     ae.add_requested_context(StudyRootQueryRetrieveInformationModelMove)
-    assoc, refusal = _associate(ae, peer.host, peer.port, peer.ae_title)
+    assoc, refusal, _ = _associate(ae, peer.host, peer.port, peer.ae_title, None)
     if not assoc.is_established:
         raise AssociationError(f"{peer}: {_describe_failure(assoc, refusal)}")
     query = Dataset()

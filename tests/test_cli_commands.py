@@ -209,7 +209,9 @@ def test_models_retrain_queues_a_run_and_refuses_bad_options(installed: dict, tm
     refused = run_cli(env, "models", "retrain", "covid-ct", "--epochs", "0")
     assert (refused.returncode, refused.stderr.strip()) == (2, "dicom-triage: epochs must be 1..1000, not 0")
     queued = run_cli(env, "models", "retrain", "covid-ct", "--epochs", "3", "--from-active", "--actor", "dana")
-    assert (queued.returncode, queued.stdout) == (0, "queued training run 1 on the training queue\n"), queued.stderr
+    assert (queued.returncode, queued.stdout) == (0, "queued training run 1 on the training queue\n  labels: 0 "
+                                                  "radiologist-reviewed series; left out 0 unreviewed results "
+                                                  "(--include-unreviewed adds them)\n"), queued.stderr
 
     database = Database(settings.effective_database_url)
     try:

@@ -6,8 +6,12 @@ import argparse
 import json
 import re
 import sys
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from config import ConfigError
+
+T = TypeVar("T")
 
 
 def _database(args: argparse.Namespace):  # type: ignore[no-untyped-def]
@@ -45,47 +49,46 @@ def _plan(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run(args: argparse.Namespace) -> int:
-    from worker.backfill import BackfillError, start_plan
+def _on_plan(args: argparse.Namespace, action: Callable[[Any], T]) -> T | None:
+    """``action(database)`` on the settings' database; ``None`` after printing a :class:`BackfillError` (a plan
+    that does not exist or is in the wrong state)."""
+    from worker.backfill import BackfillError
 
     _settings, database = _database(args)
     try:
-        start_plan(database, args.plan_id, args.max_in_flight, args.per_minute)
+        return action(database)
     except BackfillError as exc:
         print(f"dicom-triage: {exc}", file=sys.stderr)
-        return 1
+        return None
     finally:
         database.dispose()
+
+
+def _run(args: argparse.Namespace) -> int:
+    from worker.backfill import start_plan
+
+    if _on_plan(args, lambda db: start_plan(db, args.plan_id, args.max_in_flight, args.per_minute) or True) is None:
+        return 1
     print(f"plan {args.plan_id} running: serve (or listen) retrieves it; see backfill status")
     return 0
 
 
 def _status(args: argparse.Namespace) -> int:
-    from worker.backfill import BackfillError, format_status, plan_status
+    from worker.backfill import format_status, plan_status
 
-    _settings, database = _database(args)
-    try:
-        report = plan_status(database, args.plan_id)
-    except BackfillError as exc:
-        print(f"dicom-triage: {exc}", file=sys.stderr)
+    report = _on_plan(args, lambda db: plan_status(db, args.plan_id))
+    if report is None:
         return 1
-    finally:
-        database.dispose()
     print(json.dumps(report, indent=2) if args.json else format_status(report))
     return 0
 
 
 def _cancel(args: argparse.Namespace) -> int:
-    from worker.backfill import BackfillError, cancel_plan
+    from worker.backfill import cancel_plan
 
-    _settings, database = _database(args)
-    try:
-        cancelled = cancel_plan(database, args.plan_id)
-    except BackfillError as exc:
-        print(f"dicom-triage: {exc}", file=sys.stderr)
+    cancelled = _on_plan(args, lambda db: cancel_plan(db, args.plan_id))
+    if cancelled is None:
         return 1
-    finally:
-        database.dispose()
     print(f"plan {args.plan_id} cancelled ({cancelled} studies not retrieved)")
     return 0
 
