@@ -18,7 +18,7 @@ from sqlalchemy import func, select
 from dicom_factory import brain_images, write_files
 from dicom_io.synthesis import mr_series
 from processes import Child, NetworkNamespace, serve_ready, triage_command, triage_environment, wait_for
-from test_orthanc_roundtrip import ORTHANC_AE, ORTHANC_DICOM, OUR_AE, OUR_PORT, STARTUP_SECONDS, Orthanc
+from test_orthanc_roundtrip import ORTHANC_AE, ORTHANC_DICOM, OUR_AE, OUR_PORT, STARTUP_SECONDS, Orthanc, orthanc_world
 from worker.db import Database, Instance, Series, SrDocument, Study
 from worker.db.backfill import BackfillSeries
 
@@ -59,11 +59,7 @@ def _status(netns: NetworkNamespace, env: dict[str, str], data_dir: Path, plan_i
 def test_backfill_plans_exactly_the_matching_studies_and_resumes_after_serve_is_killed(
     models_dir: Path, tmp_path: Path
 ) -> None:
-    netns = NetworkNamespace()
-    started: list[Child] = []
-    try:
-        orthanc = Orthanc(netns, tmp_path / "orthanc")
-        started.append(orthanc.process)
+    with orthanc_world(tmp_path) as (netns, orthanc, started):
         names = _load(orthanc, tmp_path)
         data_dir = tmp_path / "data"
         env = triage_environment(models_dir, ae_title=OUR_AE)
@@ -110,7 +106,8 @@ def test_backfill_plans_exactly_the_matching_studies_and_resumes_after_serve_is_
             assert final["studies"]["classified"] == 3 and final["failures"] == [], final
 
             with database.session() as session:
-                moves = dict(session.execute(select(BackfillSeries.series_instance_uid, BackfillSeries.moves)).tuples().all())
+                moves = dict(session.execute(select(BackfillSeries.series_instance_uid, BackfillSeries.moves))
+                             .tuples().all())
                 # Exactly the planned studies arrived, each with every instance.
                 arrived = session.execute(select(Series.series_instance_uid, func.count(Instance.id))
                                           .join(Instance, Instance.series_pk == Series.id)
@@ -129,18 +126,10 @@ def test_backfill_plans_exactly_the_matching_studies_and_resumes_after_serve_is_
             database.dispose()
         serve.popen.terminate()
         assert serve.popen.wait(timeout=90) == 0, serve.output[-3000:]
-    finally:
-        for process in started:
-            process.stop()
-        netns.close()
 
 
 def test_a_move_the_pacs_cannot_complete_fails_the_study_with_its_reason(models_dir: Path, tmp_path: Path) -> None:
-    netns = NetworkNamespace()
-    started: list[Child] = []
-    try:
-        orthanc = Orthanc(netns, tmp_path / "orthanc")
-        started.append(orthanc.process)
+    with orthanc_world(tmp_path) as (netns, orthanc, started):
         names = _load(orthanc, tmp_path)
         # The PACS knows our AE at a port where nothing listens: every C-STORE sub-operation of its C-MOVE fails.
         run = netns.run(["curl", "-sf", "-X", "PUT", "-d",
@@ -164,7 +153,3 @@ def test_a_move_the_pacs_cannot_complete_fails_the_study_with_its_reason(models_
         assert names[failure["study_instance_uid"]] == "brain-2023"
         assert failure["reason"].startswith("C-MOVE of series ") and "status 0x" in failure["reason"], failure
         assert serve.terminate() == 0
-    finally:
-        for process in started:
-            process.stop()
-        netns.close()

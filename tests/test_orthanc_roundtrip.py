@@ -10,6 +10,8 @@ The models are the tiny threshold classifiers of test_e2e_pipeline.py (fitted at
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +30,22 @@ OUR_AE, OUR_PORT = "DICOM_TRIAGE", 11112
 ORTHANC_AE, ORTHANC_DICOM, ORTHANC_HTTP = "ORTHANC", 4242, 8042
 STORESCP_AE, STORESCP_PORT = "STORESCP", 11115
 STARTUP_SECONDS = 180  # TensorFlow's import is slow on a loaded 2-core CI machine
+
+
+@contextmanager
+def orthanc_world(tmp_path: Path) -> Iterator[tuple[NetworkNamespace, "Orthanc", list[Child]]]:
+    """A loopback-only network namespace with Orthanc running in it; the processes a test adds to the list are
+    stopped with Orthanc, and the namespace closed, when the test ends."""
+    netns = NetworkNamespace()
+    started: list[Child] = []
+    try:
+        orthanc = Orthanc(netns, tmp_path / "orthanc")
+        started.append(orthanc.process)
+        yield netns, orthanc, started
+    finally:
+        for process in started:
+            process.stop()
+        netns.close()
 
 
 class Orthanc:
@@ -76,11 +94,7 @@ class Orthanc:
 def test_orthanc_sends_a_study_and_gets_our_sr_back_in_the_same_study(
     models_dir: Path, tmp_path: Path
 ) -> None:
-    netns = NetworkNamespace()
-    started: list[Process] = []
-    try:
-        orthanc = Orthanc(netns, tmp_path / "orthanc")
-        started.append(orthanc.process)
+    with orthanc_world(tmp_path) as (netns, orthanc, started):
         data_dir = tmp_path / "data"
         # storescp stays down until Orthanc has the SR: with a short backoff it must still be pending by then.
         env = triage_environment(models_dir, **{**RETRY_SETTINGS, "sr_delivery_max_attempts": 30})
@@ -144,8 +158,4 @@ def test_orthanc_sends_a_study_and_gets_our_sr_back_in_the_same_study(
             database.dispose()
         serve.popen.terminate()
         assert serve.popen.wait(timeout=90) == 0, serve.output[-3000:]
-    finally:
-        for process in started:
-            process.stop()
-        netns.close()
 

@@ -169,6 +169,7 @@ def routes(app: LiveApp) -> dict[str, Route]:
                           "frame": integer(1)}, {}),
         "users": Route("GET", "/admin/users", "admin", {}, {"error": text()}),
         "models": Route("GET", "/admin/models", "admin", {}, {}),
+        "drift": Route("GET", "/admin/drift", "admin", {}, {}),
         "audit": Route("GET", "/admin/audit", "admin", {}, {"before": integer(1, 50)}),
         "registry": Route("GET", "/admin/registry", "admin", {}, {}),
         "run": Route("GET", "/admin/registry/runs/{run_id}", "admin", {"run_id": integer(1)}, {}),
@@ -196,8 +197,8 @@ def routes(app: LiveApp) -> dict[str, Route]:
     }
 
 
-PAGES = ("login", "worklist", "study", "thumbnail", "heatmap", "users", "models", "audit", "registry", "run",
-         "model", "figure")
+PAGES = ("login", "worklist", "study", "thumbnail", "heatmap", "users", "models", "drift", "audit", "registry",
+         "run", "model", "figure")
 FORMS = ("decision", "user-active", "user-add", "retrain", "promote", "rollback")
 
 

@@ -191,7 +191,6 @@ def state_snapshot(database: "Database") -> dict[str, Any]:
     from worker.db.registry import RegisteredModel, TrainingRun
     from worker.workers import STALE_AFTER
 
-    now = time.time()
     with database.read_session() as session:
         jobs = dict(session.execute(select(Job.state, func.count()).group_by(Job.state)).all())
         receiving = session.scalar(select(func.count()).select_from(Series).where(Series.pending.is_(True))) or 0
@@ -211,6 +210,8 @@ def state_snapshot(database: "Database") -> dict[str, Any]:
 
         workers = session.scalar(select(func.count()).select_from(WorkerProcess)
                                  .where(WorkerProcess.heartbeat_at >= utcnow() - STALE_AFTER)) or 0
+    # After the reads: a job queued while they ran is younger than now, never clipped to an age of 0.
+    now = time.time()
     series = {_state_name(state): int(count) for state, count in jobs.items()}
     series["receiving"] = int(receiving)
     return {
