@@ -68,10 +68,11 @@ def _seed(database: Database, now: datetime) -> tuple[list[str], str]:
     return weeks, iso_week(now)[0]
 
 
-def test_a_week_where_every_series_is_covid_is_flagged(database: Database) -> None:
+def test_a_week_where_every_series_is_covid_is_flagged(database: Database, tmp_path: Path) -> None:
     now = datetime.now(timezone.utc)
     ordinary, this_week = _seed(database, now)
-    weeks = weekly_figures(database, COVID_CT, DriftBounds(), now)
+    bounds = DriftBounds.from_settings(load_settings(env={}, data_dir=tmp_path / "data"))
+    weeks = weekly_figures(database, COVID_CT, bounds, now)
     assert [w.week for w in weeks] == [*ordinary, this_week]
     assert all(w.warnings == [] for w in weeks[:-1])  # ordinary weeks: nothing flagged
     latest = weeks[-1]

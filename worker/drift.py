@@ -47,15 +47,15 @@ _MIN_REVIEWS = 5
 
 @dataclass(frozen=True)
 class DriftBounds:
-    """The configured bounds (``drift_*`` settings)."""
+    """The configured bounds (``drift_*`` settings, where their defaults are defined)."""
 
-    weeks: int = 8
-    baseline_weeks: int = 4
-    min_series: int = 10
-    share_ratio: float = 3.0
-    correction_ratio: float = 2.0
-    indeterminate_rise: float = 0.15
-    confidence_drop: float = 0.10
+    weeks: int
+    baseline_weeks: int
+    min_series: int
+    share_ratio: float
+    correction_ratio: float
+    indeterminate_rise: float
+    confidence_drop: float
 
     @classmethod
     def from_settings(cls, settings: "Settings") -> "DriftBounds":
