@@ -1,4 +1,5 @@
-"""Scratch PostgreSQL databases for tests: one per test or module, on the server CI starts (trust authentication)."""
+"""Scratch PostgreSQL databases for tests: one per test or module, on the server CI starts (trust authentication);
+and scratch Redis databases (a fixed number per test file, so that files running at once do not share one)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import psycopg
+import redis
 
 #: The server's own database, used only to create and drop the scratch ones.
 PG_ADMIN = "host=127.0.0.1 port=5432 user=postgres dbname=test"
@@ -23,3 +25,15 @@ def scratch_postgres(prefix: str = "triage_test") -> Iterator[str]:
     finally:
         with psycopg.connect(PG_ADMIN, autocommit=True) as admin:
             admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@contextmanager
+def scratch_redis(db: int) -> Iterator[str]:
+    """Redis database ``db`` on 127.0.0.1:6379, emptied before and after (its URL)."""
+    client = redis.Redis(host="127.0.0.1", port=6379, db=db)
+    client.flushdb()
+    try:
+        yield f"redis://127.0.0.1:6379/{db}"
+    finally:
+        client.flushdb()
+        client.close()

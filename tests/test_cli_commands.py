@@ -14,10 +14,10 @@ from pathlib import Path
 
 import httpx
 import pytest
-import redis
 from sqlalchemy import select
 
 from config import load_settings
+from databases import scratch_redis
 from processes import ROOT, Child, celery_ready, free_port, triage_command, wait_for
 from test_registry_helpers import save_threshold_model
 from worker.celery_app import create_celery_app
@@ -229,13 +229,8 @@ def test_models_retrain_queues_a_run_and_refuses_bad_options(installed: dict, tm
 
 @pytest.fixture
 def redis_urls() -> Iterator[tuple[str, str]]:
-    clients = [redis.Redis(host="127.0.0.1", port=6379, db=db) for db in (BROKER_DB, RESULTS_DB)]
-    for client in clients:
-        client.flushdb()
-    yield f"redis://127.0.0.1:6379/{BROKER_DB}", f"redis://127.0.0.1:6379/{RESULTS_DB}"
-    for client in clients:
-        client.flushdb()
-        client.close()
+    with scratch_redis(BROKER_DB) as broker, scratch_redis(RESULTS_DB) as results:
+        yield broker, results
 
 
 def test_worker_concurrency_and_result_backend_from_the_file_reach_the_started_worker(

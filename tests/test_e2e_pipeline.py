@@ -23,11 +23,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import redis
 from pydicom import dcmread
 from pydicom.uid import JPEG2000Lossless, JPEGLSLossless, RLELossless
 from sqlalchemy import select
 
+from databases import scratch_redis
 from dicom_factory import brain_images, ct_images, sample_images, storescu, write_files
 from dicom_io.synthesis import ct_series, encode, mr_series
 from models.card import ModelCard
@@ -242,10 +242,8 @@ def test_embedded_serve_classifies_routes_and_supersedes(
 
 @pytest.fixture
 def redis_url() -> Iterator[str]:
-    client = redis.Redis(host="127.0.0.1", port=6379, db=REDIS_DB)
-    client.flushdb()
-    yield f"redis://127.0.0.1:6379/{REDIS_DB}"
-    client.flushdb()
+    with scratch_redis(REDIS_DB) as url:
+        yield url
 
 
 def test_scale_out_on_redis_and_postgresql(

@@ -13,9 +13,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import redis
 from pydicom.uid import JPEG2000Lossless
 
+from databases import scratch_redis
 from dicom_factory import ct_images, storescu, write_files
 from dicom_io.synthesis import ct_series, encode
 from processes import Child, celery_ready, free_port, serve_ready, triage_command, triage_environment, wait_for
@@ -32,10 +32,8 @@ SLICES = 16
 
 @pytest.fixture
 def redis_url() -> Iterator[str]:
-    client = redis.Redis(host="127.0.0.1", port=6379, db=REDIS_DB)
-    client.flushdb()
-    yield f"redis://127.0.0.1:6379/{REDIS_DB}"
-    client.flushdb()
+    with scratch_redis(REDIS_DB) as url:
+        yield url
 
 
 def status(data_dir: Path, env: dict[str, str]) -> dict[str, Any]:
