@@ -1,7 +1,7 @@
 """Query/retrieve against a PACS: C-FIND (study and series level, Study Root) and C-MOVE of one series.
 
 Knows nothing of plans or the worker: it asks and reports what the peer answered. Every association sets
-TCP_NODELAY (through :func:`dicom_io.scu._associate`).
+TCP_NODELAY (through :func:`dicom_io.scu.associate`).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     StudyRootQueryRetrieveInformationModelMove,
 )
 
-from dicom_io.scu import DEFAULT_CALLING_AE, AssociationError, _associate, _describe_failure, _new_ae
+from dicom_io.scu import DEFAULT_CALLING_AE, AssociationError, associate, describe_failure, new_ae
 
 _PENDING = (0xFF00, 0xFF01)
 _SUCCESS = 0x0000
@@ -68,16 +68,16 @@ class MoveOutcome:
 
 
 def _find(peer: Peer, identifier: Dataset, calling_ae: str, max_matches: int) -> Iterator[Dataset]:
-    ae = _new_ae(calling_ae)
+    ae = new_ae(calling_ae)
     ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
-    assoc, refusal, _ = _associate(ae, peer.host, peer.port, peer.ae_title, None)
+    assoc, refusal, _ = associate(ae, peer.host, peer.port, peer.ae_title, None)
     if not assoc.is_established:
-        raise AssociationError(f"{peer}: {_describe_failure(assoc, refusal)}")
+        raise AssociationError(f"{peer}: {describe_failure(assoc, refusal)}")
     count = 0
     try:
         for status, match in assoc.send_c_find(identifier, StudyRootQueryRetrieveInformationModelFind):
             if "Status" not in status:
-                raise AssociationError(f"{peer}: no answer to C-FIND ({_describe_failure(assoc, refusal)})")
+                raise AssociationError(f"{peer}: no answer to C-FIND ({describe_failure(assoc, refusal)})")
             code = int(status.Status)
             if code in _PENDING:
                 count += 1
@@ -130,12 +130,12 @@ def move_series(peer: Peer, study_instance_uid: str, series_instance_uid: str, d
                 calling_ae: str = DEFAULT_CALLING_AE, timeout_seconds: float = 600.0) -> MoveOutcome:
     """C-MOVE one series to ``destination_ae`` and return the final response. Raises :class:`AssociationError`
     when no association is made or it breaks before the final response."""
-    ae = _new_ae(calling_ae)
+    ae = new_ae(calling_ae)
     ae.dimse_timeout = timeout_seconds  # a peer answering "pending" forever ends here
     ae.add_requested_context(StudyRootQueryRetrieveInformationModelMove)
-    assoc, refusal, _ = _associate(ae, peer.host, peer.port, peer.ae_title, None)
+    assoc, refusal, _ = associate(ae, peer.host, peer.port, peer.ae_title, None)
     if not assoc.is_established:
-        raise AssociationError(f"{peer}: {_describe_failure(assoc, refusal)}")
+        raise AssociationError(f"{peer}: {describe_failure(assoc, refusal)}")
     query = Dataset()
     query.QueryRetrieveLevel = "SERIES"
     query.StudyInstanceUID = study_instance_uid
@@ -144,7 +144,7 @@ def move_series(peer: Peer, study_instance_uid: str, series_instance_uid: str, d
     try:
         for status, _identifier in assoc.send_c_move(query, destination_ae, StudyRootQueryRetrieveInformationModelMove):
             if "Status" not in status:
-                raise AssociationError(f"{peer}: no final answer to C-MOVE ({_describe_failure(assoc, refusal)})")
+                raise AssociationError(f"{peer}: no final answer to C-MOVE ({describe_failure(assoc, refusal)})")
             if int(status.Status) not in _PENDING:
                 final = status
     finally:

@@ -91,7 +91,8 @@ class _HandshakeRecord:
             self.error = f"TLS connection failed: {exc}"
 
 
-def _describe_failure(assoc: Association, refusal: _PeerRefusal, handshake: _HandshakeRecord | None = None) -> str:
+def describe_failure(assoc: Association, refusal: _PeerRefusal, handshake: _HandshakeRecord | None = None) -> str:
+    """Why an association from :func:`associate` failed or ended, in words (for the ``AssociationError``)."""
     if handshake is not None and handshake.error is not None:
         return handshake.error
     if isinstance(refusal.pdu, A_ASSOCIATE_RJ):
@@ -107,8 +108,11 @@ def _describe_failure(assoc: Association, refusal: _PeerRefusal, handshake: _Han
     return "association aborted"
 
 
-def _associate(ae: AE, host: str, port: int, called_ae: str, tls: ssl.SSLContext | None) \
+def associate(ae: AE, host: str, port: int, called_ae: str, tls: ssl.SSLContext | None) \
         -> tuple[Association, _PeerRefusal, _HandshakeRecord | None]:
+    """Request an association of ``ae`` (from :func:`new_ae`, its contexts added) with TCP_NODELAY, over TLS when
+    ``tls`` is given (never falling back to plain TCP); the refusal and handshake records feed
+    :func:`describe_failure`. Every SCU of this package (storage, echo, query/retrieve) opens its associations so."""
     refusal = _PeerRefusal()
     handshake = _HandshakeRecord(tls) if tls is not None else None
     assoc = ae.associate(host, port, ae_title=called_ae, evt_handlers=[TCP_NODELAY_HANDLER, refusal.handler()],
@@ -138,7 +142,8 @@ def _identify(item: Dataset | Path) -> tuple[str, str]:
     return str(ds.SOPClassUID), str(syntax)
 
 
-def _new_ae(calling_ae: str) -> AE:
+def new_ae(calling_ae: str) -> AE:
+    """An application entity for one outgoing association, with our time-outs."""
     ae = AE(ae_title=calling_ae)
     ae.connection_timeout = 30  # a peer that never answers the TCP handshake must not hold us for minutes
     ae.acse_timeout = 30
@@ -166,12 +171,12 @@ def send_datasets(
     items = [item if isinstance(item, Dataset) else Path(item) for item in datasets_or_paths]
     if not items:
         return []
-    ae = _new_ae(calling_ae)
+    ae = new_ae(calling_ae)
     ae.maximum_pdu_size = max_pdu_size
     ae.requested_contexts = _contexts_for([_identify(item) for item in items])
-    assoc, refusal, handshake = _associate(ae, host, port, called_ae, tls)
+    assoc, refusal, handshake = associate(ae, host, port, called_ae, tls)
     if not assoc.is_established:
-        raise AssociationError(f"{called_ae}@{host}:{port}: {_describe_failure(assoc, refusal, handshake)}")
+        raise AssociationError(f"{called_ae}@{host}:{port}: {describe_failure(assoc, refusal, handshake)}")
     statuses: list[int] = []
     try:
         for item in items:
@@ -179,7 +184,7 @@ def send_datasets(
             if "Status" not in response:
                 raise AssociationError(
                     f"{called_ae}@{host}:{port}: no response to instance {len(statuses) + 1} of {len(items)} "
-                    f"({_describe_failure(assoc, refusal)})",
+                    f"({describe_failure(assoc, refusal)})",
                     statuses,
                 )
             statuses.append(int(response.Status))
@@ -193,11 +198,11 @@ def echo(host: str, port: int, called_ae: str, calling_ae: str = DEFAULT_CALLING
          tls: ssl.SSLContext | None = None) -> int:
     """C-ECHO the peer (over TLS with ``tls``) and return its status; raises :class:`AssociationError` when it
     cannot be reached."""
-    ae = _new_ae(calling_ae)
+    ae = new_ae(calling_ae)
     ae.add_requested_context(Verification)
-    assoc, refusal, handshake = _associate(ae, host, port, called_ae, tls)
+    assoc, refusal, handshake = associate(ae, host, port, called_ae, tls)
     if not assoc.is_established:
-        raise AssociationError(f"{called_ae}@{host}:{port}: {_describe_failure(assoc, refusal, handshake)}")
+        raise AssociationError(f"{called_ae}@{host}:{port}: {describe_failure(assoc, refusal, handshake)}")
     try:
         response = assoc.send_c_echo()
     finally:
