@@ -70,7 +70,7 @@ def run_job(name: str, spec_text: str, data_dir: Path, out: Path, config: TrainC
     x, arrays, meta = load_task_data(data_dir, task.name, int(side))
     spec = InputSpec(int(side), int(side), 3 if arch in ("study-brain-cnn", "resnet50") else 1)
     if spec.channels == 3:
-        x = np.repeat(x, 3, axis=-1)  # as prepare_image's grayscale_to_rgb
+        x = np.repeat(x, 3, axis=-1)  # as prepare_batch repeats grey over 3 channels
     labels = arrays["labels"]
     if max_epochs:
         config = TrainConfig(**{**config.__dict__, "epochs": max_epochs})

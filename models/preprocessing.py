@@ -5,11 +5,11 @@ A display image is a 2-D array of grey values 0..255 (uint8 or float), any size.
 layer), so nothing outside the model needs to know it.
 
 The resize is TensorFlow's antialiased bilinear (``tf.image.resize(..., antialias=True)``: a triangle kernel
-widened by the downscaling factor, weights renormalised at the edges). :func:`prepare_image` is that TensorFlow
-function, mapped by the training ``tf.data`` pipeline; :func:`prepare_batch`, what inference runs, computes the
-same resize as two matrix products in NumPy (:func:`resize_weights`), so the worker needs no TensorFlow (a
-Keras-JAX or Keras-PyTorch GPU host) and its decoding processes stay light. The two agree to float32 rounding
-(``tests/test_models_preprocessing.py`` holds them to 1e-3 grey levels).
+widened by the downscaling factor, weights renormalised at the edges), which the models were first trained with,
+computed in NumPy (:func:`resize_weights`): :func:`prepare_batch` is the one preparation that the training
+``tf.data`` pipeline, calibration and the worker all run, and the worker needs no TensorFlow (a Keras-JAX or
+Keras-PyTorch GPU host) and its decoding processes stay light. ``tests/test_models_preprocessing.py`` checks it
+against TensorFlow's own resize.
 """
 
 from __future__ import annotations
@@ -17,12 +17,9 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from functools import lru_cache
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
-
-if TYPE_CHECKING:
-    import tensorflow as tf
 
 
 @dataclass(frozen=True)
@@ -51,27 +48,6 @@ class InputSpec:
         return cls(height=int(data["height"]), width=int(data["width"]), channels=int(data.get("channels", 1)))
 
 
-def prepare_image(image: "tf.Tensor", spec: InputSpec) -> "tf.Tensor":
-    """Grey image(s) 0..255 -> float32 0..255 at the spec's size and channels.
-
-    Takes one image (H, W) or (H, W, 1) -> (height, width, channels), or a stack of equal-sized images
-    (N, H, W, 1) -> (N, height, width, channels). Antialiased bilinear resizing, so downscaling does not alias.
-    """
-    import tensorflow as tf  # imported here so InputSpec works on a Keras-JAX host without TensorFlow
-
-    image = tf.convert_to_tensor(image)
-    image = tf.cast(image, tf.float32)
-    if image.shape.rank == 2:
-        image = image[..., tf.newaxis]
-    if image.shape[-1] != 1:
-        raise ValueError(f"expected grey images with one channel, got shape {image.shape}")
-    image = tf.image.resize(image, (spec.height, spec.width), method="bilinear", antialias=True)
-    image = tf.clip_by_value(image, 0.0, 255.0)
-    if spec.channels == 3:
-        image = tf.image.grayscale_to_rgb(image)
-    return image
-
-
 @lru_cache(maxsize=64)
 def resize_weights(size_in: int, size_out: int) -> np.ndarray:
     """``(size_out, size_in)`` float32 weights of TensorFlow's antialiased bilinear resize along one axis.
@@ -92,7 +68,8 @@ def resize_weights(size_in: int, size_out: int) -> np.ndarray:
 def prepare_batch(images: Sequence[np.ndarray], spec: InputSpec) -> np.ndarray:
     """Display images (2-D grey arrays 0..255, any sizes) -> ``(N, height, width, channels)`` float32 0..255.
 
-    NumPy only (see the module docstring): what :func:`prepare_image` does, as ``rows @ image @ columns.T``."""
+    NumPy only (see the module docstring): an antialiased bilinear resize as ``rows @ image @ columns.T``, clipped
+    to 0..255."""
     out = np.empty((len(images), *spec.shape), dtype=np.float32)
     by_shape: dict[tuple[int, int], list[int]] = {}
     arrays = []

@@ -1,4 +1,4 @@
-"""tf.data input pipelines: decoded images -> :func:`models.preprocessing.prepare_image` -> cache -> batches."""
+"""tf.data input pipelines: decoded images -> :func:`models.preprocessing.prepare_batch` -> cache -> batches."""
 
 from __future__ import annotations
 
@@ -7,7 +7,11 @@ from collections.abc import Sequence
 import numpy as np
 import tensorflow as tf
 
-from models.preprocessing import InputSpec, prepare_image
+from models.preprocessing import InputSpec, prepare_batch
+
+#: Images prepared per call of :func:`prepare_batch` while the dataset is first read (before the cache): bounds the
+#: memory the preparation itself holds.
+_PREPARE_CHUNK = 256
 
 
 def image_dataset(
@@ -20,22 +24,25 @@ def image_dataset(
 ) -> tf.data.Dataset:
     """Batches of (model input, one-hot label). Images are prepared once and cached; shuffled when a seed is given.
 
-    The images are decoded already (see :mod:`training.data`); the same ``prepare_image`` runs here and at inference.
+    The images are decoded already (see :mod:`training.data`); :func:`prepare_batch`, the function inference runs,
+    prepares them here too, so training and inference see the same tensor bit for bit.
     """
     if len(images) != len(labels):
         raise ValueError(f"{len(images)} images but {len(labels)} labels")
 
     def generate():
-        yield from zip(images, labels.tolist())
+        for start in range(0, len(images), _PREPARE_CHUNK):
+            prepared = prepare_batch(images[start:start + _PREPARE_CHUNK], spec)
+            yield from zip(prepared, labels[start:start + _PREPARE_CHUNK].tolist())
 
     dataset = tf.data.Dataset.from_generator(
         generate,
-        output_signature=(tf.TensorSpec(shape=(None, None), dtype=tf.uint8), tf.TensorSpec(shape=(), dtype=tf.int64)),
+        output_signature=(tf.TensorSpec(shape=spec.shape, dtype=tf.float32), tf.TensorSpec(shape=(), dtype=tf.int64)),
     )
     # A generator's length is unknown to tf.data; stating it lets Keras know the steps per epoch (cosine schedule).
     dataset = dataset.apply(tf.data.experimental.assert_cardinality(len(images)))
     dataset = dataset.map(
-        lambda image, label: (prepare_image(image, spec), tf.one_hot(label, num_classes)),
+        lambda image, label: (image, tf.one_hot(label, num_classes)),
         num_parallel_calls=tf.data.AUTOTUNE,
         deterministic=True,
     ).cache()
