@@ -251,6 +251,7 @@ def test_training_images_from_real_dicom_match_the_workers_input(tmp_path: Path)
     from models.preprocessing import prepare_batch
     from test_models_series import REAL
     from training.data import load_image_folder
+    from training.pipeline import prepared_array
     from worker.inference import classify_series_files
 
     files = sorted((REAL / "a" / "lung-pet-ct-dx" / "Lung_Dx-A0001-5mm").glob("*.dcm"))[::8]
@@ -302,7 +303,7 @@ def test_training_images_from_real_dicom_match_the_workers_input(tmp_path: Path)
     for row in rows:
         index = int(row["frame"]) - 1
         assert index in read
-        trainer = prepare_batch([by_file[Path(row["file"]).name]], spec)
+        trainer = prepared_array([by_file[Path(row["file"]).name]], spec)  # the training tf.data pipeline
         worker = prepare_batch([inputs[index]], spec)
         np.testing.assert_array_equal(trainer, worker)
     # The worker's series result leaves out the same slices (and may leave out more: those unlike the training
