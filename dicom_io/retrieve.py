@@ -1,20 +1,31 @@
-"""Query/retrieve against a PACS: C-FIND (study and series level, Study Root) and C-MOVE of one series.
+"""Query/retrieve against a PACS: C-FIND (study and series level, Study Root), C-MOVE and C-GET of one series.
 
 Knows nothing of plans or the worker: it asks and reports what the peer answered. Every association sets
-TCP_NODELAY (through :func:`dicom_io.scu.associate`).
+TCP_NODELAY (through :func:`dicom_io.scu.associate`). A C-GET's instances come back on its own association (we
+take the Storage SCP role for every SOP class the listener accepts) and are answered by the caller's store
+handler, the listener's (:class:`dicom_io.listener.StoreHandler`), so they are stored as a C-STORE's are.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from pydicom import Dataset
+from pynetdicom import build_role, evt
+from pynetdicom.events import Event
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     StudyRootQueryRetrieveInformationModelFind,
+    StudyRootQueryRetrieveInformationModelGet,
     StudyRootQueryRetrieveInformationModelMove,
 )
 
+from dicom_io.listener import (
+    COMPRESSED_TRANSFER_SYNTAXES,
+    IMAGE_STORAGE_SOP_CLASSES,
+    NATIVE_TRANSFER_SYNTAXES,
+    SR_STORAGE_SOP_CLASSES,
+)
 from dicom_io.scu import DEFAULT_CALLING_AE, AssociationError, associate, describe_failure, new_ae
 
 _PENDING = (0xFF00, 0xFF01)
@@ -54,12 +65,15 @@ class SeriesMatch:
 
 @dataclass(frozen=True)
 class MoveOutcome:
-    """The final C-MOVE response: its status and the sub-operation counts (None where the peer left them out)."""
+    """The final C-MOVE or C-GET response: its status and the sub-operation counts (None where the peer left them
+    out); for a C-GET also how many instances our store handler stored and refused."""
 
     status: int
     completed: int | None
     failed: int | None
     warning: int | None
+    stored: int | None = None
+    refused: int | None = None
 
     @property
     def succeeded(self) -> bool:
@@ -126,6 +140,37 @@ def find_series(peer: Peer, study_instance_uid: str, modality: str,
     return found
 
 
+def _series_query(study_instance_uid: str, series_instance_uid: str) -> Dataset:
+    query = Dataset()
+    query.QueryRetrieveLevel = "SERIES"
+    query.StudyInstanceUID = study_instance_uid
+    query.SeriesInstanceUID = series_instance_uid
+    return query
+
+
+def _final(responses: Iterator[tuple[Dataset, Dataset | None]], peer: Peer, describe: Callable[[], str],
+           verb: str) -> Dataset:
+    """The final (not pending) response of a C-MOVE or C-GET."""
+    final: Dataset | None = None
+    for status, _identifier in responses:
+        if "Status" not in status:
+            raise AssociationError(f"{peer}: no final answer to {verb} ({describe()})")
+        if int(status.Status) not in _PENDING:
+            final = status
+    if final is None:
+        raise AssociationError(f"{peer}: {verb} ended without a final status")
+    return final
+
+
+def _outcome(final: Dataset, stored: int | None = None, refused: int | None = None) -> MoveOutcome:
+    def count(keyword: str) -> int | None:
+        value = final.get(keyword)
+        return int(value) if value not in (None, "") else None
+
+    return MoveOutcome(int(final.Status), count("NumberOfCompletedSuboperations"),
+                       count("NumberOfFailedSuboperations"), count("NumberOfWarningSuboperations"), stored, refused)
+
+
 def move_series(peer: Peer, study_instance_uid: str, series_instance_uid: str, destination_ae: str,
                 calling_ae: str = DEFAULT_CALLING_AE, timeout_seconds: float = 600.0) -> MoveOutcome:
     """C-MOVE one series to ``destination_ae`` and return the final response. Raises :class:`AssociationError`
@@ -136,30 +181,54 @@ def move_series(peer: Peer, study_instance_uid: str, series_instance_uid: str, d
     assoc, refusal, _ = associate(ae, peer.host, peer.port, peer.ae_title, None)
     if not assoc.is_established:
         raise AssociationError(f"{peer}: {describe_failure(assoc, refusal)}")
-    query = Dataset()
-    query.QueryRetrieveLevel = "SERIES"
-    query.StudyInstanceUID = study_instance_uid
-    query.SeriesInstanceUID = series_instance_uid
-    final: Dataset | None = None
     try:
-        for status, _identifier in assoc.send_c_move(query, destination_ae, StudyRootQueryRetrieveInformationModelMove):
-            if "Status" not in status:
-                raise AssociationError(f"{peer}: no final answer to C-MOVE ({describe_failure(assoc, refusal)})")
-            if int(status.Status) not in _PENDING:
-                final = status
+        final = _final(assoc.send_c_move(_series_query(study_instance_uid, series_instance_uid), destination_ae,
+                                         StudyRootQueryRetrieveInformationModelMove),
+                       peer, lambda: describe_failure(assoc, refusal), "C-MOVE")
     finally:
         if assoc.is_established:
             assoc.release()
-    if final is None:
-        raise AssociationError(f"{peer}: C-MOVE ended without a final status")
+    return _outcome(final)
 
-    def count(keyword: str) -> int | None:
-        value = final.get(keyword)
-        return int(value) if value not in (None, "") else None
 
-    return MoveOutcome(int(final.Status), count("NumberOfCompletedSuboperations"),
-                       count("NumberOfFailedSuboperations"), count("NumberOfWarningSuboperations"))
+#: What a C-GET's association proposes for the instances coming back: every storage class the listener accepts.
+_GET_STORAGE = [(uid, list(NATIVE_TRANSFER_SYNTAXES + COMPRESSED_TRANSFER_SYNTAXES)) for uid in IMAGE_STORAGE_SOP_CLASSES] \
+    + [(uid, list(NATIVE_TRANSFER_SYNTAXES)) for uid in SR_STORAGE_SOP_CLASSES]
+
+
+def get_series(peer: Peer, study_instance_uid: str, series_instance_uid: str,
+               store: Callable[[Event], Dataset | int], calling_ae: str = DEFAULT_CALLING_AE,
+               timeout_seconds: float = 600.0) -> MoveOutcome:
+    """C-GET one series: the peer sends its instances on this association, each answered by ``store(event)`` (a
+    C-STORE event; its status is what the peer is told). Returns the final response with how many instances
+    ``store`` stored (status 0x0000) and refused. Raises :class:`AssociationError` as :func:`move_series` does."""
+    tally = {"stored": 0, "refused": 0}
+
+    def on_store(event: Event) -> Dataset | int:
+        status = store(event)
+        code = int(status.Status) if isinstance(status, Dataset) else int(status)
+        tally["stored" if code == _SUCCESS else "refused"] += 1
+        return status
+
+    ae = new_ae(calling_ae)
+    ae.dimse_timeout = timeout_seconds  # a peer answering "pending" forever ends here
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelGet)
+    for uid, syntaxes in _GET_STORAGE:
+        ae.add_requested_context(uid, syntaxes)
+    roles = [build_role(uid, scp_role=True) for uid, _ in _GET_STORAGE]
+    assoc, refusal, _ = associate(ae, peer.host, peer.port, peer.ae_title, None, ext_neg=roles,
+                                  evt_handlers=[(evt.EVT_C_STORE, on_store)])
+    if not assoc.is_established:
+        raise AssociationError(f"{peer}: {describe_failure(assoc, refusal)}")
+    try:
+        final = _final(assoc.send_c_get(_series_query(study_instance_uid, series_instance_uid),
+                                        StudyRootQueryRetrieveInformationModelGet),
+                       peer, lambda: describe_failure(assoc, refusal), "C-GET")
+    finally:
+        if assoc.is_established:
+            assoc.release()
+    return _outcome(final, tally["stored"], tally["refused"])
 
 
 __all__ = ["MoveOutcome", "Peer", "QueryError", "SeriesMatch", "StudyMatch", "find_series", "find_studies",
-           "move_series"]
+           "get_series", "move_series"]
