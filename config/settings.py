@@ -202,6 +202,11 @@ class Settings(BaseModel):
     #: How backfill retrieves a series: ``move`` (C-MOVE to our own AE: the PACS must know it) or ``get`` (C-GET:
     #: the PACS sends on the same association; for a PACS that supports it and cannot reach us).
     backfill_retrieve: Literal["move", "get"] = "move"
+    #: A series's retrieval that has not ended this long after it began is aborted and its study failed (a PACS
+    #: that goes silent, or answers "pending" forever).
+    backfill_retrieve_timeout_seconds: float = Field(default=600.0, gt=0, le=86400)
+    #: ``backfill plan`` stops reading a C-FIND past this many matches and asks for a narrower query.
+    backfill_max_matches: int = Field(default=10000, ge=1, le=1000000)
     #: Backfill waits before its next study while live ingest is busy: more than ``backfill_pause_live_series``
     #: live series waiting for or in classification, or more than ``backfill_pause_live_instances`` live instances
     #: received in the last ``backfill_pause_window_seconds``. After ``backfill_max_pause_seconds`` paused in a row

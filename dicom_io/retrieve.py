@@ -8,11 +8,13 @@ handler, the listener's (:class:`dicom_io.listener.StoreHandler`), so they are s
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from pydicom import Dataset
 from pynetdicom import build_role, evt
+from pynetdicom.association import Association
 from pynetdicom.events import Event
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     StudyRootQueryRetrieveInformationModelFind,
@@ -148,15 +150,21 @@ def _series_query(study_instance_uid: str, series_instance_uid: str) -> Dataset:
     return query
 
 
-def _final(responses: Iterator[tuple[Dataset, Dataset | None]], peer: Peer, describe: Callable[[], str],
-           verb: str) -> Dataset:
-    """The final (not pending) response of a C-MOVE or C-GET."""
+def _final(assoc: Association, responses: Iterator[tuple[Dataset, Dataset | None]], peer: Peer,
+           describe: Callable[[], str], verb: str, timeout_seconds: float) -> Dataset:
+    """The final (not pending) response of a C-MOVE or C-GET. A peer that stays silent for ``timeout_seconds``
+    (pynetdicom's DIMSE time-out) or still answers "pending" that long after the request is aborted."""
+    deadline = time.monotonic() + timeout_seconds
     final: Dataset | None = None
     for status, _identifier in responses:
         if "Status" not in status:
-            raise AssociationError(f"{peer}: no final answer to {verb} ({describe()})")
+            raise AssociationError(f"{peer}: no final answer to {verb} within {timeout_seconds:g} s, or the "
+                                   f"association ended ({describe()})")
         if int(status.Status) not in _PENDING:
             final = status
+        elif time.monotonic() > deadline:
+            assoc.abort()
+            raise AssociationError(f"{peer}: {verb} still pending after {timeout_seconds:g} s; aborted")
     if final is None:
         raise AssociationError(f"{peer}: {verb} ended without a final status")
     return final
@@ -182,9 +190,9 @@ def move_series(peer: Peer, study_instance_uid: str, series_instance_uid: str, d
     if not assoc.is_established:
         raise AssociationError(f"{peer}: {describe_failure(assoc, refusal)}")
     try:
-        final = _final(assoc.send_c_move(_series_query(study_instance_uid, series_instance_uid), destination_ae,
-                                         StudyRootQueryRetrieveInformationModelMove),
-                       peer, lambda: describe_failure(assoc, refusal), "C-MOVE")
+        final = _final(assoc, assoc.send_c_move(_series_query(study_instance_uid, series_instance_uid),
+                                                destination_ae, StudyRootQueryRetrieveInformationModelMove),
+                       peer, lambda: describe_failure(assoc, refusal), "C-MOVE", timeout_seconds)
     finally:
         if assoc.is_established:
             assoc.release()
@@ -221,9 +229,9 @@ def get_series(peer: Peer, study_instance_uid: str, series_instance_uid: str,
     if not assoc.is_established:
         raise AssociationError(f"{peer}: {describe_failure(assoc, refusal)}")
     try:
-        final = _final(assoc.send_c_get(_series_query(study_instance_uid, series_instance_uid),
-                                        StudyRootQueryRetrieveInformationModelGet),
-                       peer, lambda: describe_failure(assoc, refusal), "C-GET")
+        final = _final(assoc, assoc.send_c_get(_series_query(study_instance_uid, series_instance_uid),
+                                               StudyRootQueryRetrieveInformationModelGet),
+                       peer, lambda: describe_failure(assoc, refusal), "C-GET", timeout_seconds)
     finally:
         if assoc.is_established:
             assoc.release()

@@ -107,12 +107,13 @@ def make_plan(database: Database, settings: Settings, source: str, modality: str
               description: str = "", limit: int | None = None) -> PlanSummary:
     """C-FIND studies, then their series of ``modality``, and store them as a new plan."""
     peer = peer_of(source)
-    studies = find_studies(peer, modality, study_date, description, calling_ae=settings.ae_title)
+    most = settings.backfill_max_matches
+    studies = find_studies(peer, modality, study_date, description, calling_ae=settings.ae_title, max_matches=most)
     studies.sort(key=lambda s: (s.study_date, s.study_instance_uid))
     if limit is not None:
         studies = studies[:limit]
-    found = [(study, find_series(peer, study.study_instance_uid, modality, calling_ae=settings.ae_title))
-             for study in studies]
+    found = [(study, find_series(peer, study.study_instance_uid, modality, calling_ae=settings.ae_title,
+                                 max_matches=most)) for study in studies]
     query = f"modality={modality} study_date={study_date} description={description or '*'} limit={limit or '-'}"
     with database.session() as session:
         plan = BackfillPlan(source=str(peer), query=query, state=PlanState.PLANNED.value)
@@ -399,7 +400,8 @@ class BackfillRunner:
         if self.settings.backfill_retrieve == "get":
             return self._get_one(peer, study_uid, series_uid)
         try:
-            outcome = move_series(peer, study_uid, series_uid, self.settings.ae_title, calling_ae=self.settings.ae_title)
+            outcome = move_series(peer, study_uid, series_uid, self.settings.ae_title, calling_ae=self.settings.ae_title,
+                                  timeout_seconds=self.settings.backfill_retrieve_timeout_seconds)
         except (AssociationError, OSError, RuntimeError) as exc:
             return f"C-MOVE of series {series_uid}: {exc}"
         if not outcome.succeeded:
@@ -418,7 +420,8 @@ class BackfillRunner:
             return store(event, peer.ae_title, only_series=series_uid, strays=strays)
 
         try:
-            outcome = get_series(peer, study_uid, series_uid, on_store, calling_ae=self.settings.ae_title)
+            outcome = get_series(peer, study_uid, series_uid, on_store, calling_ae=self.settings.ae_title,
+                                 timeout_seconds=self.settings.backfill_retrieve_timeout_seconds)
         except (AssociationError, OSError, RuntimeError) as exc:
             return f"C-GET of series {series_uid}: {exc}"
         assert outcome.stored is not None and outcome.refused is not None
