@@ -48,6 +48,14 @@ class BackfillError(ValueError):
     """A plan that does not exist or cannot do what was asked."""
 
 
+class PlanNotFound(BackfillError):
+    """No plan has this id."""
+
+
+#: Plan states a cancel applies to (a done or cancelled plan cannot be cancelled).
+CANCELLABLE = (PlanState.PLANNED.value, PlanState.RUNNING.value)
+
+
 def is_backfill_study(session: Session, study_instance_uid: str) -> bool:
     """Whether a backfill plan retrieves (or retrieved) this study."""
     return session.scalar(select(BackfillStudy.id).where(
@@ -134,7 +142,7 @@ def make_plan(database: Database, settings: Settings, source: str, modality: str
 def _plan(session: Session, plan_id: int) -> BackfillPlan:
     plan = session.get(BackfillPlan, plan_id)
     if plan is None:
-        raise BackfillError(f"no backfill plan {plan_id}")
+        raise PlanNotFound(f"no backfill plan {plan_id}")
     return plan
 
 
@@ -155,14 +163,20 @@ def start_plan(database: Database, plan_id: int, max_in_flight: int | None, per_
 def cancel_plan(database: Database, plan_id: int) -> int:
     """Stop a plan: studies not yet moving fail as cancelled; returns how many."""
     with database.session() as session:
-        plan = _plan(session, plan_id)
-        plan.state = PlanState.CANCELLED.value
-        plan.finished_at = utcnow()
-        studies = session.scalars(select(BackfillStudy).where(
-            BackfillStudy.plan_pk == plan_id, BackfillStudy.state == StudyState.PLANNED.value)).all()
-        for study in studies:
-            study.state, study.reason, study.updated_at = StudyState.FAILED.value, "cancelled", utcnow()
-        return len(studies)
+        plan = _locked_plan(session, plan_id)
+        if plan is None:
+            raise PlanNotFound(f"no backfill plan {plan_id}")
+        if plan.state not in CANCELLABLE:
+            raise BackfillError(f"backfill plan {plan_id} is {plan.state}")
+        now = utcnow()
+        plan.state, plan.finished_at = PlanState.CANCELLED.value, now
+        _end_pause(plan, now)
+        # One statement, only studies still planned: one a runner claims meanwhile fails when it sees the plan
+        # cancelled before its next series.
+        cancelled = session.execute(update(BackfillStudy).where(
+            BackfillStudy.plan_pk == plan_id, BackfillStudy.state == StudyState.PLANNED.value
+        ).values(state=StudyState.FAILED.value, reason="cancelled", updated_at=now))
+        return int(cancelled.rowcount)  # type: ignore[attr-defined]
 
 
 def plan_status(database: Database, plan_id: int | None = None) -> list[dict[str, Any]]:
