@@ -209,7 +209,8 @@ class StoreHandler:
             return self.refuse(calling_ae, sop_instance, STATUS_CANNOT_UNDERSTAND, reason)
 
         if only_series is not None and str(ds.get("SeriesInstanceUID", "")) != only_series:
-            reason = f"instance of series {ds.get('SeriesInstanceUID', '')}, not of the series asked for ({only_series})"
+            reason = (f"instance of series {ds.get('SeriesInstanceUID', '')}, not of the series asked for "
+                      f"({only_series})")
             if strays is not None:
                 strays.append(sop_instance or "")
             return self.refuse(calling_ae, sop_instance, STATUS_PROCESSING_FAILURE, reason)

@@ -200,8 +200,9 @@ def move_series(peer: Peer, study_instance_uid: str, series_instance_uid: str, d
 
 
 #: What a C-GET's association proposes for the instances coming back: every storage class the listener accepts.
-_GET_STORAGE = [(uid, list(NATIVE_TRANSFER_SYNTAXES + COMPRESSED_TRANSFER_SYNTAXES)) for uid in IMAGE_STORAGE_SOP_CLASSES] \
-    + [(uid, list(NATIVE_TRANSFER_SYNTAXES)) for uid in SR_STORAGE_SOP_CLASSES]
+_GET_STORAGE = [(uid, list(NATIVE_TRANSFER_SYNTAXES + COMPRESSED_TRANSFER_SYNTAXES))
+                for uid in IMAGE_STORAGE_SOP_CLASSES] + [(uid, list(NATIVE_TRANSFER_SYNTAXES))
+                                                         for uid in SR_STORAGE_SOP_CLASSES]
 
 
 def get_series(peer: Peer, study_instance_uid: str, series_instance_uid: str,

@@ -200,7 +200,8 @@ def test_a_c_get_answered_with_instances_not_asked_for_keeps_the_asked_ones(tmp_
     plan = _status(database, plan_id)
     assert plan["studies"]["received"] == 1 and plan["failures"] == [], plan
     with database.session() as session:
-        stored = set(session.scalars(select(Series.series_instance_uid).join(Instance, Instance.series_pk == Series.id)))
+        stored = set(session.scalars(select(Series.series_instance_uid)
+                                     .join(Instance, Instance.series_pk == Series.id)))
         rejected = session.execute(select(RejectedInstance.sop_instance_uid, RejectedInstance.reason)).all()
     assert stored == {asked}
     assert sorted(uid for uid, _ in rejected) == sorted(str(ds.SOPInstanceUID) for ds in stray)

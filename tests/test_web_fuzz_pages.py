@@ -193,7 +193,8 @@ def routes(app: LiveApp) -> dict[str, Route]:
             "time_budget_minutes": choice("", "1", "0.5", "-1", "nan", "inf", "1e308")}),
         "promote": Route("POST", "/admin/registry/models/{uid}/promote", "admin", {"uid": uid}, {},
                          {"force": choice("", "1"), "reason": text()}),
-        "backfill-cancel": Route("POST", "/admin/backfill/{plan_id}/cancel", "admin", {"plan_id": integer(1, 2)}, {}, {}),
+        "backfill-cancel": Route("POST", "/admin/backfill/{plan_id}/cancel", "admin", {"plan_id": integer(1, 2)},
+                                 {}, {}),
         "rollback": Route("POST", "/admin/registry/tasks/{task}/rollback", "admin", {"task": choice(*TASKS)}, {},
                           {"reason": text()}),
     }

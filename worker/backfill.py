@@ -383,7 +383,8 @@ class BackfillRunner:
                 assert study_row is not None
                 if study_row.runner != self.name:
                     return  # taken over by another runner (this one was presumed gone)
-                if session.get(BackfillPlan, study_row.plan_pk).state != PlanState.RUNNING.value:  # type: ignore[union-attr]
+                plan = session.get(BackfillPlan, study_row.plan_pk)
+                if plan is None or plan.state != PlanState.RUNNING.value:
                     study_row.state, study_row.reason = StudyState.FAILED.value, "cancelled during retrieval"
                     study_row.updated_at = utcnow()
                     return
@@ -414,7 +415,8 @@ class BackfillRunner:
         if self.settings.backfill_retrieve == "get":
             return self._get_one(peer, study_uid, series_uid)
         try:
-            outcome = move_series(peer, study_uid, series_uid, self.settings.ae_title, calling_ae=self.settings.ae_title,
+            outcome = move_series(peer, study_uid, series_uid, self.settings.ae_title,
+                                  calling_ae=self.settings.ae_title,
                                   timeout_seconds=self.settings.backfill_retrieve_timeout_seconds)
         except (AssociationError, OSError, RuntimeError) as exc:
             return f"C-MOVE of series {series_uid}: {exc}"
@@ -441,7 +443,8 @@ class BackfillRunner:
         assert outcome.stored is not None and outcome.refused is not None
         failed_here = outcome.refused - len(strays)
         if failed_here:
-            return f"C-GET of series {series_uid}: {failed_here} instance(s) could not be stored here ({_counts(outcome)})"
+            return (f"C-GET of series {series_uid}: {failed_here} instance(s) could not be stored here "
+                    f"({_counts(outcome)})")
         # The strays we refused are the PACS's failed sub-operations too; any other failure is the PACS's own.
         if outcome.status not in (0x0000, 0xB000) or (outcome.failed or 0) > len(strays):
             return f"C-GET of series {series_uid}: {_counts(outcome)}"

@@ -90,6 +90,6 @@ ModelStateFilter = Annotated[
 
 __all__ = [
     "DB_ID_MAX", "MAX_FRAME", "MAX_PAGE_SIZE", "NO_NUL", "PAGE_SIZE", "AuditBefore", "PageCursor",
-    "FindingFilter", "Frame", "InstanceId", "ModelStateFilter", "ModelUid", "ModelTaskFilter", "PageSize", "PlanId", "ResultId",
-    "ReviewFilter", "RunId", "StatusFilter", "StudyId", "TaskFilter", "UserId",
+    "FindingFilter", "Frame", "InstanceId", "ModelStateFilter", "ModelUid", "ModelTaskFilter", "PageSize", "PlanId",
+    "ResultId", "ReviewFilter", "RunId", "StatusFilter", "StudyId", "TaskFilter", "UserId",
 ]
