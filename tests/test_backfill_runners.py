@@ -14,12 +14,15 @@ on with a bound: no sleep then assert.
 
 from __future__ import annotations
 
+import socket
+import subprocess
 import threading
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import func, select, update
+from sqlalchemy import func, select, text, update
 
 from dicom_factory import brain_images
 from dicom_io.retrieve import QueryError
@@ -27,8 +30,8 @@ from dicom_io.synthesis import mr_series
 from fake_pacs import FakePacs, fake_pacs
 from processes import wait_for
 from test_web_helpers import make_database, make_settings, seed_study
-from worker.backfill import BackfillRunner, make_plan, plan_status, start_plan
-from worker.db import Database, Instance, Job, JobState, RejectedInstance, Series
+from worker.backfill import BackfillRunner, claim_planned_study, make_plan, plan_status, start_plan, take_over_study
+from worker.db import Database, Instance, Job, JobState, RejectedInstance, Series, utcnow
 from worker.db.backfill import BackfillPlan, BackfillSeries, BackfillStudy
 
 ANY_DATE = "19000101-20991231"
@@ -208,3 +211,64 @@ def test_a_c_get_answered_with_instances_not_asked_for_keeps_the_asked_ones(tmp_
     assert all(reason.startswith(f"instance of series {stray[0].SeriesInstanceUID}, not of the series asked for")
                for _, reason in rejected), rejected
     database.dispose()
+
+
+def _plan_with(database: Database, states: list[tuple[str, str | None]]) -> tuple[int, list[int]]:
+    """A running plan whose studies have these (state, runner); its id and the studies' ids."""
+    with database.session() as session:
+        plan = BackfillPlan(source="PACS@127.0.0.1:104", query="test", state="running")
+        session.add(plan)
+        session.flush()
+        rows = [BackfillStudy(plan_pk=plan.id, study_instance_uid=f"2.25.{i}", state=state, runner=runner)
+                for i, (state, runner) in enumerate(states, start=1)]
+        session.add_all(rows)
+        session.flush()
+        return plan.id, [row.id for row in rows]
+
+
+def test_concurrent_claims_on_postgresql_take_different_studies(postgres_database: Database) -> None:
+    """Two open transactions claim at once: the second neither waits for the first's study (SKIP LOCKED; a lock
+    wait would end at lock_timeout and fail the test) nor takes it."""
+    plan_id, (first_study, second_study) = _plan_with(postgres_database, [("planned", None), ("planned", None)])
+    with postgres_database.session() as first:
+        assert claim_planned_study(first, plan_id, "host-a:1") == first_study
+        with postgres_database.session() as second:
+            second.execute(text("SET LOCAL lock_timeout = '5s'"))
+            assert claim_planned_study(second, plan_id, "host-b:1") == second_study
+    with postgres_database.session() as third:
+        assert claim_planned_study(third, plan_id, "host-c:1") is None
+    with postgres_database.session() as session:
+        runners = {pk: runner for pk, runner in session.execute(select(BackfillStudy.id, BackfillStudy.runner))}
+    assert runners == {first_study: "host-a:1", second_study: "host-b:1"}
+
+
+def test_a_moving_study_is_taken_over_only_from_a_runner_that_is_gone(database: Database) -> None:
+    host = socket.gethostname()
+    alive = subprocess.Popen(["sleep", "60"])
+    try:
+        plan_id, (gone, running, elsewhere, planned) = _plan_with(database, [
+            ("moving", f"{host}:{_exited_pid()}"), ("moving", f"{host}:{alive.pid}"), ("moving", "other-host:7"),
+            ("planned", None)])
+        stale_before = utcnow() - timedelta(hours=1)
+        with database.session() as session:  # the runner on another host last advanced its study two hours ago
+            session.execute(update(BackfillStudy).where(BackfillStudy.id == elsewhere)
+                            .values(updated_at=utcnow() - timedelta(hours=2)))
+        with database.session() as session:  # this host's runner whose process is gone: at once
+            assert take_over_study(session, plan_id, "me:1", stale_before) == gone
+        with database.session() as session:  # its new runner resumes it
+            assert take_over_study(session, plan_id, "me:1", stale_before) == gone
+        with database.session() as session:  # a live runner here is left alone, a silent one elsewhere is not
+            assert take_over_study(session, plan_id, "you:2", stale_before) == elsewhere
+        with database.session() as session:
+            assert take_over_study(session, plan_id, "third:3", stale_before) is None
+            runners = {pk: runner for pk, runner in session.execute(select(BackfillStudy.id, BackfillStudy.runner))}
+        assert runners == {gone: "me:1", running: f"{host}:{alive.pid}", elsewhere: "you:2", planned: None}
+    finally:
+        alive.kill()
+        alive.wait()
+
+
+def _exited_pid() -> int:
+    child = subprocess.Popen(["true"])
+    child.wait()
+    return child.pid

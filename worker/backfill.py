@@ -258,7 +258,7 @@ def _runner_gone(owner: str | None, updated_at: datetime, stale_before: datetime
     if owner is None:
         return True
     host, _, pid = owner.rpartition(":")
-    if host == socket.gethostname()[:128 - len(pid) - 1] and pid.isdigit():
+    if host == socket.gethostname() and pid.isdigit():
         return not other_process_alive(int(pid))
     return updated_at < stale_before
 
