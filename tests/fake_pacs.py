@@ -41,8 +41,10 @@ class FakePacs:
     #: "serve" (send the series), "unknown-destination" (C-MOVE: 0xA801), "silent" (no answer at all),
     #: "pending-forever" (an instance and a pending status every 0.2 s, never a final one).
     retrieve: str = "serve"
-    #: Instances a C-GET sends after the ones asked for (of another study).
+    #: Instances a C-GET or C-MOVE sends after the ones asked for (of another study).
     strays: list[Dataset] = field(default_factory=list)
+    #: Where a C-MOVE sends what it serves (host, port): the requestor's listener, as the PACS's table says.
+    move_destination: tuple[str, int] | None = None
     requests: list[tuple[str, str]] = field(default_factory=list)
     #: Set on each retrieval request (a test waits on it with a bound).
     retrieved: threading.Event = field(default_factory=threading.Event)
@@ -114,9 +116,20 @@ class FakePacs:
         if self.retrieve == "unknown-destination":
             yield None, None  # pynetdicom answers 0xA801, move destination unknown
             return
+        if self.retrieve == "serve":
+            assert self.move_destination is not None
+            yield self.move_destination
+            yield from self._serve(datasets)
+            return
         yield "127.0.0.1", self.port  # itself: the misbehaving answers below send nothing on it
         yield 1000
         yield from self._misbehave(datasets)
+
+    def _serve(self, datasets: list[Dataset]) -> Iterator[Any]:
+        sent = [*datasets, *self.strays]
+        yield len(sent)
+        for ds in sent:
+            yield PENDING, ds
 
     def _on_get(self, event: Event) -> Iterator[Any]:
         datasets = self._record("C-GET", event)
@@ -124,9 +137,7 @@ class FakePacs:
             yield 1000
             yield from self._misbehave(datasets)
             return
-        yield len(datasets) + len(self.strays)
-        for ds in [*datasets, *self.strays]:
-            yield PENDING, ds
+        yield from self._serve(datasets)
 
 
 @contextmanager
@@ -140,7 +151,7 @@ def fake_pacs() -> Iterator[FakePacs]:
         ae.add_supported_context(context)
     for uid in IMAGE_STORAGE_SOP_CLASSES:  # the C-GET requestor takes the Storage SCP role for these
         ae.add_supported_context(uid, scu_role=True, scp_role=True)
-    ae.add_requested_context(MRImageStorage)  # a C-MOVE's sub-association (to itself) needs one
+    ae.add_requested_context(MRImageStorage)  # for a C-MOVE's sub-association
     handlers = [(evt.EVT_C_FIND, pacs._on_find), (evt.EVT_C_MOVE, pacs._on_move), (evt.EVT_C_GET, pacs._on_get),
                 (evt.EVT_ABORTED, lambda _event: pacs.aborted.set())]
     server = ae.start_server(("127.0.0.1", pacs.port), block=False, evt_handlers=handlers)

@@ -272,3 +272,34 @@ def _exited_pid() -> int:
     child = subprocess.Popen(["true"])
     child.wait()
     return child.pid
+
+
+def test_a_c_move_that_sends_instances_not_asked_for_fails_its_study_and_loses_nothing(tmp_path: Path) -> None:
+    """Our listener cannot tell a C-MOVE's instances from a push: every instance is kept (the strays as a live
+    study), and the study fails because what arrived of its series does not account for what the PACS sent."""
+    from dicom_io.archive import Archive
+    from dicom_io.listener import StorageListener
+    from worker.ingest import DatabaseSink
+
+    settings = make_settings(tmp_path, min_free_disk_mb=0)
+    database = make_database(settings)
+    sink = DatabaseSink(Archive(settings.archive_dir), database)
+    listener = StorageListener(settings.ae_title, "127.0.0.1", 0, sink)
+    listener.start()
+    try:
+        with fake_pacs() as pacs:
+            _serve_studies(pacs, 1, seed=440)
+            stray = mr_series(brain_images(1, seed=441), patient_id="STRAY", accession_number="STRAY")
+            pacs.strays, pacs.move_destination = stray, ("127.0.0.1", listener.port)
+            plan_id = _planned(database, settings, pacs, 1)
+            BackfillRunner(settings, database).run_once(threading.Event())
+            (asked,) = pacs.series
+    finally:
+        listener.stop()
+    (failure,) = _status(database, plan_id)["failures"]
+    assert failure["reason"] == (f"C-MOVE of series {asked}: the PACS reported 2 instance(s) sent, 1 of this series "
+                                 "arrived (the others were not of the series asked for)"), failure
+    with database.session() as session:
+        stored = set(session.scalars(select(Instance.sop_instance_uid)))
+    assert stored == {str(ds.SOPInstanceUID) for ds in [*pacs.series[asked], *stray]}
+    database.dispose()

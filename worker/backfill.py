@@ -424,6 +424,14 @@ class BackfillRunner:
             return f"C-MOVE of series {series_uid}: {_counts(outcome)}"
         if outcome.completed == 0:
             return f"C-MOVE of series {series_uid}: the PACS sent no instance"
+        # Our listener cannot tell a C-MOVE's instances from a push: what arrived of this series must account for
+        # what the PACS says it sent (instances of other series stay stored, as live pushes).
+        with self.database.read_session() as session:
+            arrived = session.scalar(select(func.count(Instance.id)).join(Series, Instance.series_pk == Series.id)
+                                     .where(Series.series_instance_uid == series_uid)) or 0
+        if outcome.completed is not None and arrived < outcome.completed:
+            return (f"C-MOVE of series {series_uid}: the PACS reported {outcome.completed} instance(s) sent, "
+                    f"{arrived} of this series arrived (the others were not of the series asked for)")
         return ""
 
     def _get_one(self, peer: Peer, study_uid: str, series_uid: str) -> str:
