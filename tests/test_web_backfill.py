@@ -88,6 +88,14 @@ def test_the_cli_prints_the_same_figures(env: Env) -> None:
     (computed,) = plan_status(env.database, env.running)
     for key in ("studies", "failures", "progress", "paused", "state"):
         assert printed[key] == computed[key], key
+    text = subprocess.run([sys.executable, "-m", "worker.cli", "backfill", "status", "--data-dir",
+                           str(env.settings.data_dir)], capture_output=True, text=True, timeout=120)
+    assert text.returncode == 0, text.stderr
+    assert (f"plan {env.running} from PACS@10.0.0.1:104 [running]: 2 planned, 1 moving, 1 received, 2 classified, "
+            "1 failed; 43% done, ETA ") in text.stdout, text.stdout
+    assert "  paused since " in text.stdout and ": 2 live series waiting for or in classification" in text.stdout
+    assert "  failed 2.25.7: C-MOVE of series 1.2.3: status 0xA801" in text.stdout
+    assert f"plan {env.done} from PACS@10.0.0.1:104 [done]: 0 planned" in text.stdout
 
 
 def test_only_admins_see_and_cancel_with_the_csrf_token(env: Env) -> None:
