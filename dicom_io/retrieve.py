@@ -9,7 +9,8 @@ handler, the listener's (:class:`dicom_io.listener.StoreHandler`), so they are s
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from pydicom import Dataset
@@ -83,30 +84,38 @@ class MoveOutcome:
         return self.status in (_SUCCESS, 0xB000) and not self.failed
 
 
-def _find(peer: Peer, identifier: Dataset, calling_ae: str, max_matches: int) -> Iterator[Dataset]:
+@contextmanager
+def _find_association(peer: Peer, calling_ae: str) -> Iterator[Association]:
+    """An association for C-FINDs, released (or already aborted) when the block ends."""
     ae = new_ae(calling_ae)
     ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
     assoc, refusal, _ = associate(ae, peer.host, peer.port, peer.ae_title, None)
     if not assoc.is_established:
         raise AssociationError(f"{peer}: {describe_failure(assoc, refusal)}")
-    count = 0
     try:
-        for status, match in assoc.send_c_find(identifier, StudyRootQueryRetrieveInformationModelFind):
-            if "Status" not in status:
-                raise AssociationError(f"{peer}: no answer to C-FIND ({describe_failure(assoc, refusal)})")
-            code = int(status.Status)
-            if code in _PENDING:
-                count += 1
-                if count > max_matches:
-                    assoc.abort()  # the peer may have thousands more to send; no point reading them
-                    raise QueryError(f"{peer}: more than {max_matches} matches; narrow the query")
-                if match is not None:
-                    yield match
-            elif code != _SUCCESS:
-                raise QueryError(f"{peer}: C-FIND failed with status 0x{code:04X}")
+        yield assoc
     finally:
         if assoc.is_established:
             assoc.release()
+
+
+def _matches(assoc: Association, peer: Peer, identifier: Dataset, max_matches: int) -> Iterator[Dataset]:
+    """The matches of one C-FIND on ``assoc``; past ``max_matches`` the association is aborted (the peer may have
+    thousands more to send: none of them is read) and :class:`QueryError` raised."""
+    count = 0
+    for status, match in assoc.send_c_find(identifier, StudyRootQueryRetrieveInformationModelFind):
+        if "Status" not in status:
+            raise AssociationError(f"{peer}: no answer to C-FIND (association ended)")
+        code = int(status.Status)
+        if code in _PENDING:
+            count += 1
+            if count > max_matches:
+                assoc.abort()
+                raise QueryError(f"{peer}: more than {max_matches} matches; narrow the query")
+            if match is not None:
+                yield match
+        elif code != _SUCCESS:
+            raise QueryError(f"{peer}: C-FIND failed with status 0x{code:04X}")
 
 
 def find_studies(peer: Peer, modality: str, study_date: str, description: str = "",
@@ -119,26 +128,33 @@ def find_studies(peer: Peer, modality: str, study_date: str, description: str = 
     query.StudyDate = study_date
     query.StudyDescription = description
     query.ModalitiesInStudy = modality
-    return [StudyMatch(str(m.StudyInstanceUID), str(m.get("StudyDate", "")), str(m.get("StudyDescription", "")))
-            for m in _find(peer, query, calling_ae, max_matches) if m.get("StudyInstanceUID")]
+    with _find_association(peer, calling_ae) as assoc:
+        return [StudyMatch(str(m.StudyInstanceUID), str(m.get("StudyDate", "")), str(m.get("StudyDescription", "")))
+                for m in _matches(assoc, peer, query, max_matches) if m.get("StudyInstanceUID")]
 
 
-def find_series(peer: Peer, study_instance_uid: str, modality: str,
-                calling_ae: str = DEFAULT_CALLING_AE, max_matches: int = 10000) -> list[SeriesMatch]:
-    """The series of ``modality`` in one study (a peer that ignores Modality at series level is filtered here)."""
-    query = Dataset()
-    query.QueryRetrieveLevel = "SERIES"
-    query.StudyInstanceUID = study_instance_uid
-    query.SeriesInstanceUID = ""
-    query.Modality = modality
-    query.NumberOfSeriesRelatedInstances = ""
-    found = []
-    for match in _find(peer, query, calling_ae, max_matches):
-        if not match.get("SeriesInstanceUID") or str(match.get("Modality", modality)) != modality:
-            continue
-        count = match.get("NumberOfSeriesRelatedInstances")
-        found.append(SeriesMatch(str(match.SeriesInstanceUID), modality,
-                                 int(count) if count not in (None, "") else None))
+def find_series_of_studies(peer: Peer, study_instance_uids: Iterable[str], modality: str,
+                           calling_ae: str = DEFAULT_CALLING_AE,
+                           max_matches: int = 10000) -> dict[str, list[SeriesMatch]]:
+    """The series of ``modality`` in each study (a peer that ignores Modality at series level is filtered here),
+    by Study Instance UID: one C-FIND a study, all on one association (thousands of studies need not cost
+    thousands of associations)."""
+    found: dict[str, list[SeriesMatch]] = {}
+    with _find_association(peer, calling_ae) as assoc:
+        for study_instance_uid in study_instance_uids:
+            query = Dataset()
+            query.QueryRetrieveLevel = "SERIES"
+            query.StudyInstanceUID = study_instance_uid
+            query.SeriesInstanceUID = ""
+            query.Modality = modality
+            query.NumberOfSeriesRelatedInstances = ""
+            series = found.setdefault(study_instance_uid, [])
+            for match in _matches(assoc, peer, query, max_matches):
+                if not match.get("SeriesInstanceUID") or str(match.get("Modality", modality)) != modality:
+                    continue
+                count = match.get("NumberOfSeriesRelatedInstances")
+                series.append(SeriesMatch(str(match.SeriesInstanceUID), modality,
+                                          int(count) if count not in (None, "") else None))
     return found
 
 
@@ -239,5 +255,5 @@ def get_series(peer: Peer, study_instance_uid: str, series_instance_uid: str,
     return _outcome(final, tally["stored"], tally["refused"])
 
 
-__all__ = ["MoveOutcome", "Peer", "QueryError", "SeriesMatch", "StudyMatch", "find_series", "find_studies",
-           "get_series", "move_series"]
+__all__ = ["MoveOutcome", "Peer", "QueryError", "SeriesMatch", "StudyMatch", "find_series_of_studies",
+           "find_studies", "get_series", "move_series"]

@@ -51,6 +51,8 @@ class FakePacs:
     #: Set when a C-FIND's requestor aborted the association.
     aborted: threading.Event = field(default_factory=threading.Event)
     finds_answered: int = 0
+    #: Associations accepted so far.
+    associations: int = 0
     stop: threading.Event = field(default_factory=threading.Event)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -95,6 +97,10 @@ class FakePacs:
             match.QueryRetrieveLevel = query.QueryRetrieveLevel
             yield PENDING, match
         yield 0x0000, None
+
+    def _on_accepted(self, _event: Event) -> None:
+        with self.lock:
+            self.associations += 1
 
     def _record(self, verb: str, event: Event) -> list[Dataset]:
         uid = str(event.identifier.SeriesInstanceUID)
@@ -153,7 +159,7 @@ def fake_pacs() -> Iterator[FakePacs]:
         ae.add_supported_context(uid, scu_role=True, scp_role=True)
     ae.add_requested_context(MRImageStorage)  # for a C-MOVE's sub-association
     handlers = [(evt.EVT_C_FIND, pacs._on_find), (evt.EVT_C_MOVE, pacs._on_move), (evt.EVT_C_GET, pacs._on_get),
-                (evt.EVT_ABORTED, lambda _event: pacs.aborted.set())]
+                (evt.EVT_ABORTED, lambda _event: pacs.aborted.set()), (evt.EVT_ACCEPTED, pacs._on_accepted)]
     server = ae.start_server(("127.0.0.1", pacs.port), block=False, evt_handlers=handlers)
     try:
         yield pacs

@@ -190,6 +190,18 @@ def test_thousands_of_matches_end_the_query_with_a_reason(tmp_path: Path) -> Non
     database.dispose()
 
 
+def test_a_plan_of_many_studies_queries_their_series_on_one_association(tmp_path: Path) -> None:
+    settings = make_settings(tmp_path)
+    database = make_database(settings)
+    with fake_pacs() as pacs:
+        pacs.study_matches = 300
+        summary = make_plan(database, settings, pacs.source, "MR", ANY_DATE)
+        associations = pacs.associations
+    assert summary.studies == 300
+    assert associations == 2  # the study-level C-FIND, then all 300 series-level ones
+    database.dispose()
+
+
 def test_a_c_get_answered_with_instances_not_asked_for_keeps_the_asked_ones(tmp_path: Path) -> None:
     settings = make_settings(tmp_path, backfill_retrieve="get", min_free_disk_mb=0)
     database = make_database(settings)

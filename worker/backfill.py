@@ -29,7 +29,7 @@ from sqlalchemy.orm import Session
 from config import Destination, Settings
 from dicom_io.archive import Archive
 from dicom_io.listener import StoreHandler
-from dicom_io.retrieve import MoveOutcome, Peer, find_series, find_studies, get_series, move_series
+from dicom_io.retrieve import MoveOutcome, Peer, find_series_of_studies, find_studies, get_series, move_series
 from dicom_io.scu import AssociationError
 from worker.db import Database, Instance, Job, JobState, Series, Study, utcnow
 from worker.db.backfill import BackfillPlan, BackfillSeries, BackfillStudy, PlanState, StudyState
@@ -120,8 +120,9 @@ def make_plan(database: Database, settings: Settings, source: str, modality: str
     studies.sort(key=lambda s: (s.study_date, s.study_instance_uid))
     if limit is not None:
         studies = studies[:limit]
-    found = [(study, find_series(peer, study.study_instance_uid, modality, calling_ae=settings.ae_title,
-                                 max_matches=most)) for study in studies]
+    series_of = find_series_of_studies(peer, [study.study_instance_uid for study in studies], modality,
+                                       calling_ae=settings.ae_title, max_matches=most)
+    found = [(study, series_of[study.study_instance_uid]) for study in studies]
     query = f"modality={modality} study_date={study_date} description={description or '*'} limit={limit or '-'}"
     with database.session() as session:
         plan = BackfillPlan(source=str(peer), query=query, state=PlanState.PLANNED.value)
