@@ -199,6 +199,25 @@ class Settings(BaseModel):
     #: Whether results of backfilled studies (worker.backfill) are sent as SRs to ``sr_destinations``; off by
     #: default: the PACS already holds those studies' reports, and years of them would flood it (issue 19).
     backfill_sr_to_pacs: bool = False
+    #: How backfill retrieves a series: ``move`` (C-MOVE to our own AE: the PACS must know it) or ``get`` (C-GET:
+    #: the PACS sends on the same association; for a PACS that supports it and cannot reach us).
+    backfill_retrieve: Literal["move", "get"] = "move"
+    #: A series's retrieval that has not ended this long after it began is aborted and its study failed (a PACS
+    #: that goes silent, or answers "pending" forever).
+    backfill_retrieve_timeout_seconds: float = Field(default=600.0, gt=0, le=86400)
+    #: ``backfill plan`` stops reading a C-FIND past this many matches and asks for a narrower query.
+    backfill_max_matches: int = Field(default=10000, ge=1, le=1000000)
+    #: Backfill waits before its next study while live ingest is busy: more than ``backfill_pause_live_series``
+    #: live series waiting for or in classification, or more than ``backfill_pause_live_instances`` live instances
+    #: received in the last ``backfill_pause_window_seconds``. After ``backfill_max_pause_seconds`` paused in a row
+    #: one study starts anyway (an endless live stream must not starve a backfill; its jobs queue behind live ones).
+    backfill_pause_live_series: int = Field(default=0, ge=0, le=1000000)
+    backfill_pause_live_instances: int = Field(default=0, ge=0, le=100000000)
+    backfill_pause_window_seconds: float = Field(default=10.0, ge=0, le=86400)
+    backfill_max_pause_seconds: float = Field(default=600.0, gt=0, le=7 * 86400)
+    #: A study a runner on another host claimed (``moving``) and has not advanced for this long is taken over (its
+    #: runner is presumed gone; on this host a runner whose process is gone is known at once).
+    backfill_claim_stale_seconds: float = Field(default=1800.0, gt=0, le=7 * 86400)
     #: STOW-RS (worker.web.stow): a part bigger than this fails alone (its bytes are read and dropped).
     stow_max_part_mb: int = Field(default=1024, ge=1, le=65536)
     #: SR delivery retries: attempt n waits backoff * 2**(n-1) seconds (capped), at most max_attempts attempts.

@@ -156,6 +156,84 @@ def _status(code: int, comment: str) -> Dataset:
     return status
 
 
+class StoreHandler:
+    """Answers C-STORE requests: validates each instance, watches the archive's free space and hands it to the
+    sink, which stores it durably before the success status goes back.
+
+    The :class:`StorageListener`'s handler, and the one a C-GET's association uses for the instances its peer
+    sends back (:func:`dicom_io.retrieve.get_series`): both ingest paths are this one. ``only_series``, where given,
+    refuses (0x0110, recorded with the sink) a valid instance of any other series: a peer answering a C-GET with
+    instances nobody asked for.
+    """
+
+    def __init__(self, sink: InstanceSink, min_free_bytes: int = 0, archive_root: Path | None = None) -> None:
+        if min_free_bytes > 0 and archive_root is None:
+            raise ValueError("min_free_bytes needs archive_root: the file system whose free space is watched")
+        self.sink = sink
+        self.min_free_bytes = min_free_bytes
+        self.archive_root = archive_root
+
+    def refuse(self, calling_ae: str, sop_instance_uid: str | None, code: int, reason: str) -> Dataset:
+        """Record the refusal with the sink and return the status to answer."""
+        LOGGER.warning("refused %s from %s: 0x%04X %s", sop_instance_uid or "instance", calling_ae, code, reason)
+        try:
+            self.sink.reject(calling_ae, sop_instance_uid, reason)
+        except Exception:  # the refusal itself must still reach the peer
+            LOGGER.exception("sink could not record the rejection of %s from %s", sop_instance_uid, calling_ae)
+        return _status(code, reason)
+
+    def __call__(self, event: Event, calling_ae: str, only_series: str | None = None,
+                 strays: list[str] | None = None) -> Dataset | int:
+        """The status answering the C-STORE request of ``event``, sent by ``calling_ae``; an instance refused for
+        not being of ``only_series`` has its SOP Instance UID added to ``strays``."""
+        request = event.request
+        sop_class = str(request.AffectedSOPClassUID or "")
+        sop_instance = str(request.AffectedSOPInstanceUID or "") or None
+        transfer_syntax = UID(event.context.transfer_syntax)
+        try:
+            meta = encode_file_meta(sop_class, sop_instance or "", transfer_syntax, calling_ae)
+            received = meta + event.encoded_dataset(False)
+            # Elements stay raw (undecoded) until something reads them; sequence depth is checked on the way.
+            ds = read_received(received, transfer_syntax)
+            validate_instance(
+                ds,
+                sop_class_uid=sop_class,
+                sop_instance_uid=sop_instance or "",
+                transfer_syntax=transfer_syntax,
+                is_image=sop_class in IMAGE_STORAGE_SOP_CLASSES,
+            )
+        except InvalidInstance as exc:
+            return self.refuse(calling_ae, sop_instance, exc.status, exc.reason)
+        except Exception as exc:  # pydicom raises many types for malformed streams
+            reason = f"cannot parse dataset: {type(exc).__name__}: {exc}"
+            return self.refuse(calling_ae, sop_instance, STATUS_CANNOT_UNDERSTAND, reason)
+
+        if only_series is not None and str(ds.get("SeriesInstanceUID", "")) != only_series:
+            reason = (f"instance of series {ds.get('SeriesInstanceUID', '')}, not of the series asked for "
+                      f"({only_series})")
+            if strays is not None:
+                strays.append(sop_instance or "")
+            return self.refuse(calling_ae, sop_instance, STATUS_PROCESSING_FAILURE, reason)
+
+        if self.archive_root is not None and self.min_free_bytes > 0:
+            free = shutil.disk_usage(self.archive_root).free
+            if free < self.min_free_bytes:
+                reason = f"archive disk has {free} bytes free, below the {self.min_free_bytes} byte watermark"
+                return self.refuse(calling_ae, sop_instance, STATUS_OUT_OF_RESOURCES, reason)
+
+        _RECEIVED[id(ds)] = (ds, received)
+        try:
+            return self.sink.accept(ds, calling_ae)
+        except OSError as exc:
+            code = STATUS_OUT_OF_RESOURCES if exc.errno in (errno.ENOSPC, errno.EDQUOT) else STATUS_PROCESSING_FAILURE
+            return self.refuse(calling_ae, sop_instance, code, f"cannot store: {exc}")
+        except Exception as exc:
+            LOGGER.exception("sink failed on %s from %s", sop_instance, calling_ae)
+            return self.refuse(calling_ae, sop_instance, STATUS_PROCESSING_FAILURE, f"cannot store: {exc}")
+        finally:
+            del _RECEIVED[id(ds)]
+
+
 class _HandshakeInThreadServer(ThreadedAssociationServer):
     """pynetdicom's threaded server with the TLS handshake moved from the accepting thread to the connection's own.
 
@@ -275,6 +353,7 @@ class StorageListener:
         self._open: set[int] = set()
         self._open_lock = threading.Lock()
         self._ae = self._build_ae(max_associations, max_pdu_size, acse_timeout)
+        self._store = StoreHandler(sink, min_free_bytes, self.archive_root)
 
     def _build_ae(self, max_associations: int, max_pdu_size: int, acse_timeout: float) -> AE:
         ae = AE(ae_title=self.ae_title)
@@ -370,11 +449,6 @@ class StorageListener:
 
     # Event handlers (pynetdicom association threads).
 
-    def _refuse(self, calling_ae: str, sop_instance_uid: str | None, code: int, reason: str) -> Dataset:
-        LOGGER.warning("refused %s from %s: 0x%04X %s", sop_instance_uid or "instance", calling_ae, code, reason)
-        self._report_reject(calling_ae, sop_instance_uid, reason)
-        return _status(code, reason)
-
     def _report_reject(self, calling_ae: str, sop_instance_uid: str | None, reason: str) -> None:
         try:
             self.sink.reject(calling_ae, sop_instance_uid, reason)
@@ -382,46 +456,7 @@ class StorageListener:
             LOGGER.exception("sink could not record the rejection of %s from %s", sop_instance_uid, calling_ae)
 
     def _on_store(self, event: Event) -> Dataset | int:
-        calling_ae = event.assoc.requestor.ae_title
-        request = event.request
-        sop_class = str(request.AffectedSOPClassUID or "")
-        sop_instance = str(request.AffectedSOPInstanceUID or "") or None
-        transfer_syntax = UID(event.context.transfer_syntax)
-        try:
-            meta = encode_file_meta(sop_class, sop_instance or "", transfer_syntax, calling_ae)
-            received = meta + event.encoded_dataset(False)
-            # Elements stay raw (undecoded) until something reads them; sequence depth is checked on the way.
-            ds = read_received(received, transfer_syntax)
-            validate_instance(
-                ds,
-                sop_class_uid=sop_class,
-                sop_instance_uid=sop_instance or "",
-                transfer_syntax=transfer_syntax,
-                is_image=sop_class in IMAGE_STORAGE_SOP_CLASSES,
-            )
-        except InvalidInstance as exc:
-            return self._refuse(calling_ae, sop_instance, exc.status, exc.reason)
-        except Exception as exc:  # pydicom raises many types for malformed streams
-            reason = f"cannot parse dataset: {type(exc).__name__}: {exc}"
-            return self._refuse(calling_ae, sop_instance, STATUS_CANNOT_UNDERSTAND, reason)
-
-        if self.archive_root is not None and self.min_free_bytes > 0:
-            free = shutil.disk_usage(self.archive_root).free
-            if free < self.min_free_bytes:
-                reason = f"archive disk has {free} bytes free, below the {self.min_free_bytes} byte watermark"
-                return self._refuse(calling_ae, sop_instance, STATUS_OUT_OF_RESOURCES, reason)
-
-        _RECEIVED[id(ds)] = (ds, received)
-        try:
-            return self.sink.accept(ds, calling_ae)
-        except OSError as exc:
-            code = STATUS_OUT_OF_RESOURCES if exc.errno in (errno.ENOSPC, errno.EDQUOT) else STATUS_PROCESSING_FAILURE
-            return self._refuse(calling_ae, sop_instance, code, f"cannot store: {exc}")
-        except Exception as exc:
-            LOGGER.exception("sink failed on %s from %s", sop_instance, calling_ae)
-            return self._refuse(calling_ae, sop_instance, STATUS_PROCESSING_FAILURE, f"cannot store: {exc}")
-        finally:
-            del _RECEIVED[id(ds)]
+        return self._store(event, event.assoc.requestor.ae_title)
 
     def _on_rejected(self, event: Event) -> None:
         calling_ae = event.assoc.requestor.ae_title

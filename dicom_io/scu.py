@@ -108,15 +108,18 @@ def describe_failure(assoc: Association, refusal: _PeerRefusal, handshake: _Hand
     return "association aborted"
 
 
-def associate(ae: AE, host: str, port: int, called_ae: str, tls: ssl.SSLContext | None) \
+def associate(ae: AE, host: str, port: int, called_ae: str, tls: ssl.SSLContext | None,
+              ext_neg: Sequence[object] = (), evt_handlers: Sequence[tuple[object, object]] = ()) \
         -> tuple[Association, _PeerRefusal, _HandshakeRecord | None]:
     """Request an association of ``ae`` (from :func:`new_ae`, its contexts added) with TCP_NODELAY, over TLS when
     ``tls`` is given (never falling back to plain TCP); the refusal and handshake records feed
-    :func:`describe_failure`. Every SCU of this package (storage, echo, query/retrieve) opens its associations so."""
+    :func:`describe_failure`. Every SCU of this package (storage, echo, query/retrieve) opens its associations so.
+    ``ext_neg`` (e.g. SCP/SCU role selection for C-GET) and ``evt_handlers`` go to pynetdicom as they are."""
     refusal = _PeerRefusal()
     handshake = _HandshakeRecord(tls) if tls is not None else None
-    assoc = ae.associate(host, port, ae_title=called_ae, evt_handlers=[TCP_NODELAY_HANDLER, refusal.handler()],
-                         tls_args=(tls, host) if tls is not None else None)
+    assoc = ae.associate(host, port, ae_title=called_ae,
+                         evt_handlers=[TCP_NODELAY_HANDLER, refusal.handler(), *evt_handlers],
+                         ext_neg=list(ext_neg) or None, tls_args=(tls, host) if tls is not None else None)
     return assoc, refusal, handshake
 
 

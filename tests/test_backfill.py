@@ -153,3 +153,44 @@ def test_a_move_the_pacs_cannot_complete_fails_the_study_with_its_reason(models_
         assert names[failure["study_instance_uid"]] == "brain-2023"
         assert failure["reason"].startswith("C-MOVE of series ") and "status 0x" in failure["reason"], failure
         assert serve.terminate() == 0
+
+
+def test_backfill_retrieves_by_c_get_where_the_pacs_cannot_reach_us(models_dir: Path, tmp_path: Path) -> None:
+    """``backfill_retrieve = "get"``: Orthanc knows our AE only at a dead port (a C-MOVE would fail, as above), yet
+    every planned instance arrives on the C-GET's own association and is stored as a C-STORE is."""
+    with orthanc_world(tmp_path) as (netns, orthanc, started):
+        names = _load(orthanc, tmp_path)
+        run = netns.run(["curl", "-sf", "-X", "PUT", "-d",
+                         json.dumps({"AET": OUR_AE, "Host": "127.0.0.1", "Port": OUR_PORT + 7}),
+                         orthanc.url("/modalities/triage")])
+        assert run.returncode == 0, run.stderr
+        data_dir = tmp_path / "data"
+        env = triage_environment(models_dir, ae_title=OUR_AE, backfill_retrieve="get")
+        out = _cli(netns, env, "plan", "--from", SOURCE, "--modality", "MR", "--study-date", "20240101-20241231",
+                   "--description", "*BRAIN*", "--data-dir", str(data_dir))
+        assert out.startswith("plan 1: 3 studies, 3 series, 7 instances"), out
+        # listen: the listener and the backfill runner without classification (the studies stay received).
+        listen = Child(triage_command("listen", "--data-dir", str(data_dir), "--dicom-port", str(OUR_PORT)), env,
+                       name="listen", netns=netns)
+        started.append(listen)
+        listen.wait_for_line(serve_ready, STARTUP_SECONDS, "listen")
+        _cli(netns, env, "run", "1", "--per-minute", "600", "--max-in-flight", "3", "--data-dir", str(data_dir))
+        plan = wait_for(lambda: (p := _status(netns, env, data_dir, 1))["studies"]["received"] == 3 and p, 60,
+                        "three studies received", listen, alive=True)
+        assert plan["failures"] == [], plan
+        database = Database(f"sqlite:///{data_dir / 'triage.sqlite3'}")
+        try:
+            with database.session() as session:
+                moves = set(session.scalars(select(BackfillSeries.moves)))
+                arrived = session.execute(select(Series.series_instance_uid, func.count(Instance.id))
+                                          .join(Instance, Instance.series_pk == Series.id)
+                                          .group_by(Series.series_instance_uid)).all()
+                callers = set(session.scalars(select(Instance.calling_ae)))
+                studies = set(session.scalars(select(Study.study_instance_uid)))
+        finally:
+            database.dispose()
+        assert moves == {1}
+        assert sorted(n for _, n in arrived) == [2, 2, 3]
+        assert callers == {ORTHANC_AE}
+        assert sorted(names[uid] for uid in studies) == ["brain-a", "brain-b", "brain-c"]
+        assert listen.terminate() == 0

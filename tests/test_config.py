@@ -51,6 +51,10 @@ def test_file_then_environment_then_overrides(tmp_path: Path) -> None:
         ({"DICOM_TRIAGE_NO_SUCH_THING": "1"}, "unknown setting"),
         ({"DICOM_TRIAGE_DECODE_PROCESSES": "-1"}, "decode_processes [from DICOM_TRIAGE_DECODE_PROCESSES]"),
         ({"DICOM_TRIAGE_DECODE_FRAMES_IN_FLIGHT": "0"}, "decode_frames_in_flight"),
+        ({"DICOM_TRIAGE_BACKFILL_RETRIEVE": "fetch"}, "backfill_retrieve [from DICOM_TRIAGE_BACKFILL_RETRIEVE]"),
+        ({"DICOM_TRIAGE_BACKFILL_PAUSE_LIVE_SERIES": "-1"}, "backfill_pause_live_series"),
+        ({"DICOM_TRIAGE_BACKFILL_RETRIEVE_TIMEOUT_SECONDS": "0"}, "backfill_retrieve_timeout_seconds"),
+        ({"DICOM_TRIAGE_BACKFILL_MAX_MATCHES": "0"}, "backfill_max_matches"),
     ],
 )
 def test_bad_environment_values_are_named(env: dict[str, str], fragment: str, tmp_path: Path) -> None:

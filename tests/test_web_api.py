@@ -101,7 +101,7 @@ def fresh(tmp_path: Path) -> Iterator[Env]:
     environment.database.dispose()
 
 
-PAGE_ROUTES = ["/", "/studies/1", "/admin/users", "/admin/models", "/admin/drift", "/admin/audit", "/thumbnails/1/1.png", "/heatmaps/1/1/1.png"]
+PAGE_ROUTES = ["/", "/studies/1", "/admin/users", "/admin/models", "/admin/drift", "/admin/backfill", "/admin/audit", "/thumbnails/1/1.png", "/heatmaps/1/1/1.png"]
 API_ROUTES = ["/api/me", "/api/worklist", "/api/studies/1", "/openapi.json"]
 
 

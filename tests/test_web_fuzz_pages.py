@@ -170,6 +170,7 @@ def routes(app: LiveApp) -> dict[str, Route]:
         "users": Route("GET", "/admin/users", "admin", {}, {"error": text()}),
         "models": Route("GET", "/admin/models", "admin", {}, {}),
         "drift": Route("GET", "/admin/drift", "admin", {}, {}),
+        "backfill": Route("GET", "/admin/backfill", "admin", {}, {}),
         "audit": Route("GET", "/admin/audit", "admin", {}, {"before": integer(1, 50)}),
         "registry": Route("GET", "/admin/registry", "admin", {}, {}),
         "run": Route("GET", "/admin/registry/runs/{run_id}", "admin", {"run_id": integer(1)}, {}),
@@ -192,14 +193,16 @@ def routes(app: LiveApp) -> dict[str, Route]:
             "time_budget_minutes": choice("", "1", "0.5", "-1", "nan", "inf", "1e308")}),
         "promote": Route("POST", "/admin/registry/models/{uid}/promote", "admin", {"uid": uid}, {},
                          {"force": choice("", "1"), "reason": text()}),
+        "backfill-cancel": Route("POST", "/admin/backfill/{plan_id}/cancel", "admin", {"plan_id": integer(1, 2)},
+                                 {}, {}),
         "rollback": Route("POST", "/admin/registry/tasks/{task}/rollback", "admin", {"task": choice(*TASKS)}, {},
                           {"reason": text()}),
     }
 
 
-PAGES = ("login", "worklist", "study", "thumbnail", "heatmap", "users", "models", "drift", "audit", "registry",
-         "run", "model", "figure")
-FORMS = ("decision", "user-active", "user-add", "retrain", "promote", "rollback")
+PAGES = ("login", "worklist", "study", "thumbnail", "heatmap", "users", "models", "drift", "backfill", "audit",
+         "registry", "run", "model", "figure")
+FORMS = ("decision", "user-active", "user-add", "retrain", "promote", "rollback", "backfill-cancel")
 
 
 # --- the app and the checks ------------------------------------------------------------------------------------

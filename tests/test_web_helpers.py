@@ -17,6 +17,7 @@ from models.tasks import BRAIN_TUMOR
 from worker.db import (
     Database, Instance, Job, JobState, Patient, Result, Series, Study, upgrade_database, utcnow,
 )
+from worker.db.backfill import BackfillPlan, BackfillStudy, PlanState, StudyState
 from worker.web.users import add_user
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "brain-tumor-mri" / "Testing"
@@ -123,3 +124,25 @@ def install_model(settings: Settings, uid: str | None = None) -> str:
                      input_spec=spec, version="7", **({"uid": uid} if uid else {}))
     card.save(directory)
     return card.uid
+
+
+#: The running backfill plan's studies (seed_plans): (state, reason) each.
+BACKFILL_STUDIES = [("planned", ""), ("planned", ""), ("moving", ""), ("received", ""), ("classified", ""),
+           ("classified", ""), ("failed", "C-MOVE of series 1.2.3: status 0xA801 (None completed, None failed)")]
+
+
+def seed_plans(database: Database) -> tuple[int, int]:
+    """A running plan (started ten minutes ago, paused for live ingest) and a done one; their ids."""
+    now = utcnow()
+    with database.session() as session:
+        running = BackfillPlan(source="PACS@10.0.0.1:104", query="modality=MR <b>study_date</b>=2024",
+                               state=PlanState.RUNNING.value, started_at=now - timedelta(minutes=10),
+                               paused_since=now - timedelta(seconds=30),
+                               pause_reason="2 live series waiting for or in classification (bound 0)")
+        done = BackfillPlan(source="PACS@10.0.0.1:104", query="modality=CT", state=PlanState.DONE.value)
+        session.add_all([running, done])
+        session.flush()
+        session.add_all(BackfillStudy(plan_pk=running.id, study_instance_uid=f"2.25.{i}", state=state, reason=reason)
+                        for i, (state, reason) in enumerate(BACKFILL_STUDIES, start=1))
+        session.add(BackfillStudy(plan_pk=done.id, study_instance_uid="2.25.99", state=StudyState.CLASSIFIED.value))
+        return running.id, done.id

@@ -15,7 +15,9 @@ import httpx
 from sqlalchemy import select
 
 from processes import free_port
-from test_web_helpers import PASSWORD, add_users, install_model, make_database, make_settings, seed_study
+from test_web_helpers import (
+    PASSWORD, add_users, install_model, make_database, make_settings, seed_plans, seed_study,
+)
 from worker.db import Database, Instance, JobState, Series, User
 from worker.registry import register_installed_models
 from worker.web.auth import CSRF_HEADER, SESSION_COOKIE
@@ -78,6 +80,7 @@ def live_app(tmp: Path, database_url: str | None = None) -> Iterator[LiveApp]:
     register_installed_models(database, settings)
     study_id, result_id = seed_study(database, settings, cls="glioma", label="glioma", slices=1, model_uid=model_uid)
     seed_study(database, settings, cls="notumor", label="notumor", slices=1, state=JobState.RUNNING)
+    seed_plans(database)  # backfill plans 1 (running) and 2 (done)
     with database.read_session() as session:
         instance_id = session.scalar(select(Instance.id).join(Series).where(Series.study_pk == study_id))
         protected = frozenset(session.scalars(select(User.id).where(User.name.in_(list(USERS.values())))))

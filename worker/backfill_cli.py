@@ -110,7 +110,8 @@ def _count(text: str) -> int:
 def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
     from worker.cli import _add_settings_options
 
-    backfill = subparsers.add_parser("backfill", help="retrieve past studies from a PACS (C-FIND, C-MOVE)")
+    backfill = subparsers.add_parser("backfill",
+                                     help="retrieve past studies from a PACS (C-FIND, then C-MOVE or C-GET)")
     commands = backfill.add_subparsers(dest="backfill_command", required=True, metavar="BACKFILL_COMMAND")
 
     plan = commands.add_parser("plan", help="C-FIND the PACS and store what matches as a plan")

@@ -3,6 +3,8 @@
 A study's state: ``planned`` -> ``moving`` (C-MOVE of its series under way) -> ``received`` (every series moved
 and its instances recorded here) -> ``classified`` (every series's job final); or ``failed`` with the reason.
 Each series keeps how many C-MOVEs were sent for it, so that a resumed run can show it retrieved nothing twice.
+A moving study names its runner (``host:pid``, migration ``bf2001``): several runners share one database without
+retrieving a study twice. A plan records the current pause for live ingest and the paused time so far.
 """
 
 from __future__ import annotations
@@ -45,6 +47,12 @@ class BackfillPlan(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     started_at: Mapped[datetime | None]
     finished_at: Mapped[datetime | None]
+    #: When a runner last started one of its studies (``per_minute`` holds across runners).
+    last_started_at: Mapped[datetime | None]
+    #: Since when retrievals wait for live ingest (None: not paused), why, and the seconds paused before that.
+    paused_since: Mapped[datetime | None]
+    pause_reason: Mapped[str] = mapped_column(Text, default="", server_default="")
+    paused_seconds: Mapped[float] = mapped_column(default=0.0, server_default="0")
 
 
 class BackfillStudy(Base):
@@ -56,6 +64,8 @@ class BackfillStudy(Base):
     state: Mapped[str] = mapped_column(String(16), default=StudyState.PLANNED.value, index=True)
     reason: Mapped[str] = mapped_column(Text, default="")
     updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+    #: The runner (``host:pid``) that claimed the study while it is moving; see worker.backfill.
+    runner: Mapped[str | None] = mapped_column(String(128))
 
 
 class BackfillSeries(Base):

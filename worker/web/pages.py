@@ -18,7 +18,7 @@ from worker.web import auth
 from worker.web.auth import Principal, checked_form, page_admin, page_radiologist, page_user
 from worker.web.decisions import DecisionError, decide
 from worker.web.params import (
-    AuditBefore, FindingFilter, Frame, InstanceId, PageCursor, ResultId, ReviewFilter, StatusFilter, StudyId,
+    AuditBefore, FindingFilter, Frame, InstanceId, PageCursor, PlanId, ResultId, ReviewFilter, StatusFilter, StudyId,
     TaskFilter, UserId,
 )
 from worker.web.rendering import RenderError
@@ -30,6 +30,8 @@ router = APIRouter(include_in_schema=False)
 IMAGE_CACHE_CONTROL = "private, max-age=86400"
 #: How often the worklist page reloads itself (seconds).
 WORKLIST_REFRESH_SECONDS = 30
+#: How often the backfill page reloads itself (seconds).
+BACKFILL_REFRESH_SECONDS = 10
 
 
 def _state(request: Request) -> Any:
@@ -244,6 +246,35 @@ def drift_page(request: Request, who: Principal = Depends(page_admin)) -> Respon
 
     state = _state(request)
     return _render(request, "admin_drift.html", who, drift=drift_report(state.database, state.settings))
+
+
+@router.get("/admin/backfill")
+def backfill_page(request: Request, who: Principal = Depends(page_admin)) -> Response:
+    """Each backfill plan as ``backfill status`` reports it (:func:`worker.backfill.plan_status`: counts per state,
+    failures with reasons, progress, ETA, pause for live ingest), with a cancel button while it may still run."""
+    from worker.backfill import CANCELLABLE, plan_status
+
+    return _render(request, "admin_backfill.html", who, plans=plan_status(_state(request).database),
+                   cancellable=CANCELLABLE, refresh=BACKFILL_REFRESH_SECONDS)
+
+
+@router.post("/admin/backfill/{plan_id}/cancel")
+def backfill_cancel(request: Request, plan_id: PlanId, who: Principal = Depends(page_admin),
+                    _form: dict[str, str] = Depends(checked_form)) -> Response:
+    """``backfill cancel`` from the page: studies not yet retrieving are not retrieved (404 no such plan, 409 a plan
+    already done or cancelled)."""
+    from worker.backfill import BackfillError, PlanNotFound, cancel_plan
+
+    database = _state(request).database
+    try:
+        cancel_plan(database, plan_id)
+    except PlanNotFound as exc:
+        raise HTTPException(404, str(exc)) from None
+    except BackfillError as exc:
+        raise HTTPException(409, str(exc)) from None
+    with database.session() as session:
+        audit(session, session.get(User, who.user_id), "backfill.cancel", f"backfill_plan:{plan_id}")
+    return RedirectResponse("/admin/backfill", status_code=303)
 
 
 def _last_gates(database: Any) -> dict[str, dict[str, Any]]:

@@ -46,6 +46,7 @@ ResultId = Annotated[int, row_id("result")]
 InstanceId = Annotated[int, row_id("instance")]
 UserId = Annotated[int, row_id("user")]
 RunId = Annotated[int, row_id("training run")]
+PlanId = Annotated[int, row_id("backfill plan")]
 #: A model's UID: a DICOM UID, as the registry's column holds it (digits and dots, at most 64 characters).
 ModelUid = Annotated[str, Path(pattern=r"^[0-9][0-9.]{0,63}$", description="the model's UID")]
 Frame = Annotated[int, Path(ge=1, le=MAX_FRAME, description="the frame, from 1")]
@@ -89,6 +90,6 @@ ModelStateFilter = Annotated[
 
 __all__ = [
     "DB_ID_MAX", "MAX_FRAME", "MAX_PAGE_SIZE", "NO_NUL", "PAGE_SIZE", "AuditBefore", "PageCursor",
-    "FindingFilter", "Frame", "InstanceId", "ModelStateFilter", "ModelUid", "ModelTaskFilter", "PageSize", "ResultId",
-    "ReviewFilter", "RunId", "StatusFilter", "StudyId", "TaskFilter", "UserId",
+    "FindingFilter", "Frame", "InstanceId", "ModelStateFilter", "ModelUid", "ModelTaskFilter", "PageSize", "PlanId",
+    "ResultId", "ReviewFilter", "RunId", "StatusFilter", "StudyId", "TaskFilter", "UserId",
 ]
