@@ -13,14 +13,17 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from config import Destination, Settings
-from dicom_io.retrieve import Peer, find_series, find_studies, move_series
+from dicom_io.dicomweb import is_dicomweb_url
+from dicom_io.retrieve import Peer, SeriesMatch, StudyMatch, find_series, find_studies, move_series
 from dicom_io.scu import AssociationError
 from worker.db import Database, Job, JobState, Series, Study, utcnow
 from worker.db.backfill import BackfillPlan, BackfillSeries, BackfillStudy, PlanState, StudyState
@@ -84,8 +87,14 @@ def make_plan(database: Database, settings: Settings, source: str, modality: str
     found = [(study, find_series(peer, study.study_instance_uid, modality, calling_ae=settings.ae_title))
              for study in studies]
     query = f"modality={modality} study_date={study_date} description={description or '*'} limit={limit or '-'}"
+    return store_plan(database, str(peer), query, found)
+
+
+def store_plan(database: Database, source: str, query: str,
+               found: list[tuple[StudyMatch, list[SeriesMatch]]]) -> PlanSummary:
+    """Store what a source matched as a new plan (``planned``); the summary of its counts."""
     with database.session() as session:
-        plan = BackfillPlan(source=str(peer), query=query, state=PlanState.PLANNED.value)
+        plan = BackfillPlan(source=source, query=query, state=PlanState.PLANNED.value)
         session.add(plan)
         session.flush()
         for study, series in found:
@@ -164,13 +173,21 @@ def _eta(plan: BackfillPlan, counts: dict[str, int]) -> float | None:
     return round(elapsed / done * left, 1)
 
 
-class BackfillRunner:
-    """Retrieves the running plans (a thread of the process that owns our DICOM listener)."""
+#: Retrieves one series of a plan into our archive: (plan id, study UID, series UID) -> the failure's reason, or ""
+#: when every instance is stored here. :class:`worker.backfill_dicomweb.DicomwebRetriever` is one.
+SeriesRetriever = Callable[[int, str, str], str]
 
-    def __init__(self, settings: Settings, database: Database, poll_seconds: float = 1.0) -> None:
+
+class BackfillRunner:
+    """Retrieves the running plans (a thread of the process that owns our DICOM listener): by C-MOVE, or through
+    ``dicomweb`` for a plan whose source is a DICOMweb URL."""
+
+    def __init__(self, settings: Settings, database: Database, poll_seconds: float = 1.0,
+                 dicomweb: SeriesRetriever | None = None) -> None:
         self.settings = settings
         self.database = database
         self.poll_seconds = poll_seconds
+        self.dicomweb = dicomweb
         self._last_start: dict[int, float] = {}
 
     def run(self, stop: threading.Event) -> None:
@@ -216,10 +233,18 @@ class BackfillRunner:
                 study = waiting
                 study.state, study.updated_at = StudyState.MOVING.value, utcnow()
                 self._last_start[plan_id] = time.monotonic()
-            study_pk, peer = study.id, peer_of(plan.source)
-        self._move_study(study_pk, peer, stop)
+            study_pk, retrieve = study.id, self._retriever(plan)
+        self._move_study(study_pk, retrieve, stop)
 
-    def _move_study(self, study_pk: int, peer: Peer, stop: threading.Event) -> None:
+    def _retriever(self, plan: BackfillPlan) -> Callable[[str, str], str]:
+        """How a plan's series are retrieved: (study UID, series UID) -> the failure's reason, or ""."""
+        if is_dicomweb_url(plan.source):
+            if self.dicomweb is None:
+                raise BackfillError(f"backfill plan {plan.id}: no DICOMweb retriever in this process")
+            return partial(self.dicomweb, plan.id)
+        return partial(self._move_one, peer_of(plan.source))
+
+    def _move_study(self, study_pk: int, retrieve: Callable[[str, str], str], stop: threading.Event) -> None:
         with self.database.read_session() as session:
             study = session.get(BackfillStudy, study_pk)
             assert study is not None
@@ -234,7 +259,7 @@ class BackfillRunner:
                 row = session.get(BackfillSeries, series_pk)
                 assert row is not None
                 row.moves += 1
-            reason = self._move_one(peer, study_uid, series_uid)
+            reason = retrieve(study_uid, series_uid)
             with self.database.session() as session:
                 study_row = session.get(BackfillStudy, study_pk)
                 assert study_row is not None
