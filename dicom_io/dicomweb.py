@@ -73,8 +73,12 @@ class DicomwebSource:
 
     def client(self) -> DICOMwebClient:
         headers = {"Authorization": f"Bearer {self.token}"} if self.token else None
-        return DICOMwebClient(self.url.rstrip("/"), session=_Session(), headers=headers, timeout=self.timeout,
-                              chunk_size=_CHUNK)
+        client = DICOMwebClient(self.url.rstrip("/"), session=_Session(), headers=headers, timeout=self.timeout,
+                                chunk_size=_CHUNK)
+        # Its own retries (5, over 30 s, on any exception) would hide a failing source from the caller, who retries
+        # with its own bounds and records why.
+        client.set_http_retry_params(retry=False)
+        return client
 
     def _search(self, what: str, call: Any, max_matches: int, **kwargs: Any) -> list[dict[str, Any]]:
         """Every match, a page (``limit``/``offset``) at a time; a server that ignores ``limit`` answers all at once."""
