@@ -22,7 +22,8 @@ from sqlalchemy import func, select
 
 from dicom_factory import brain_images, write_files
 from dicom_io.synthesis import mr_series
-from processes import Child, NetworkNamespace, serve_ready, triage_command, triage_environment, wait_for
+from processes import (Child, NetworkNamespace, free_port, serve_ready, triage_command, triage_environment,
+                       wait_for)
 from test_orthanc_roundtrip import ORTHANC_HTTP, OUR_PORT, STARTUP_SECONDS, Orthanc, orthanc_world
 from worker.db import Database, Instance, Series, SrDocument
 
@@ -143,7 +144,7 @@ def test_backfill_from_orthanc_dicomweb_and_orthanc_pulls_our_sr(models_dir: Pat
         orthanc.post("/dicom-web/servers/triage/retrieve", "-d", json.dumps({"Resources": [{"Study": study_a}]}))
         (new,) = set(orthanc.get("/instances")) - before
         pulled = orthanc.download(f"/instances/{new}/file", tmp_path / "pulled.dcm")
-        assert pydicom.dcmread(pulled) == sr_a  # the very report we archived
+        assert pulled.read_bytes() == Path(sr_a.filename).read_bytes()  # the very report we archived
 
         # Our endpoints by hand: paging, metadata, and nothing but our SRs.
         auth = ("-H", f"Authorization: Bearer {token}")
@@ -216,3 +217,25 @@ def test_a_source_breaking_mid_retrieve_is_resumed_or_fails_with_its_reason(mode
         # Nothing stored is lost: the broken series keeps the instance that arrived whole before each cut.
         assert arrived == {flaky: 3, broken: 1}, arrived
         assert serve.terminate() == 0
+
+
+def test_plan_from_a_dicomweb_source_that_is_not_there_fails_clearly_and_stores_nothing(
+    models_dir: Path, tmp_path: Path
+) -> None:
+    env = triage_environment(models_dir)
+    data = ["--data-dir", str(tmp_path / "data")]
+    query = ["--modality", "MR", "--study-date", "20240101-20241231", *data]
+    down = subprocess.run(triage_command("backfill", "plan", "--from-dicomweb",
+                                         f"http://127.0.0.1:{free_port()}/dicom-web", *query),
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert down.returncode == 1 and "QIDO-RS studies: ConnectionError" in down.stderr, down.stderr
+    not_url = subprocess.run(triage_command("backfill", "plan", "--from-dicomweb", "pacs.example:8042", *query),
+                             env=env, capture_output=True, text=True, timeout=120)
+    assert not_url.returncode != 0 and "is not an http(s) URL of a DICOMweb service" in not_url.stderr, not_url.stderr
+    both = subprocess.run(triage_command("backfill", "plan", "--from", "PACS@127.0.0.1:104", "--from-dicomweb",
+                                         "http://127.0.0.1:1/dicom-web", *query),
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert both.returncode == 2 and "not allowed with argument" in both.stderr, both.stderr
+    status = subprocess.run(triage_command("backfill", "status", *data), env=env, capture_output=True, text=True,
+                            timeout=120)
+    assert status.returncode == 0 and status.stdout.strip() == "no backfill plans", status.stdout
