@@ -151,6 +151,9 @@ def test_backfill_from_orthanc_dicomweb_and_orthanc_pulls_our_sr(models_dir: Pat
         code, body = _curl(netns, "/studies?limit=1&offset=1", *auth)
         assert code == 200 and len(json.loads(body)) == 1
         code, body = _curl(netns, "/studies?PatientID=DW-0&StudyDate=20240101-20240301", *auth)
+        # The access log line keeps the query's keys only.
+        serve.wait_for_line(lambda line: "/dicomweb/studies?PatientID=<redacted>&StudyDate=<redacted>" in line, 30)
+        assert "DW-0" not in serve.output
         ((found),) = json.loads(body)
         assert found["0020000D"]["Value"] == [study_a] and found["00201208"]["Value"] == [1], found
         code, body = _curl(netns, f"/studies/{study_a}/metadata", *auth)
