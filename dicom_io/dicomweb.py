@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -71,7 +72,9 @@ class DicomwebSource:
     def __str__(self) -> str:
         return self.url
 
+    @cached_property
     def client(self) -> DICOMwebClient:
+        """One client, so that its session's connections are reused from request to request."""
         headers = {"Authorization": f"Bearer {self.token}"} if self.token else None
         client = DICOMwebClient(self.url.rstrip("/"), session=_Session(), headers=headers, timeout=self.timeout,
                                 chunk_size=_CHUNK)
@@ -101,14 +104,14 @@ class DicomwebSource:
         filters = {"ModalitiesInStudy": modality, "StudyDate": study_date}
         if description:
             filters["StudyDescription"] = description
-        found = self._search("studies", self.client().search_for_studies, max_matches, search_filters=filters,
+        found = self._search("studies", self.client.search_for_studies, max_matches, search_filters=filters,
                              fields=["StudyDate", "StudyDescription"])
         return [StudyMatch(str(_value(m, "0020000D")), str(_value(m, "00080020") or ""),
                            str(_value(m, "00081030") or "")) for m in found if _value(m, "0020000D")]
 
     def find_series(self, study_instance_uid: str, modality: str, max_matches: int = 10000) -> list[SeriesMatch]:
         """The series of ``modality`` in one study (a server that ignores Modality is filtered here)."""
-        found = self._search("series", self.client().search_for_series, max_matches,
+        found = self._search("series", self.client.search_for_series, max_matches,
                              study_instance_uid=study_instance_uid, search_filters={"Modality": modality},
                              fields=["NumberOfSeriesRelatedInstances"])
         matches = []
@@ -121,7 +124,7 @@ class DicomwebSource:
     def find_instances(self, study_instance_uid: str, series_instance_uid: str,
                        max_matches: int = 100000) -> list[str]:
         """The SOP Instance UIDs of one series."""
-        found = self._search("instances", self.client().search_for_instances, max_matches,
+        found = self._search("instances", self.client.search_for_instances, max_matches,
                              study_instance_uid=study_instance_uid, series_instance_uid=series_instance_uid)
         return [str(uid) for uid in (_value(m, "00080018") for m in found) if uid]
 
@@ -129,7 +132,7 @@ class DicomwebSource:
         """WADO-RS retrieve of a series, each instance as its part ends. Raises :class:`DicomwebError` (possibly
         after some instances were yielded) when the request fails or the response breaks."""
         try:
-            yield from self.client().iter_series(study_instance_uid, series_instance_uid)
+            yield from self.client.iter_series(study_instance_uid, series_instance_uid)
         except Exception as exc:  # requests, urllib3 and pydicom raise many types for a broken body
             raise DicomwebError(f"{self}: WADO-RS of series {series_instance_uid}: {describe(exc)}") from exc
 
@@ -137,7 +140,7 @@ class DicomwebSource:
                           sop_instance_uid: str) -> Dataset:
         """WADO-RS retrieve of one instance."""
         try:
-            return self.client().retrieve_instance(study_instance_uid, series_instance_uid, sop_instance_uid)
+            return self.client.retrieve_instance(study_instance_uid, series_instance_uid, sop_instance_uid)
         except Exception as exc:
             raise DicomwebError(f"{self}: WADO-RS of instance {sop_instance_uid}: {describe(exc)}") from exc
 
