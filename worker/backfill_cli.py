@@ -120,7 +120,8 @@ def _count(text: str) -> int:
 def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
     from worker.cli import _add_settings_options
 
-    backfill = subparsers.add_parser("backfill", help="retrieve past studies from a PACS (C-FIND and C-MOVE, or QIDO-RS and WADO-RS)")
+    backfill = subparsers.add_parser(
+        "backfill", help="retrieve past studies from a PACS (C-FIND and C-MOVE, or QIDO-RS and WADO-RS)")
     commands = backfill.add_subparsers(dest="backfill_command", required=True, metavar="BACKFILL_COMMAND")
 
     plan = commands.add_parser("plan", help="query the PACS (C-FIND or QIDO-RS) and store what matches as a plan")

@@ -98,7 +98,7 @@ class Ingest:
             create_celery_app(settings), lambda job_id: is_backfill_job(database, job_id)))
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self.scheduler.run, args=(self._stop,), name="scheduler", daemon=True)
-        # Backfill retrievals C-MOVE to our own AE: they run where the listener does.
+        # Backfill retrievals C-MOVE to our own AE: they run where the listener does (WADO-RS ones store directly).
         runner = BackfillRunner(settings, database, dicomweb=DicomwebRetriever(settings, database))
         self._backfill = threading.Thread(target=runner.run, args=(self._stop,), name="backfill", daemon=True)
 

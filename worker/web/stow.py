@@ -4,8 +4,8 @@ The same durable-acknowledgement rule as C-STORE: an instance is reported stored
 in the archive and its row committed (:meth:`worker.ingest.DatabaseSink.accept`, the listener's own path); a part
 that is not DICOM, malformed, or too big fails alone, with the DICOM failure reason, and is recorded as a rejected
 instance. The body is streamed: each part goes to a temporary file (in memory up to a small size) and is handled
-when it ends, so memory is bounded by one part, never a whole study. Auth: :func:`worker.web.api_tokens.require_api_token`;
-the token's name is the instance's calling AE.
+when it ends, so memory is bounded by one part, never a whole study. Auth:
+:func:`worker.web.api_tokens.require_api_token`; the token's name is the instance's calling AE.
 """
 
 from __future__ import annotations
