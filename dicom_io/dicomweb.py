@@ -38,6 +38,12 @@ def is_dicomweb_url(text: str) -> bool:
     return parts.scheme in ("http", "https") and bool(parts.netloc)
 
 
+def shown_url(url: str) -> str:
+    """``url`` without credentials (``user:password@``), for logs, reasons and the plan's source column."""
+    parts = urlsplit(url)
+    return parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl()
+
+
 def describe(exc: BaseException) -> str:
     """A failure in words, with the HTTP status and the start of the body where the server answered one."""
     if isinstance(exc, requests.HTTPError) and exc.response is not None:
@@ -70,7 +76,7 @@ class DicomwebSource:
     timeout: float = DEFAULT_TIMEOUT
 
     def __str__(self) -> str:
-        return self.url
+        return shown_url(self.url)
 
     @cached_property
     def client(self) -> DICOMwebClient:
@@ -145,4 +151,4 @@ class DicomwebSource:
             raise DicomwebError(f"{self}: WADO-RS of instance {sop_instance_uid}: {describe(exc)}") from exc
 
 
-__all__ = ["DEFAULT_TIMEOUT", "DicomwebError", "DicomwebSource", "describe", "is_dicomweb_url"]
+__all__ = ["DEFAULT_TIMEOUT", "DicomwebError", "DicomwebSource", "describe", "is_dicomweb_url", "shown_url"]

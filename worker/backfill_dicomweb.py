@@ -20,7 +20,7 @@ from sqlalchemy import select
 
 from config import Settings
 from dicom_io.archive import Archive
-from dicom_io.dicomweb import DicomwebError, DicomwebSource, is_dicomweb_url
+from dicom_io.dicomweb import DicomwebError, DicomwebSource, is_dicomweb_url, shown_url
 from dicom_io.listener import IMAGE_STORAGE_SOP_CLASSES
 from dicom_io.retrieve import QueryError
 from dicom_io.validation import STATUS_CANNOT_UNDERSTAND, InvalidInstance, validate_instance
@@ -50,7 +50,8 @@ def make_dicomweb_plan(database: Database, url: str, token: str | None, modality
         studies = studies[:limit]
     found = [(study, source.find_series(study.study_instance_uid, modality)) for study in studies]
     query = f"modality={modality} study_date={study_date} description={description or '*'} limit={limit or '-'}"
-    shown = url if len(url) <= _SOURCE_WIDTH else url[:_SOURCE_WIDTH - 3] + "..."
+    shown = shown_url(url)
+    shown = shown if len(shown) <= _SOURCE_WIDTH else shown[:_SOURCE_WIDTH - 3] + "..."
     summary = store_plan(database, shown, query, found)
     with database.session() as session:
         session.add(DicomwebPlanSource(plan_pk=summary.plan_id, url=url, token=token))
