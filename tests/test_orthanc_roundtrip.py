@@ -33,13 +33,13 @@ STARTUP_SECONDS = 180  # TensorFlow's import is slow on a loaded 2-core CI machi
 
 
 @contextmanager
-def orthanc_world(tmp_path: Path) -> Iterator[tuple[NetworkNamespace, "Orthanc", list[Child]]]:
-    """A loopback-only network namespace with Orthanc running in it; the processes a test adds to the list are
-    stopped with Orthanc, and the namespace closed, when the test ends."""
+def orthanc_world(tmp_path: Path, **config: Any) -> Iterator[tuple[NetworkNamespace, "Orthanc", list[Child]]]:
+    """A loopback-only network namespace with Orthanc running in it (``config`` added to its configuration); the
+    processes a test adds to the list are stopped with Orthanc, and the namespace closed, when the test ends."""
     netns = NetworkNamespace()
     started: list[Child] = []
     try:
-        orthanc = Orthanc(netns, tmp_path / "orthanc")
+        orthanc = Orthanc(netns, tmp_path / "orthanc", **config)
         started.append(orthanc.process)
         yield netns, orthanc, started
     finally:
@@ -51,7 +51,7 @@ def orthanc_world(tmp_path: Path) -> Iterator[tuple[NetworkNamespace, "Orthanc",
 class Orthanc:
     """Orthanc in the namespace, storage in a temporary folder, our listener as modality ``triage``."""
 
-    def __init__(self, netns: NetworkNamespace, directory: Path) -> None:
+    def __init__(self, netns: NetworkNamespace, directory: Path, **extra: Any) -> None:
         self.netns = netns
         config = {
             "Name": "dicom-triage-test",
@@ -65,6 +65,7 @@ class Orthanc:
             "DicomModalities": {"triage": [OUR_AE, "127.0.0.1", OUR_PORT]},
             "DicomScuTimeout": 30,
             "Plugins": [],
+            **extra,
         }
         directory.mkdir(parents=True, exist_ok=True)
         (directory / "orthanc.json").write_text(json.dumps(config))

@@ -17,8 +17,10 @@ import logging
 import os
 import socket
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from functools import partial
 from typing import Any
 
 from pydicom import Dataset
@@ -28,8 +30,10 @@ from sqlalchemy.orm import Session
 
 from config import Destination, Settings
 from dicom_io.archive import Archive
+from dicom_io.dicomweb import is_dicomweb_url
 from dicom_io.listener import StoreHandler
-from dicom_io.retrieve import MoveOutcome, Peer, find_series_of_studies, find_studies, get_series, move_series
+from dicom_io.retrieve import (MoveOutcome, Peer, SeriesMatch, StudyMatch, find_series_of_studies, find_studies,
+                               get_series, move_series)
 from dicom_io.scu import AssociationError
 from worker.db import Database, Instance, Job, JobState, Series, Study, utcnow
 from worker.db.backfill import BackfillPlan, BackfillSeries, BackfillStudy, PlanState, StudyState
@@ -124,8 +128,14 @@ def make_plan(database: Database, settings: Settings, source: str, modality: str
                                        calling_ae=settings.ae_title, max_matches=most)
     found = [(study, series_of[study.study_instance_uid]) for study in studies]
     query = f"modality={modality} study_date={study_date} description={description or '*'} limit={limit or '-'}"
+    return store_plan(database, str(peer), query, found)
+
+
+def store_plan(database: Database, source: str, query: str,
+               found: list[tuple[StudyMatch, list[SeriesMatch]]]) -> PlanSummary:
+    """Store what a source matched as a new plan (``planned``); the summary of its counts."""
     with database.session() as session:
-        plan = BackfillPlan(source=str(peer), query=query, state=PlanState.PLANNED.value)
+        plan = BackfillPlan(source=source, query=query, state=PlanState.PLANNED.value)
         session.add(plan)
         session.flush()
         for study, series in found:
@@ -290,14 +300,21 @@ def _locked_plan(session: Session, plan_id: int) -> BackfillPlan | None:
     return session.get(BackfillPlan, plan_id, with_for_update=session.get_bind().dialect.name == "postgresql")
 
 
+#: Retrieves one series of a plan into our archive: (plan id, study UID, series UID) -> the failure's reason, or ""
+#: when every instance is stored here. :class:`worker.backfill_dicomweb.DicomwebRetriever` is one.
+SeriesRetriever = Callable[[int, str, str], str]
+
+
 class BackfillRunner:
-    """Retrieves the running plans (a thread of the process that owns our DICOM listener)."""
+    """Retrieves the running plans (a thread of the process that owns our DICOM listener): by C-MOVE or C-GET, or
+    through ``dicomweb`` for a plan whose source is a DICOMweb URL."""
 
     def __init__(self, settings: Settings, database: Database, poll_seconds: float = 1.0,
-                 name: str | None = None) -> None:
+                 name: str | None = None, dicomweb: SeriesRetriever | None = None) -> None:
         self.settings = settings
         self.database = database
         self.poll_seconds = poll_seconds
+        self.dicomweb = dicomweb
         #: What this runner writes on the studies it claims (several runners may share the database).
         self.name = name or runner_name()
         self._store: StoreHandler | None = None  # C-GET's, made on the first C-GET
@@ -333,8 +350,16 @@ class BackfillRunner:
                 study_pk = self._start_next(session, plan, now)
                 if study_pk is None:
                     return
-            peer = peer_of(plan.source)
-        self._move_study(study_pk, peer, stop)
+            retrieve = self._retriever(plan)
+        self._move_study(study_pk, retrieve, stop)
+
+    def _retriever(self, plan: BackfillPlan) -> Callable[[str, str], str]:
+        """How a plan's series are retrieved: (study UID, series UID) -> the failure's reason, or ""."""
+        if is_dicomweb_url(plan.source):
+            if self.dicomweb is None:
+                raise BackfillError(f"backfill plan {plan.id}: no DICOMweb retriever in this process")
+            return partial(self.dicomweb, plan.id)
+        return partial(self._move_one, peer_of(plan.source))
 
     def _start_next(self, session: Session, plan: BackfillPlan, now: datetime) -> int | None:
         """Claim the plan's next planned study if its limits and live ingest allow one to start now."""
@@ -368,7 +393,7 @@ class BackfillRunner:
             plan.last_started_at = now
         return study_pk
 
-    def _move_study(self, study_pk: int, peer: Peer, stop: threading.Event) -> None:
+    def _move_study(self, study_pk: int, retrieve: Callable[[str, str], str], stop: threading.Event) -> None:
         with self.database.read_session() as session:
             study = session.get(BackfillStudy, study_pk)
             assert study is not None
@@ -393,7 +418,7 @@ class BackfillRunner:
                 row = session.get(BackfillSeries, series_pk)
                 assert row is not None
                 row.moves += 1
-            reason = self._move_one(peer, study_uid, series_uid)
+            reason = retrieve(study_uid, series_uid)
             with self.database.session() as session:
                 study_row = session.get(BackfillStudy, study_pk)
                 assert study_row is not None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import sys
 from collections.abc import Callable
@@ -12,6 +13,9 @@ from typing import Any, TypeVar
 from config import ConfigError
 
 T = TypeVar("T")
+#: Where ``backfill plan --from-dicomweb`` reads the source's bearer token when ``--token`` is not given (a token on
+#: the command line shows in the process list).
+TOKEN_VARIABLE = "DICOM_TRIAGE_DICOMWEB_TOKEN"
 
 
 def _database(args: argparse.Namespace):  # type: ignore[no-untyped-def]
@@ -29,17 +33,23 @@ def _date_range(text: str) -> str:
 
 
 def _plan(args: argparse.Namespace) -> int:
+    from dicom_io.dicomweb import DicomwebError
     from dicom_io.retrieve import QueryError
     from dicom_io.scu import AssociationError
     from worker.backfill import make_plan
+    from worker.backfill_dicomweb import make_dicomweb_plan
 
     settings, database = _database(args)
     try:
-        summary = make_plan(database, settings, args.source, args.modality, args.study_date, args.description or "",
-                            args.limit)
+        if args.dicomweb:
+            summary = make_dicomweb_plan(database, args.dicomweb, args.token or os.environ.get(TOKEN_VARIABLE),
+                                         args.modality, args.study_date, args.description or "", args.limit)
+        else:
+            summary = make_plan(database, settings, args.source, args.modality, args.study_date,
+                                args.description or "", args.limit)
     except ValueError as exc:
         raise ConfigError(str(exc)) from exc
-    except (AssociationError, QueryError) as exc:
+    except (AssociationError, QueryError, DicomwebError) as exc:
         print(f"dicom-triage: backfill plan: {exc}", file=sys.stderr)
         return 1
     finally:
@@ -110,13 +120,19 @@ def _count(text: str) -> int:
 def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
     from worker.cli import _add_settings_options
 
-    backfill = subparsers.add_parser("backfill",
-                                     help="retrieve past studies from a PACS (C-FIND, then C-MOVE or C-GET)")
+    backfill = subparsers.add_parser(
+        "backfill", help="retrieve past studies from a PACS (C-FIND, then C-MOVE or C-GET) or a DICOMweb source "
+                         "(QIDO-RS, then WADO-RS)")
     commands = backfill.add_subparsers(dest="backfill_command", required=True, metavar="BACKFILL_COMMAND")
 
-    plan = commands.add_parser("plan", help="C-FIND the PACS and store what matches as a plan")
+    plan = commands.add_parser("plan", help="query the PACS (C-FIND or QIDO-RS) and store what matches as a plan")
     _add_settings_options(plan)
-    plan.add_argument("--from", dest="source", required=True, metavar="AE@HOST:PORT", help="the PACS")
+    source = plan.add_mutually_exclusive_group(required=True)
+    source.add_argument("--from", dest="source", metavar="AE@HOST:PORT", help="the PACS (C-FIND, then C-MOVE)")
+    source.add_argument("--from-dicomweb", dest="dicomweb", metavar="URL",
+                        help="a DICOMweb service root (QIDO-RS, then WADO-RS), e.g. http://pacs:8042/dicom-web")
+    plan.add_argument("--token", metavar="TOKEN",
+                      help=f"bearer token of the DICOMweb source (default: ${TOKEN_VARIABLE})")
     plan.add_argument("--modality", required=True, metavar="MOD", help="e.g. MR or CT")
     plan.add_argument("--study-date", required=True, type=_date_range, metavar="A-B", help="YYYYMMDD-YYYYMMDD")
     plan.add_argument("--description", metavar="PATTERN", help="study description, DICOM wildcards (*, ?)")

@@ -30,8 +30,10 @@ NOISY = ("alembic", "pynetdicom")
 
 #: Our own packages' loggers: their lines are written to name rows and UIDs only, never a header value.
 OURS = ("worker", "dicom_io", "models", "training", "config", "__main__")
-#: uvicorn's request lines quote the request line (paths carry row ids only): kept as they are.
+#: uvicorn's request lines quote the request line (paths carry row ids and UIDs only): kept as they are, but for
+#: the values of a query string (a QIDO-RS search names a PatientID or PatientName).
 VERBATIM = ("uvicorn.access",)
+_QUERY_VALUE = re.compile(r"=[^&]*")
 #: A value quoted in a message: how libraries (highdicom, pydicom, Python's warnings) name the value they judge,
 #: e.g. highdicom's 'The string "DOE" is unlikely to represent the intended person name' on every SR of a
 #: scanner's single-component patient name.
@@ -56,6 +58,11 @@ class NoPhiFilter(logging.Filter):
     say is up to us: row ids and UIDs only."""
 
     def filter(self, record: logging.LogRecord) -> bool:
+        if record.name in VERBATIM and isinstance(record.args, tuple) and len(record.args) > 2:
+            # uvicorn's access line: (client, method, path with its query, HTTP version, status).
+            path, _, query = str(record.args[2]).partition("?")
+            if query:
+                record.args = (*record.args[:2], f"{path}?{_QUERY_VALUE.sub('=<redacted>', query)}", *record.args[3:])
         if not record.name.startswith(OURS) and record.name not in VERBATIM:
             message = record.getMessage()
             redacted = redact_quoted(message)

@@ -28,6 +28,7 @@ from config import Settings
 from dicom_io.archive import Archive
 from models.tasks import get_task
 from worker.backfill import BackfillRunner, is_backfill_job
+from worker.backfill_dicomweb import DicomwebRetriever
 from worker.celery_app import INFERENCE_QUEUE, INFERENCE_QUEUES, create_celery_app, make_enqueue, run_celery_worker
 from worker.db import Database, upgrade_database
 from worker.delivery import DELIVERY_QUEUE, run_delivery_worker
@@ -97,9 +98,9 @@ class Ingest:
             create_celery_app(settings), lambda job_id: is_backfill_job(database, job_id)))
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self.scheduler.run, args=(self._stop,), name="scheduler", daemon=True)
-        # Backfill retrievals C-MOVE to our own AE: they run where the listener does.
-        self._backfill = threading.Thread(target=BackfillRunner(settings, database).run, args=(self._stop,),
-                                          name="backfill", daemon=True)
+        # Backfill retrievals C-MOVE to our own AE: they run where the listener does (WADO-RS ones store directly).
+        runner = BackfillRunner(settings, database, dicomweb=DicomwebRetriever(settings, database))
+        self._backfill = threading.Thread(target=runner.run, args=(self._stop,), name="backfill", daemon=True)
 
     def start(self) -> None:
         if self.receiver is not None:

@@ -22,7 +22,7 @@ from worker.db.models import (
 )
 
 # The other schema modules, so that Base.metadata (the migrations' target) holds every table.
-from worker.db import backfill, login, registry, review, tokens, triage  # noqa: E402,F401
+from worker.db import backfill, dicomweb_sources, login, registry, review, tokens, triage  # noqa: E402,F401
 
 __all__ = [
     "AuditEvent",

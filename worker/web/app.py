@@ -29,7 +29,7 @@ from config import Settings
 from worker.db import Database
 from worker.db.review import Role
 from worker.health import Readiness, archive_check, broker_check, database_check
-from worker.web import ops, stow
+from worker.web import dicomweb, ops, stow
 from worker.web.auth import LoginRequired, login_redirect, principal
 from worker.web.decisions import CorrectionHook
 from worker.web.rendering import ImageCache
@@ -176,6 +176,7 @@ def create_app(
         "web", [database_check(database), broker_check(settings), archive_check(settings)])
     app.include_router(ops.router)
     app.include_router(stow.router)
+    app.include_router(dicomweb.router)
     app.mount("/static", StaticFiles(directory=_HERE / "static"), name="static")
 
     @app.get("/openapi.json", include_in_schema=False)

@@ -4,8 +4,8 @@ The same durable-acknowledgement rule as C-STORE: an instance is reported stored
 in the archive and its row committed (:meth:`worker.ingest.DatabaseSink.accept`, the listener's own path); a part
 that is not DICOM, malformed, or too big fails alone, with the DICOM failure reason, and is recorded as a rejected
 instance. The body is streamed: each part goes to a temporary file (in memory up to a small size) and is handled
-when it ends, so memory is bounded by one part, never a whole study. Auth: ``Authorization: Bearer TOKEN``, a token
-made by ``dicom-triage tokens add NAME`` (:mod:`worker.db.tokens`); the token's name is the instance's calling AE.
+when it ends, so memory is bounded by one part, never a whole study. Auth:
+:func:`worker.web.api_tokens.require_api_token`; the token's name is the instance's calling AE.
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ from starlette.concurrency import run_in_threadpool
 from dicom_io.archive import Archive
 from dicom_io.listener import IMAGE_STORAGE_SOP_CLASSES
 from dicom_io.validation import STATUS_CANNOT_UNDERSTAND, InvalidInstance, validate_instance
-from worker.db.tokens import token_owner
 from worker.ingest import DatabaseSink
+from worker.web.api_tokens import require_api_token
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +38,6 @@ STATUS_OUT_OF_RESOURCES = 0xA700
 #: Parts up to this size stay in memory while they arrive; bigger ones spill to a temporary file.
 _SPOOL_BYTES = 1 << 20
 _MAX_PREAMBLE = 64 << 10
-_AUTH = {"WWW-Authenticate": 'Bearer realm="dicomweb"'}
 
 
 @dataclass
@@ -53,17 +52,6 @@ class _Part:
 class _Outcome:
     stored: list[dict[str, Any]] = field(default_factory=list)
     failed: list[dict[str, Any]] = field(default_factory=list)
-
-
-def _sender(request: Request) -> str:
-    scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not token.strip():
-        raise HTTPException(401, "a bearer token is required (dicom-triage tokens add NAME)", headers=_AUTH)
-    with request.app.state.web.database.read_session() as session:
-        name = token_owner(session, token.strip())
-    if name is None:
-        raise HTTPException(401, "unknown token", headers=_AUTH)
-    return name
 
 
 def _boundary(request: Request) -> bytes:
@@ -150,7 +138,7 @@ def _sink(request: Request) -> DatabaseSink:
 @router.post("/dicomweb/studies")
 async def store_instances(request: Request) -> JSONResponse:
     """Store every ``application/dicom`` part; 200 all stored, 202 some failed, 409 none stored (PS3.18 10.5.3)."""
-    sender = _sender(request)
+    sender = require_api_token(request)
     boundary = _boundary(request)
     max_bytes = request.app.state.web.settings.stow_max_part_mb * (1 << 20)
     sink = _sink(request)
