@@ -84,6 +84,18 @@ SR_STORAGE_SOP_CLASSES: dict[str, str] = {
 _RECEIVED: dict[int, tuple[Dataset, bytes]] = {}
 
 
+def validate_file_instance(ds: Dataset) -> None:
+    """Raise :class:`InvalidInstance` unless an instance that came as a Part 10 file (a STOW-RS part, a WADO-RS
+    response) meets the rules a C-STORE's does: its own SOP Class and Instance UIDs stand for the request's, its
+    File Meta Information's Transfer Syntax for the presentation context's."""
+    syntax = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
+    if not syntax:
+        raise InvalidInstance(STATUS_CANNOT_UNDERSTAND, "no File Meta Information Transfer Syntax UID")
+    sop_class = str(ds.get("SOPClassUID", ""))
+    validate_instance(ds, sop_class_uid=sop_class, sop_instance_uid=str(ds.get("SOPInstanceUID", "")),
+                      transfer_syntax=UID(syntax), is_image=sop_class in IMAGE_STORAGE_SOP_CLASSES)
+
+
 def received_file(ds: Dataset) -> bytes | None:
     """The Part 10 file of ``ds`` exactly as received (our file meta, then the peer's encoded data set).
 

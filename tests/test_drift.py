@@ -14,13 +14,13 @@ from pydicom.uid import generate_uid
 
 from config import load_settings
 from models.tasks import COVID_CT
+from test_web_helpers import PASSWORD, signed_in_browser
 from worker.db import Database, Job, JobState, Patient, Result, Series, Study, User
 from worker.db.review import Decision, record_decision
 from worker.drift import DriftBounds, iso_week, weekly_figures
 from worker.web.app import create_app
 from worker.web.users import add_user
 
-PASSWORD = "correct horse battery"
 SERIES_PER_WEEK = 12
 
 
@@ -113,48 +113,25 @@ def test_the_drift_warning_on_the_admin_page_and_in_metrics(tmp_path: Path, data
 
 def test_the_drift_warning_is_visible_in_a_browser(tmp_path: Path) -> None:
     """Headless Chromium (Playwright) logs in as an admin and sees the all-COVID week's warning on /admin/drift."""
-    import socket
-    import time
+    from playwright.sync_api import expect
 
-    from playwright.sync_api import expect, sync_playwright
-
-    from test_web_browser import CHROMIUM, CHROMIUM_ARGS
+    from processes import free_port
     from worker.db import upgrade_database
-    from worker.web.cli import start_in_thread
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    settings = load_settings(env={}, data_dir=tmp_path / "data", web_port=port)
+    settings = load_settings(env={}, data_dir=tmp_path / "data", web_port=free_port())
     database = Database(settings.effective_database_url)
     upgrade_database(database)
     _, this_week = _seed(database, datetime.now(timezone.utc))
     with database.session() as session:
         add_user(session, "boss", "admin", PASSWORD)
-    server, thread = start_in_thread(settings, database)
     try:
-        deadline = time.monotonic() + 30
-        while not server.started and time.monotonic() < deadline:
-            time.sleep(0.05)
-        with sync_playwright() as playwright:
-            browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-            try:
-                page = browser.new_page()
-                page.set_default_timeout(30_000)
-                page.goto(f"http://127.0.0.1:{port}/login?next=%2Fadmin%2Fmodels")
-                page.fill("input[name=username]", "boss")
-                page.fill("input[name=password]", PASSWORD)
-                page.click("button[type=submit]")
-                page.click("a[href='/admin/drift']")
-                warning = page.get_by_test_id("drift-warning-covid-ct")
-                expect(warning).to_be_visible()
-                expect(warning).to_contain_text(f"week {this_week}")
-                expect(warning).to_contain_text("COVID share 100%")
-                expect(page.locator(f"tr[data-week='{this_week}'].drift-warning")).to_be_visible()
-                expect(page.get_by_test_id("drift-warning-brain-tumor")).to_have_count(0)
-            finally:
-                browser.close()
+        with signed_in_browser(settings, database, "boss") as (page, _):
+            page.click("a[href='/admin/drift']")
+            warning = page.get_by_test_id("drift-warning-covid-ct")
+            expect(warning).to_be_visible()
+            expect(warning).to_contain_text(f"week {this_week}")
+            expect(warning).to_contain_text("COVID share 100%")
+            expect(page.locator(f"tr[data-week='{this_week}'].drift-warning")).to_be_visible()
+            expect(page.get_by_test_id("drift-warning-brain-tumor")).to_have_count(0)
     finally:
-        server.should_exit = True
-        thread.join(timeout=10)
         database.dispose()

@@ -10,7 +10,6 @@ import json
 import re
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,7 +18,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy import select
 
 from processes import free_port
-from test_web_helpers import PASSWORD, add_users, make_database, make_settings, seed_plans
+from test_web_helpers import PASSWORD, add_users, make_database, make_settings, seed_plans, signed_in_browser
 from worker.backfill import plan_status
 from worker.db import AuditEvent
 from worker.web.app import create_app
@@ -127,47 +126,26 @@ def test_only_admins_see_and_cancel_with_the_csrf_token(env: Env) -> None:
 
 
 def test_an_admin_cancels_a_plan_in_the_browser(tmp_path: Path) -> None:
-    from playwright.sync_api import expect, sync_playwright
-
-    from test_web_browser import CHROMIUM, CHROMIUM_ARGS
-    from worker.web.cli import start_in_thread
+    from playwright.sync_api import expect
 
     settings = make_settings(tmp_path, web_port=free_port())
     database = make_database(settings)
     add_users(database)
     running, done = seed_plans(database)
-    server, thread = start_in_thread(settings, database)
-    url = f"http://127.0.0.1:{settings.web_port}"
     try:
-        deadline = time.monotonic() + 30
-        while not server.started:
-            assert time.monotonic() < deadline, "the web server did not start"
-            time.sleep(0.05)
-        with sync_playwright() as playwright:
-            browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-            try:
-                page = browser.new_page()
-                page.set_default_timeout(30_000)
-                page.goto(f"{url}/login?next=%2Fadmin%2Fmodels")
-                page.fill("input[name=username]", "boss")
-                page.fill("input[name=password]", PASSWORD)
-                page.click("button[type=submit]")
-                page.click("a[href='/admin/backfill']")
-                row = page.locator(f"tr[data-plan-id='{running}']")
-                expect(row.get_by_test_id("count-planned")).to_have_text("2")
-                expect(row.get_by_test_id("count-failed")).to_have_text("1")
-                expect(row.get_by_test_id("plan-paused")).to_contain_text("live series waiting")
-                expect(row.get_by_test_id("plan-progress")).to_have_text("42.9 %")
-                expect(page.locator(f"tr[data-plan-id='{done}']").get_by_test_id("cancel-plan")).to_have_count(0)
-                row.get_by_test_id("cancel-plan").click()
-                expect(page).to_have_url(f"{url}/admin/backfill")
-                expect(row.get_by_test_id("plan-state")).to_have_text("cancelled")
-                expect(row.get_by_test_id("count-planned")).to_have_text("0")
-                expect(row.get_by_test_id("count-failed")).to_have_text("3")
-                expect(row.get_by_test_id("cancel-plan")).to_have_count(0)
-            finally:
-                browser.close()
+        with signed_in_browser(settings, database, "boss") as (page, url):
+            page.click("a[href='/admin/backfill']")
+            row = page.locator(f"tr[data-plan-id='{running}']")
+            expect(row.get_by_test_id("count-planned")).to_have_text("2")
+            expect(row.get_by_test_id("count-failed")).to_have_text("1")
+            expect(row.get_by_test_id("plan-paused")).to_contain_text("live series waiting")
+            expect(row.get_by_test_id("plan-progress")).to_have_text("42.9 %")
+            expect(page.locator(f"tr[data-plan-id='{done}']").get_by_test_id("cancel-plan")).to_have_count(0)
+            row.get_by_test_id("cancel-plan").click()
+            expect(page).to_have_url(f"{url}/admin/backfill")
+            expect(row.get_by_test_id("plan-state")).to_have_text("cancelled")
+            expect(row.get_by_test_id("count-planned")).to_have_text("0")
+            expect(row.get_by_test_id("count-failed")).to_have_text("3")
+            expect(row.get_by_test_id("cancel-plan")).to_have_count(0)
     finally:
-        server.should_exit = True
-        thread.join(timeout=10)
         database.dispose()

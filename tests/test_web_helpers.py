@@ -3,10 +3,13 @@ made at test time from the shared brain MRI images, and a small installed model 
 
 from __future__ import annotations
 
+import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -19,6 +22,9 @@ from worker.db import (
 )
 from worker.db.backfill import BackfillPlan, BackfillStudy, PlanState, StudyState
 from worker.web.users import add_user
+
+if TYPE_CHECKING:
+    from playwright.sync_api import Page
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "brain-tumor-mri" / "Testing"
 PASSWORD = "correct horse battery"
@@ -146,3 +152,36 @@ def seed_plans(database: Database) -> tuple[int, int]:
                         for i, (state, reason) in enumerate(BACKFILL_STUDIES, start=1))
         session.add(BackfillStudy(plan_pk=done.id, study_instance_uid="2.25.99", state=StudyState.CLASSIFIED.value))
         return running.id, done.id
+
+
+@contextmanager
+def signed_in_browser(settings: Settings, database: Database, user: str = "boss") -> Iterator[tuple["Page", str]]:
+    """The web app served in a thread on ``settings.web_port`` and headless Chromium (Playwright) signed in as
+    ``user`` (password :data:`PASSWORD`): yields the page and the base URL; stops both afterwards."""
+    from playwright.sync_api import sync_playwright
+
+    from test_web_browser import CHROMIUM, CHROMIUM_ARGS
+    from worker.web.cli import start_in_thread
+
+    server, thread = start_in_thread(settings, database)
+    url = f"http://127.0.0.1:{settings.web_port}"
+    try:
+        deadline = time.monotonic() + 30
+        while not server.started:
+            assert time.monotonic() < deadline, "the web server did not start"
+            time.sleep(0.05)
+        with sync_playwright() as playwright:
+            browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+            try:
+                page = browser.new_page()
+                page.set_default_timeout(30_000)
+                page.goto(f"{url}/login?next=%2Fadmin%2Fmodels")
+                page.fill("input[name=username]", user)
+                page.fill("input[name=password]", PASSWORD)
+                page.click("button[type=submit]")
+                yield page, url
+            finally:
+                browser.close()
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)

@@ -15,15 +15,14 @@ import logging
 import time
 
 from pydicom import Dataset
-from pydicom.uid import UID
 from sqlalchemy import select
 
 from config import Settings
 from dicom_io.archive import Archive
 from dicom_io.dicomweb import DicomwebError, DicomwebSource, is_dicomweb_url, shown_url
-from dicom_io.listener import IMAGE_STORAGE_SOP_CLASSES
+from dicom_io.listener import validate_file_instance
 from dicom_io.retrieve import QueryError
-from dicom_io.validation import STATUS_CANNOT_UNDERSTAND, InvalidInstance, validate_instance
+from dicom_io.validation import STATUS_CANNOT_UNDERSTAND, InvalidInstance
 from worker.backfill import BackfillError, PlanSummary, store_plan
 from worker.db import Database, Instance, Series
 from worker.db.backfill import BackfillPlan, BackfillStudy
@@ -105,15 +104,11 @@ class DicomwebRetriever:
     def _ingest(self, ds: Dataset, study_uid: str, series_uid: str) -> bool:
         """Validate and store one retrieved instance; whether it was stored. An instance that is not of the series
         asked for, or is invalid, is recorded as rejected (with its reason) and not stored."""
-        sop_class, sop_uid = str(ds.get("SOPClassUID", "")), str(ds.get("SOPInstanceUID", ""))
+        sop_uid = str(ds.get("SOPInstanceUID", ""))
         try:
             if (str(ds.get("StudyInstanceUID", "")), str(ds.get("SeriesInstanceUID", ""))) != (study_uid, series_uid):
                 raise InvalidInstance(STATUS_CANNOT_UNDERSTAND, f"not of series {series_uid}, which was asked for")
-            syntax = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
-            if not syntax:
-                raise InvalidInstance(STATUS_CANNOT_UNDERSTAND, "no File Meta Information Transfer Syntax UID")
-            validate_instance(ds, sop_class_uid=sop_class, sop_instance_uid=sop_uid, transfer_syntax=UID(syntax),
-                              is_image=sop_class in IMAGE_STORAGE_SOP_CLASSES)
+            validate_file_instance(ds)
         except InvalidInstance as exc:
             log.warning("backfill: refused instance %s of series %s: %s", sop_uid or "?", series_uid, exc.reason)
             self.sink.reject(CALLING_AE, sop_uid or None, exc.reason)

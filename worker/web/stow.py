@@ -19,13 +19,12 @@ from fastapi import APIRouter, HTTPException, Request
 from fastapi.responses import JSONResponse
 from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
-from pydicom.uid import UID
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.concurrency import run_in_threadpool
 
 from dicom_io.archive import Archive
-from dicom_io.listener import IMAGE_STORAGE_SOP_CLASSES
-from dicom_io.validation import STATUS_CANNOT_UNDERSTAND, InvalidInstance, validate_instance
+from dicom_io.listener import validate_file_instance
+from dicom_io.validation import STATUS_CANNOT_UNDERSTAND, InvalidInstance
 from worker.ingest import DatabaseSink
 from worker.web.api_tokens import require_api_token
 
@@ -107,11 +106,7 @@ def _store_part(sink: DatabaseSink, sender: str, part: _Part, outcome: _Outcome,
             part.body.seek(0)
             ds = dcmread(part.body, force=True)
         sop_class, sop_instance = str(ds.get("SOPClassUID", "")), str(ds.get("SOPInstanceUID", ""))
-        syntax = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
-        if not syntax:
-            raise InvalidInstance(STATUS_CANNOT_UNDERSTAND, "no File Meta Information Transfer Syntax UID")
-        validate_instance(ds, sop_class_uid=sop_class, sop_instance_uid=sop_instance, transfer_syntax=UID(syntax),
-                          is_image=sop_class in IMAGE_STORAGE_SOP_CLASSES)
+        validate_file_instance(ds)
     except InvalidInstance as exc:
         return fail(exc.status, exc.reason)
     except Exception as exc:  # pydicom raises many types for bytes that are not a data set
