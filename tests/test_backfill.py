@@ -128,14 +128,18 @@ def test_backfill_plans_exactly_the_matching_studies_and_resumes_after_serve_is_
         assert serve.popen.wait(timeout=90) == 0, serve.output[-3000:]
 
 
+def _point_pacs_at_a_dead_port(netns: NetworkNamespace, orthanc: Orthanc) -> None:
+    """The PACS knows our AE at a port where nothing listens: every C-STORE sub-operation of its C-MOVE fails."""
+    run = netns.run(["curl", "-sf", "-X", "PUT", "-d",
+                     json.dumps({"AET": OUR_AE, "Host": "127.0.0.1", "Port": OUR_PORT + 7}),
+                     orthanc.url("/modalities/triage")])
+    assert run.returncode == 0, run.stderr
+
+
 def test_a_move_the_pacs_cannot_complete_fails_the_study_with_its_reason(models_dir: Path, tmp_path: Path) -> None:
     with orthanc_world(tmp_path) as (netns, orthanc, started):
         names = _load(orthanc, tmp_path)
-        # The PACS knows our AE at a port where nothing listens: every C-STORE sub-operation of its C-MOVE fails.
-        run = netns.run(["curl", "-sf", "-X", "PUT", "-d",
-                         json.dumps({"AET": OUR_AE, "Host": "127.0.0.1", "Port": OUR_PORT + 7}),
-                         orthanc.url("/modalities/triage")])
-        assert run.returncode == 0, run.stderr
+        _point_pacs_at_a_dead_port(netns, orthanc)
         data_dir = tmp_path / "data"
         env = triage_environment(models_dir, ae_title=OUR_AE)
         out = _cli(netns, env, "plan", "--from", SOURCE, "--modality", "MR", "--study-date", "20230101-20231231",
@@ -160,10 +164,7 @@ def test_backfill_retrieves_by_c_get_where_the_pacs_cannot_reach_us(models_dir: 
     every planned instance arrives on the C-GET's own association and is stored as a C-STORE is."""
     with orthanc_world(tmp_path) as (netns, orthanc, started):
         names = _load(orthanc, tmp_path)
-        run = netns.run(["curl", "-sf", "-X", "PUT", "-d",
-                         json.dumps({"AET": OUR_AE, "Host": "127.0.0.1", "Port": OUR_PORT + 7}),
-                         orthanc.url("/modalities/triage")])
-        assert run.returncode == 0, run.stderr
+        _point_pacs_at_a_dead_port(netns, orthanc)
         data_dir = tmp_path / "data"
         env = triage_environment(models_dir, ae_title=OUR_AE, backfill_retrieve="get")
         out = _cli(netns, env, "plan", "--from", SOURCE, "--modality", "MR", "--study-date", "20240101-20241231",

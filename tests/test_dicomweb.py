@@ -89,6 +89,18 @@ def _curl(netns: NetworkNamespace, path: str, *options: str) -> tuple[int, bytes
     return int(code), body
 
 
+
+def _instances_per_series(data_dir: Path) -> dict[str, int]:
+    """Series Instance UID -> instances recorded in the database of ``serve --data-dir data_dir``."""
+    database = Database(f"sqlite:///{data_dir / 'triage.sqlite3'}")
+    try:
+        with database.session() as session:
+            return dict(session.execute(select(Series.series_instance_uid, func.count(Instance.id))
+                                        .join(Instance, Instance.series_pk == Series.id)
+                                        .group_by(Series.series_instance_uid)).all())
+    finally:
+        database.dispose()
+
 def test_backfill_from_orthanc_dicomweb_and_orthanc_pulls_our_sr(models_dir: Path, tmp_path: Path) -> None:
     with orthanc_world(tmp_path, **DICOMWEB_CONFIG) as (netns, orthanc, started):
         loaded = _load(orthanc, tmp_path, {
@@ -108,12 +120,10 @@ def test_backfill_from_orthanc_dicomweb_and_orthanc_pulls_our_sr(models_dir: Pat
         plan = _run_to_done(netns, env, data_dir, serve)
         assert plan["studies"]["classified"] == 2 and plan["failures"] == [], plan
 
+        arrived = _instances_per_series(data_dir)
         database = Database(f"sqlite:///{data_dir / 'triage.sqlite3'}")
         try:
             with database.session() as session:
-                arrived = dict(session.execute(select(Series.series_instance_uid, func.count(Instance.id))
-                                               .join(Instance, Instance.series_pk == Series.id)
-                                               .group_by(Series.series_instance_uid)).all())
                 callers = set(session.scalars(select(Instance.calling_ae)))
                 sr_paths = [Path(path) for path in session.scalars(select(SrDocument.archive_path))]
         finally:
@@ -210,14 +220,7 @@ def test_a_source_breaking_mid_retrieve_is_resumed_or_fails_with_its_reason(mode
         assert sum(path.endswith(f"/series/{flaky}") for path in requests) == 1, requests
         assert len(asked) == 2 and len(set(asked)) == 2 and set(asked) < set(flaky_uids), requests
 
-        database = Database(f"sqlite:///{data_dir / 'triage.sqlite3'}")
-        try:
-            with database.session() as session:
-                arrived = dict(session.execute(select(Series.series_instance_uid, func.count(Instance.id))
-                                               .join(Instance, Instance.series_pk == Series.id)
-                                               .group_by(Series.series_instance_uid)).all())
-        finally:
-            database.dispose()
+        arrived = _instances_per_series(data_dir)
         # Nothing stored is lost: the broken series keeps the instance that arrived whole before each cut.
         assert arrived == {flaky: 3, broken: 1}, arrived
         assert serve.terminate() == 0
