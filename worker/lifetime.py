@@ -105,14 +105,18 @@ def exit_after(seconds: float, status: int = 1, why: str = "did not stop in time
     def run() -> None:
         time.sleep(seconds)
         log.error("%s within %.1f s; exiting now", why, seconds)
-        _flush_and_exit(status)
+        exit_now(status)
 
     thread = threading.Thread(target=run, name="exit-deadline", daemon=True)
     thread.start()
     return thread
 
 
-def _flush_and_exit(status: int) -> None:
+def exit_now(status: int) -> None:
+    """Flush the standard streams and the log handlers, then end this process with ``status`` at once, skipping
+    the interpreter's teardown. For a process whose stop has closed what it holds (files fsynced, sessions
+    committed or rolled back): tearing down the ~1000 modules a listener or worker imports took 2-4 s on a loaded
+    2-core machine after a stop that itself took 0.3 s, half of a child's stop bound."""
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
@@ -164,7 +168,7 @@ class BoundedStop:
         except Exception:
             log.exception("hand-back on stop failed; the next start recovers the work")
         log.info("stopped %.1f s after the stop signal", time.monotonic() - start)
-        _flush_and_exit(0)
+        exit_now(0)
 
 
 def process_start_time(pid: int) -> int | None:
@@ -219,6 +223,7 @@ __all__ = [
     "BoundedStop",
     "die_with_parent",
     "exit_after",
+    "exit_now",
     "preexec_die_with_parent",
     "process_start_time",
     "set_parent_death_signal",
