@@ -89,3 +89,12 @@ def processes() -> Iterator[list[Child]]:
     yield started
     for process in started:
         process.stop()
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, config: pytest.Config) -> None:
+    """The random order's seed at the end of every run, ``-q`` included (pytest-randomly shows it only in the
+    header, which ``-q`` hides): a failing order is replayed with ``-p randomly --randomly-seed=SEED``."""
+    seed = getattr(config.option, "randomly_seed", None)
+    if isinstance(seed, int) and config.pluginmanager.hasplugin("randomly"):
+        terminalreporter.write_line(f"test order: pytest-randomly seed {seed} "
+                                    f"(replay: -p randomly --randomly-seed={seed})")
