@@ -54,9 +54,10 @@ def postgres_database(postgres_url: str) -> Iterator[Database]:
         database.dispose()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A models folder with a threshold model for every task, fitted on a few images from ../shared/data."""
+    """A models folder with a threshold model for every task, fitted on a few images from ../shared/data (once a
+    session: the 16 test files that start processes on it only read it)."""
     # Imported here: Keras takes seconds to import, and most test files never need it.
     from models.architectures import build_model, default_input_spec, fit_threshold_model
 
