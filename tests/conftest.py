@@ -54,9 +54,10 @@ def postgres_database(postgres_url: str) -> Iterator[Database]:
         database.dispose()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A models folder with a threshold model for every task, fitted on a few images from ../shared/data."""
+    """A models folder with a threshold model for every task, fitted on a few images from ../shared/data (once a
+    session: the 16 test files that start processes on it only read it)."""
     # Imported here: Keras takes seconds to import, and most test files never need it.
     from models.architectures import build_model, default_input_spec, fit_threshold_model
 
@@ -89,3 +90,12 @@ def processes() -> Iterator[list[Child]]:
     yield started
     for process in started:
         process.stop()
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, config: pytest.Config) -> None:
+    """The random order's seed at the end of every run, ``-q`` included (pytest-randomly shows it only in the
+    header, which ``-q`` hides): a failing order is replayed with ``-p randomly --randomly-seed=SEED``."""
+    seed = getattr(config.option, "randomly_seed", None)
+    if isinstance(seed, int) and config.pluginmanager.hasplugin("randomly"):
+        terminalreporter.write_line(f"test order: pytest-randomly seed {seed} "
+                                    f"(replay: -p randomly --randomly-seed={seed})")

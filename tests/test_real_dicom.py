@@ -102,24 +102,28 @@ def test_evaluate_dicom_command_reports_and_records_the_external_split(tmp_path:
     assert all(o["expected"] in ("COVID", "non-COVID", OUT_OF_DOMAIN) for o in payload["outcomes"])
 
 
-def test_evaluate_dicom_refuses_bad_input(tmp_path: Path) -> None:
-    def evaluate(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "worker.cli", "evaluate", "covid-ct", *args], cwd=ROOT,
-                              capture_output=True, text=True, timeout=120)
+def test_evaluate_dicom_refuses_bad_input(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # dicom-triage's own main in this process (the command above runs it as a child): five children would each
+    # import TensorFlow, 5-7 s apiece on 2 cores, to print one line.
+    from worker.cli import main
+
+    def evaluate(*args: str) -> tuple[int, str]:
+        capsys.readouterr()
+        return main(["evaluate", "covid-ct", *args]), capsys.readouterr().err
 
     missing = evaluate("--dicom", str(tmp_path / "nowhere"))
-    assert missing.returncode == 2 and "is not a folder" in missing.stderr
+    assert missing[0] == 2 and "is not a folder" in missing[1]
     (tmp_path / "tree").mkdir()
     empty = evaluate("--dicom", str(tmp_path / "tree"))
-    assert empty.returncode == 2 and "no series under" in empty.stderr
+    assert empty[0] == 2 and "no series under" in empty[1]
     bad_labels = tmp_path / "labels.tsv"
     bad_labels.write_text("a only-one-field\n")
     refused = evaluate("--dicom", str(tmp_path / "tree"), "--labels", str(bad_labels))
-    assert refused.returncode == 2 and "expected PATH-PREFIX<TAB>LABEL" in refused.stderr
+    assert refused[0] == 2 and "expected PATH-PREFIX<TAB>LABEL" in refused[1]
     both = evaluate("--dicom", str(tmp_path / "tree"), "--data", str(tmp_path))
-    assert both.returncode == 2 and "not both" in both.stderr
+    assert both[0] == 2 and "not both" in both[1]
     neither = evaluate()
-    assert neither.returncode == 2 and "--dicom" in neither.stderr
+    assert neither[0] == 2 and "--dicom" in neither[1]
 
 
 def test_not_applicable_series_are_counted_as_refused(labels) -> None:

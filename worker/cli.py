@@ -93,9 +93,12 @@ def _serve(args: argparse.Namespace) -> int:
     from worker.multiproc import use_multiprocess_dir
 
     use_multiprocess_dir(settings.data_dir / "run")  # before prometheus_client is imported; children inherit it
+    from worker.lifetime import exit_now
     from worker.service import run_serve
 
-    return run_serve(settings, args.config)
+    # Stopped: children ended, database and lock released. The interpreter's teardown would add 1-4 s to the stop
+    # bound (worker.lifetime.STOP_BOUND_SECONDS) on a loaded machine.
+    exit_now(run_serve(settings, args.config))
 
 
 def _listen(args: argparse.Namespace) -> int:
@@ -104,9 +107,10 @@ def _listen(args: argparse.Namespace) -> int:
 
     if settings.listen_processes > 1:  # the listener processes count, the supervisor's /metrics adds them up
         use_multiprocess_dir(settings.data_dir / "run")
+    from worker.lifetime import exit_now
     from worker.service import run_listen
 
-    return run_listen(settings)
+    exit_now(run_listen(settings))  # as serve's
 
 
 def _worker(args: argparse.Namespace) -> int:

@@ -28,6 +28,9 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import NoReturn
+
+from worker.logs import flush_captured_output
 
 log = logging.getLogger(__name__)
 
@@ -105,20 +108,25 @@ def exit_after(seconds: float, status: int = 1, why: str = "did not stop in time
     def run() -> None:
         time.sleep(seconds)
         log.error("%s within %.1f s; exiting now", why, seconds)
-        _flush_and_exit(status)
+        exit_now(status)
 
     thread = threading.Thread(target=run, name="exit-deadline", daemon=True)
     thread.start()
     return thread
 
 
-def _flush_and_exit(status: int) -> None:
+def exit_now(status: int) -> NoReturn:
+    """Flush the standard streams, the log handlers and the JSON relays, then end this process with ``status`` at once, skipping
+    the interpreter's teardown. For a process whose stop has closed what it holds (files fsynced, sessions
+    committed or rolled back): tearing down the ~1000 modules a listener or worker imports took 2-4 s on a loaded
+    2-core machine after a stop that itself took 0.3 s, half of a child's stop bound."""
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
         except (OSError, ValueError):
             pass
     logging.shutdown()
+    flush_captured_output()  # with JSON logs, what others wrote to fds 1 and 2 (an atexit hook, which _exit skips)
     os._exit(status)
 
 
@@ -164,7 +172,7 @@ class BoundedStop:
         except Exception:
             log.exception("hand-back on stop failed; the next start recovers the work")
         log.info("stopped %.1f s after the stop signal", time.monotonic() - start)
-        _flush_and_exit(0)
+        exit_now(0)
 
 
 def process_start_time(pid: int) -> int | None:
@@ -219,6 +227,7 @@ __all__ = [
     "BoundedStop",
     "die_with_parent",
     "exit_after",
+    "exit_now",
     "preexec_die_with_parent",
     "process_start_time",
     "set_parent_death_signal",

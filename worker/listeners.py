@@ -40,7 +40,7 @@ from dicom_io.tls import TLSConfigError, server_context
 from worker.db import Database
 from worker.errors import StartupError
 from worker.ingest import DatabaseSink
-from worker.lifetime import KILL_AFTER_SECONDS, die_with_parent, exit_after
+from worker.lifetime import KILL_AFTER_SECONDS, die_with_parent, exit_after, exit_now
 from worker.logs import configure_logging
 
 log = logging.getLogger(__name__)
@@ -148,6 +148,7 @@ def _child_main(settings: Settings, index: int, ready: ProcessEvent, parent: int
     finally:
         exit_after(KILL_AFTER_SECONDS, why="the listener process did not stop")  # a stop that hangs ends anyway
         receiver.stop()
+    exit_now(0)  # its sink and archive are closed: nothing is left for the interpreter's slow teardown to do
 
 
 class _Child:

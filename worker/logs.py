@@ -130,6 +130,8 @@ def configure_logging(log_format: str | None = None, role: str = "", text_format
 
 
 _captured: dict[int, Any] = {}
+#: What ends each relay (see :func:`flush_captured_output`).
+_finishers: list[Any] = []
 #: The one line a supervisor prints on standard output for scripts and tests to wait for; kept as it is.
 READY_PREFIX = "dicom-triage ready:"
 
@@ -181,8 +183,16 @@ def _relay(fd: int, role: str) -> Any:
         os.dup2(original, fd)
         thread.join(timeout=1.0)
 
+    _finishers.append(finish)
     atexit.register(finish)
     return out
+
+
+def flush_captured_output() -> None:
+    """End the JSON relays of file descriptors 1 and 2, so that what was written to them is out (at most 1 s each);
+    done at exit, and by a process that ends with ``os._exit`` (:func:`worker.lifetime.exit_now`), which skips it."""
+    while _finishers:
+        _finishers.pop()()
 
 
 def _is_json(text: str) -> bool:
