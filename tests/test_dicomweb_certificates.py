@@ -3,7 +3,7 @@ sending system bound to a certificate subject by ``tokens add-certificate``. dic
 certificate stores an instance by STOW-RS (its calling AE the system's name) and searches by QIDO-RS; a verified
 certificate bound to no system: 403 naming its subject; neither certificate nor token: 401; a token still works;
 a certificate from another CA never completes the handshake; the login page still answers a browser-like client
-without a certificate."""
+without a certificate. ``tokens remove-certificate`` revokes a binding at once; bad bindings are refused by name."""
 
 from __future__ import annotations
 
@@ -32,9 +32,13 @@ BOUND_SUBJECT = "O=dicom-triage development CA,CN=dicom-triage-client"
 UNBOUND_SUBJECT = "O=dicom-triage development CA,CN=unbound-pacs"
 
 
-def _cli(data_dir: Path, env: dict[str, str], *args: str) -> str:
-    done = subprocess.run(triage_command("tokens", *args, "--data-dir", str(data_dir)), env=env,
+def _run_cli(data_dir: Path, env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(triage_command("tokens", *args, "--data-dir", str(data_dir)), env=env,
                           capture_output=True, text=True, timeout=120)
+
+
+def _cli(data_dir: Path, env: dict[str, str], *args: str) -> str:
+    done = _run_cli(data_dir, env, *args)
     assert done.returncode == 0, done.stderr[-3000:]
     return done.stdout.strip().splitlines()[-1]
 
@@ -51,6 +55,7 @@ def web(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     tmp = tmp_path_factory.mktemp("certauth")
     certs = make_dev_certs(tmp / "certs")
     unbound = make_client_cert(certs, "unbound-pacs")
+    revoked = make_client_cert(certs, "revoked-pacs")
     foreign = make_dev_certs(tmp / "foreign")  # same subject as the bound client, another CA
     settings = make_settings(tmp)
     make_database(settings).dispose()
@@ -73,8 +78,8 @@ def web(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     database = Database(settings.effective_database_url)
     try:
         wait_for(up, 120, "the HTTPS web app", child, interval=0.25, alive=True)
-        yield {"url": url, "certs": certs, "unbound": unbound, "foreign": foreign, "token": token,
-               "database": database, "web": child}
+        yield {"url": url, "certs": certs, "unbound": unbound, "revoked": revoked, "foreign": foreign,
+               "token": token, "database": database, "web": child, "data_dir": settings.data_dir, "env": env}
     finally:
         database.dispose()
         child.stop(timeout=30)
@@ -143,3 +148,26 @@ def test_a_certificate_from_another_ca_fails_the_handshake(web: dict[str, Any]) 
     assert _stored_by(web["database"], ds.SOPInstanceUID) == []
     # The server is unharmed: the login page still answers a client without a certificate.
     assert httpx.get(web["url"] + "/login", verify=_context(web["certs"].ca_cert)).status_code == 200
+
+
+def test_an_admin_binds_and_unbinds_a_subject_and_bad_input_is_refused(web: dict[str, Any]) -> None:
+    subject = "O=dicom-triage development CA,CN=revoked-pacs"
+    data_dir, env = web["data_dir"], web["env"]
+    cert, key = web["revoked"]
+    context = _context(web["certs"].ca_cert, cert, key)
+    for args, message in ((("add-certificate", "other", "--subject", BOUND_SUBJECT), "is bound to 'cert-pacs'"),
+                          (("add-certificate", "x", "--subject", "dicom-triage-client"), "not a certificate subject"),
+                          (("add-certificate", " ", "--subject", subject), "has 1 to 64 characters"),
+                          (("remove-certificate", "--subject", subject), "no sending system is bound")):
+        done = _run_cli(data_dir, env, *args)
+        assert done.returncode == 2 and message in done.stderr, (args, done.stderr[-2000:])
+    assert _cli(data_dir, env, "add-certificate", "revoked-pacs", "--subject", subject) \
+        == f"bound {subject} to revoked-pacs"
+    first = mr_series(brain_images(1, seed=96))[0]
+    assert _stow(web, first, context).status_code == 200
+    assert _stored_by(web["database"], first.SOPInstanceUID) == ["revoked-pacs"]
+    assert _cli(data_dir, env, "remove-certificate", "--subject", subject) \
+        == f"removed the binding of {subject} to revoked-pacs"
+    second = mr_series(brain_images(1, seed=97))[0]
+    assert _stow(web, second, context).status_code == 403  # at once: bindings are read per request
+    assert _stored_by(web["database"], second.SOPInstanceUID) == []
