@@ -162,6 +162,10 @@ class Settings(BaseModel):
     #: serve the web app behind a TLS-terminating reverse proxy (README).
     web_tls_cert: Path | None = None
     web_tls_key: Path | None = None
+    #: With HTTPS: ask clients for a certificate chaining to this CA bundle (optional at the TLS level; one from
+    #: another CA fails the handshake). A verified certificate whose subject an admin bound to a sending system
+    #: (``tokens add-certificate``) authenticates that system on the DICOMweb endpoints without a token.
+    web_tls_client_ca: Path | None = None
     #: ``/healthz``, ``/readyz`` and ``/metrics`` of a ``listen`` or ``worker`` process (the web app serves its own
     #: on ``web_port``): loopback unless told otherwise; port 0 serves none.
     health_host: str = "127.0.0.1"
@@ -336,6 +340,8 @@ class Settings(BaseModel):
             problems.append("require_client_certificate needs dicom_tls_ca")
         if (self.web_tls_cert is None) != (self.web_tls_key is None):
             problems.append("web_tls_cert and web_tls_key go together")
+        if self.web_tls_client_ca is not None and self.web_tls_cert is None:
+            problems.append("web_tls_client_ca needs web_tls_cert and web_tls_key")
         if problems:
             raise ValueError("; ".join(problems))
         return self

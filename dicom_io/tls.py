@@ -18,6 +18,7 @@ import ipaddress
 import ssl
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 MINIMUM_VERSION = ssl.TLSVersion.TLSv1_2
 
@@ -92,7 +93,13 @@ def peer_subject(sock: object) -> str | None:
     or ``None`` for a plain connection or a client that sent none."""
     if not isinstance(sock, ssl.SSLSocket):
         return None
-    cert = sock.getpeercert()
+    return certificate_subject(sock.getpeercert())
+
+
+def certificate_subject(cert: Any) -> str | None:
+    """A certificate's subject as ``O=...,CN=...`` (its attributes in the certificate's order), from the dict
+    :meth:`ssl.SSLSocket.getpeercert` (or :meth:`ssl.SSLObject.getpeercert`) returns; ``None`` for no certificate.
+    The one form every binding of a subject is written in (``dicom_tls_subjects``, ``tokens add-certificate``)."""
     if not cert:
         return None
     parts = [f"{_SHORT_NAMES.get(name, name)}={value}" for rdn in cert.get("subject", ()) for name, value in rdn]
@@ -125,32 +132,14 @@ def make_dev_certs(directory: Path, hosts: tuple[str, ...] = ("localhost", "127.
     """
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import rsa
     from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     now = datetime.datetime.now(datetime.timezone.utc)
-
-    def new_key() -> rsa.RSAPrivateKey:
-        return rsa.generate_private_key(public_exponent=65537, key_size=2048)
-
-    def name(common_name: str) -> x509.Name:
-        return x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, organization),
-                          x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
-
-    def write(path: Path, data: bytes, private: bool = False) -> Path:
-        path.write_bytes(data)
-        if private:
-            path.chmod(0o600)
-        return path
-
-    def key_pem(key: rsa.RSAPrivateKey) -> bytes:
-        return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                 serialization.NoEncryption())
-
-    ca_key = new_key()
-    ca_name = name("dicom-triage dev CA")
+    ca_key = _new_key()
+    ca_name = x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, organization),
+                         x509.NameAttribute(NameOID.COMMON_NAME, "dicom-triage dev CA")])
     ca_cert = (
         x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name).public_key(ca_key.public_key())
         .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
@@ -162,40 +151,87 @@ def make_dev_certs(directory: Path, hosts: tuple[str, ...] = ("localhost", "127.
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
         .sign(ca_key, hashes.SHA256())
     )
-
-    def leaf(common_name: str, usage: x509.ObjectIdentifier, san: list[x509.GeneralName]) \
-            -> tuple[bytes, bytes]:
-        key = new_key()
-        builder = (
-            x509.CertificateBuilder().subject_name(name(common_name)).issuer_name(ca_name)
-            .public_key(key.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=days))
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
-            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
-        )
-        if san:
-            builder = builder.add_extension(x509.SubjectAlternativeName(san), critical=False)
-        cert = builder.sign(ca_key, hashes.SHA256())
-        return cert.public_bytes(serialization.Encoding.PEM), key_pem(key)
-
     server_names: list[x509.GeneralName] = []
     for host in hosts:
         try:
             server_names.append(x509.IPAddress(ipaddress.ip_address(host)))
         except ValueError:
             server_names.append(x509.DNSName(host))
-    server_pem, server_key_pem = leaf("dicom-triage-server", ExtendedKeyUsageOID.SERVER_AUTH, server_names)
-    client_pem, client_key_pem = leaf("dicom-triage-client", ExtendedKeyUsageOID.CLIENT_AUTH, [])
+    server_pem, server_key_pem = _sign_leaf(ca_cert, ca_key, "dicom-triage-server", ExtendedKeyUsageOID.SERVER_AUTH,
+                                            server_names, days)
+    client_pem, client_key_pem = _sign_leaf(ca_cert, ca_key, "dicom-triage-client", ExtendedKeyUsageOID.CLIENT_AUTH,
+                                            [], days)
     return DevCertificates(
-        ca_cert=write(directory / "ca.pem", ca_cert.public_bytes(serialization.Encoding.PEM)),
-        ca_key=write(directory / "ca.key", key_pem(ca_key), private=True),
-        server_cert=write(directory / "server.pem", server_pem),
-        server_key=write(directory / "server.key", server_key_pem, private=True),
-        client_cert=write(directory / "client.pem", client_pem),
-        client_key=write(directory / "client.key", client_key_pem, private=True),
+        ca_cert=_write(directory / "ca.pem", ca_cert.public_bytes(serialization.Encoding.PEM)),
+        ca_key=_write(directory / "ca.key", _key_pem(ca_key), private=True),
+        server_cert=_write(directory / "server.pem", server_pem),
+        server_key=_write(directory / "server.key", server_key_pem, private=True),
+        client_cert=_write(directory / "client.pem", client_pem),
+        client_key=_write(directory / "client.key", client_key_pem, private=True),
     )
 
 
-__all__ = ["DevCertificates", "TLSConfigError", "client_context", "make_dev_certs", "peer_subject",
-           "server_context"]
+def make_client_cert(certs: DevCertificates, common_name: str, days: int = 365) -> tuple[Path, Path]:
+    """Sign another client certificate with the dev CA of ``certs``: subject ``O=<the CA's O>,CN=common_name``;
+    written beside the CA as ``client-<common_name>.pem`` and ``.key``, whose paths are returned. Not for
+    production (see the module's note)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.x509.oid import ExtendedKeyUsageOID
+
+    ca_cert = x509.load_pem_x509_certificate(certs.ca_cert.read_bytes())
+    ca_key = serialization.load_pem_private_key(certs.ca_key.read_bytes(), password=None)
+    cert_pem, key_pem = _sign_leaf(ca_cert, ca_key, common_name, ExtendedKeyUsageOID.CLIENT_AUTH, [], days)
+    stem = certs.ca_cert.parent / f"client-{common_name}"
+    return (_write(stem.with_suffix(".pem"), cert_pem),
+            _write(stem.with_suffix(".key"), key_pem, private=True))
+
+
+def _new_key() -> Any:
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    return rsa.generate_private_key(public_exponent=65537, key_size=2048)
+
+
+def _key_pem(key: Any) -> bytes:
+    from cryptography.hazmat.primitives import serialization
+
+    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                             serialization.NoEncryption())
+
+
+def _write(path: Path, data: bytes, private: bool = False) -> Path:
+    path.write_bytes(data)
+    if private:
+        path.chmod(0o600)
+    return path
+
+
+def _sign_leaf(ca_cert: Any, ca_key: Any, common_name: str, usage: Any, san: list[Any], days: int) \
+        -> tuple[bytes, bytes]:
+    """A new key and a certificate for it signed by the CA, subject the CA's organization and ``common_name``."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.x509.oid import NameOID
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+    organization = ca_cert.subject.get_attributes_for_oid(NameOID.ORGANIZATION_NAME)[0].value
+    key = _new_key()
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, organization),
+                                 x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
+        .issuer_name(ca_cert.subject).public_key(key.public_key()).serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=days))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
+    )
+    if san:
+        builder = builder.add_extension(x509.SubjectAlternativeName(san), critical=False)
+    cert = builder.sign(ca_key, hashes.SHA256())
+    return cert.public_bytes(serialization.Encoding.PEM), _key_pem(key)
+
+
+__all__ = ["DevCertificates", "TLSConfigError", "certificate_subject", "client_context", "make_client_cert",
+           "make_dev_certs", "peer_subject", "server_context"]

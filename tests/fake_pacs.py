@@ -41,6 +41,8 @@ class FakePacs:
     #: "serve" (send the series), "unknown-destination" (C-MOVE: 0xA801), "silent" (no answer at all),
     #: "pending-forever" (an instance and a pending status every 0.2 s, never a final one).
     retrieve: str = "serve"
+    #: Series whose C-MOVE it refuses as with "unknown-destination" (0xA801) while it serves the others.
+    refused: set[str] = field(default_factory=set)
     #: Instances a C-GET or C-MOVE sends after the ones asked for (of another study).
     strays: list[Dataset] = field(default_factory=list)
     #: Where a C-MOVE sends what it serves (host, port): the requestor's listener, as the PACS's table says.
@@ -83,9 +85,13 @@ class FakePacs:
                 yield PENDING, match
             yield 0x0000, None
             return
+        studies: set[str] = set()  # a study of several series matches once at study level
         for uid, datasets in self.series.items():
             first = datasets[0]
             if query.QueryRetrieveLevel == "STUDY":
+                if str(first.StudyInstanceUID) in studies:
+                    continue
+                studies.add(str(first.StudyInstanceUID))
                 match = Dataset()
                 match.StudyInstanceUID, match.StudyDate = first.StudyInstanceUID, first.StudyDate
             elif str(query.StudyInstanceUID) == str(first.StudyInstanceUID):
@@ -119,7 +125,7 @@ class FakePacs:
 
     def _on_move(self, event: Event) -> Iterator[Any]:
         datasets = self._record("C-MOVE", event)
-        if self.retrieve == "unknown-destination":
+        if self.retrieve == "unknown-destination" or str(event.identifier.SeriesInstanceUID) in self.refused:
             yield None, None  # pynetdicom answers 0xA801, move destination unknown
             return
         if self.retrieve == "serve":

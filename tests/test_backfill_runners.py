@@ -28,7 +28,7 @@ from dicom_factory import brain_images
 from dicom_io.retrieve import QueryError
 from dicom_io.synthesis import mr_series
 from fake_pacs import FakePacs, fake_pacs
-from processes import wait_for
+from processes import triage_command, triage_environment, wait_for
 from test_web_helpers import make_database, make_settings, seed_study
 from worker.backfill import BackfillRunner, claim_planned_study, make_plan, plan_status, start_plan, take_over_study
 from worker.db import Database, Instance, Job, JobState, RejectedInstance, Series, utcnow
@@ -314,4 +314,86 @@ def test_a_c_move_that_sends_instances_not_asked_for_fails_its_study_and_loses_n
     with database.session() as session:
         stored = set(session.scalars(select(Instance.sop_instance_uid)))
     assert stored == {str(ds.SOPInstanceUID) for ds in [*pacs.series[asked], *stray]}
+    database.dispose()
+
+
+def _retry_cli(settings: Any, plan_id: int, *flags: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(triage_command("backfill", "retry", str(plan_id), *flags, "--data-dir",
+                                         str(settings.data_dir)),
+                          env=triage_environment(settings.models_dir), capture_output=True, text=True, timeout=120)
+
+
+def test_backfill_retry_plans_a_refused_study_again_keeping_its_received_series(tmp_path: Path) -> None:
+    """The PACS refuses the C-MOVE of one series of a two-series study: the study fails, the plan ends done.
+    ``backfill retry`` (the real CLI) plans it again and the plan runs; once the PACS is fixed the study is
+    received, its first series never retrieved again and each instance stored once."""
+    from dicom_io.archive import Archive
+    from dicom_io.listener import StorageListener
+    from worker.ingest import DatabaseSink
+
+    settings = make_settings(tmp_path, min_free_disk_mb=0)
+    database = make_database(settings)
+    listener = StorageListener(settings.ae_title, "127.0.0.1", 0, DatabaseSink(Archive(settings.archive_dir),
+                                                                               database))
+    listener.start()
+    try:
+        with fake_pacs() as pacs:
+            first = mr_series(brain_images(1, seed=450), patient_id="RETRY-1", accession_number="RETRY1")
+            second = mr_series(brain_images(1, seed=451), patient_id="RETRY-1", accession_number="RETRY1",
+                               study_instance_uid=str(first[0].StudyInstanceUID), series_number=6)
+            for series in (first, second):
+                pacs.add_series(series)
+            kept, refused = str(first[0].SeriesInstanceUID), str(second[0].SeriesInstanceUID)
+            pacs.refused, pacs.move_destination = {refused}, ("127.0.0.1", listener.port)
+            plan_id = _planned(database, settings, pacs, 1)
+            runner = BackfillRunner(settings, database)
+            runner.run_once(threading.Event())
+            runner.run_once(threading.Event())  # nothing left planned nor in flight: the plan is done
+            plan = _status(database, plan_id)
+            assert plan["state"] == "done" and plan["studies"]["failed"] == 1, plan
+            assert plan["failures"][0]["reason"].startswith(f"C-MOVE of series {refused}: status 0xA801"), plan
+
+            done = _retry_cli(settings, plan_id)
+            assert done.returncode == 0, done.stderr[-3000:]
+            assert done.stdout.strip() == f"plan {plan_id}: 1 failed studies planned again"
+            plan = _status(database, plan_id)
+            assert plan["state"] == "running" and plan["studies"]["planned"] == 1 and not plan["failures"], plan
+
+            pacs.refused = set()  # the PACS is fixed
+            runner.run_once(threading.Event())
+            retrievals = pacs.retrievals()
+    finally:
+        listener.stop()
+    assert _status(database, plan_id)["studies"]["received"] == 1
+    assert retrievals == [kept, refused, refused], retrievals  # the received series was not retrieved again
+    with database.session() as session:
+        stored = sorted(session.scalars(select(Instance.sop_instance_uid)))
+    assert stored == sorted(str(ds.SOPInstanceUID) for ds in [*first, *second])
+    database.dispose()
+
+
+def test_backfill_retry_leaves_cancelled_studies_unless_asked(tmp_path: Path) -> None:
+    settings = make_settings(tmp_path)
+    database = make_database(settings)
+    plan_id, (refused, cancelled, cut_off, received) = _plan_with(
+        database, [("failed", None), ("failed", None), ("failed", None), ("received", None)])
+    with database.session() as session:
+        for pk, reason in ((refused, "C-MOVE of series 2.25.9: status 0xA801"), (cancelled, "cancelled"),
+                           (cut_off, "cancelled during retrieval")):
+            session.execute(update(BackfillStudy).where(BackfillStudy.id == pk).values(reason=reason))
+        session.execute(update(BackfillPlan).where(BackfillPlan.id == plan_id).values(state="cancelled"))
+
+    def states() -> dict[int, str]:
+        with database.session() as session:
+            return dict(session.execute(select(BackfillStudy.id, BackfillStudy.state)).all())
+
+    done = _retry_cli(settings, plan_id)
+    assert done.returncode == 0 and done.stdout.strip() == f"plan {plan_id}: 1 failed studies planned again"
+    assert states() == {refused: "planned", cancelled: "failed", cut_off: "failed", received: "received"}
+    assert _status(database, plan_id)["state"] == "running"
+    done = _retry_cli(settings, plan_id, "--include-cancelled")
+    assert done.returncode == 0 and done.stdout.strip() == f"plan {plan_id}: 2 failed studies planned again"
+    assert states() == {refused: "planned", cancelled: "planned", cut_off: "planned", received: "received"}
+    missing = _retry_cli(settings, plan_id + 1)
+    assert missing.returncode == 1 and f"no backfill plan {plan_id + 1}" in missing.stderr
     database.dispose()

@@ -55,6 +55,7 @@ def test_file_then_environment_then_overrides(tmp_path: Path) -> None:
         ({"DICOM_TRIAGE_BACKFILL_PAUSE_LIVE_SERIES": "-1"}, "backfill_pause_live_series"),
         ({"DICOM_TRIAGE_BACKFILL_RETRIEVE_TIMEOUT_SECONDS": "0"}, "backfill_retrieve_timeout_seconds"),
         ({"DICOM_TRIAGE_BACKFILL_MAX_MATCHES": "0"}, "backfill_max_matches"),
+        ({"DICOM_TRIAGE_WEB_TLS_CLIENT_CA": "/etc/ca.pem"}, "web_tls_client_ca needs web_tls_cert and web_tls_key"),
     ],
 )
 def test_bad_environment_values_are_named(env: dict[str, str], fragment: str, tmp_path: Path) -> None:

@@ -75,8 +75,9 @@ def test_the_page_shows_the_status_figures(env: Env) -> None:
     assert "status 0xA801" in page.text
     # Text from the database is escaped.
     assert "&lt;b&gt;study_date&lt;/b&gt;" in page.text and "<b>study_date" not in page.text
-    # A done plan has no cancel button; the running one has.
+    # A done plan has no cancel button; the running one has, and a retry button for its failed study.
     assert page.text.count('data-testid="cancel-plan"') == 1
+    assert page.text.count('data-testid="retry-plan"') == 1 and 'data-testid="retry-plan"' in row[1]
 
 
 def test_the_cli_prints_the_same_figures(env: Env) -> None:
@@ -123,6 +124,27 @@ def test_only_admins_see_and_cancel_with_the_csrf_token(env: Env) -> None:
                            headers={"Accept": "text/html"})
         assert again.status_code == status, (plan_id, again.text)
     assert _plan_state(env, env.done) == "done"
+
+
+def test_only_admins_retry_failed_studies_with_the_csrf_token(env: Env) -> None:
+    assert env.client().post(f"/admin/backfill/{env.running}/retry").status_code == 303  # to the login page
+    rad = env.client("rad")
+    assert rad.post(f"/admin/backfill/{env.running}/retry", data={"csrf_token": _csrf(rad)}).status_code == 403
+    admin = env.client("boss")
+    assert admin.post(f"/admin/backfill/{env.running}/retry", data={"csrf_token": "forged"}).status_code == 403
+    assert plan_status(env.database, env.running)[0]["studies"]["failed"] == 1
+
+    answer = admin.post(f"/admin/backfill/{env.running}/retry", data={"csrf_token": _csrf(admin)})
+    assert answer.status_code == 303 and answer.headers["location"] == "/admin/backfill"
+    (plan,) = plan_status(env.database, env.running)
+    assert plan["state"] == "running" and plan["failures"] == []
+    assert plan["studies"] == {"planned": 3, "moving": 1, "received": 1, "classified": 2, "failed": 0}
+    with env.database.session() as session:
+        assert session.scalar(select(AuditEvent.target).where(AuditEvent.action == "backfill.retry")) \
+            == f"backfill_plan:{env.running}"
+    missing = admin.post("/admin/backfill/999/retry", data={"csrf_token": _csrf(admin)},
+                         headers={"Accept": "text/html"})
+    assert missing.status_code == 404
 
 
 def test_an_admin_cancels_a_plan_in_the_browser(tmp_path: Path) -> None:

@@ -195,6 +195,8 @@ def routes(app: LiveApp) -> dict[str, Route]:
                          {"force": choice("", "1"), "reason": text()}),
         "backfill-cancel": Route("POST", "/admin/backfill/{plan_id}/cancel", "admin", {"plan_id": integer(1, 2)},
                                  {}, {}),
+        "backfill-retry": Route("POST", "/admin/backfill/{plan_id}/retry", "admin", {"plan_id": integer(1, 2)},
+                                {}, {}),
         "rollback": Route("POST", "/admin/registry/tasks/{task}/rollback", "admin", {"task": choice(*TASKS)}, {},
                           {"reason": text()}),
     }
@@ -202,7 +204,8 @@ def routes(app: LiveApp) -> dict[str, Route]:
 
 PAGES = ("login", "worklist", "study", "thumbnail", "heatmap", "users", "models", "drift", "backfill", "audit",
          "registry", "run", "model", "figure")
-FORMS = ("decision", "user-active", "user-add", "retrain", "promote", "rollback", "backfill-cancel")
+FORMS = ("decision", "user-active", "user-add", "retrain", "promote", "rollback", "backfill-cancel",
+         "backfill-retry")
 
 
 # --- the app and the checks ------------------------------------------------------------------------------------

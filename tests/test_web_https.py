@@ -103,15 +103,18 @@ def test_login_over_https_in_the_browser(https: tuple[str, DevCertificates]) -> 
             browser.close()
 
 
-@pytest.mark.parametrize("broken", ["missing", "mismatched"])
+@pytest.mark.parametrize("broken", ["missing", "mismatched", "client-ca"])
 def test_bad_certificate_files_fail_the_start(tmp_path: Path, broken: str) -> None:
     certs = make_dev_certs(tmp_path / "certs")
     other = make_dev_certs(tmp_path / "other")
-    cert, key = (tmp_path / "absent.pem", certs.server_key) if broken == "missing" else (certs.server_cert,
-                                                                                         other.server_key)
+    cert, key = (tmp_path / "absent.pem", certs.server_key) if broken == "missing" else (
+        certs.server_cert, other.server_key if broken == "mismatched" else certs.server_key)
+    client_ca = ["--web-tls-client-ca", str(tmp_path / "absent-ca.pem")] if broken == "client-ca" else []
     done = subprocess.run(triage_command("web", "--data-dir", str(tmp_path / "data"), "--web-port", str(free_port()),
-                                         "--web-tls-cert", str(cert), "--web-tls-key", str(key)),
+                                         "--web-tls-cert", str(cert), "--web-tls-key", str(key), *client_ca),
                           env=triage_environment(tmp_path / "models"), capture_output=True, text=True, timeout=120)
     assert done.returncode == 1, done.stderr[-3000:]
     assert "cannot serve the web app over HTTPS" in done.stderr, done.stderr[-3000:]
-    assert (str(cert) if broken == "missing" else "cannot be used together") in done.stderr
+    expected = {"missing": str(cert), "mismatched": "cannot be used together",
+                "client-ca": f"TLS CA bundle {tmp_path / 'absent-ca.pem'} does not exist"}
+    assert expected[broken] in done.stderr

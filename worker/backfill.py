@@ -1,4 +1,4 @@
-"""Backfill from a PACS: plan (C-FIND), run (C-MOVE to our own AE, paced and resumable), status and cancel.
+"""Backfill from a PACS: plan (C-FIND), run (C-MOVE to our own AE, paced and resumable), status, cancel and retry.
 
 ``backfill plan`` stores what the PACS matched; ``backfill run`` marks a plan running, and the
 :class:`BackfillRunner` thread of ``serve`` (or ``listen``) retrieves it: one series at a time by C-MOVE (or C-GET,
@@ -58,6 +58,9 @@ class PlanNotFound(BackfillError):
 
 #: Plan states a cancel applies to (a done or cancelled plan cannot be cancelled).
 CANCELLABLE = (PlanState.PLANNED.value, PlanState.RUNNING.value)
+#: The reasons of studies failed by a cancel: before their retrieval started, and between two of their series.
+CANCELLED = "cancelled"
+CANCELLED_DURING_RETRIEVAL = "cancelled during retrieval"
 
 
 def is_backfill_study(session: Session, study_instance_uid: str) -> bool:
@@ -186,8 +189,28 @@ def cancel_plan(database: Database, plan_id: int) -> int:
         # cancelled before its next series.
         cancelled = session.execute(update(BackfillStudy).where(
             BackfillStudy.plan_pk == plan_id, BackfillStudy.state == StudyState.PLANNED.value
-        ).values(state=StudyState.FAILED.value, reason="cancelled", updated_at=now))
+        ).values(state=StudyState.FAILED.value, reason=CANCELLED, updated_at=now))
         return int(cancelled.rowcount)  # type: ignore[attr-defined]
+
+
+def retry_plan(database: Database, plan_id: int, include_cancelled: bool = False) -> int:
+    """Put a plan's failed studies back to planned and return how many: not those a cancel failed unless
+    ``include_cancelled``. Their series already received stay received (never retrieved again). A done or cancelled
+    plan with studies planned again runs again; a planned or running one keeps its state."""
+    with database.session() as session:
+        plan = _locked_plan(session, plan_id)
+        if plan is None:
+            raise PlanNotFound(f"no backfill plan {plan_id}")
+        failed = [BackfillStudy.plan_pk == plan_id, BackfillStudy.state == StudyState.FAILED.value]
+        if not include_cancelled:
+            failed.append(BackfillStudy.reason.not_in([CANCELLED, CANCELLED_DURING_RETRIEVAL]))
+        updated = session.execute(update(BackfillStudy).where(*failed).values(
+            state=StudyState.PLANNED.value, reason="", runner=None, updated_at=utcnow()))
+        retried = int(updated.rowcount)  # type: ignore[attr-defined]
+        if retried and plan.state in (PlanState.DONE.value, PlanState.CANCELLED.value):
+            plan.state, plan.finished_at = PlanState.RUNNING.value, None
+        log.info("backfill plan %d: %d failed studies planned again", plan_id, retried)
+        return retried
 
 
 def plan_status(database: Database, plan_id: int | None = None) -> list[dict[str, Any]]:
@@ -411,7 +434,7 @@ class BackfillRunner:
                     return  # taken over by another runner (this one was presumed gone)
                 plan = session.get(BackfillPlan, study_row.plan_pk)
                 if plan is None or plan.state != PlanState.RUNNING.value:
-                    study_row.state, study_row.reason = StudyState.FAILED.value, "cancelled during retrieval"
+                    study_row.state, study_row.reason = StudyState.FAILED.value, CANCELLED_DURING_RETRIEVAL
                     study_row.updated_at = utcnow()
                     return
                 study_row.updated_at = utcnow()  # the claim is alive (runners on other hosts judge by it)

@@ -1,4 +1,4 @@
-"""``dicom-triage backfill plan|run|status|cancel`` (issue 19): see :mod:`worker.backfill`."""
+"""``dicom-triage backfill plan|run|status|cancel|retry`` (issue 19): see :mod:`worker.backfill`."""
 
 from __future__ import annotations
 
@@ -103,6 +103,16 @@ def _cancel(args: argparse.Namespace) -> int:
     return 0
 
 
+def _retry(args: argparse.Namespace) -> int:
+    from worker.backfill import retry_plan
+
+    retried = _on_plan(args, lambda db: retry_plan(db, args.plan_id, args.include_cancelled))
+    if retried is None:
+        return 1
+    print(f"plan {args.plan_id}: {retried} failed studies planned again")
+    return 0
+
+
 def _positive(text: str) -> float:
     value = float(text)
     if value <= 0:
@@ -157,3 +167,11 @@ def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") 
     _add_settings_options(cancel)
     cancel.add_argument("plan_id", type=int, metavar="PLAN_ID")
     cancel.set_defaults(handler=_cancel)
+
+    retry = commands.add_parser("retry", help="plan a plan's failed studies again (their series received are kept); "
+                                              "a done or cancelled plan runs again")
+    _add_settings_options(retry)
+    retry.add_argument("plan_id", type=int, metavar="PLAN_ID")
+    retry.add_argument("--include-cancelled", action="store_true",
+                       help="also the studies a cancel failed")
+    retry.set_defaults(handler=_retry)

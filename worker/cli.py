@@ -80,6 +80,7 @@ def read_settings(args: argparse.Namespace) -> Settings:
         "health_host": getattr(args, "health_host", None),
         "web_tls_cert": getattr(args, "web_tls_cert", None),
         "web_tls_key": getattr(args, "web_tls_key", None),
+        "web_tls_client_ca": getattr(args, "web_tls_client_ca", None),
     }
     settings = load_settings(args.config, **overrides)
     check_rules(settings.routing_rules)

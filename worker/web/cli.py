@@ -51,28 +51,55 @@ def register(subparsers: Any) -> None:
     _common(token_add)
     token_add.add_argument("name", help="the sending system, e.g. the PACS's name")
     token_add.set_defaults(handler=_tokens_add)
+    bind = token_actions.add_parser(
+        "add-certificate", help="let a client certificate with this subject authenticate as a sending system")
+    _common(bind)
+    bind.add_argument("name", help="the sending system, e.g. the PACS's name")
+    bind.add_argument("--subject", required=True,
+                      help="the certificate's subject as the web app's 403 names it, e.g. 'O=Hospital,CN=pacs'")
+    bind.set_defaults(handler=_tokens_add_certificate)
+    unbind = token_actions.add_parser("remove-certificate", help="remove the binding of a certificate subject")
+    _common(unbind)
+    unbind.add_argument("--subject", required=True)
+    unbind.set_defaults(handler=_tokens_remove_certificate)
 
 
 def add_web_tls_options(parser: argparse.ArgumentParser) -> None:
-    """``--web-tls-cert/--web-tls-key``: HTTPS (Secure cookies, HSTS); without them put a TLS proxy in front."""
+    """``--web-tls-cert/--web-tls-key``: HTTPS (Secure cookies, HSTS); without them put a TLS proxy in front.
+    ``--web-tls-client-ca``: DICOMweb clients may authenticate by a certificate from that CA."""
     parser.add_argument("--web-tls-cert", type=Path, metavar="FILE",
                         help="serve the web app over HTTPS with this certificate (PEM; web_tls_cert)")
     parser.add_argument("--web-tls-key", type=Path, metavar="FILE", help="its private key (PEM; web_tls_key)")
+    parser.add_argument("--web-tls-client-ca", type=Path, metavar="FILE",
+                        help="ask HTTPS clients for a certificate from this CA bundle (optional for them; a bound "
+                             "one authenticates a DICOMweb sending system; web_tls_client_ca)")
 
 
-def web_tls_files(settings: Settings) -> dict[str, str]:
+def web_tls_files(settings: Settings) -> dict[str, Any]:
     """uvicorn's TLS arguments from the settings, the files checked first: a missing or mismatched file is a
-    :class:`~worker.errors.StartupError` naming it (uvicorn would fail inside its thread with a traceback)."""
+    :class:`~worker.errors.StartupError` naming it (uvicorn would fail inside its thread with a traceback).
+
+    With ``web_tls_client_ca`` a client certificate is asked for but optional (browsers without one still reach the
+    login page); one that does not chain to that CA fails the handshake. The request then carries the verified
+    certificate (:class:`worker.web.client_certs.ClientCertificateProtocol`)."""
     if settings.web_tls_cert is None or settings.web_tls_key is None:
         return {}
+    import ssl
+
     from dicom_io.tls import TLSConfigError, server_context
     from worker.errors import StartupError
 
     try:
-        server_context(settings.web_tls_cert, settings.web_tls_key)
+        server_context(settings.web_tls_cert, settings.web_tls_key, settings.web_tls_client_ca)
     except TLSConfigError as exc:
         raise StartupError(f"cannot serve the web app over HTTPS: {exc}") from None
-    return {"ssl_certfile": str(settings.web_tls_cert), "ssl_keyfile": str(settings.web_tls_key)}
+    files: dict[str, Any] = {"ssl_certfile": str(settings.web_tls_cert), "ssl_keyfile": str(settings.web_tls_key)}
+    if settings.web_tls_client_ca is not None:
+        from worker.web.client_certs import ClientCertificateProtocol
+
+        files.update(ssl_ca_certs=str(settings.web_tls_client_ca), ssl_cert_reqs=ssl.CERT_OPTIONAL,
+                     http=ClientCertificateProtocol)
+    return files
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -120,7 +147,7 @@ def _web(args: argparse.Namespace) -> int:
     from worker.health import ProcessHealth, Readiness, standard_checks
 
     settings = _settings(args, web_host=args.web_host, web_port=args.web_port, web_tls_cert=args.web_tls_cert,
-                         web_tls_key=args.web_tls_key)
+                         web_tls_key=args.web_tls_key, web_tls_client_ca=args.web_tls_client_ca)
     database = _database(settings)
     readiness = Readiness("web", standard_checks(settings, database))
     health = ProcessHealth(settings.model_copy(update={"health_port": 0}), readiness,
@@ -177,6 +204,38 @@ def _tokens_add(args: argparse.Namespace) -> int:
     finally:
         database.dispose()
     print(token)  # alone on stdout, for scripts; it is not stored and cannot be shown again
+    return 0
+
+
+def _tokens_add_certificate(args: argparse.Namespace) -> int:
+    from worker.db.tokens import TokenError, bind_certificate
+
+    database = _database(_settings(args))
+    try:
+        with database.session() as session:
+            bind_certificate(session, args.name, args.subject)
+    except TokenError as exc:
+        print(f"dicom-triage: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        database.dispose()
+    print(f"bound {args.subject.strip()} to {args.name.strip()}")
+    return 0
+
+
+def _tokens_remove_certificate(args: argparse.Namespace) -> int:
+    from worker.db.tokens import TokenError, unbind_certificate
+
+    database = _database(_settings(args))
+    try:
+        with database.session() as session:
+            name = unbind_certificate(session, args.subject)
+    except TokenError as exc:
+        print(f"dicom-triage: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        database.dispose()
+    print(f"removed the binding of {args.subject.strip()} to {name}")
     return 0
 
 

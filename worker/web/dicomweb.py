@@ -18,7 +18,8 @@ Retrieve (``multipart/related; type="application/dicom"``, each instance as arch
 
     GET /dicomweb/studies/{study}[/series/{series}[/instances/{sop}]][/metadata]
 
-Nothing of ours there: 404. An Accept that allows neither: 406. Auth as STOW-RS (a sending system's API token).
+Nothing of ours there: 404. An Accept that allows neither: 406. Auth as STOW-RS (a sending system's API token or
+client certificate).
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from pydicom.filereader import read_file_meta_info
 from sqlalchemy import Select, func, select
 
 from worker.db import Patient, Result, Series, SrDocument, Study
-from worker.web.api_tokens import require_api_token
+from worker.web.api_tokens import require_sending_system
 
 router = APIRouter(include_in_schema=False)
 
@@ -189,7 +190,7 @@ def _grouped(rows: list[_Row], key: str) -> dict[str, list[_Row]]:
 
 @router.get("/dicomweb/studies")
 def search_studies(request: Request) -> JSONResponse:
-    require_api_token(request)
+    require_sending_system(request)
     groups = _grouped(_rows(request, "study"), "study_uid")
     return _search(request, groups, _STUDY_ATTRIBUTES, {
         "00080061": ("CS", lambda rows: "SR"),  # ModalitiesInStudy
@@ -200,7 +201,7 @@ def search_studies(request: Request) -> JSONResponse:
 
 @router.get("/dicomweb/studies/{study}/series")
 def search_series(request: Request, study: str) -> JSONResponse:
-    require_api_token(request)
+    require_sending_system(request)
     groups = _grouped(_rows(request, "series", study=study), "series_uid")
     return _search(request, groups, ("StudyInstanceUID",) + _SERIES_ATTRIBUTES,
                    {"00201209": ("IS", len)})  # NumberOfSeriesRelatedInstances
@@ -208,14 +209,14 @@ def search_series(request: Request, study: str) -> JSONResponse:
 
 @router.get("/dicomweb/studies/{study}/series/{series}/instances")
 def search_instances(request: Request, study: str, series: str) -> JSONResponse:
-    require_api_token(request)
+    require_sending_system(request)
     groups = _grouped(_rows(request, "instance", study=study, series=series), "sop_uid")
     return _search(request, groups, ("StudyInstanceUID", "SeriesInstanceUID") + _SERIES_ATTRIBUTES[:1]
                    + _INSTANCE_ATTRIBUTES, {})
 
 
 def _found(request: Request, **path: str) -> list[_Row]:
-    require_api_token(request)
+    require_sending_system(request)
     rows = _rows(request, "", **path)
     if not rows:
         raise HTTPException(404, "no report of ours there")

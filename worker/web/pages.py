@@ -251,7 +251,8 @@ def drift_page(request: Request, who: Principal = Depends(page_admin)) -> Respon
 @router.get("/admin/backfill")
 def backfill_page(request: Request, who: Principal = Depends(page_admin)) -> Response:
     """Each backfill plan as ``backfill status`` reports it (:func:`worker.backfill.plan_status`: counts per state,
-    failures with reasons, progress, ETA, pause for live ingest), with a cancel button while it may still run."""
+    failures with reasons, progress, ETA, pause for live ingest), with a cancel button while it may still run and a
+    retry button while studies failed."""
     from worker.backfill import CANCELLABLE, plan_status
 
     return _render(request, "admin_backfill.html", who, plans=plan_status(_state(request).database),
@@ -274,6 +275,23 @@ def backfill_cancel(request: Request, plan_id: PlanId, who: Principal = Depends(
         raise HTTPException(409, str(exc)) from None
     with database.session() as session:
         audit(session, session.get(User, who.user_id), "backfill.cancel", f"backfill_plan:{plan_id}")
+    return RedirectResponse("/admin/backfill", status_code=303)
+
+
+@router.post("/admin/backfill/{plan_id}/retry")
+def backfill_retry(request: Request, plan_id: PlanId, who: Principal = Depends(page_admin),
+                   _form: dict[str, str] = Depends(checked_form)) -> Response:
+    """``backfill retry`` from the page: the plan's failed studies planned again, not those a cancel failed (the CLI's
+    ``--include-cancelled`` is not offered here); a done or cancelled plan runs again (404 no such plan)."""
+    from worker.backfill import PlanNotFound, retry_plan
+
+    database = _state(request).database
+    try:
+        retry_plan(database, plan_id)
+    except PlanNotFound as exc:
+        raise HTTPException(404, str(exc)) from None
+    with database.session() as session:
+        audit(session, session.get(User, who.user_id), "backfill.retry", f"backfill_plan:{plan_id}")
     return RedirectResponse("/admin/backfill", status_code=303)
 
 

@@ -5,7 +5,8 @@ in the archive and its row committed (:meth:`worker.ingest.DatabaseSink.accept`,
 that is not DICOM, malformed, or too big fails alone, with the DICOM failure reason, and is recorded as a rejected
 instance. The body is streamed: each part goes to a temporary file (in memory up to a small size) and is handled
 when it ends, so memory is bounded by one part, never a whole study. Auth:
-:func:`worker.web.api_tokens.require_api_token`; the token's name is the instance's calling AE.
+:func:`worker.web.api_tokens.require_sending_system` (token or client certificate); the sending system's name is the
+instance's calling AE.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from dicom_io.archive import Archive
 from dicom_io.listener import validate_file_instance
 from dicom_io.validation import STATUS_CANNOT_UNDERSTAND, InvalidInstance
 from worker.ingest import DatabaseSink
-from worker.web.api_tokens import require_api_token
+from worker.web.api_tokens import require_sending_system
 
 log = logging.getLogger(__name__)
 
@@ -133,7 +134,7 @@ def _sink(request: Request) -> DatabaseSink:
 @router.post("/dicomweb/studies")
 async def store_instances(request: Request) -> JSONResponse:
     """Store every ``application/dicom`` part; 200 all stored, 202 some failed, 409 none stored (PS3.18 10.5.3)."""
-    sender = require_api_token(request)
+    sender = require_sending_system(request)
     boundary = _boundary(request)
     max_bytes = request.app.state.web.settings.stow_max_part_mb * (1 << 20)
     sink = _sink(request)
