@@ -11,6 +11,7 @@ import getpass
 import signal
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -191,50 +192,48 @@ def _users_add(args: argparse.Namespace) -> int:
     return 0
 
 
-def _tokens_add(args: argparse.Namespace) -> int:
-    from worker.db.tokens import TokenError, add_token
+def _in_tokens_session(args: argparse.Namespace, change: Callable[[Any], Any]) -> tuple[bool, Any]:
+    """``change(session)`` in one transaction on the configured database: ``(True, its result)``, or ``(False,
+    None)`` after printing the :class:`~worker.db.tokens.TokenError` it raised."""
+    from worker.db.tokens import TokenError
 
     database = _database(_settings(args))
     try:
         with database.session() as session:
-            token = add_token(session, args.name)
+            return True, change(session)
     except TokenError as exc:
         print(f"dicom-triage: {exc}", file=sys.stderr)
-        return 2
+        return False, None
     finally:
         database.dispose()
+
+
+def _tokens_add(args: argparse.Namespace) -> int:
+    from worker.db.tokens import add_token
+
+    done, token = _in_tokens_session(args, lambda session: add_token(session, args.name))
+    if not done:
+        return 2
     print(token)  # alone on stdout, for scripts; it is not stored and cannot be shown again
     return 0
 
 
 def _tokens_add_certificate(args: argparse.Namespace) -> int:
-    from worker.db.tokens import TokenError, bind_certificate
+    from worker.db.tokens import bind_certificate
 
-    database = _database(_settings(args))
-    try:
-        with database.session() as session:
-            bind_certificate(session, args.name, args.subject)
-    except TokenError as exc:
-        print(f"dicom-triage: {exc}", file=sys.stderr)
+    done, _ = _in_tokens_session(args, lambda session: bind_certificate(session, args.name, args.subject))
+    if not done:
         return 2
-    finally:
-        database.dispose()
     print(f"bound {args.subject.strip()} to {args.name.strip()}")
     return 0
 
 
 def _tokens_remove_certificate(args: argparse.Namespace) -> int:
-    from worker.db.tokens import TokenError, unbind_certificate
+    from worker.db.tokens import unbind_certificate
 
-    database = _database(_settings(args))
-    try:
-        with database.session() as session:
-            name = unbind_certificate(session, args.subject)
-    except TokenError as exc:
-        print(f"dicom-triage: {exc}", file=sys.stderr)
+    done, name = _in_tokens_session(args, lambda session: unbind_certificate(session, args.subject))
+    if not done:
         return 2
-    finally:
-        database.dispose()
     print(f"removed the binding of {args.subject.strip()} to {name}")
     return 0
 
