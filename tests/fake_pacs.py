@@ -75,7 +75,7 @@ class FakePacs:
         query = event.identifier
         if query.QueryRetrieveLevel == "STUDY" and self.study_matches is not None:
             for index in range(self.study_matches):
-                if self.stop.is_set() or event.is_cancelled:
+                if self.stop.is_set() or event.is_cancelled or self.aborted.is_set():
                     return
                 match = Dataset()
                 match.QueryRetrieveLevel = "STUDY"

@@ -180,11 +180,13 @@ def test_thousands_of_matches_end_the_query_with_a_reason(tmp_path: Path) -> Non
     settings = make_settings(tmp_path, backfill_max_matches=200)
     database = make_database(settings)
     with fake_pacs() as pacs:
-        pacs.study_matches = 5000
+        pacs.study_matches = 100_000
         with pytest.raises(QueryError, match=r"more than 200 matches; narrow the query"):
             make_plan(database, settings, pacs.source, "MR", ANY_DATE)
         assert pacs.aborted.wait(10), "the association was not aborted"
-        assert pacs.finds_answered < 1000  # the rest was never read: memory stays bounded
+        # The abort ended the answer: the PACS never sent most of it. Socket buffers take a few thousand
+        # responses before the abort lands, so the bound sits far above those and far below all of them.
+        assert pacs.finds_answered < 20_000
     with database.session() as session:
         assert session.scalar(select(func.count(BackfillPlan.id))) == 0
     database.dispose()
