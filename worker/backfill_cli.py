@@ -11,6 +11,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from config import ConfigError
+from worker.cli_options import add_settings_options, read_settings
 
 T = TypeVar("T")
 #: Where ``backfill plan --from-dicomweb`` reads the source's bearer token when ``--token`` is not given (a token on
@@ -19,7 +20,6 @@ TOKEN_VARIABLE = "DICOM_TRIAGE_DICOMWEB_TOKEN"
 
 
 def _database(args: argparse.Namespace):  # type: ignore[no-untyped-def]
-    from worker.cli import read_settings
     from worker.service import open_database
 
     settings = read_settings(args)
@@ -128,15 +128,13 @@ def _count(text: str) -> int:
 
 
 def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
-    from worker.cli import _add_settings_options
-
     backfill = subparsers.add_parser(
         "backfill", help="retrieve past studies from a PACS (C-FIND, then C-MOVE or C-GET) or a DICOMweb source "
                          "(QIDO-RS, then WADO-RS)")
     commands = backfill.add_subparsers(dest="backfill_command", required=True, metavar="BACKFILL_COMMAND")
 
     plan = commands.add_parser("plan", help="query the PACS (C-FIND or QIDO-RS) and store what matches as a plan")
-    _add_settings_options(plan)
+    add_settings_options(plan)
     source = plan.add_mutually_exclusive_group(required=True)
     source.add_argument("--from", dest="source", metavar="AE@HOST:PORT", help="the PACS (C-FIND, then C-MOVE)")
     source.add_argument("--from-dicomweb", dest="dicomweb", metavar="URL",
@@ -151,26 +149,26 @@ def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") 
     plan.set_defaults(handler=_plan)
 
     run = commands.add_parser("run", help="start (or resume) retrieving a plan; serve does the retrieval")
-    _add_settings_options(run)
+    add_settings_options(run)
     run.add_argument("plan_id", type=int, metavar="PLAN_ID")
     run.add_argument("--max-in-flight", type=_count, metavar="N", help="studies moved but not yet classified")
     run.add_argument("--per-minute", type=_positive, metavar="R", help="studies started per minute")
     run.set_defaults(handler=_run)
 
     status = commands.add_parser("status", help="each plan's study counts per state, failures and ETA")
-    _add_settings_options(status)
+    add_settings_options(status)
     status.add_argument("plan_id", type=int, nargs="?", metavar="PLAN_ID")
     status.add_argument("--json", action="store_true", help="print JSON")
     status.set_defaults(handler=_status)
 
     cancel = commands.add_parser("cancel", help="stop a plan; studies not yet moving are not retrieved")
-    _add_settings_options(cancel)
+    add_settings_options(cancel)
     cancel.add_argument("plan_id", type=int, metavar="PLAN_ID")
     cancel.set_defaults(handler=_cancel)
 
     retry = commands.add_parser("retry", help="plan a plan's failed studies again (their series received are kept); "
                                               "a done or cancelled plan runs again")
-    _add_settings_options(retry)
+    add_settings_options(retry)
     retry.add_argument("plan_id", type=int, metavar="PLAN_ID")
     retry.add_argument("--include-cancelled", action="store_true",
                        help="also the studies a cancel failed")

@@ -1,8 +1,10 @@
 """The ``dicom-triage`` command.
 
-Each area registers its own subcommands: ``training.cli`` (train, evaluate) and this module (serve, listen,
-worker, results). Settings are read once here, from ``--config FILE``, ``DICOM_TRIAGE_*`` variables and the
-command's flags, and passed down.
+Each area registers its own subcommands (``training.cli``: train, evaluate; ``worker.registry.cli``: models,
+dataset; ``worker.backfill_cli``; ``worker.web.cli``: web, users, tokens; this module: serve, listen, worker,
+results, status, sr, tls) and this module assembles them. Settings are read once per command by
+``worker.cli_options.read_settings``, from ``--config FILE``, ``DICOM_TRIAGE_*`` variables and the command's flags,
+and passed down.
 """
 
 from __future__ import annotations
@@ -17,15 +19,11 @@ from typing import Any
 
 from sqlalchemy.engine import make_url
 
-from config import ConfigError, Settings, load_settings
+from config import ConfigError
+from worker.cli_options import add_settings_options, add_supervisor_option, read_settings
 from worker.errors import StartupError
 from worker.logs import ENV as LOG_FORMAT_ENV
 from worker.logs import FORMATS, configure_logging
-
-
-def _add_settings_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", type=Path, metavar="FILE", help="TOML settings file")
-    parser.add_argument("--data-dir", type=Path, metavar="DIR", help="archive, database and queue directory")
 
 
 def _add_sr_destination_option(parser: argparse.ArgumentParser) -> None:
@@ -56,35 +54,6 @@ def _add_health_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--health-port", type=int, metavar="N",
                         help="serve /healthz, /readyz and /metrics on this port (health_port; 0: none)")
     parser.add_argument("--health-host", metavar="ADDRESS", help="their address (health_host; default loopback)")
-
-
-def add_supervisor_option(parser: argparse.ArgumentParser) -> None:
-    """``--supervisor-pid``: how ``serve`` starts its workers, which then end when it does."""
-    parser.add_argument("--supervisor-pid", type=int, metavar="PID",
-                        help="end when this process, our parent, ends (how serve starts its workers)")
-
-
-def read_settings(args: argparse.Namespace) -> Settings:
-    """Settings from the file, the environment and the flags given; raises ``ConfigError`` for bad values."""
-    from worker.routing import check_rules
-
-    overrides: dict[str, Any] = {
-        "data_dir": args.data_dir,
-        "dicom_port": getattr(args, "dicom_port", None),
-        "dicom_host": getattr(args, "dicom_host", None),
-        "ae_title": getattr(args, "ae_title", None),
-        "web_port": getattr(args, "web_port", None),
-        "listen_processes": getattr(args, "listen_processes", None),
-        "sr_destinations": getattr(args, "sr_destinations", None),
-        "health_port": getattr(args, "health_port", None),
-        "health_host": getattr(args, "health_host", None),
-        "web_tls_cert": getattr(args, "web_tls_cert", None),
-        "web_tls_key": getattr(args, "web_tls_key", None),
-        "web_tls_client_ca": getattr(args, "web_tls_client_ca", None),
-    }
-    settings = load_settings(args.config, **overrides)
-    check_rules(settings.routing_rules)
-    return settings
 
 
 # Settings are checked before the service modules (pynetdicom, Celery, TensorFlow) are imported: a bad value is
@@ -185,19 +154,19 @@ def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") 
     dev.set_defaults(handler=_tls_make_dev_certs)
 
     serve = subparsers.add_parser("serve", help="listener, scheduler, web worklist and workers in one")
-    _add_settings_options(serve)
+    add_settings_options(serve)
     _add_network_options(serve, web=True)
     _add_sr_destination_option(serve)
     serve.set_defaults(handler=_serve)
 
     listen = subparsers.add_parser("listen", help="DICOM listener and series scheduler")
-    _add_settings_options(listen)
+    add_settings_options(listen)
     _add_network_options(listen, web=False)
     _add_sr_destination_option(listen)
     listen.set_defaults(handler=_listen)
 
     worker = subparsers.add_parser("worker", help="Celery inference worker")
-    _add_settings_options(worker)
+    add_settings_options(worker)
     _add_sr_destination_option(worker)
     worker.add_argument("--ae-title", metavar="AE", help="our AE title (the calling AE of SR deliveries)")
     _add_health_options(worker)
@@ -209,14 +178,14 @@ def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") 
     worker.set_defaults(handler=_worker)
 
     results = subparsers.add_parser("results", help="series states and results")
-    _add_settings_options(results)
+    add_settings_options(results)
     results.add_argument("--study", metavar="UID", help="only this StudyInstanceUID")
     results.add_argument("--json", action="store_true", help="print JSON")
     results.set_defaults(handler=_results)
 
     status = subparsers.add_parser(
         "status", help="every process's readiness, queues, delivery backlog, disk free, active models")
-    _add_settings_options(status)
+    add_settings_options(status)
     status.add_argument("--json", action="store_true", help="print JSON")
     status.set_defaults(handler=_status)
 
@@ -257,7 +226,7 @@ def _add_dicom_evaluation(evaluate: argparse.ArgumentParser) -> None:
     evaluate.add_argument("--record-split", metavar="NAME",
                           help="with --dicom: write the series figures into the model's card as this split "
                                "(e.g. external)")
-    _add_settings_options(evaluate)
+    add_settings_options(evaluate)
     curated = evaluate.get_default("handler")
     evaluate.set_defaults(handler=lambda args: _evaluate_dicom(args, curated))
 

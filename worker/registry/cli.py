@@ -13,17 +13,9 @@ from datetime import date
 from pathlib import Path
 from typing import Any
 
-from config import Settings, load_settings
+from config import Settings
 from models.tasks import TASKS
-
-
-def _common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", type=Path, metavar="FILE", help="TOML settings file")
-    parser.add_argument("--data-dir", type=Path, metavar="DIR", help="archive, database and queue directory")
-
-
-def _settings(args: argparse.Namespace) -> Settings:
-    return load_settings(args.config, data_dir=args.data_dir)
+from worker.cli_options import add_settings_options, add_supervisor_option, read_settings
 
 
 def _database(settings: Settings) -> Any:
@@ -52,7 +44,7 @@ def _export(args: argparse.Namespace) -> int:
     from models.tasks import get_task
     from worker.export import ExportError, export_dataset
 
-    settings = _settings(args)
+    settings = read_settings(args)
     if args.confirmed_only and args.include_unreviewed:
         return _fail(f"--confirmed-only and {INCLUDE_UNREVIEWED} contradict each other; give one")
     try:
@@ -96,7 +88,7 @@ def _from_dicom(args: argparse.Namespace) -> int:
     from worker.export import ExportError, export_dicom_tree
 
     try:
-        result = export_dicom_tree(_settings(args), get_task(args.task), args.dicom, args.labels, args.out)
+        result = export_dicom_tree(read_settings(args), get_task(args.task), args.dicom, args.labels, args.out)
     except ExportError as exc:
         return _fail(str(exc))
     _print_export(result)
@@ -106,7 +98,7 @@ def _from_dicom(args: argparse.Namespace) -> int:
 def _list(args: argparse.Namespace) -> int:
     from worker.registry import describe, list_models
 
-    with _database(_settings(args)).session() as session:
+    with _database(read_settings(args)).session() as session:
         models = [describe(m) for m in list_models(session, args.task, args.state)]
     if args.json:
         print(json.dumps(models, indent=2))
@@ -120,7 +112,7 @@ def _list(args: argparse.Namespace) -> int:
 def _show(args: argparse.Namespace) -> int:
     from worker.registry import RegistryError, describe, get_model, model_events
 
-    with _database(_settings(args)).session() as session:
+    with _database(read_settings(args)).session() as session:
         try:
             model = get_model(session, args.uid)
         except RegistryError as exc:
@@ -152,7 +144,7 @@ def _show(args: argparse.Namespace) -> int:
 def _promote(args: argparse.Namespace) -> int:
     from worker.registry import PromotionRefused, RegistryError, promote
 
-    settings = _settings(args)
+    settings = read_settings(args)
     if args.force and not (args.reason or "").strip():
         return _fail("--force needs --reason: a forced promotion is logged with why")
     try:
@@ -172,7 +164,7 @@ def _rollback(args: argparse.Namespace) -> int:
     from worker.registry import RegistryError, rollback
 
     try:
-        outcome = rollback(_database(_settings(args)), args.task, args.actor, args.reason or "")
+        outcome = rollback(_database(read_settings(args)), args.task, args.actor, args.reason or "")
     except RegistryError as exc:
         return _fail(str(exc))
     print(f"{outcome.task}: rolled back from {outcome.replaced_uid} to {outcome.model_uid}")
@@ -183,7 +175,7 @@ def _retrain(args: argparse.Namespace) -> int:
     from worker.celery_app import create_celery_app
     from worker.retraining import RetrainOptions, make_send, request_retraining
 
-    settings = _settings(args)
+    settings = read_settings(args)
     try:
         options = RetrainOptions(epochs=args.epochs, architecture=args.arch, input_size=args.input_size,
                                  batch_size=args.batch_size, confirmed_only=not args.include_unreviewed,
@@ -212,7 +204,7 @@ def _retrain(args: argparse.Namespace) -> int:
 def _training_worker(args: argparse.Namespace) -> int:
     from worker.retraining import run_training_worker
 
-    return run_training_worker(_settings(args))
+    return run_training_worker(read_settings(args))
 
 
 def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
@@ -220,7 +212,7 @@ def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") 
     dataset = subparsers.add_parser("dataset", help="export archived, confirmed series for training")
     dataset_actions = dataset.add_subparsers(dest="dataset_command", required=True, metavar="ACTION")
     export = dataset_actions.add_parser("export", help="confirmed series -> de-identified image folders")
-    _common(export)
+    add_settings_options(export)
     export.add_argument("--task", required=True, choices=sorted(TASKS))
     export.add_argument("--out", required=True, type=Path, help="folder to create (must not exist or be empty)")
     _add_unreviewed_option(export)
@@ -230,7 +222,7 @@ def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") 
     export.set_defaults(handler=_export)
     from_dicom = dataset_actions.add_parser(
         "from-dicom", help="a labelled tree of DICOM series (not the archive) -> the same de-identified image folders")
-    _common(from_dicom)
+    add_settings_options(from_dicom)
     from_dicom.add_argument("--task", required=True, choices=sorted(TASKS))
     from_dicom.add_argument("--dicom", required=True, type=Path, metavar="DIR", help="tree of DICOM series")
     from_dicom.add_argument("--labels", type=Path, metavar="FILE",
@@ -242,20 +234,20 @@ def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") 
     models = subparsers.add_parser("models", help="the model registry: list, show, promote, roll back, retrain")
     actions = models.add_subparsers(dest="models_command", required=True, metavar="ACTION")
     listing = actions.add_parser("list", help="registered models")
-    _common(listing)
+    add_settings_options(listing)
     listing.add_argument("--task", choices=sorted(TASKS))
     listing.add_argument("--state", choices=["candidate", "active", "retired"])
     listing.add_argument("--json", action="store_true")
     listing.set_defaults(handler=_list)
 
     show = actions.add_parser("show", help="one model: card, metrics, data manifest, lineage, events")
-    _common(show)
+    add_settings_options(show)
     show.add_argument("uid")
     show.add_argument("--json", action="store_true")
     show.set_defaults(handler=_show)
 
     promote = actions.add_parser("promote", help="make a candidate active if the gate passes (or --force)")
-    _common(promote)
+    add_settings_options(promote)
     promote.add_argument("uid")
     promote.add_argument("--force", action="store_true", help="promote even if the gate refuses")
     promote.add_argument("--reason", help="why (required with --force; logged)")
@@ -263,14 +255,14 @@ def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") 
     promote.set_defaults(handler=_promote)
 
     rollback = actions.add_parser("rollback", help="re-activate the model the active one replaced")
-    _common(rollback)
+    add_settings_options(rollback)
     rollback.add_argument("task", choices=sorted(TASKS))
     rollback.add_argument("--reason", help="why (logged)")
     rollback.add_argument("--actor", default="cli", help="who rolls back (logged)")
     rollback.set_defaults(handler=_rollback)
 
     retrain = actions.add_parser("retrain", help="queue a retraining on the training queue")
-    _common(retrain)
+    add_settings_options(retrain)
     retrain.add_argument("task", choices=sorted(TASKS))
     retrain.add_argument("--epochs", type=int, default=20)
     retrain.add_argument("--arch", default="triage-cnn")
@@ -287,10 +279,8 @@ def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") 
     retrain.add_argument("--actor", default="cli", help="who asks (logged)")
     retrain.set_defaults(handler=_retrain)
 
-    from worker.cli import add_supervisor_option
-
     worker = subparsers.add_parser("training-worker", help="Celery worker on the training queue (retraining runs)")
-    _common(worker)
+    add_settings_options(worker)
     add_supervisor_option(worker)
     worker.set_defaults(handler=_training_worker)
 

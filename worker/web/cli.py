@@ -15,12 +15,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from config import Settings, load_settings
+from config import Settings
+from worker.cli_options import add_settings_options, read_settings
 
 
 def register(subparsers: Any) -> None:
     web = subparsers.add_parser("web", help="serve the radiologists' web worklist")
-    _common(web)
+    add_settings_options(web)
     web.add_argument("--web-host", help="address to listen on (default from settings: 127.0.0.1)")
     web.add_argument("--web-port", type=int, help="port to listen on (default from settings: 8080)")
     add_web_tls_options(web)
@@ -29,38 +30,38 @@ def register(subparsers: Any) -> None:
     users = subparsers.add_parser("users", help="manage web users")
     actions = users.add_subparsers(dest="users_command", required=True, metavar="ACTION")
     add = actions.add_parser("add", help="add a user; the password is prompted for, or read from stdin")
-    _common(add)
+    add_settings_options(add)
     add.add_argument("name")
     add.add_argument("--role", required=True, choices=["radiologist", "admin"])
     add.add_argument("--password-stdin", action="store_true", help="read the password from the first stdin line")
     add.set_defaults(handler=_users_add)
     listing = actions.add_parser("list", help="list users")
-    _common(listing)
+    add_settings_options(listing)
     listing.set_defaults(handler=_users_list)
     disable = actions.add_parser("disable", help="disable a user (ends their sessions)")
-    _common(disable)
+    add_settings_options(disable)
     disable.add_argument("name")
     disable.set_defaults(handler=_users_disable)
     unlock = actions.add_parser("unlock", help="lift a login lockout or back-off of a user name now")
-    _common(unlock)
+    add_settings_options(unlock)
     unlock.add_argument("name")
     unlock.set_defaults(handler=_users_unlock)
 
     tokens = subparsers.add_parser("tokens", help="API tokens of sending systems (STOW-RS)")
     token_actions = tokens.add_subparsers(dest="tokens_command", required=True, metavar="ACTION")
     token_add = token_actions.add_parser("add", help="make a token for a sending system; it is printed once")
-    _common(token_add)
+    add_settings_options(token_add)
     token_add.add_argument("name", help="the sending system, e.g. the PACS's name")
     token_add.set_defaults(handler=_tokens_add)
     bind = token_actions.add_parser(
         "add-certificate", help="let a client certificate with this subject authenticate as a sending system")
-    _common(bind)
+    add_settings_options(bind)
     bind.add_argument("name", help="the sending system, e.g. the PACS's name")
     bind.add_argument("--subject", required=True,
                       help="the certificate's subject as the web app's 403 names it, e.g. 'O=Hospital,CN=pacs'")
     bind.set_defaults(handler=_tokens_add_certificate)
     unbind = token_actions.add_parser("remove-certificate", help="remove the binding of a certificate subject")
-    _common(unbind)
+    add_settings_options(unbind)
     unbind.add_argument("--subject", required=True)
     unbind.set_defaults(handler=_tokens_remove_certificate)
 
@@ -103,15 +104,6 @@ def web_tls_files(settings: Settings) -> dict[str, Any]:
     return files
 
 
-def _common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", type=Path, help="TOML settings file")
-    parser.add_argument("--data-dir", type=Path, help="data directory (database, archive, web secret)")
-
-
-def _settings(args: argparse.Namespace, **extra: Any) -> Settings:
-    return load_settings(args.config, data_dir=args.data_dir, **extra)
-
-
 def _database(settings: Settings) -> Any:
     from worker.db import Database, upgrade_database
 
@@ -147,8 +139,7 @@ def start_in_thread(settings: Settings, database: Any = None, on_correction: Any
 def _web(args: argparse.Namespace) -> int:
     from worker.health import ProcessHealth, Readiness, standard_checks
 
-    settings = _settings(args, web_host=args.web_host, web_port=args.web_port, web_tls_cert=args.web_tls_cert,
-                         web_tls_key=args.web_tls_key, web_tls_client_ca=args.web_tls_client_ca)
+    settings = read_settings(args)
     database = _database(settings)
     readiness = Readiness("web", standard_checks(settings, database))
     health = ProcessHealth(settings.model_copy(update={"health_port": 0}), readiness,
@@ -179,7 +170,7 @@ def _read_password(from_stdin: bool) -> str:
 def _users_add(args: argparse.Namespace) -> int:
     from worker.web.users import UserError, add_user
 
-    settings = _settings(args)
+    settings = read_settings(args)
     database = _database(settings)
     password = _read_password(args.password_stdin)
     try:
@@ -197,7 +188,7 @@ def _in_tokens_session(args: argparse.Namespace, change: Callable[[Any], Any]) -
     None)`` after printing the :class:`~worker.db.tokens.TokenError` it raised."""
     from worker.db.tokens import TokenError
 
-    database = _database(_settings(args))
+    database = _database(read_settings(args))
     try:
         with database.session() as session:
             return True, change(session)
@@ -241,7 +232,7 @@ def _tokens_remove_certificate(args: argparse.Namespace) -> int:
 def _users_list(args: argparse.Namespace) -> int:
     from worker.web.users import list_users
 
-    with _database(_settings(args)).session() as session:
+    with _database(read_settings(args)).session() as session:
         for user in list_users(session):
             print(f"{user.name}\t{user.role}\t{'active' if user.active else 'disabled'}")
     return 0
@@ -253,7 +244,7 @@ def _users_disable(args: argparse.Namespace) -> int:
     from worker.db import User
     from worker.web.users import set_active
 
-    with _database(_settings(args)).session() as session:
+    with _database(read_settings(args)).session() as session:
         user_id = session.scalar(select(User.id).where(User.name == args.name))
         if user_id is None:
             print(f"dicom-triage: no user {args.name!r}", file=sys.stderr)
@@ -266,7 +257,7 @@ def _users_disable(args: argparse.Namespace) -> int:
 def _users_unlock(args: argparse.Namespace) -> int:
     from worker.web.users import unlock
 
-    with _database(_settings(args)).session() as session:
+    with _database(read_settings(args)).session() as session:
         lifted = unlock(session, args.name)
     if lifted is None:
         print(f"dicom-triage: no user {args.name!r} and no failed logins under that name", file=sys.stderr)
