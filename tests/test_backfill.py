@@ -106,8 +106,7 @@ def test_backfill_plans_exactly_the_matching_studies_and_resumes_after_serve_is_
             assert final["studies"]["classified"] == 3 and final["failures"] == [], final
 
             with database.session() as session:
-                moves = dict(session.execute(select(BackfillSeries.series_instance_uid, BackfillSeries.moves))
-                             .tuples().all())
+                moves = dict(session.execute(select(BackfillSeries.series_instance_uid, BackfillSeries.moves)).all())
                 # Exactly the planned studies arrived, each with every instance.
                 arrived = session.execute(select(Series.series_instance_uid, func.count(Instance.id))
                                           .join(Instance, Instance.series_pk == Series.id)
