@@ -266,6 +266,14 @@ class _DirectorySync:
 _DIRECTORY_SYNCS_KEPT = 256
 
 
+def free_bytes(root: Path) -> int:
+    """Bytes free for an unprivileged writer on the file system that holds ``root``, or would hold it: the archive
+    folder appears with the first instance, so a missing one is measured at its nearest existing parent."""
+    while not root.exists() and root.parent != root:
+        root = root.parent
+    return shutil.disk_usage(root).free
+
+
 class Archive:
     """Durable, idempotent storage of DICOM instances under ``root``.
 
@@ -301,7 +309,7 @@ class Archive:
 
     def free_bytes(self) -> int:
         """Bytes free for an unprivileged writer on the archive's file system."""
-        return shutil.disk_usage(self.root).free
+        return free_bytes(self.root)
 
     def store(self, ds: Dataset, encoded: bytes | None = None) -> StoredInstance:
         """Write ``ds`` durably in its own transfer syntax (``ds.file_meta.TransferSyntaxUID``).

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import errno
 import logging
-import shutil
 import socket
 import ssl
 import struct
@@ -27,6 +26,7 @@ from pynetdicom.events import Event
 from pynetdicom.sop_class import Verification
 from pynetdicom.transport import ThreadedAssociationServer
 
+from dicom_io.archive import free_bytes
 from dicom_io.network import TCP_NODELAY_HANDLER
 from dicom_io.reactor import EventDrivenRequestHandler
 from dicom_io.reading import read_received
@@ -228,7 +228,7 @@ class StoreHandler:
             return self.refuse(calling_ae, sop_instance, STATUS_PROCESSING_FAILURE, reason)
 
         if self.archive_root is not None and self.min_free_bytes > 0:
-            free = shutil.disk_usage(self.archive_root).free
+            free = free_bytes(self.archive_root)
             if free < self.min_free_bytes:
                 reason = f"archive disk has {free} bytes free, below the {self.min_free_bytes} byte watermark"
                 return self.refuse(calling_ae, sop_instance, STATUS_OUT_OF_RESOURCES, reason)

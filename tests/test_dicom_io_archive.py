@@ -21,7 +21,7 @@ from pydicom.uid import JPEGLSLossless, generate_uid
 
 from dicom_factory import brain_images
 from dicom_io import synthesis
-from dicom_io.archive import INCOMING, Archive, process_running, temporary_path
+from dicom_io.archive import INCOMING, Archive, free_bytes, process_running, temporary_path
 
 
 @pytest.fixture(scope="module")
@@ -143,6 +143,13 @@ def test_missing_transfer_syntax_is_a_clear_error(tmp_path: Path, mr: list[Datas
 def test_free_bytes_is_the_file_systems_free_space(tmp_path: Path) -> None:
     free = Archive(tmp_path).free_bytes()
     assert abs(free - shutil.disk_usage(tmp_path).free) < 64 * 2**20
+
+
+def test_free_bytes_of_an_archive_not_yet_made_is_its_parents_and_makes_nothing(tmp_path: Path) -> None:
+    # status and /metrics ask before the first instance has made the archive folder.
+    root = tmp_path / "data" / "archive"
+    assert abs(free_bytes(root) - shutil.disk_usage(tmp_path).free) < 64 * 2**20
+    assert not (tmp_path / "data").exists()
 
 
 def test_store_writes_the_given_encoding_as_is(tmp_path: Path, mr: list[Dataset]) -> None:

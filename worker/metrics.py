@@ -18,10 +18,8 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import time
 from collections.abc import Iterable, Iterator
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -126,11 +124,13 @@ class StateCollector(Collector):
             yield up
 
     def _disk(self) -> Iterator[Metric]:
+        from dicom_io.archive import free_bytes
+
         free = GaugeMetricFamily("dicom_triage_disk_free_bytes", "Free bytes on the archive's file system")
         watermark = GaugeMetricFamily(
             "dicom_triage_disk_watermark_bytes", "Below this free space C-STORE answers 0xA700 (min_free_disk_mb)")
         try:
-            free.add_metric([], shutil.disk_usage(_existing(self.settings.archive_dir)).free)
+            free.add_metric([], free_bytes(self.settings.archive_dir))
         except OSError:
             pass
         watermark.add_metric([], self.settings.min_free_disk_mb * 1024 * 1024)
@@ -173,13 +173,6 @@ class StateCollector(Collector):
                                     "heartbeat")
         workers.add_metric([], snapshot["workers"])
         yield workers
-
-
-def _existing(path: Path) -> Path:
-    """``path`` or its nearest existing parent (the archive folder appears with the first instance)."""
-    while not path.exists() and path.parent != path:
-        path = path.parent
-    return path
 
 
 def state_snapshot(database: "Database") -> dict[str, Any]:

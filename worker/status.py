@@ -8,7 +8,6 @@ identities only: nothing about patients.
 
 from __future__ import annotations
 
-import shutil
 from typing import Any
 
 from config import Settings
@@ -19,7 +18,8 @@ def status_report(settings: Settings) -> dict[str, Any]:
     """The report ``status --json`` prints; ``ready`` is true when every process reports ready and the database
     answers."""
     from worker.db import Database
-    from worker.metrics import _existing, state_snapshot
+    from dicom_io.archive import free_bytes
+    from worker.metrics import state_snapshot
 
     processes = read_statuses(settings.data_dir)
     report: dict[str, Any] = {"processes": processes}
@@ -41,8 +41,8 @@ def status_report(settings: Settings) -> dict[str, Any]:
     finally:
         database.dispose()
     try:
-        usage = shutil.disk_usage(_existing(settings.archive_dir))
-        report["disk"] = {"free_bytes": usage.free, "watermark_bytes": settings.min_free_disk_mb * 2**20}
+        report["disk"] = {"free_bytes": free_bytes(settings.archive_dir),
+                          "watermark_bytes": settings.min_free_disk_mb * 2**20}
     except OSError as exc:
         report["disk"] = {"error": str(exc)}
     report["ready"] = bool(processes) and all(p.get("ready") for p in processes) and report["database"] == "reachable"
