@@ -1,6 +1,6 @@
 """Dependencies point one way (the developers' brief): ``dicom_io``, ``models`` and ``config`` import nothing of the
 other packages, ``training`` nothing of ``worker``, and no module imports one that (through others) imports it
-back: calls flow one way inside a package too.
+back: calls flow one way inside a package too. No module imports another's private (``_``) names.
 
 Read from the sources' syntax trees, every ``import`` counted, also those inside functions (deferred imports still
 make a cycle of calls). ``from package import submodule`` is an edge to the submodule only.
@@ -101,6 +101,17 @@ def test_each_package_imports_only_what_it_may() -> None:
 
 def test_no_module_imports_one_that_imports_it_back() -> None:
     assert cycles(import_graph()) == []
+
+
+def test_no_module_imports_another_modules_private_names() -> None:
+    modules = project_modules()
+    reaching = []
+    for module, path in modules.items():
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            if isinstance(node, ast.ImportFrom) and not node.level and (node.module or "").split(".")[0] in PACKAGES:
+                reaching += [f"{module}: {node.module}.{alias.name}" for alias in node.names
+                             if alias.name.startswith("_") and not alias.name.startswith("__")]
+    assert reaching == []
 
 
 def test_a_cycle_is_found() -> None:
