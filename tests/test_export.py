@@ -190,6 +190,10 @@ def test_unreviewed_results_only_without_confirmed_only(archive_env) -> None:
     assert sources.pop(unreviewed) == "model" and set(sources.values()) == {"radiologist"}
     later = export_dataset(database, settings, COVID_CT, root / "later", since=date.today() + timedelta(days=1))
     assert later.images == 0 and read_manifest(root / "later") == []
+    # Nothing received since then was left out either (it counted every unreviewed result, whenever received).
+    assert later.unreviewed_left_out == 0
+    assert export_dataset(database, settings, COVID_CT, root / "recent",
+                          since=date.today() - timedelta(days=1)).unreviewed_left_out == 1
 
 
 def test_pseudonyms_depend_on_the_key_and_refusals(archive_env) -> None:

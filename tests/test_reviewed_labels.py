@@ -13,6 +13,7 @@ import os
 import re
 import subprocess
 import sys
+from datetime import date, timedelta
 from pathlib import Path
 
 import pytest
@@ -62,6 +63,8 @@ def _run_options(database: Database, run_id: int) -> dict:
 def test_label_counts_reviewed_and_unreviewed(seeded) -> None:
     _, database = seeded
     assert label_counts(database, COVID_CT) == {"reviewed": 6, "unreviewed": 1}
+    assert label_counts(database, COVID_CT, since=date.today() - timedelta(days=1)) == {"reviewed": 6, "unreviewed": 1}
+    assert label_counts(database, COVID_CT, since=date.today() + timedelta(days=1)) == {"reviewed": 0, "unreviewed": 0}
 
 
 def test_retrain_cli_defaults_to_reviewed_labels_and_says_what_it_left_out(seeded) -> None:
@@ -69,6 +72,9 @@ def test_retrain_cli_defaults_to_reviewed_labels_and_says_what_it_left_out(seede
     default = _retrain(settings)
     assert default.returncode == 0, default.stderr[-2000:]
     assert "left out 1 unreviewed results (--include-unreviewed adds them)" in default.stdout
+    later = _retrain(settings, "--since", (date.today() + timedelta(days=1)).isoformat())
+    assert later.returncode == 0, later.stderr[-2000:]
+    assert "labels: 0 radiologist-reviewed series; left out 0 unreviewed results" in later.stdout
     run_id = int(re.search(r"queued training run (\d+)", default.stdout)[1])
     assert _run_options(database, run_id)["confirmed_only"] is True
     for flag in ("--include-unreviewed", "--all-results"):

@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 from pydicom import dcmread
-from sqlalchemy import select
+from sqlalchemy import select, true
 
 from config import Settings
 from models.tasks import Task
@@ -158,7 +158,15 @@ def _patient_identity(patient: Patient, study: Study) -> str:
     return f"id:{patient.issuer_of_patient_id}\x00{patient.patient_id}"
 
 
-def _unreviewed_results(task: Task) -> Any:
+def _received_since(since: date | None) -> Any:
+    """The condition "the series was first received on or after the UTC day ``since``" (always true without it):
+    what ``--since`` means for exports, retraining and the counts they print."""
+    if since is None:
+        return true()
+    return Series.first_received_at >= datetime(since.year, since.month, since.day, tzinfo=timezone.utc)
+
+
+def _unreviewed_results(task: Task, since: date | None) -> Any:
     """The select of the task's current results on series no radiologist confirmed or corrected."""
     return (
         select(Series, Study, Patient, Result.label)
@@ -166,21 +174,22 @@ def _unreviewed_results(task: Task) -> Any:
         .join(Patient, Study.patient_pk == Patient.id)
         .join(Result, Result.series_pk == Series.id)
         .where(Result.task == task.name, Result.superseded_by_pk.is_(None),
-               Series.id.not_in(select(TrainingExample.series_pk)))
+               Series.id.not_in(select(TrainingExample.series_pk)), _received_since(since))
     )
 
 
-def label_counts(database: Database, task: Task) -> dict[str, int]:
-    """``{"reviewed": n, "unreviewed": m}``: series a retraining of ``task`` would learn from by default (reviewed
-    by a radiologist) and series whose only label is the model's own result (used only when asked for). What the
-    admin page shows before a run starts."""
+def label_counts(database: Database, task: Task, since: date | None = None) -> dict[str, int]:
+    """``{"reviewed": n, "unreviewed": m}``: series (first received on or after ``since``, where given) a retraining
+    of ``task`` would learn from by default (reviewed by a radiologist) and series whose only label is the model's
+    own result (used only when asked for). What the admin page shows before a run starts."""
     from sqlalchemy import func
 
     with database.read_session() as session:
         reviewed = session.scalar(select(func.count()).select_from(TrainingExample)
-                                  .where(TrainingExample.task == task.name)) or 0
+                                  .join(Series, TrainingExample.series_pk == Series.id)
+                                  .where(TrainingExample.task == task.name, _received_since(since))) or 0
         unreviewed = session.scalar(select(func.count()).select_from(
-            _unreviewed_results(task).where(Result.label.in_(task.class_names)).subquery())) or 0
+            _unreviewed_results(task, since).where(Result.label.in_(task.class_names)).subquery())) or 0
     return {"reviewed": int(reviewed), "unreviewed": int(unreviewed)}
 
 
@@ -193,14 +202,12 @@ def labelled_series(database: Database, task: Task, confirmed_only: bool, since:
             .join(Study, Series.study_pk == Study.id)
             .join(Patient, Study.patient_pk == Patient.id)
             .join(TrainingExample, TrainingExample.series_pk == Series.id)
-            .where(TrainingExample.task == task.name)
+            .where(TrainingExample.task == task.name, _received_since(since))
         )
         rows = [(s, st, p, label, "radiologist") for s, st, p, label in session.execute(query)]
         if not confirmed_only:
-            rows += [(s, st, p, label, "model") for s, st, p, label in session.execute(_unreviewed_results(task))]
-        if since is not None:
-            start = datetime(since.year, since.month, since.day, tzinfo=timezone.utc)
-            rows = [row for row in rows if row[0].first_received_at >= start]
+            rows += [(s, st, p, label, "model")
+                     for s, st, p, label in session.execute(_unreviewed_results(task, since))]
         out = []
         for series, study, patient, label, source in sorted(rows, key=lambda r: r[0].id):
             if label not in task.class_names:  # an indeterminate result names no class to train on
@@ -260,7 +267,7 @@ def export_dataset(
     """
     pseudonyms = _pseudonymizer(settings)
     options = {"confirmed_only": confirmed_only, "since": since.isoformat() if since else None}
-    left_out = 0 if not confirmed_only else label_counts(database, task)["unreviewed"]
+    left_out = 0 if not confirmed_only else label_counts(database, task, since)["unreviewed"]
     minimum = settings.export_min_patients_per_class if min_patients_per_class is None else min_patients_per_class
     return _export(out_dir, task, pseudonyms, lambda: labelled_series(database, task, confirmed_only, since),
                    {**options, "min_patients_per_class": minimum}, unreviewed_left_out=left_out)
