@@ -1,10 +1,12 @@
 """``dicom-triage listen`` with a DICOM TLS port (issue 18): the real command, configured by environment, takes
 storescu +tls on its TLS port and plain storescu on its plain one (one process, and two sharing both sockets);
-TLS alone; ``tls make-dev-certs``; a missing or mismatched certificate file fails the start with a message naming
+TLS alone; Orthanc, a real PACS, pushing with ``UseDicomTls`` (its own TLS stack, DCMTK's) and its client
+certificate; ``tls make-dev-certs``; a missing or mismatched certificate file fails the start with a message naming
 it."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 from pathlib import Path
 
@@ -14,10 +16,12 @@ from sqlalchemy import select
 from dicom_factory import brain_images, storescu, write_files
 from dicom_io.synthesis import mr_series
 from dicom_io.tls import DevCertificates, make_dev_certs
-from processes import Child, free_port, serve_ready, triage_command, triage_environment
+from processes import (Child, NetworkNamespace, free_port, serve_ready, triage_command, triage_environment,
+                       wait_for)
 from worker.db import Database, Instance
 
 AE = "DICOM_TRIAGE"
+ORTHANC = "/usr/sbin/Orthanc"
 
 
 @pytest.fixture(scope="module")
@@ -81,6 +85,57 @@ def test_listen_tls_only(tmp_path: Path, certs: DevCertificates) -> None:
         assert storescu(plain_port, files, called_ae=AE).returncode != 0  # nothing listens there
     finally:
         listen.stop()
+
+
+@pytest.mark.parametrize("client", ["ours", "foreign"])
+def test_orthanc_pushes_over_dicom_tls_with_its_client_certificate(tmp_path: Path, certs: DevCertificates,
+                                                                    client: str) -> None:
+    """Stored when Orthanc's client certificate is from our CA; refused, nothing stored, when from another CA."""
+    # Orthanc 1.10 listens on every interface: it and listen run in a namespace with only loopback.
+    shown = certs if client == "ours" else make_dev_certs(tmp_path / "foreign", organization="another CA")
+    tls_port, orthanc_dicom, orthanc_http = 11240, 11241, 8044
+    data_dir = tmp_path / "data"
+    directory = tmp_path / "orthanc"
+    directory.mkdir()
+    (directory / "orthanc.json").write_text(json.dumps({
+        "Name": "dicom-triage-tls-push", "StorageDirectory": str(directory / "storage"),
+        "IndexDirectory": str(directory / "index"), "HttpPort": orthanc_http, "DicomPort": orthanc_dicom,
+        "DicomAet": "ORTHANC_TLS", "RemoteAccessAllowed": False, "AuthenticationEnabled": False, "Plugins": [],
+        # Orthanc shows a client certificate (listen requires one) and trusts our server's CA.
+        "DicomTlsEnabled": True, "DicomTlsCertificate": str(shown.client_cert),
+        "DicomTlsPrivateKey": str(shown.client_key), "DicomTlsTrustedCertificates": str(certs.ca_cert),
+        "DicomModalities": {"triage": {"AET": AE, "Host": "127.0.0.1", "Port": tls_port, "UseDicomTls": True}},
+    }))
+    netns = NetworkNamespace()
+    env = tls_environment(tmp_path, certs, dicom_tls_port=tls_port, dicom_plain="false")
+    listen = Child(triage_command("listen", "--data-dir", str(data_dir), "--dicom-port", "11242"), env,
+                   name="listen", netns=netns)
+    orthanc = Child([ORTHANC, str(directory / "orthanc.json")], name="orthanc", netns=netns)
+    http = f"http://127.0.0.1:{orthanc_http}"
+    try:
+        listen.wait_for_line(serve_ready, 120)
+        wait_for(lambda: netns.run(["curl", "-sf", f"{http}/system"]).returncode == 0, 30, "Orthanc", orthanc)
+        series = mr_series(brain_images(3, seed=43))
+        ids = []
+        for path in write_files(series, tmp_path / "send"):
+            upload = netns.run(["curl", "-sf", "-X", "POST", "--data-binary", f"@{path}", f"{http}/instances"])
+            assert upload.returncode == 0, upload.stderr
+            ids.append(json.loads(upload.stdout)["ID"])
+        push = netns.run(["curl", "-s", "-X", "POST", "-d", json.dumps({"Resources": ids, "Synchronous": True}),
+                          f"{http}/modalities/triage/store"])
+        assert push.returncode == 0, push.stderr
+        answer = json.loads(push.stdout)
+        if client == "ours":
+            assert answer.get("InstancesCount") == 3, push.stdout + orthanc.output[-3000:] + listen.output[-3000:]
+            assert recorded(data_dir) == {ds.SOPInstanceUID for ds in series}
+        else:
+            assert "InstancesCount" not in answer and answer["HttpStatus"] >= 400, push.stdout
+            assert recorded(data_dir) == set()
+            assert listen.popen.poll() is None  # the refusal ends that association only
+    finally:
+        orthanc.stop()
+        listen.stop()
+        netns.close()
 
 
 @pytest.mark.parametrize("processes", [1, 2])
