@@ -135,3 +135,53 @@ def test_the_drift_warning_is_visible_in_a_browser(tmp_path: Path) -> None:
             expect(page.get_by_test_id("drift-warning-brain-tumor")).to_have_count(0)
     finally:
         database.dispose()
+
+
+def test_week_figures_take_the_latest_review_the_week_bounds_and_only_present_probabilities(
+        database: Database, tmp_path: Path) -> None:
+    """Computed by the database (grouped queries): the figures of one hand-counted week."""
+    now = datetime.now(timezone.utc)
+    _, monday = iso_week(now)
+    start = datetime(monday.year, monday.month, monday.day, tzinfo=timezone.utc)
+    rows = [  # label, probabilities, created: the first two at the week's very start
+        ("COVID", {"COVID": 0.8, "non-COVID": 0.2}, start),
+        ("non-COVID", {"COVID": 0.4, "non-COVID": 0.6}, start),
+        ("indeterminate", {"COVID": 0.5, "non-COVID": 0.5}, start + timedelta(hours=1)),
+        ("COVID", {"non-COVID": 0.3}, start + timedelta(hours=2)),  # no probability of its own label: no confidence
+        ("COVID", {"COVID": 0.1}, start - timedelta(microseconds=1)),  # the week before
+        ("non-COVID", {"non-COVID": 0.05}, start + timedelta(hours=3)),  # superseded below: not current
+    ]
+    with database.session() as session:
+        reviewer = User(name="drift-latest", role="radiologist", password_hash="x")
+        patient = Patient(patient_id="DRIFT-LATEST", patient_name="Drift^Latest")
+        session.add_all([reviewer, patient])
+        results = []
+        for label, probabilities, created in rows:
+            study = Study(study_instance_uid=generate_uid(), patient=patient)
+            series = Series(series_instance_uid=generate_uid(), study=study, modality="CT", revision=1,
+                            pending=False)
+            session.add_all([study, series])
+            session.flush()
+            job = Job(series_pk=series.id, revision=1, state=JobState.DONE, task=COVID_CT.name,
+                      series_last_received_at=created)
+            session.add(job)
+            session.flush()
+            result = Result(job_pk=job.id, series_pk=series.id, revision=1, task=COVID_CT.name, label=label,
+                            probabilities=probabilities, slice_probabilities=[], aggregation="test", model_name="m",
+                            model_version="1", model_uid="2.25.24", created_at=created)
+            session.add(result)
+            session.flush()
+            results.append(result)
+        results[-1].superseded_by_pk = results[0].id
+        # The latest decision counts: the first result confirmed, then corrected; the second only confirmed.
+        record_decision(session, results[0], reviewer, Decision.CONFIRM, "COVID")
+        record_decision(session, results[0], reviewer, Decision.CORRECT, "non-COVID")
+        record_decision(session, results[1], reviewer, Decision.CONFIRM, "non-COVID")
+    bounds = DriftBounds.from_settings(load_settings(env={}, data_dir=tmp_path / "data"))
+    weeks = weekly_figures(database, COVID_CT, bounds, now)
+    assert [(w.week, w.series) for w in weeks] == [(iso_week(start - timedelta(days=1))[0], 1), (iso_week(now)[0], 4)]
+    week = weeks[-1]
+    assert week.class_shares == {"COVID": 0.5, "non-COVID": 0.25} and week.indeterminate_rate == 0.25
+    assert week.reviewed == 2 and week.correction_rate == 0.5
+    assert abs(week.mean_confidence - (0.8 + 0.6) / 2) < 1e-9
+    assert abs(weeks[0].mean_confidence - 0.1) < 1e-9 and weeks[0].reviewed == 0 and weeks[0].correction_rate is None

@@ -29,7 +29,9 @@ from typing import TYPE_CHECKING, Any
 
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
-from sqlalchemy import select
+from sqlalchemy import Float, case, func, select
+from sqlalchemy.ext.compiler import compiles
+from sqlalchemy.sql.functions import FunctionElement
 
 from models.tasks import INDETERMINATE, TASKS, Task
 
@@ -98,24 +100,68 @@ def iso_week(moment: datetime) -> tuple[str, date]:
     return f"{year}-W{week:02d}", day - timedelta(days=weekday - 1)
 
 
-def _week_rows(database: "Database", task: Task, since: datetime) -> list[tuple[datetime, str, dict, str | None]]:
-    """``(created_at, label, probabilities, latest review decision or None)`` of the task's current results."""
+class _LabelProbability(FunctionElement[float]):
+    """``probabilities[label]`` of a result row, as a number (NULL where the key is missing), computed by the
+    database so that weeks of results are aggregated there instead of decoded one by one in Python."""
+
+    type = Float()
+    name = "label_probability"
+    inherit_cache = True
+
+
+@compiles(_LabelProbability, "sqlite")
+def _label_probability_sqlite(element: _LabelProbability, compiler: Any, **kw: Any) -> str:
+    probabilities, label = (compiler.process(clause, **kw) for clause in element.clauses)
+    return f"json_extract({probabilities}, '$.\"' || {label} || '\"')"
+
+
+@compiles(_LabelProbability, "postgresql")
+def _label_probability_postgresql(element: _LabelProbability, compiler: Any, **kw: Any) -> str:
+    probabilities, label = (compiler.process(clause, **kw) for clause in element.clauses)
+    return f"CAST(({probabilities} ->> {label}) AS DOUBLE PRECISION)"
+
+
+@dataclass
+class _WeekTotals:
+    """What the database sums up for one week: series per label, confidence sum and count over classified results,
+    latest reviews and corrections."""
+
+    labels: dict[str, int] = field(default_factory=dict)
+    confidence_sum: float = 0.0
+    confidences: int = 0
+    reviewed: int = 0
+    corrected: int = 0
+
+
+def _week_totals(database: "Database", task: Task, mondays: list[date]) -> dict[int, _WeekTotals]:
+    """Per index into ``mondays`` (the weeks' starts, consecutive), the totals of ``task``'s current results
+    created in that week; weeks without results are absent. Three grouped queries, whatever the number of results."""
     from worker.db import Result, Review
 
+    bounds = [datetime(d.year, d.month, d.day, tzinfo=timezone.utc) for d in [*mondays, mondays[-1] + timedelta(7)]]
+    week = case(*[(Result.created_at < end, index) for index, end in enumerate(bounds[1:])]).label("week")
+    current = (Result.task == task.name, Result.superseded_by_pk.is_(None), Result.created_at >= bounds[0],
+               Result.created_at < bounds[-1])
+    confidence = _LabelProbability(Result.probabilities, Result.label)
+    totals: dict[int, _WeekTotals] = defaultdict(_WeekTotals)
     with database.read_session() as session:
-        results = session.execute(
-            select(Result.id, Result.created_at, Result.label, Result.probabilities)
-            .where(Result.task == task.name, Result.superseded_by_pk.is_(None), Result.created_at >= since)
-        ).all()
-        ids = [row[0] for row in results]
-        latest: dict[int, str] = {}
-        for start in range(0, len(ids), 1000):  # bounded IN lists
-            for result_pk, decision in session.execute(
-                select(Review.result_pk, Review.decision).where(Review.result_pk.in_(ids[start:start + 1000]))
-                .order_by(Review.id)
-            ):
-                latest[result_pk] = decision  # ordered by id: the last one wins
-    return [(created, label, probabilities or {}, latest.get(pk)) for pk, created, label, probabilities in results]
+        for index, label, count, confidence_sum, confidences in session.execute(
+            select(week, Result.label, func.count(), func.sum(confidence), func.count(confidence))
+            .where(*current).group_by(week, Result.label)
+        ):
+            totals[index].labels[label] = count
+            if label in task.class_names:  # the confidence of a classified result
+                totals[index].confidence_sum += float(confidence_sum or 0.0)
+                totals[index].confidences += confidences
+        latest = (select(func.max(Review.id).label("id")).join(Result, Review.result_pk == Result.id)
+                  .where(*current).group_by(Review.result_pk).subquery())  # a result's latest review counts
+        for index, reviewed, corrected in session.execute(
+            select(week, func.count(), func.sum(case((Review.decision == "correct", 1), else_=0)))
+            .select_from(Review).join(latest, Review.id == latest.c.id).join(Result, Review.result_pk == Result.id)
+            .group_by(week)
+        ):
+            totals[index].reviewed, totals[index].corrected = reviewed, int(corrected or 0)
+    return totals
 
 
 def weekly_figures(database: "Database", task: Task, bounds: DriftBounds, now: datetime | None = None
@@ -123,15 +169,9 @@ def weekly_figures(database: "Database", task: Task, bounds: DriftBounds, now: d
     """The last ``bounds.weeks`` ISO weeks of ``task`` (oldest first; weeks without results left out), judged."""
     now = now or datetime.now(timezone.utc)
     _, this_monday = iso_week(now)
-    first_monday = this_monday - timedelta(weeks=bounds.weeks - 1)
-    since = datetime(first_monday.year, first_monday.month, first_monday.day, tzinfo=timezone.utc)
-    grouped: dict[str, list[tuple[str, dict, str | None]]] = defaultdict(list)
-    starts: dict[str, date] = {}
-    for created, label, probabilities, decision in _week_rows(database, task, since):
-        week, monday = iso_week(created if created.tzinfo else created.replace(tzinfo=timezone.utc))
-        grouped[week].append((label, probabilities, decision))
-        starts[week] = monday
-    weeks = [_figures(week, starts[week], grouped[week], task) for week in sorted(grouped, key=starts.__getitem__)]
+    mondays = [this_monday - timedelta(weeks=bounds.weeks - 1 - index) for index in range(bounds.weeks)]
+    totals = _week_totals(database, task, mondays)
+    weeks = [_figures(mondays[index], totals[index], task) for index in sorted(totals)]
     for index, week in enumerate(weeks):
         baseline = [w for w in weeks[:index] if w.series >= bounds.min_series][-bounds.baseline_weeks:]
         if week.series >= bounds.min_series and baseline:
@@ -139,19 +179,16 @@ def weekly_figures(database: "Database", task: Task, bounds: DriftBounds, now: d
     return weeks
 
 
-def _figures(week: str, monday: date, rows: list[tuple[str, dict, str | None]], task: Task) -> WeekFigures:
-    total = len(rows)
-    counts = {name: sum(1 for label, _, _ in rows if label == name) for name in task.class_names}
-    classified = [(label, probabilities) for label, probabilities, _ in rows if label in task.class_names]
-    reviewed = [decision for _, _, decision in rows if decision is not None]
-    confidences = [float(probabilities[label]) for label, probabilities in classified if label in probabilities]
+def _figures(monday: date, totals: _WeekTotals, task: Task) -> WeekFigures:
+    total = sum(totals.labels.values())
     return WeekFigures(
-        week=week, start=monday, series=total,
-        class_shares={name: count / total for name, count in counts.items()},
-        indeterminate_rate=sum(1 for label, _, _ in rows if label == INDETERMINATE) / total,
-        reviewed=len(reviewed),
-        correction_rate=(sum(1 for d in reviewed if d == "correct") / len(reviewed)) if reviewed else None,
-        mean_confidence=(sum(confidences) / len(confidences)) if confidences else None,
+        week=iso_week(datetime(monday.year, monday.month, monday.day, tzinfo=timezone.utc))[0], start=monday,
+        series=total,
+        class_shares={name: totals.labels.get(name, 0) / total for name in task.class_names},
+        indeterminate_rate=totals.labels.get(INDETERMINATE, 0) / total,
+        reviewed=totals.reviewed,
+        correction_rate=(totals.corrected / totals.reviewed) if totals.reviewed else None,
+        mean_confidence=(totals.confidence_sum / totals.confidences) if totals.confidences else None,
     )
 
 
