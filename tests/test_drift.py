@@ -8,6 +8,7 @@ from __future__ import annotations
 import re
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
+from typing import Any
 
 from fastapi.testclient import TestClient
 from pydicom.uid import generate_uid
@@ -24,6 +25,25 @@ from worker.web.users import add_user
 SERIES_PER_WEEK = 12
 
 
+def _add_result(session: Any, patient: Patient, label: str, probabilities: dict[str, float],
+                created: datetime) -> Result:
+    """A covid-ct result ``label`` created at ``created``, on a series and study of its own."""
+    study = Study(study_instance_uid=generate_uid(), patient=patient)
+    series = Series(series_instance_uid=generate_uid(), study=study, modality="CT", revision=1, pending=False)
+    session.add_all([study, series])
+    session.flush()
+    job = Job(series_pk=series.id, revision=1, state=JobState.DONE, task=COVID_CT.name,
+              series_last_received_at=created)
+    session.add(job)
+    session.flush()
+    result = Result(job_pk=job.id, series_pk=series.id, revision=1, task=COVID_CT.name, label=label,
+                    probabilities=probabilities, slice_probabilities=[], aggregation="test", model_name="m",
+                    model_version="1", model_uid="2.25.23", created_at=created)
+    session.add(result)
+    session.flush()
+    return result
+
+
 def _seed_week(database: Database, moment: datetime, labels: list[str], corrections: int) -> None:
     """One result per label at ``moment``; the first six reviewed, ``corrections`` of them corrected."""
     with database.session() as session:
@@ -34,21 +54,8 @@ def _seed_week(database: Database, moment: datetime, labels: list[str], correcti
         patient = Patient(patient_id=f"DRIFT-{generate_uid()[-12:]}", patient_name="Drift^Week")
         session.add(patient)
         for number, label in enumerate(labels):
-            study = Study(study_instance_uid=generate_uid(), patient=patient)
-            series = Series(series_instance_uid=generate_uid(), study=study, modality="CT", revision=1,
-                            pending=False)
-            session.add_all([study, series])
-            session.flush()
-            job = Job(series_pk=series.id, revision=1, state=JobState.DONE, task=COVID_CT.name,
-                      series_last_received_at=moment)
-            session.add(job)
-            session.flush()
-            result = Result(job_pk=job.id, series_pk=series.id, revision=1, task=COVID_CT.name, label=label,
-                            probabilities={label: 0.9, ("non-COVID" if label == "COVID" else "COVID"): 0.1},
-                            slice_probabilities=[], aggregation="test", model_name="m", model_version="1",
-                            model_uid="2.25.23", created_at=moment)
-            session.add(result)
-            session.flush()
+            result = _add_result(session, patient, label,
+                                 {label: 0.9, ("non-COVID" if label == "COVID" else "COVID"): 0.1}, moment)
             if number < corrections:
                 other = "non-COVID" if label == "COVID" else "COVID"
                 record_decision(session, result, reviewer, Decision.CORRECT, other)
@@ -155,23 +162,8 @@ def test_week_figures_take_the_latest_review_the_week_bounds_and_only_present_pr
         reviewer = User(name="drift-latest", role="radiologist", password_hash="x")
         patient = Patient(patient_id="DRIFT-LATEST", patient_name="Drift^Latest")
         session.add_all([reviewer, patient])
-        results = []
-        for label, probabilities, created in rows:
-            study = Study(study_instance_uid=generate_uid(), patient=patient)
-            series = Series(series_instance_uid=generate_uid(), study=study, modality="CT", revision=1,
-                            pending=False)
-            session.add_all([study, series])
-            session.flush()
-            job = Job(series_pk=series.id, revision=1, state=JobState.DONE, task=COVID_CT.name,
-                      series_last_received_at=created)
-            session.add(job)
-            session.flush()
-            result = Result(job_pk=job.id, series_pk=series.id, revision=1, task=COVID_CT.name, label=label,
-                            probabilities=probabilities, slice_probabilities=[], aggregation="test", model_name="m",
-                            model_version="1", model_uid="2.25.24", created_at=created)
-            session.add(result)
-            session.flush()
-            results.append(result)
+        session.flush()
+        results = [_add_result(session, patient, *row) for row in rows]
         results[-1].superseded_by_pk = results[0].id
         # The latest decision counts: the first result confirmed, then corrected; the second only confirmed.
         record_decision(session, results[0], reviewer, Decision.CONFIRM, "COVID")
