@@ -135,8 +135,9 @@ class _WeekTotals:
 
 def _week_totals(database: "Database", task: Task, mondays: list[date]) -> dict[int, _WeekTotals]:
     """Per index into ``mondays`` (the weeks' starts, consecutive), the totals of ``task``'s current results
-    created in that week; weeks without results are absent. Three grouped queries, whatever the number of results."""
+    created in that week; weeks without results are absent. Two grouped queries, whatever the number of results."""
     from worker.db import Result, Review
+    from worker.db.review import Decision
 
     bounds = [datetime(d.year, d.month, d.day, tzinfo=timezone.utc) for d in [*mondays, mondays[-1] + timedelta(7)]]
     week = case(*[(Result.created_at < end, index) for index, end in enumerate(bounds[1:])]).label("week")
@@ -156,7 +157,7 @@ def _week_totals(database: "Database", task: Task, mondays: list[date]) -> dict[
         latest = (select(func.max(Review.id).label("id")).join(Result, Review.result_pk == Result.id)
                   .where(*current).group_by(Review.result_pk).subquery())  # a result's latest review counts
         for index, reviewed, corrected in session.execute(
-            select(week, func.count(), func.sum(case((Review.decision == "correct", 1), else_=0)))
+            select(week, func.count(), func.sum(case((Review.decision == Decision.CORRECT.value, 1), else_=0)))
             .select_from(Review).join(latest, Review.id == latest.c.id).join(Result, Review.result_pk == Result.id)
             .group_by(week)
         ):
