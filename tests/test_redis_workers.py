@@ -213,9 +213,11 @@ def test_a_killed_workers_job_is_run_again_once_on_redis(
         assert unacked_tasks(broker) == [(CLASSIFY_SERIES, f"[{job_id}]", killed_message)]
         with Connection(broker_url, transport_options={"visibility_timeout": 0}) as connection:
             connection.default_channel.qos.restore_visible(num=100)
-        wait_for(lambda: queues_drained(broker, INFERENCE_QUEUE), 60, "the redelivered message taken and acknowledged",
-                 second_worker)
-        assert f"Task {CLASSIFY_SERIES}[{killed_message}] received" in second_worker.output
+        # Both waited for: the worker's log line reaches us through its output relay after the broker has seen the
+        # acknowledgement (it once lagged behind it here).
+        received = f"Task {CLASSIFY_SERIES}[{killed_message}] received"
+        wait_for(lambda: received in second_worker.output and queues_drained(broker, INFERENCE_QUEUE), 60,
+                 "the redelivered message received and acknowledged", second_worker)
         assert job() == (job_id, JobState.DONE, 2)
         assert results() == 1
     finally:
