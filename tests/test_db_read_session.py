@@ -1,4 +1,4 @@
-"""Database.read_session: readers never wait behind a writer's lock, and cannot write."""
+"""Database.read_session: readers never wait behind a writer's lock, read one snapshot, and cannot write."""
 
 from __future__ import annotations
 
@@ -27,3 +27,15 @@ def test_a_read_session_cannot_write(database: Database) -> None:
     with pytest.raises(DBAPIError, match="readonly|read-only"):
         with database.read_session() as reader:
             reader.execute(text("DELETE FROM rejected_instances"))
+
+
+def test_a_read_session_reads_one_snapshot(database: Database) -> None:
+    # status read the queue's depth and its oldest job in two statements; on PostgreSQL (read committed then) a
+    # job taken between them gave a depth of 1 with no oldest job (CI failure).
+    with database.read_session() as reader:
+        assert reader.scalar(select(func.count(RejectedInstance.id))) == 0
+        with database.session() as writer:
+            writer.add(RejectedInstance(calling_ae="A", sop_instance_uid="1.3", reason="test"))
+        assert reader.scalar(select(func.count(RejectedInstance.id))) == 0  # committed after its first read
+    with database.read_session() as reader:
+        assert reader.scalar(select(func.count(RejectedInstance.id))) == 1

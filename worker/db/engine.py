@@ -32,7 +32,8 @@ SQLITE_BUSY_TIMEOUT_MS = 60_000
 def create_database_engine(url: str, *, durable_commits: bool = True, read_only: bool = False) -> Engine:
     """An engine for ``url``; for SQLite, the parent directory is created and the pragmas above are set.
 
-    ``read_only`` (SQLite): deferred transactions on query-only connections, for readers.
+    ``read_only``: for readers, transactions that cannot write and read one snapshot (SQLite: deferred transactions
+    on query-only connections; PostgreSQL: read-only, repeatable read).
     """
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
@@ -44,7 +45,11 @@ def create_database_engine(url: str, *, durable_commits: bool = True, read_only:
     if parsed.drivername == "postgresql":
         url = str(parsed.set(drivername="postgresql+psycopg"))  # psycopg 3 is the driver we ship
     if read_only:
-        return create_engine(url, pool_pre_ping=True, execution_options={"postgresql_readonly": True})
+        # Repeatable read: one snapshot for the whole read session, as SQLite's deferred transaction gives, so that
+        # the figures of one report (status, /metrics, a worklist page) agree with each other. A read-only
+        # transaction at this level never fails to serialize.
+        return create_engine(url, pool_pre_ping=True,
+                             execution_options={"postgresql_readonly": True, "isolation_level": "REPEATABLE READ"})
     return create_engine(url, pool_pre_ping=True)
 
 
@@ -114,8 +119,9 @@ class Database:
 
     @contextmanager
     def read_session(self) -> Iterator[Session]:
-        """A session for reading only: it never waits for a writer's lock and is rolled back at the end; a
-        write in it fails (SQLite: query-only connection; PostgreSQL: a read-only transaction)."""
+        """A session for reading only: it never waits for a writer's lock, reads one snapshot (what was committed
+        when it first read) and is rolled back at the end; a write in it fails (SQLite: query-only connection;
+        PostgreSQL: a read-only transaction)."""
         if self._read_sessions is None:
             # Made on first use: most processes (listener, workers) never read this way.
             self._read_engine = create_database_engine(self.url, read_only=True)
