@@ -88,6 +88,11 @@ class RetrainOptions:
         if self.since is not None:
             date.fromisoformat(self.since)  # raises ValueError naming the bad date
 
+    @property
+    def since_date(self) -> date | None:
+        """``since`` as the date the export and the label counts take."""
+        return date.fromisoformat(self.since) if self.since is not None else None
+
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["external"] = list(self.external) if self.external is not None else None
@@ -219,7 +224,7 @@ def _run(settings: Settings, database: Database, run: TrainingRun) -> None:
         raise RegistryError(f"no active {task.name} model to start from")
     # With external folders the archive's part may be small: they give every class its patients.
     exported = export_dataset(database, settings, task, folder / "data", confirmed_only=options.confirmed_only,
-                              since=date.fromisoformat(options.since) if options.since else None,
+                              since=options.since_date,
                               min_patients_per_class=0 if external else None)
     if exported.images == 0 and not external:
         raise ExportError(f"no labelled {task.name} series to train on (confirm some results first)")

@@ -191,7 +191,7 @@ def _retrain(args: argparse.Namespace) -> int:
     from models.tasks import get_task
     from worker.export import label_counts
 
-    counts = label_counts(database, get_task(args.task), date.fromisoformat(options.since) if options.since else None)
+    counts = label_counts(database, get_task(args.task), options.since_date)
     if options.confirmed_only:
         print(f"  labels: {counts['reviewed']} radiologist-reviewed series; left out {counts['unreviewed']} "
               f"unreviewed results ({INCLUDE_UNREVIEWED} adds them)")
