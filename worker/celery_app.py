@@ -19,6 +19,7 @@ from celery import Celery
 from celery.signals import worker_shutting_down
 
 from config import Settings
+from worker.filesystem_broker import TRANSPORT as FILESYSTEM_TRANSPORT
 from worker.lifetime import BoundedStop
 from worker.logs import chosen_format
 
@@ -33,15 +34,17 @@ CLASSIFY_SERIES = "dicom_triage.classify_series"
 def broker_options(settings: Settings) -> dict[str, Any]:
     """Transport options; for the filesystem broker, its folders (created here) and a short polling interval."""
     if settings.effective_broker_url.startswith("filesystem://"):
-        queue = settings.broker_dir / "queue"
-        control = settings.broker_dir / "control"
-        for folder in (queue, control):
+        folders = {name: settings.broker_dir / name for name in ("queue", "control", "taken", "rejected")}
+        for folder in folders.values():
             folder.mkdir(parents=True, exist_ok=True)
         return {
             # Producer and consumer share one folder: that folder is the queue.
-            "data_folder_in": str(queue),
-            "data_folder_out": str(queue),
-            "control_folder": str(control),
+            "data_folder_in": str(folders["queue"]),
+            "data_folder_out": str(folders["queue"]),
+            "control_folder": str(folders["control"]),
+            # worker.filesystem_broker: a consumer renames a message here to take it; undecodable ones are kept.
+            "taken_folder": str(folders["taken"]),
+            "rejected_folder": str(folders["rejected"]),
             # The default 1 s poll would add up to a second to every result's latency.
             "polling_interval": 0.1,
         }
@@ -54,6 +57,8 @@ def create_celery_app(settings: Settings) -> Celery:
     app = Celery("dicom_triage", broker=settings.effective_broker_url, backend=settings.result_backend_url)
     filesystem = settings.effective_broker_url.startswith("filesystem://")
     app.conf.update(
+        # kombu's own filesystem transport loses messages when processes share its folder (worker.filesystem_broker).
+        broker_transport=FILESYSTEM_TRANSPORT if filesystem else None,
         broker_transport_options=broker_options(settings),
         broker_connection_retry_on_startup=True,
         task_default_queue=INFERENCE_QUEUE,
