@@ -97,10 +97,15 @@ class Destination(BaseModel):
 
 #: Series descriptions of scouts and localizers, as scanners write them.
 DEFAULT_SCOUT_DESCRIPTIONS = r"scout|locali[sz]er|survey|3[ -]?plane|tri-?pilot|aa-?head|\bloc\b"
+#: Study or series descriptions of quality-assurance scans: phantoms are scanned under such names (a GE EPI phantom
+#: with rods and wedges inside, study "Phantom", was called meningioma at 0.99 and its structure passes every image
+#: check; a "FMRIF^QA" study holds an EPI phantom).
+DEFAULT_QA_DESCRIPTIONS = r"phantom|\bqa\b|\bqc\b|quality[ _-]?(assurance|control)"
 
 
 class RoutingRule(BaseModel):
-    """Which classifier runs on which series. All given conditions must hold; patterns are regexes (case-insensitive)."""
+    """Which classifier runs on which series. All given conditions must hold; patterns are regexes
+    (case-insensitive)."""
 
     model_config = ConfigDict(frozen=True)
 
@@ -109,15 +114,20 @@ class RoutingRule(BaseModel):
     body_parts: tuple[str, ...] = ()
     study_description: str | None = None
     series_description: str | None = None
-    #: Image Type values of series no classifier reads: scouts, and parametric maps computed from diffusion (ADC,
-    #: FA, trace) or projections, which are not the anatomical images the models were trained on.
-    exclude_image_types: tuple[str, ...] = ("LOCALIZER", "SCOUT", "ADC", "EADC", "FA", "TRACEW", "PROJECTION IMAGE")
+    #: Image Type values of series no classifier reads: scouts, parametric maps computed from diffusion (ADC, FA,
+    #: trace) or projections, which are not the anatomical images the models were trained on, and Siemens mosaics
+    #: (an fMRI or DTI volume tiled into one frame), which are not split into slices.
+    exclude_image_types: tuple[str, ...] = ("LOCALIZER", "SCOUT", "ADC", "EADC", "FA", "TRACEW", "PROJECTION IMAGE",
+                                            "MOSAIC")
     #: A series whose description matches this regex (case-insensitive) is not read: scanners name their scouts
     #: 'localizer', 'survey', '3-plane loc' ... without always marking the Image Type LOCALIZER. Empty: no check.
     exclude_series_description: str | None = DEFAULT_SCOUT_DESCRIPTIONS
+    #: A series whose study or series description matches this regex (case-insensitive) is a phantom or another
+    #: quality-assurance scan, not a patient: not read. Empty: no check.
+    exclude_qa_description: str | None = DEFAULT_QA_DESCRIPTIONS
     min_slices: int = Field(default=1, ge=1)
 
-    @field_validator("study_description", "series_description", "exclude_series_description")
+    @field_validator("study_description", "series_description", "exclude_series_description", "exclude_qa_description")
     @classmethod
     def _regex_compiles(cls, value: str | None) -> str | None:
         if value is not None:

@@ -69,12 +69,36 @@ def test_description_patterns_and_min_slices() -> None:
 
 def test_scout_descriptions_reason_and_switch_off() -> None:
     decision = route(facts(series_description="localizer"), DEFAULT_ROUTING_RULES)
-    assert "series description 'localizer' names a scout or localizer" in decision.reason
+    assert "series description names a scout or localizer ('localizer')" in decision.reason
     # An empty pattern (TOML has no null) turns the check off rather than matching every description.
     rule = RoutingRule(task="brain-tumor", exclude_series_description="")
     assert route(facts(series_description="localizer"), (rule,)).task == "brain-tumor"
     with pytest.raises(ValueError, match="not a valid regular expression"):
         RoutingRule(task="brain-tumor", exclude_series_description="(")
+
+
+def test_phantom_and_qa_studies_are_not_read() -> None:
+    # The study descriptions of the two QA phantom series in the extra collection that no image check refused.
+    for study in ("Phantom", "FMRIF^QA"):
+        decision = route(facts(study_description=study), DEFAULT_ROUTING_RULES)
+        assert decision.task is None
+        assert "study description names a phantom or quality-assurance scan" in decision.reason
+        assert study not in decision.reason  # the description itself is never in a (logged) reason
+    decision = route(facts(series_description="ACR phantom T1"), DEFAULT_ROUTING_RULES)
+    assert decision.task is None and "series description names a phantom" in decision.reason
+    for study in ("MRI BRAIN W/O", "Aquarius follow-up", "QAnalysis"):  # words, not substrings
+        assert route(facts(study_description=study), DEFAULT_ROUTING_RULES).task == "brain-tumor"
+    assert route(facts(study_description="Phantom"), (RoutingRule(task="brain-tumor", exclude_qa_description=""),)
+                 ).task == "brain-tumor"
+    with pytest.raises(ValueError, match="not a valid regular expression"):
+        RoutingRule(task="brain-tumor", exclude_qa_description="[")
+
+
+def test_siemens_mosaics_are_not_read() -> None:
+    # A mosaic tiles a whole EPI volume into one frame: the brain model would see a grid of small heads.
+    mosaic = facts(image_types=frozenset({"ORIGINAL", "PRIMARY", "M", "ND", "MOSAIC"}))
+    decision = route(mosaic, DEFAULT_ROUTING_RULES)
+    assert decision.task is None and "image type MOSAIC is excluded" in decision.reason
 
 
 def test_first_matching_rule_wins_and_empty_rules() -> None:

@@ -50,18 +50,26 @@ def _mismatch(rule: RoutingRule, facts: SeriesFacts) -> str | None:
     if rule.body_parts and facts.body_part_examined.upper() not in {b.upper() for b in rule.body_parts}:
         allowed = "/".join(b or "(none)" for b in rule.body_parts)
         return f"body part {facts.body_part_examined or '(none)'} not in {allowed}"
+    # Reasons name the pattern or the matched word, never the description itself: they are logged, and a
+    # description may carry patient data.
     if rule.study_description is not None and not re.search(
         rule.study_description, facts.study_description, re.IGNORECASE
     ):
-        return f"study description {facts.study_description!r} does not match {rule.study_description!r}"
+        return f"study description does not match {rule.study_description!r}"
     if rule.series_description is not None and not re.search(
         rule.series_description, facts.series_description, re.IGNORECASE
     ):
-        return f"series description {facts.series_description!r} does not match {rule.series_description!r}"
-    if rule.exclude_series_description and re.search(
-        rule.exclude_series_description, facts.series_description, re.IGNORECASE
-    ):
-        return f"series description {facts.series_description!r} names a scout or localizer"
+        return f"series description does not match {rule.series_description!r}"
+    if rule.exclude_qa_description:
+        for which, text in (("study", facts.study_description), ("series", facts.series_description)):
+            found = re.search(rule.exclude_qa_description, text, re.IGNORECASE)
+            if found:
+                return (f"{which} description names a phantom or quality-assurance scan "
+                        f"({found.group(0).lower()!r})")
+    if rule.exclude_series_description:
+        found = re.search(rule.exclude_series_description, facts.series_description, re.IGNORECASE)
+        if found:
+            return f"series description names a scout or localizer ({found.group(0).lower()!r})"
     excluded = sorted(facts.image_types & {t.upper() for t in rule.exclude_image_types})
     if excluded:
         return f"image type {'/'.join(excluded)} is excluded"
