@@ -31,7 +31,7 @@ import io
 import re
 import subprocess
 import sys
-from collections import Counter, defaultdict
+from collections import Counter
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from pathlib import Path
@@ -213,6 +213,39 @@ SELECTIONS: tuple[Selection, ...] = (
 )
 
 
+#: The volunteers collection (``--volunteers``): the brain MR of the dcm2niix validation repositories and the
+#: studyforrest structural scan (volunteers, no pathology reported), gathered in session 14 as a fine-tuning pool
+#: whose fine-tunes were never shipped, so the shipped models have not seen them; and the GE EPI phantom series of
+#: dcm_qa_stc (study "Phantom": rods and wedges in fluid). dcm_qa_stc's series that another repository or the extra
+#: collection holds too (same SeriesInstanceUID: UIH, Siemens B12, B17, D13, GE mr_0004) are taken once, and
+#: dcm_qa's Phoenix protocol report (no image) not at all. BOLD runs with thousands of slices
+#: (datalad/example-dicom-functional) are left out for time.
+STC = "f3e6492cdb309110632729d5020554191f3cafba"
+VOLUNTEER_SELECTIONS: tuple[Selection, ...] = (
+    Selection("neurolabusc/dcm_qa_stc", STC,
+              ("In/GE/ProtocolDataBlock/mr_000[5-7]/*", "In/GE/RTIAold/*/*", "In/Siemens/B1[35]/*/*",
+               "In/Siemens/E11*/*/*", "In/Siemens/XA10/*/*"), "c", "dcm_qa_stc", DCM_QA,
+              "volunteers' EPI and DWI for slice-timing validation (GE 2007-2018, Siemens 2010-2019)"),
+    Selection("neurolabusc/dcm_qa_stc", STC, ("In/GE/RTIA/*/*", "In/GE/TriggerTime/*/*"), "e", "dcm_qa_stc", DCM_QA,
+              "phantom: study description 'Phantom', rods and wedges in fluid seen on preview"),
+    Selection("neurolabusc/dcm_qa_mosaic", "2dbdc581a6c36a2501d41f2eaf6928dc9fb98601", ("In/*/*",), "c",
+              "dcm_qa_mosaic", DCM_QA, "volunteer BOLD EPI mosaics (Siemens 2017)"),
+    Selection("neurolabusc/dcm_qa_uih", "d729bdd785d37ad5f1ed479c305a76f370d8011b", ("In/*/*", "In/*/*/*"), "c",
+              "dcm_qa_uih", DCM_QA, "volunteers' DTI and 3D T1 GRE (United Imaging)"),
+    Selection("neurolabusc/dcm_qa", "4f85d067c8b61d12cec1689f8516cc30cd583d65",
+              ("In/Orientation/*/*/*", "In/TotalReadoutTime/*/*/*"), "c", "dcm_qa", DCM_QA,
+              "volunteer EPI in three orientations and readout variants (Siemens 2014)",
+              category_of=lambda path, _: None if "PHOENIXZIPREPORT" in path.upper() else "c"),
+    Selection("neurolabusc/dcm_qa_decubitus", "92cd635dc0a8f971d0e1d4e4ce69efff70fdc04e", ("In/*/*/*",), "c",
+              "dcm_qa_decubitus", DCM_QA, "volunteer T1 FLASH sagittal and DWI, four patient positions (Siemens)"),
+    Selection("neurolabusc/dcm_qa_12bit", "953703a78f01324bb8e5ea71edc4beb75bae8cef", ("In/*",), "c",
+              "dcm_qa_12bit", DCM_QA, "volunteer BOLD EPI mosaic (Siemens 2007)"),
+    Selection("datalad/example-dicom-structural", "f077bcc8d502ce8155507bd758cb3b7ccc887f40", ("dicoms/*",), "c",
+              "studyforrest", "PDDL-1.0 (Open Data Commons)",
+              "studyforrest healthy volunteer, T1w 3D (Hanke et al. 2014, Sci Data)"),
+)
+EXPECTED_VOLUNTEERS = {"a": 0, "b": 0, "c": 80, "d": 0, "e": 2}
+
 LEFT_OUT: list[str] = []  # matched files that are not DICOM, for the manifest
 
 
@@ -254,13 +287,14 @@ class Mirror:
                     entries.append((path.decode(), sha.decode()))
         return entries
 
-    def blob(self, sha: str, path: str) -> bytes:
+    def blob(self, sha: str) -> bytes | None:
+        """The blob's bytes, or ``None`` when the snapshot lacks it (the fetch tool drops files of 4 MiB or more)."""
         assert self.process.stdin and self.process.stdout
         self.process.stdin.write(sha.encode() + b"\n")
         self.process.stdin.flush()
         header = self.process.stdout.readline().split()
         if len(header) != 3:
-            raise SystemExit(f"{self.git_dir}: {path} ({sha}) is missing from the snapshot")
+            return None
         data = self.process.stdout.read(int(header[2]))
         self.process.stdout.read(1)
         return data
@@ -279,18 +313,19 @@ def slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9.+-]+", "_", text.strip()).strip("_") or "series"
 
 
-def collect(mirrors: Path, distinct: bool) -> list[Series]:
+def collect(mirrors: Path, distinct: bool, selections: tuple[Selection, ...] = SELECTIONS) -> list[Series]:
     """Every selected file, read and grouped into series, with the category each goes to. ``distinct`` drops the
     TCGA slices that are byte-identical copies of another instead of keeping them as series of their own."""
     opened: dict[str, Mirror] = {}
     series: dict[tuple[int, str, str, str], Series] = {}
     try:
-        for index, selection in enumerate(SELECTIONS):
+        for index, selection in enumerate(selections):
             if selection.repo in RESERVED:
                 raise SystemExit(f"{selection.repo} is reserved by issue 17 and must not be read")
             mirror = opened.get(selection.repo)
             if mirror is None:
-                mirror = opened[selection.repo] = Mirror(mirrors / selection.repo.replace("/", "+") / "repo")
+                root = mirrors / selection.repo.replace("/", "+") / "repo"
+                mirror = opened[selection.repo] = Mirror(root / ".git" if (root / ".git").is_dir() else root)
             chosen = [(path, sha) for path, sha in mirror.tree(selection.commit)
                       if any(matches(path, pattern) for pattern in selection.patterns)]
             if not chosen:
@@ -300,7 +335,10 @@ def collect(mirrors: Path, distinct: bool) -> list[Series]:
                 category = selection.category_of(path, distinct) if selection.category_of else selection.category
                 if category is None:
                     continue
-                data = mirror.blob(sha, path)
+                data = mirror.blob(sha)
+                if data is None:
+                    LEFT_OUT.append(f"{selection.repo}: {path} (missing from the snapshot)")
+                    continue
                 if path.endswith(".gz"):
                     data = gzip.decompress(data)
                 try:
@@ -344,7 +382,7 @@ def name_folders(all_series: list[Series]) -> None:
         raise SystemExit(f"two series would share a folder: {clashes}")
 
 
-def write(all_series: list[Series], dest: Path) -> None:
+def write(all_series: list[Series], dest: Path, title: str) -> None:
     dest.mkdir(parents=True, exist_ok=True)
     sums = []
     for entry in all_series:
@@ -359,19 +397,19 @@ def write(all_series: list[Series], dest: Path) -> None:
             sums.append(f"{hashlib.sha256(data).hexdigest()}  {entry.folder}/{name}")
     (dest / "SHA256SUMS").write_text("\n".join(sorted(sums, key=lambda line: line[66:])) + "\n")
     (dest / "labels.tsv").write_text(
-        "# The extra collection of issue 17 (bench/extra_dicom.py): PATH-PREFIX<TAB>LABEL, one line per series\n"
+        f"# The {title} of issue 17 (bench/extra_dicom.py): PATH-PREFIX<TAB>LABEL, one line per series\n"
         + "".join(f"{entry.folder}\t{LABELS[entry.category]}\n" for entry in all_series))
-    (dest / "MANIFEST.md").write_text(manifest(all_series))
+    (dest / "MANIFEST.md").write_text(manifest(all_series, title))
 
 
-def manifest(all_series: list[Series]) -> str:
+def manifest(all_series: list[Series], title: str) -> str:
     counts = Counter(entry.category for entry in all_series)
     first_with: dict[str, str] = {}  # file digest -> first series folder holding it
     for entry in all_series:
         for _, data in entry.files:
             first_with.setdefault(hashlib.sha256(data).hexdigest(), entry.folder)
     lines = [
-        "# Extra collection of real scanner DICOM (issue 17)",
+        f"# {title[0].upper() + title[1:]} of real scanner DICOM (issue 17)",
         "",
         "Built by `bench/extra_dicom.py` from bare git mirrors at the commits below; provenance and caveats in the",
         "project's `docs/real-dicom-sources.md`. Every file is a byte-for-byte copy of a git blob (`.dcm.gz`",
@@ -410,22 +448,28 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-check", action="store_true", help="write even if the counts differ from EXPECTED")
     parser.add_argument("--distinct", action="store_true",
                         help="leave out the five TCGA slices that are copies of another (a 68, e 55)")
+    parser.add_argument("--volunteers", action="store_true",
+                        help="build the volunteers collection (VOLUNTEER_SELECTIONS) instead of the extra collection")
     args = parser.parse_args(argv)
     if args.dest.exists() and any(args.dest.iterdir()):
         parser.error(f"{args.dest} is not empty")
-    all_series = collect(args.mirrors, args.distinct)
-    expected = EXPECTED_DISTINCT if args.distinct else EXPECTED
+    if args.volunteers:
+        all_series = collect(args.mirrors, False, VOLUNTEER_SELECTIONS)
+        expected = EXPECTED_VOLUNTEERS
+    else:
+        all_series = collect(args.mirrors, args.distinct)
+        expected = EXPECTED_DISTINCT if args.distinct else EXPECTED
     all_series.sort(key=lambda entry: (entry.category, entry.selection.source))
     name_folders(all_series)
     all_series.sort(key=lambda entry: entry.folder)
     counts = Counter(entry.category for entry in all_series)
     for category in LABELS:
         print(f"{category} {LABELS[category]:14} {counts[category]:4} series (expected {expected[category]})")
-    if dict(counts) != expected and not args.no_check:
+    if any(counts[category] != expected[category] for category in LABELS) and not args.no_check:
         print("counts differ from the recorded collection: nothing written (--no-check to write anyway)",
               file=sys.stderr)
         return 1
-    write(all_series, args.dest)
+    write(all_series, args.dest, "volunteers collection" if args.volunteers else "extra collection")
     print(f"{len(all_series)} series, {sum(len(entry.files) for entry in all_series)} files in {args.dest}")
     return 0
 
