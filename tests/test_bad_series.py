@@ -11,8 +11,9 @@ import pytest
 from pydicom import dcmread
 
 from dicom_factory import write_files
+from dicom_io.synthesis import mr_series
 from models.inference import Classifier, default_model_dir
-from models.tasks import COVID_CT, INDETERMINATE
+from models.tasks import BRAIN_TUMOR, COVID_CT, INDETERMINATE
 from test_models_series import REAL
 from worker.inference import classify_series_files
 
@@ -96,3 +97,29 @@ def test_monochrome1_ct_is_read_from_its_hounsfield_units(classifier: Classifier
     result = _classify(datasets, tmp_path / "m1", classifier)
     assert result.label == original.label == "non-COVID" and result.reason is None
     assert result.probabilities == original.probabilities
+
+
+def _sphere_phantom(slices: int = 14, size: int = 128) -> list[np.ndarray]:
+    """Axial slices through a fluid sphere as an MR QA phantom shows it: a disc brighter towards the coil at its rim,
+    noise, and nothing inside (sizes and shading as in dcm_qa_sag's Siemens EPI phantom)."""
+    rng = np.random.default_rng(7)
+    yy, xx = np.mgrid[:size, :size]
+    images = []
+    for z in np.linspace(-0.85, 0.85, slices):
+        radius = 0.42 * size * np.sqrt(1.0 - z * z)
+        distance = np.hypot(yy - size / 2, xx - size / 2)
+        image = rng.rayleigh(3.0, (size, size))
+        inside = distance < radius
+        image[inside] = (110.0 + 60.0 * (distance / radius) ** 4 + rng.normal(0.0, 2.0, (size, size)))[inside]
+        images.append(np.clip(image, 0, 255).astype(np.uint8))
+    return images
+
+
+def test_a_phantom_series_is_indeterminate_as_a_phantom(tmp_path: Path) -> None:
+    # Named like a patient's series (no 'phantom' in its descriptions), so only the images can tell.
+    brain = Classifier.load(default_model_dir(BRAIN_TUMOR.name))
+    result = classify_series_files(write_files(mr_series(_sphere_phantom()), tmp_path), brain, batch_size=8)
+    assert result.label == INDETERMINATE, result
+    assert "as in a phantom" in (result.reason or ""), result.reason
+    phantom_slices = [s for s in result.slice_probabilities if "as in a phantom" in s.get("excluded", "")]
+    assert len(phantom_slices) >= 12, result.slice_probabilities
