@@ -446,10 +446,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mirrors", type=Path, required=True, help="folder of OWNER+NAME/repo bare git mirrors")
     parser.add_argument("--dest", type=Path, required=True, help="new or empty folder for the collection")
     parser.add_argument("--no-check", action="store_true", help="write even if the counts differ from EXPECTED")
-    parser.add_argument("--distinct", action="store_true",
-                        help="leave out the five TCGA slices that are copies of another (a 68, e 55)")
-    parser.add_argument("--volunteers", action="store_true",
-                        help="build the volunteers collection (VOLUNTEER_SELECTIONS) instead of the extra collection")
+    # --distinct concerns the TCGA slices, which only the extra collection holds.
+    collection = parser.add_mutually_exclusive_group()
+    collection.add_argument("--distinct", action="store_true",
+                            help="leave out the five TCGA slices that are copies of another (a 68, e 55)")
+    collection.add_argument("--volunteers", action="store_true",
+                            help="build the volunteers collection (VOLUNTEER_SELECTIONS) instead of the extra "
+                                 "collection")
     args = parser.parse_args(argv)
     if args.dest.exists() and any(args.dest.iterdir()):
         parser.error(f"{args.dest} is not empty")
