@@ -48,6 +48,10 @@ __all__ = [
     "MR_PERCENTILES",
     "MAX_FRAME_PIXELS",
     "display_frames",
+    "frame_geometry",
+    "frame_pixel_spacing",
+    "modality_frames",
+    "percentile_grey",
     "SeriesFrame",
     "series_frame_records",
     "series_frames",
@@ -134,6 +138,28 @@ def display_frames(
     return images
 
 
+def modality_frames(ds: Dataset) -> list[np.ndarray]:
+    """Every frame's modality values (float64; Hounsfield units for CT) of a greyscale image: step 2 of the module
+    docstring, before any window. Raises :class:`ImagingError` for a colour image or one that cannot be decoded."""
+    _check_image_attributes(ds)
+    photometric = str(ds.get("PhotometricInterpretation", "")).strip().upper()
+    if photometric not in ("MONOCHROME1", "MONOCHROME2"):
+        raise ImagingError(f"photometric interpretation {photometric!r} has no modality values")
+    frames = []
+    for index, stored in enumerate(_decoded_frames(ds)):
+        values = _modality_values(stored, ds, _linear_modality(ds, index))
+        if not np.all(np.isfinite(values)):
+            raise ImagingError(f"frame {index + 1} has non-finite pixel values")
+        frames.append(values)
+    return frames
+
+
+def percentile_grey(values: np.ndarray, percentiles: tuple[float, float] = MR_PERCENTILES) -> np.ndarray:
+    """Modality ``values`` of one image to grey 0..255 (float32) by its own percentile window: what
+    :func:`display_frames` makes of a MONOCHROME2 MR frame with those values."""
+    return _percentile_window(values, percentiles, values, None).astype(np.float32)
+
+
 @dataclass(frozen=True)
 class SeriesFrame:
     """One frame of a series: where it comes from, where it lies, and its display image."""
@@ -147,6 +173,9 @@ class SeriesFrame:
     #: Why the image cannot be trusted to show what the modality promises (a CT without Rescale Slope/Intercept:
     #: its Hounsfield units are unknown), or ``None``. The image is made all the same, for display.
     defect: str | None = None
+    #: An axial slice cut from the series' volume (:func:`dicom_io.reformat.axial_reformat`), not an acquired frame:
+    #: ``sop_instance_uid`` is empty and ``frame_number`` numbers the axial slices.
+    reformatted: bool = False
 
 
 def series_frame_records(
@@ -167,7 +196,7 @@ def series_frame_records(
     for ds in datasets:
         images = display_frames(ds, ct_window=ct_window, percentiles=percentiles,
                                 invert_monochrome1_ct=invert_monochrome1_ct)
-        geometry = _frame_geometry(ds, len(images))
+        geometry = frame_geometry(ds, len(images))
         instance_number = _int_or_zero(ds.get("InstanceNumber"))
         defects = [modality_defect(ds, index) for index in range(len(images))]
         for number, (image, (ipp, iop), defect) in enumerate(zip(images, geometry, defects), start=1):
@@ -410,8 +439,9 @@ def _colour_to_grey(stored: np.ndarray, ds: Dataset, photometric: str) -> np.nda
     return np.clip(rgb.astype(np.float32) @ _LUMA * (255.0 / full_scale), 0.0, 255.0)
 
 
-def _frame_geometry(ds: Dataset, frames: int) -> list[tuple[np.ndarray | None, np.ndarray | None]]:
-    """Image Position and Orientation (Patient) per frame, from the functional groups or the image plane module."""
+def frame_geometry(ds: Dataset, frames: int) -> list[tuple[np.ndarray | None, np.ndarray | None]]:
+    """Image Position and Orientation (Patient) per frame (``None`` where missing or malformed), from the functional
+    groups or the image plane module."""
     result = []
     for index in range(frames):
         position = _functional_group_item(ds, index, "PlanePositionSequence")
@@ -420,6 +450,16 @@ def _frame_geometry(ds: Dataset, frames: int) -> list[tuple[np.ndarray | None, n
         iop = _vector((orientation or ds).get("ImageOrientationPatient"), 6)
         result.append((ipp, iop))
     return result
+
+
+def frame_pixel_spacing(ds: Dataset, index: int = 0) -> tuple[float, float] | None:
+    """Frame ``index``'s Pixel Spacing (row spacing, column spacing) in mm, or ``None`` when missing or not
+    positive."""
+    measures = _functional_group_item(ds, index, "PixelMeasuresSequence")
+    spacing = _vector((measures or ds).get("PixelSpacing"), 2)
+    if spacing is None or not np.all(spacing > 0):
+        return None
+    return float(spacing[0]), float(spacing[1])
 
 
 def _vector(value: Sequence[float] | None, length: int) -> np.ndarray | None:
