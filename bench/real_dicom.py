@@ -46,7 +46,7 @@ def before(outcome: SeriesOutcome, paths: tuple[Path, ...], task: Task, classifi
     if outcome.result == NOT_APPLICABLE:
         return outcome
     try:
-        images = [frame.image for frame in decode_series(list(paths))]
+        images = [frame.image for frame in decode_series(list(paths), task)]
     except ValueError as exc:
         return replace(outcome, result=INDETERMINATE, reason=str(exc))
     raw = np.concatenate([np.asarray(classifier.model.predict_on_batch(prepare_batch(images[i:i + 32],  # type: ignore

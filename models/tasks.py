@@ -17,6 +17,9 @@ class Task:
     #: Class names that are *not* a finding (a negative result); everything else is a suspected finding.
     negative_classes: tuple[str, ...]
     description: str
+    #: Read a volume acquired sagittally or coronally as axial slices cut from it (:mod:`dicom_io.reformat`): the
+    #: task's training images of its negative class are axial, so the plane would count as evidence.
+    axial_reformat: bool = False
 
     @property
     def num_classes(self) -> int:
@@ -33,6 +36,7 @@ BRAIN_TUMOR = Task(
     class_names=("glioma", "meningioma", "notumor", "pituitary"),
     negative_classes=("notumor",),
     description="Brain MRI: glioma, meningioma, pituitary tumour or no tumour",
+    axial_reformat=True,
 )
 
 COVID_CT = Task(

@@ -140,7 +140,7 @@ def test_confirmed_export_layout_split_and_preprocessing(archive_env) -> None:
     with database.session() as session:
         paths = session.scalars(select(Instance.archive_path).join(Series, Series.id == Instance.series_pk)
                                 .where(Series.series_instance_uid == uid).order_by(Instance.id)).all()
-    frames = decode_series([Path(p) for p in paths])
+    frames = decode_series([Path(p) for p in paths], COVID_CT)
     expected = model_inputs([frame.image for frame in frames], COVID_CT)[1][int(row["frame"]) - 1]
     exported = np.asarray(Image.open(out / row["file"]))
     assert exported.dtype == np.uint8
@@ -295,7 +295,7 @@ def test_training_images_from_real_dicom_match_the_workers_input(tmp_path: Path)
                                 min_patients_per_class=0)
     finally:
         database.dispose()
-    frames = decode_series(files)
+    frames = decode_series(files, COVID_CT)
     regions, inputs = model_inputs([frame.image for frame in frames], COVID_CT)
     read = [i for i, region in enumerate(regions) if region.suitable]
     assert 0 < len(read) < len(frames)  # the apex and abdomen slices of the sample are left out

@@ -23,7 +23,7 @@ from test_web_helpers import add_users, install_model, make_database, make_setti
 from dicom_io.sr import read_classification_sr
 from models.card import CARD_FILE
 from models.tasks import BRAIN_TUMOR, INDETERMINATE
-from worker.db import Database, Result, SrDocument
+from worker.db import Database, Instance, Result, SrDocument
 from worker.db.review import TrainingExample
 from worker.registry import register_installed_models
 from worker.reporting import publish_result
@@ -254,3 +254,44 @@ def test_admin_models_page_shows_every_evaluation_split(env: Env) -> None:
     assert [e["split"] for e in api["model"]["evaluations"]] == ["testing", "testing_dedup", "external"]
     assert api["model"]["evaluations"][0] == {"split": "testing", "accuracy": 0.9878, "n": 1311, "macro_f1": 0.987,
                                              "std": None}
+
+
+def test_a_volume_read_axially_is_shown_as_such_and_its_sr_cites_every_instance(tmp_path: Path) -> None:
+    """A result whose slices are axial slices cut from the volume (``worker.decoding.slice_key``): the page says so
+    and explains no acquired frame (the model did not see them); the SR cites every instance of the series. (Its own
+    database: the module's studies are counted by the worklist tests.)"""
+    settings = make_settings(tmp_path)
+    database = make_database(settings)
+    try:
+        add_users(database)
+        app = create_app(settings, database)
+        model_uid = install_model(settings)
+        register_installed_models(database, settings)
+        _check_reformatted_study(database, settings, app, model_uid)
+    finally:
+        database.dispose()
+
+
+def _check_reformatted_study(database: Database, settings, app, model_uid: str) -> None:
+    study_id, result_id = seed_study(database, settings, cls="notumor", label="notumor", model_uid=model_uid,
+                                     slices=3)
+    assert result_id is not None
+    slices = [{"reformat": "axial", "slice": n, "position": -50.0 + n, "probabilities": [0.02, 0.03, 0.9, 0.05]}
+              for n in range(1, 6)]
+    with database.session() as session:
+        session.execute(update(Result).where(Result.id == result_id).values(slice_probabilities=slices))
+        series_pk = session.get_one(Result, result_id).series_pk
+        instance_uids = set(session.scalars(select(Instance.sop_instance_uid).where(Instance.series_pk == series_pk)))
+    client = TestClient(app, follow_redirects=False)
+    login(client, "rad")
+    page = client.get(f"/studies/{study_id}")
+    assert page.status_code == 200, page.text
+    assert re.search(r'data-testid="reformat-note">Read as 5 axial slices cut from this\s+volume', page.text)
+    assert "data-heatmap=" not in page.text and page.text.count('class="slice"') == 3
+    [series] = client.get(f"/api/studies/{study_id}").json()["series"]
+    assert series["reformatted_slices"] == 5
+    assert [s["probabilities"] for s in series["slices"]] == [None, None, None]
+    published = publish_result(database, settings, result_id)
+    assert published is not None
+    report = read_classification_sr(pydicom.dcmread(published.archive_path))
+    assert {uid for _, uid in report.referenced_instances} == instance_uids and len(instance_uids) == 3

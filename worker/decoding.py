@@ -1,7 +1,8 @@
 """Series -> model inputs, in a pool of decoding processes that runs ahead of the model.
 
 :func:`prepare_series` is the one path from a series' archive files to what the model reads: decode the frames
-(:func:`decode_series`, :mod:`dicom_io.imaging`, compressed transfer syntaxes included), find each frame's region
+(:func:`decode_series`, :mod:`dicom_io.imaging`, compressed transfer syntaxes included; a sagittal or coronal
+volume cut into axial slices for a task that reads them so, :mod:`dicom_io.reformat`), find each frame's region
 and cut it out (:func:`models.series.model_inputs`), resize to the model's input (:func:`models.preprocessing.
 prepare_batch`). :class:`DecodePool` only runs it, in ``processes`` separate processes: one Python process
 decodes and windows a 512 x 512 CT slice in 2-3 ms and finds its lungs in about 4 ms, while a GPU classifies 32
@@ -31,6 +32,7 @@ import numpy as np
 from pydicom import dcmread
 
 from dicom_io.imaging import SeriesFrame, Window, series_frame_records
+from dicom_io.reformat import axial_reformat
 from models.preprocessing import InputSpec, prepare_batch
 from models.regions import CT_WINDOW_HU, Region
 from models.series import model_inputs
@@ -44,6 +46,7 @@ __all__ = [
     "default_decode_processes",
     "prepare_series",
     "series_inputs",
+    "slice_key",
 ]
 
 K = TypeVar("K")
@@ -52,16 +55,19 @@ K = TypeVar("K")
 MODEL_CT_WINDOW = Window(*CT_WINDOW_HU)
 
 
-def decode_series(paths: Sequence[Path]) -> list[SeriesFrame]:
+def decode_series(paths: Sequence[Path], task: Task) -> list[SeriesFrame]:
     """A series' frames from its archive files, as display images in spatial order (CT in the models' window, never
-    inverted).
+    inverted), as ``task``'s model reads them: a qualifying sagittal or coronal volume as axial slices cut from it
+    when the task says so (:attr:`models.tasks.Task.axial_reformat`).
 
     Raises ``dicom_io.imaging.ImagingError`` (or pydicom's errors) for instances that cannot be decoded, and
     ``ValueError`` for a series without frames.
     """
-    # The models read CT as Hounsfield units in their window, air dark, whatever display MONOCHROME1 asks for.
-    frames = series_frame_records((dcmread(path) for path in paths), ct_window=MODEL_CT_WINDOW,
-                                  invert_monochrome1_ct=False)
+    datasets = [dcmread(path) for path in paths]
+    frames = axial_reformat(datasets) if task.axial_reformat else None
+    if frames is None:
+        # The models read CT as Hounsfield units in their window, air dark, whatever display MONOCHROME1 asks for.
+        frames = series_frame_records(datasets, ct_window=MODEL_CT_WINDOW, invert_monochrome1_ct=False)
     if not frames:
         raise ValueError("the series has no frames")
     return frames
@@ -77,7 +83,8 @@ def series_inputs(frames: Sequence[SeriesFrame], task: Task) -> tuple[list[Regio
 class PreparedSeries:
     """A series ready for the model: each frame's identity and region, and the model inputs ``(N, H, W, C)``."""
 
-    #: ``{"sop_instance_uid", "frame"}`` per frame, in spatial order (the result's slice keys).
+    #: Per frame, in spatial order (the result's slice keys): ``{"sop_instance_uid", "frame"}`` for an acquired frame,
+    #: ``{"reformat": "axial", "slice", "position"}`` for an axial slice cut from the volume (:func:`slice_key`).
     keys: list[dict[str, Any]]
     regions: list[Region]
     inputs: np.ndarray
@@ -89,10 +96,18 @@ class PreparedSeries:
 def prepare_series(paths: Sequence[Path], task_name: str, spec: InputSpec) -> PreparedSeries:
     """Decode a series and make its model inputs (see the module docstring); raises what :func:`decode_series`
     raises."""
-    frames = decode_series(paths)
-    regions, crops = series_inputs(frames, get_task(task_name))
-    keys = [{"sop_instance_uid": frame.sop_instance_uid, "frame": frame.frame_number} for frame in frames]
-    return PreparedSeries(keys, regions, prepare_batch(crops, spec))
+    task = get_task(task_name)
+    frames = decode_series(paths, task)
+    regions, crops = series_inputs(frames, task)
+    return PreparedSeries([slice_key(frame) for frame in frames], regions, prepare_batch(crops, spec))
+
+
+def slice_key(frame: SeriesFrame) -> dict[str, Any]:
+    """What identifies ``frame`` in a result: its instance and frame number, or, cut from the volume, the axial
+    slice's number and z position (mm)."""
+    if frame.reformatted:
+        return {"reformat": "axial", "slice": frame.frame_number, "position": frame.position}
+    return {"sop_instance_uid": frame.sop_instance_uid, "frame": frame.frame_number}
 
 
 #: Below this many cores the worker decodes in its own threads (0 processes): with two cores its two threads

@@ -355,7 +355,7 @@ def _export_into(work: Path, task: Task, pseudonyms: Pseudonymizer, series_list:
         patient, series_id = pseudonyms.patient(item.patient_identity), pseudonyms.series(item.series_instance_uid)
         split = splits[patient]
         try:
-            frames = decode_series(item.paths)
+            frames = decode_series(item.paths, task)
         except Exception as exc:  # pydicom and the decoders raise many types; the series is skipped and listed
             result.skipped.append({"pseudo_series": series_id, "reason": f"{type(exc).__name__}: {exc}"})
             continue

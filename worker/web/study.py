@@ -60,6 +60,8 @@ class SeriesView:
     job_reason: str
     slices: list[Slice]
     results: list[ResultView] = field(default_factory=list)
+    #: How many axial slices cut from the volume the latest result read (0: it read the acquired frames).
+    reformatted_slices: int = 0
 
 
 @dataclass
@@ -119,6 +121,7 @@ def load_study(session: Session, study_id: int) -> StudyView | None:
             job_state=job.state.value if job else None,
             job_reason=job.reason if job else "",
             slices=_slices(instances.get(series.id, []), series_results[0] if series_results else None),
+            reformatted_slices=_reformatted(series_results[0] if series_results else None),
         )
         for result in series_results:
             task = TASKS.get(result.task)
@@ -168,6 +171,11 @@ def _slices(instances: list[Instance], result: Result | None) -> list[Slice]:
             if (instance.id, frame) not in seen:
                 out.append(Slice(instance.id, frame, None))
     return out
+
+
+def _reformatted(result: Result | None) -> int:
+    """The axial slices cut from the volume that ``result`` read (see ``worker.decoding.slice_key``), or 0."""
+    return sum(1 for item in (result.slice_probabilities if result else []) or [] if "reformat" in item)
 
 
 def _latest_srs(session: Session, result_ids: list[int]) -> dict[int, list[tuple[int, str, str]]]:
