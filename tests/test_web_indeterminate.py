@@ -291,6 +291,8 @@ def _check_reformatted_study(database: Database, settings, app, model_uid: str) 
     [series] = client.get(f"/api/studies/{study_id}").json()["series"]
     assert series["reformatted_slices"] == 5
     assert [s["probabilities"] for s in series["slices"]] == [None, None, None]
+    refused = client.get(f"/heatmaps/{result_id}/{series['slices'][0]['instance_id']}/1.png")
+    assert refused.status_code == 422 and "axial slices cut from it" in refused.json()["detail"]
     published = publish_result(database, settings, result_id)
     assert published is not None
     report = read_classification_sr(pydicom.dcmread(published.archive_path))

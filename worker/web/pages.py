@@ -173,6 +173,11 @@ def heatmap(
         if result is None or result.series_pk != instance_series:
             raise HTTPException(404, "no such result for this instance")
         model_uid, task, label = result.model_uid, result.task, result.label
+        reformatted = any("reformat" in item for item in result.slice_probabilities or [])
+    if reformatted:
+        # The model read axial slices cut from the volume (worker.decoding.slice_key), not this acquired frame.
+        raise HTTPException(422, "no heat map: the model read this volume as axial slices cut from it, not its "
+                                 "acquired frames")
     if label == INDETERMINATE:
         # Grad-CAM explains one class, and the model named none; a map of its likeliest class would look like an
         # explanation of a decision it did not make.
