@@ -31,6 +31,7 @@ from pydicom.uid import MRImageStorage, ExplicitVRLittleEndian, generate_uid
 from scipy import ndimage
 
 from config import DEFAULT_ROUTING_RULES
+from dicom_io.imaging import frame_geometry, frame_pixel_spacing
 from models.inference import Classifier, default_model_dir
 from models.tasks import TASKS, Task
 from worker.evaluation import (LabelledSeries, SeriesOutcome, evaluate_series, find_series, read_labels,
@@ -64,20 +65,16 @@ class Volume:
         return ("sagittal", "coronal", "axial")[axis]
 
 
-def _geometry(ds: Dataset) -> list[tuple[np.ndarray, np.ndarray, tuple[float, float]]]:
-    """``(orientation, position, pixel spacing)`` per frame of a classic or an enhanced multi-frame instance."""
-    if "PerFrameFunctionalGroupsSequence" not in ds:
-        return [(np.array(ds.ImageOrientationPatient, float), np.array(ds.ImagePositionPatient, float),
-                 tuple(map(float, ds.PixelSpacing)))]
-    shared = ds.SharedFunctionalGroupsSequence[0] if "SharedFunctionalGroupsSequence" in ds else Dataset()
-    frames = []
-    for group in ds.PerFrameFunctionalGroupsSequence:
-        def find(name: str) -> Dataset:
-            return (group.get(name) or shared.get(name))[0]
-        frames.append((np.array(find("PlaneOrientationSequence").ImageOrientationPatient, float),
-                       np.array(find("PlanePositionSequence").ImagePositionPatient, float),
-                       tuple(map(float, find("PixelMeasuresSequence").PixelSpacing))))
-    return frames
+def _geometry(ds: Dataset, frames: int) -> list[tuple[np.ndarray, np.ndarray, tuple[float, float]]] | None:
+    """``(orientation, position, pixel spacing)`` per frame (the worker's own readers of them), or ``None`` when a
+    frame lacks one."""
+    result = []
+    for index, (position, orientation) in enumerate(frame_geometry(ds, frames)):
+        spacing = frame_pixel_spacing(ds, index)
+        if position is None or orientation is None or spacing is None:
+            return None
+        result.append((orientation, position, spacing))
+    return result
 
 
 def read_volume(paths: tuple[Path, ...], min_slices: int, max_anisotropy: float) -> Volume | str:
@@ -93,9 +90,8 @@ def read_volume(paths: tuple[Path, ...], min_slices: int, max_anisotropy: float)
         pixels = pixels[None] if pixels.ndim == 2 else pixels
         if pixels.ndim != 3:
             return "not greyscale"
-        try:
-            geometry = _geometry(ds)
-        except (AttributeError, IndexError, KeyError, TypeError, ValueError):
+        geometry = _geometry(ds, len(pixels))
+        if geometry is None:
             return "no plane geometry"
         frames += [(o, p, s, image) for (o, p, s), image in zip(geometry, pixels)]
     if len(frames) < min_slices:

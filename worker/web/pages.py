@@ -22,7 +22,7 @@ from worker.web.params import (
     TaskFilter, UserId,
 )
 from worker.web.rendering import RenderError
-from worker.web.study import load_study
+from worker.web.study import load_study, reformatted_slices
 from worker.web.users import UserError, add_user, list_users, set_active
 from worker.web.worklist import FILTER_CHOICES, PAGE_SIZE, WorklistFilter, load_worklist
 
@@ -173,7 +173,7 @@ def heatmap(
         if result is None or result.series_pk != instance_series:
             raise HTTPException(404, "no such result for this instance")
         model_uid, task, label = result.model_uid, result.task, result.label
-        reformatted = any("reformat" in item for item in result.slice_probabilities or [])
+        reformatted = reformatted_slices(result)
     if reformatted:
         # The model read axial slices cut from the volume (worker.decoding.slice_key), not this acquired frame.
         raise HTTPException(422, "no heat map: the model read this volume as axial slices cut from it, not its "

@@ -121,7 +121,7 @@ def load_study(session: Session, study_id: int) -> StudyView | None:
             job_state=job.state.value if job else None,
             job_reason=job.reason if job else "",
             slices=_slices(instances.get(series.id, []), series_results[0] if series_results else None),
-            reformatted_slices=_reformatted(series_results[0] if series_results else None),
+            reformatted_slices=reformatted_slices(series_results[0] if series_results else None),
         )
         for result in series_results:
             task = TASKS.get(result.task)
@@ -173,7 +173,7 @@ def _slices(instances: list[Instance], result: Result | None) -> list[Slice]:
     return out
 
 
-def _reformatted(result: Result | None) -> int:
+def reformatted_slices(result: Result | None) -> int:
     """The axial slices cut from the volume that ``result`` read (see ``worker.decoding.slice_key``), or 0."""
     return sum(1 for item in (result.slice_probabilities if result else []) or [] if "reformat" in item)
 
