@@ -30,6 +30,10 @@ STARTUP_SECONDS = 180  # TensorFlow's import is slow on a loaded 2-core CI machi
 # machine's two workers classified the burst between two runs (2 of 2 tries at main efd6f23, 1 of 2 at c4ec453).
 BURST_SERIES = 24
 SLICES = 16
+# A series is queued again (a new revision) when an instance arrives after it fell quiet. Interleaved, each series
+# waits for the other 23's instances between two of its own: over a second on a loaded CI machine, where the usual
+# one-second quiet time queued 32 jobs for the 24 series (CI at 81db74b, seed 1315601451; 186 with 0.1 s).
+QUIET_SECONDS = 5
 
 
 @pytest.fixture
@@ -60,7 +64,8 @@ def test_status_lists_every_process_and_the_queues_during_a_burst(
     data_dir, port = tmp_path / "data", free_port()
     # Batches of one image, one series per task: classifying the burst takes a while, so series wait in the queue.
     env = triage_environment(models_dir, database_url=postgres_url, broker_url=redis_url, inference_batch_size=1,
-                             inference_group_frames=SLICES, worker_concurrency=1)
+                             inference_group_frames=SLICES, worker_concurrency=1,
+                             series_quiet_seconds=QUIET_SECONDS)
     listen = Child(triage_command("listen", "--data-dir", str(data_dir), "--dicom-port", str(port)), env,
                    name="listen")
     workers = [Child(triage_command("worker", "--data-dir", str(data_dir)), env, name=f"worker{i}") for i in (1, 2)]
