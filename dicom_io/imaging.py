@@ -49,6 +49,7 @@ __all__ = [
     "MAX_FRAME_PIXELS",
     "display_frames",
     "frame_geometry",
+    "functional_group_item",
     "frame_pixel_spacing",
     "modality_frames",
     "percentile_grey",
@@ -245,7 +246,7 @@ def modality_defect(ds: Dataset, index: int = 0) -> str | None:
     """
     if str(ds.get("Modality", "")).strip().upper() != "CT" or "ModalityLUTSequence" in ds:
         return None
-    source = _functional_group_item(ds, index, "PixelValueTransformationSequence") or ds
+    source = functional_group_item(ds, index, "PixelValueTransformationSequence") or ds
     if source.get("RescaleSlope") in (None, "") or source.get("RescaleIntercept") in (None, ""):
         return "CT without Rescale Slope/Intercept: its Hounsfield units are unknown"
     return None
@@ -283,7 +284,7 @@ def _decoded_frames(ds: Dataset) -> Iterator[np.ndarray]:
         yield frame
 
 
-def _functional_group_item(ds: Dataset, index: int, sequence: str) -> Dataset | None:
+def functional_group_item(ds: Dataset, index: int, sequence: str) -> Dataset | None:
     """The first item of ``sequence`` for frame ``index`` (per-frame group first, then shared), if any."""
     for groups, position in (("PerFrameFunctionalGroupsSequence", index), ("SharedFunctionalGroupsSequence", 0)):
         items = ds.get(groups)
@@ -297,7 +298,7 @@ def _functional_group_item(ds: Dataset, index: int, sequence: str) -> Dataset | 
 def _linear_modality(ds: Dataset, index: int) -> tuple[float, float] | None:
     """Frame ``index``'s modality LUT (PS3.3 C.11.1 / C.7.6.16.2.9) as (slope, intercept), or ``None`` when it is a
     Modality LUT Sequence. No rescale attributes: the identity."""
-    transform = _functional_group_item(ds, index, "PixelValueTransformationSequence")
+    transform = functional_group_item(ds, index, "PixelValueTransformationSequence")
     if transform is None and "ModalityLUTSequence" in ds:
         return None
     source = transform if transform is not None else ds
@@ -444,8 +445,8 @@ def frame_geometry(ds: Dataset, frames: int) -> list[tuple[np.ndarray | None, np
     groups or the image plane module."""
     result = []
     for index in range(frames):
-        position = _functional_group_item(ds, index, "PlanePositionSequence")
-        orientation = _functional_group_item(ds, index, "PlaneOrientationSequence")
+        position = functional_group_item(ds, index, "PlanePositionSequence")
+        orientation = functional_group_item(ds, index, "PlaneOrientationSequence")
         ipp = _vector((position or ds).get("ImagePositionPatient"), 3)
         iop = _vector((orientation or ds).get("ImageOrientationPatient"), 6)
         result.append((ipp, iop))
@@ -455,7 +456,7 @@ def frame_geometry(ds: Dataset, frames: int) -> list[tuple[np.ndarray | None, np
 def frame_pixel_spacing(ds: Dataset, index: int = 0) -> tuple[float, float] | None:
     """Frame ``index``'s Pixel Spacing (row spacing, column spacing) in mm, or ``None`` when missing or not
     positive."""
-    measures = _functional_group_item(ds, index, "PixelMeasuresSequence")
+    measures = functional_group_item(ds, index, "PixelMeasuresSequence")
     spacing = _vector((measures or ds).get("PixelSpacing"), 2)
     if spacing is None or not np.all(spacing > 0):
         return None
