@@ -56,6 +56,20 @@ indeterminate  373068000    Undetermined  PS3.16 as packaged in pydicom's ``code
                                           qualifier (CID 42/44).
 =============  ===========  ============  =============================================================
 
+An untyped finding (the label ``"tumor"``, ``models.tasks.BRAIN_TUMOR.untyped_finding``: a tumour is suspected on a
+sequence whose tumour types the model was not taught, e.g. FLAIR) is no class either; :data:`UNTYPED_FINDING_CONCEPTS`
+gives its concept, and its reason (why the type is not given) goes beside it as for an indeterminate result:
+
+=============  ===========  =================  ========================================================
+label          SNOMED CT    meaning            checked against
+=============  ===========  =================  ========================================================
+tumor          126952004    Neoplasm of brain  Synthea's and several oncology code maps ("Neoplasm of brain
+                                               (disorder)", ICD-10 C71.9's SNOMED counterpart). It does not
+                                               name the type, which is the point; strictly a meningioma or
+                                               a pituitary adenoma lies outside the brain. Not seen in an
+                                               official SNOMED browser page: confirm before clinical use.
+=============  ===========  =================  ========================================================
+
 Why it is indeterminate goes beside the finding as a TEXT item named DCM 121106 "Comment" (:data:`REASON_CONCEPT`;
 PS3.16 has no "reason for indeterminate result" concept, and "Comment" is the generic free-text observation). The
 reason is plain text made by the worker (what was out of domain), never patient data.
@@ -77,6 +91,8 @@ from pydicom.sr.coding import Code
 __all__ = [
     "INDETERMINATE",
     "INDETERMINATE_CONCEPT",
+    "UNTYPED_FINDING_CONCEPTS",
+    "has_reason",
     "REASON_CONCEPT",
     "NOT_DETECTED",
     "PROBABILITY_UNIT",
@@ -114,6 +130,14 @@ CLASS_CONCEPTS: Mapping[str, Code] = MappingProxyType(
         "notumor": NOT_DETECTED,
         "COVID": Code("840539006", "SCT", "COVID-19"),
         "non-COVID": NOT_DETECTED,
+    }
+)
+
+#: The concepts of the untyped findings (see the module docstring), by label; the worker's tests check that every
+#: task's ``untyped_finding`` has one.
+UNTYPED_FINDING_CONCEPTS: Mapping[str, Code] = MappingProxyType(
+    {
+        "tumor": Code("126952004", "SCT", "Neoplasm of brain"),
     }
 )
 
@@ -173,6 +197,17 @@ def class_name_for(value: str, scheme_designator: str, class_names: Iterable[str
 
 
 def finding_concept(label: str) -> Code:
-    """The concept of a result's finding: its class' (:func:`class_concept`), or :data:`INDETERMINATE_CONCEPT`."""
-    return INDETERMINATE_CONCEPT if label == INDETERMINATE else class_concept(label)
+    """The concept of a result's finding: its class' (:func:`class_concept`), :data:`INDETERMINATE_CONCEPT`, or an
+    untyped finding's (:data:`UNTYPED_FINDING_CONCEPTS`)."""
+    if label == INDETERMINATE:
+        return INDETERMINATE_CONCEPT
+    if label in UNTYPED_FINDING_CONCEPTS:
+        return UNTYPED_FINDING_CONCEPTS[label]
+    return class_concept(label)
+
+
+def has_reason(label: str) -> bool:
+    """Whether a result with this label carries a reason: an indeterminate one (why not judged) or an untyped
+    finding (why no type)."""
+    return label == INDETERMINATE or label in UNTYPED_FINDING_CONCEPTS
 

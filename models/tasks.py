@@ -20,6 +20,13 @@ class Task:
     #: Read a volume acquired sagittally or coronally as axial slices cut from it (:mod:`dicom_io.reformat`): the
     #: task's training images of its negative class are axial, so the plane would count as evidence.
     axial_reformat: bool = False
+    #: The label of a finding whose type the model cannot assess on a series (``None``: every finding is typed). The
+    #: finding classes were learned from images of one kind (:attr:`typed_on`); on a series whose header shows
+    #: another weighting the series keeps its finding, under this label, and the reason says why the type is not
+    #: given (:func:`models.series.decide`).
+    untyped_finding: str | None = None
+    #: What the finding classes' training images are, for the reason of an untyped finding.
+    typed_on: str = ""
 
     @property
     def num_classes(self) -> int:
@@ -30,6 +37,21 @@ class Task:
         """The classes that are a suspected finding: every class but the negative ones, in model output order."""
         return tuple(name for name in self.class_names if name not in self.negative_classes)
 
+    @property
+    def labels(self) -> tuple[str, ...]:
+        """Every label a classified series may have: the classes, then the untyped finding if the task has one
+        (:data:`INDETERMINATE` is none: it says the series was not classified)."""
+        return self.class_names + ((self.untyped_finding,) if self.untyped_finding else ())
+
+    @property
+    def finding_labels(self) -> tuple[str, ...]:
+        """The labels that are a suspected finding: the finding classes, then the untyped finding if any."""
+        return self.finding_classes + ((self.untyped_finding,) if self.untyped_finding else ())
+
+    def is_finding(self, label: str) -> bool:
+        """Whether ``label`` is a suspected finding (:attr:`finding_labels`)."""
+        return label in self.finding_labels
+
 
 BRAIN_TUMOR = Task(
     name="brain-tumor",
@@ -37,6 +59,10 @@ BRAIN_TUMOR = Task(
     negative_classes=("notumor",),
     description="Brain MRI: glioma, meningioma, pituitary tumour or no tumour",
     axial_reformat=True,
+    # The dataset's glioma, meningioma and pituitary images are T1 post-contrast slices throughout (docs/results.md):
+    # a FLAIR or T2 tumour series lies outside every tumour class's examples.
+    untyped_finding="tumor",
+    typed_on="T1-weighted post-contrast images",
 )
 
 COVID_CT = Task(

@@ -200,3 +200,25 @@ def test_decide_needs_slices_enough_to_rule_a_tumour_out() -> None:
     assert mostly_out.label == INDETERMINATE and "only 3 slice(s) read" in (mostly_out.reason or "")
     # A single chest slice can be negative: COVID-19 pneumonia is diffuse.
     assert decide(_frames(1), [region], np.array([[0.1, 0.9]]), None, COVID_CT, {}).label == "non-COVID"
+
+
+def test_decide_keeps_a_finding_but_not_its_type_on_a_sequence_the_types_were_not_learned_from() -> None:
+    region = Region((0, 0, 10, 10), 0.4)
+    normal, meningioma = [0.02, 0.02, 0.94, 0.02], [0.10, 0.85, 0.03, 0.02]
+    caveat = "a FLAIR (inversion time 2200 ms) series, and the model learned the types from T1 post-contrast only"
+    found = decide(_frames(12), [region] * 12, np.array([meningioma] * 12), None, BRAIN_TUMOR, {}, caveat)
+    assert (found.label, found.reason) == (BRAIN_TUMOR.untyped_finding, f"type not assessed: {caveat}")
+    assert found.probabilities["meningioma"] == pytest.approx(0.85)  # the model's figures stay on record
+    assert BRAIN_TUMOR.is_finding(found.label) and found.label not in BRAIN_TUMOR.class_names
+    # A negative answer needs no type: it stands on such a series (the notumor class holds FLAIR and T2 slices).
+    clear = decide(_frames(12), [region] * 12, np.array([normal] * 12), None, BRAIN_TUMOR, {}, caveat)
+    assert (clear.label, clear.reason) == ("notumor", None)
+    # Indeterminate stays indeterminate, with its own reason; without a caveat the type is given as before.
+    few = decide(_frames(2), [region] * 2, np.array([normal] * 2), None, BRAIN_TUMOR, {}, caveat)
+    assert few.label == INDETERMINATE and "too few to rule out" in (few.reason or "")
+    typed = decide(_frames(12), [region] * 12, np.array([meningioma] * 12), None, BRAIN_TUMOR, {}, None)
+    assert (typed.label, typed.reason) == ("meningioma", None)
+    # A task whose findings have no types to withhold ignores it.
+    assert COVID_CT.untyped_finding is None
+    covid = decide(_frames(1), [region], np.array([[0.9, 0.1]]), None, COVID_CT, {}, caveat)
+    assert (covid.label, covid.reason) == ("COVID", None)

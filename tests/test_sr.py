@@ -273,7 +273,7 @@ def test_indeterminate_result_reports_undetermined_with_its_reason(tmp_path: Pat
 
 def test_indeterminate_reason_rules() -> None:
     names = INDETERMINATE_COVID.class_names
-    with pytest.raises(ValueError, match="reason is for an 'indeterminate' result"):
+    with pytest.raises(ValueError, match="reason is for an 'indeterminate' result or an untyped finding"):
         ClassificationResult("covid-ct", "COVID", names, (0.4, 0.6), reason="no lung")
     with pytest.raises(SRError, match="reason is empty"):
         build_classification_sr(_series("CT"), ClassificationResult("covid-ct", "indeterminate", names, (0.4, 0.6),
@@ -283,3 +283,20 @@ def test_indeterminate_reason_rules() -> None:
                                                                         (0.4, 0.6)), MODEL)
     report = read_classification_sr(bare)
     assert (report.finding, report.reason) == ("indeterminate", None)
+
+
+def test_untyped_finding_reports_neoplasm_of_brain_with_its_reason(tmp_path: Path) -> None:
+    reason = "type not assessed: a FLAIR (inversion time 2200 ms) series"
+    names = ("glioma", "meningioma", "notumor", "pituitary")
+    result = ClassificationResult("brain-tumor", "tumor", names, (0.25, 0.55, 0.1, 0.1), reason=reason)
+    path = _save(build_classification_sr(_series("MR"), result, MODEL), tmp_path / "untyped.dcm")
+    assert _dciodvfy_errors(path) == []
+    dump = subprocess.run([DSRDUMP, str(path)], capture_output=True, text=True, timeout=60)
+    assert dump.returncode == 0, dump.stderr
+    assert '"Finding")=(126952004,SCT,"Neoplasm of brain")' in dump.stdout
+    report = read_classification_sr(pydicom.dcmread(path))
+    assert (report.finding, report.reason) == ("tumor", reason)
+    assert report.probabilities == dict(zip(names, (0.25, 0.55, 0.1, 0.1)))
+    # Only known labels: an untyped finding no task defines is refused like an unknown class.
+    with pytest.raises(ValueError, match="is not one of"):
+        ClassificationResult("brain-tumor", "lesion", names, (0.25, 0.55, 0.1, 0.1), reason=reason)

@@ -29,9 +29,10 @@ from pathlib import Path
 from typing import Any, Generic, TypeVar
 
 import numpy as np
-from pydicom import dcmread
+from pydicom import Dataset, dcmread
 
 from dicom_io.imaging import SeriesFrame, Window, series_frame_records
+from dicom_io.mr import mr_weighting
 from dicom_io.reformat import axial_reformat
 from models.preprocessing import InputSpec, prepare_batch
 from models.regions import CT_WINDOW_HU, Region
@@ -47,6 +48,7 @@ __all__ = [
     "prepare_series",
     "series_inputs",
     "slice_key",
+    "type_caveat",
 ]
 
 K = TypeVar("K")
@@ -63,7 +65,10 @@ def decode_series(paths: Sequence[Path], task: Task) -> list[SeriesFrame]:
     Raises ``dicom_io.imaging.ImagingError`` (or pydicom's errors) for instances that cannot be decoded, and
     ``ValueError`` for a series without frames.
     """
-    datasets = [dcmread(path) for path in paths]
+    return _frames([dcmread(path) for path in paths], task)
+
+
+def _frames(datasets: Sequence[Dataset], task: Task) -> list[SeriesFrame]:
     frames = axial_reformat(datasets) if task.axial_reformat else None
     if frames is None:
         # The models read CT as Hounsfield units in their window, air dark, whatever display MONOCHROME1 asks for.
@@ -71,6 +76,18 @@ def decode_series(paths: Sequence[Path], task: Task) -> list[SeriesFrame]:
     if not frames:
         raise ValueError("the series has no frames")
     return frames
+
+
+def type_caveat(datasets: Sequence[Dataset], task: Task) -> str | None:
+    """Why ``task``'s model cannot give the type of a finding on this series (``None``: it can): its header shows a
+    weighting (:func:`dicom_io.mr.mr_weighting`, of the first instance) other than what the model's finding classes
+    were learned from (:attr:`models.tasks.Task.typed_on`)."""
+    if task.untyped_finding is None or not datasets:
+        return None
+    weighting = mr_weighting(datasets[0])
+    if weighting is None:
+        return None
+    return f"a {weighting.describe()} series, and the model learned the types from {task.typed_on} only"
 
 
 def series_inputs(frames: Sequence[SeriesFrame], task: Task) -> tuple[list[Region], list[np.ndarray]]:
@@ -88,6 +105,8 @@ class PreparedSeries:
     keys: list[dict[str, Any]]
     regions: list[Region]
     inputs: np.ndarray
+    #: Why the model cannot give the type of a finding on this series (:func:`type_caveat`).
+    type_caveat: str | None = None
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -97,9 +116,11 @@ def prepare_series(paths: Sequence[Path], task_name: str, spec: InputSpec) -> Pr
     """Decode a series and make its model inputs (see the module docstring); raises what :func:`decode_series`
     raises."""
     task = get_task(task_name)
-    frames = decode_series(paths, task)
+    datasets = [dcmread(path) for path in paths]
+    frames = _frames(datasets, task)
     regions, crops = series_inputs(frames, task)
-    return PreparedSeries([slice_key(frame) for frame in frames], regions, prepare_batch(crops, spec))
+    return PreparedSeries([slice_key(frame) for frame in frames], regions, prepare_batch(crops, spec),
+                          type_caveat(datasets, task))
 
 
 def slice_key(frame: SeriesFrame) -> dict[str, Any]:

@@ -185,7 +185,7 @@ def _figures(monday: date, totals: _WeekTotals, task: Task) -> WeekFigures:
     return WeekFigures(
         week=iso_week(datetime(monday.year, monday.month, monday.day, tzinfo=timezone.utc))[0], start=monday,
         series=total,
-        class_shares={name: totals.labels.get(name, 0) / total for name in task.class_names},
+        class_shares={name: totals.labels.get(name, 0) / total for name in task.labels},
         indeterminate_rate=totals.labels.get(INDETERMINATE, 0) / total,
         reviewed=totals.reviewed,
         correction_rate=(totals.corrected / totals.reviewed) if totals.reviewed else None,

@@ -7,7 +7,9 @@ per series:
 
 * ``accuracy``: the exact class right, over the series labelled with a class of the task (indeterminate or not
   applicable counts as wrong);
-* ``coverage``: the share of those series given a class; ``indeterminate_rate`` is the rest;
+* ``coverage``: the share of those series given a class or the untyped finding (a tumour whose type the model does
+  not assess on the sequence, :attr:`models.tasks.Task.untyped_finding`); ``indeterminate_rate`` is the rest;
+* ``type_not_assessed``: how many of those series are the untyped finding (a finding, but no exact class);
 * ``sensitivity`` / ``specificity`` of finding against no finding and ``roc_auc`` of the series suspicion, over the
   series given a class (``sensitivity_all`` counts an indeterminate positive as missed);
 * ``max_negative_suspicion``: the most suspicious series among the negatives (a pre-2020 chest called COVID at 0.9
@@ -180,7 +182,7 @@ def score(outcomes: Sequence[SeriesOutcome], task: Task) -> dict[str, Any]:
     """The series-level figures of the module docstring, JSON-ready."""
     in_domain = [o for o in outcomes if o.expected in task.class_names]
     out_of_domain = [o for o in outcomes if o.expected == OUT_OF_DOMAIN]
-    classified = [o for o in in_domain if o.result in task.class_names]
+    classified = [o for o in in_domain if o.result in task.labels]
     negative = set(task.negative_classes)
     positives = [o for o in classified if o.expected not in negative]
     negatives = [o for o in classified if o.expected in negative]
@@ -192,11 +194,11 @@ def score(outcomes: Sequence[SeriesOutcome], task: Task) -> dict[str, Any]:
         "accuracy": _share(sum(o.result == o.expected for o in in_domain), len(in_domain)),
         "coverage": _share(len(classified), len(in_domain)),
         "indeterminate_rate": _share(len(in_domain) - len(classified), len(in_domain)),
+        "type_not_assessed": sum(o.result == task.untyped_finding for o in classified),
         "finding_accuracy": _share(sum((o.result in negative) == (o.expected in negative) for o in classified),
                                    len(classified)),
         "sensitivity": _share(sum(o.result not in negative for o in positives), len(positives)),
-        "sensitivity_all": _share(sum(o.result not in negative and o.result in task.class_names
-                                      for o in all_positives), len(all_positives)),
+        "sensitivity_all": _share(sum(task.is_finding(o.result) for o in all_positives), len(all_positives)),
         "specificity": _share(sum(o.result in negative for o in negatives), len(negatives)),
         "roc_auc": None if auc is None else round(auc, 4),
         "max_negative_suspicion": max((o.suspicion or 0.0 for o in negatives), default=None),

@@ -80,7 +80,8 @@ def results_report(database: Database, study_instance_uid: str | None = None) ->
     label and probabilities are those of its current (not superseded) result, if any. ``rejected`` lists every
     refused instance (a refusal is not tied to a study, so ``study_instance_uid`` does not filter it). ``sr`` is
     the current result's latest SR and its delivery to each destination (:func:`worker.reporting.sr_summaries`).
-    ``result_reason`` is why the current result is ``indeterminate`` (``None`` for a class label or no result);
+    ``result_reason`` is why the current result is ``indeterminate`` or why a finding has no type (``tumor``)
+    (``None`` for a class label or no result);
     ``reason`` stays the job's own line (its state, or the summary of its result).
     """
     return {"series": list(iter_series(database, study_instance_uid)), "rejected": list(iter_rejected(database))}

@@ -6,8 +6,9 @@ result with that finding, nothing new is made, so a retried task or a repeated h
 change makes a new revision that names its predecessor (:mod:`dicom_io.sr` derives its UIDs from the source
 series, the model UID and the revision number, which counts the series' earlier SRs by that model).
 
-An indeterminate result is reported with the finding "Undetermined" and its reason (:mod:`dicom_io.codes`); a
-radiologist's correction of it to a class makes a revision reporting that class.
+An indeterminate result is reported with the finding "Undetermined" and its reason, an untyped finding (a tumour
+whose type the model does not assess on its sequence) with "Neoplasm of brain" and its reason (:mod:`dicom_io.codes`);
+a radiologist's correction of either to a class makes a revision reporting that class.
 
 A result that was superseded (late instances made a newer one) gets no SR: the newer result's SR reports the
 series. The SR references exactly the instances the result classified.
@@ -28,8 +29,9 @@ from sqlalchemy.orm import Session
 
 from config import Settings
 from dicom_io.archive import Archive
+from dicom_io.codes import has_reason
 from dicom_io.sr import AlgorithmInfo, ClassificationResult, SRError, build_classification_sr, read_classification_sr
-from models.tasks import INDETERMINATE, get_task
+from models.tasks import get_task
 from worker.backfill import is_backfill_study
 from worker.db import Database, Instance, Result, Review, Series, SrDelivery, SrDocument
 from worker.db.review import Decision
@@ -83,7 +85,8 @@ def _source_paths(session: Session, result: Result) -> list[Path]:
 
 def _classification(result: Result, label: str) -> ClassificationResult:
     """What the SR reports: ``label`` (the model's or a correction's) with every class' probability, and the
-    result's reason when the reported label is indeterminate (a correction to a class drops it)."""
+    result's reason when the reported label is indeterminate or an untyped finding (a correction to a class drops
+    it)."""
     class_names = get_task(result.task).class_names
     missing = set(class_names) - set(result.probabilities)
     if missing:
@@ -93,7 +96,7 @@ def _classification(result: Result, label: str) -> ClassificationResult:
         label=label,
         class_names=class_names,
         probabilities=tuple(float(result.probabilities[name]) for name in class_names),
-        reason=(result.reason or "no reason given") if label == INDETERMINATE else None,
+        reason=(result.reason or "no reason given") if has_reason(label) else None,
     )
 
 

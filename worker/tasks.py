@@ -37,7 +37,6 @@ from sqlalchemy.orm import Session
 
 from config import Settings
 from models.card import ModelCard
-from models.tasks import INDETERMINATE
 from worker.celery_app import CLASSIFY_SERIES
 from worker.db import Database, Instance, Job, JobState, Result, Series, utcnow
 from worker.decoding import DecodePool, default_decode_processes
@@ -368,9 +367,10 @@ def _finish(session: Session, item: Finished) -> tuple[str, float] | None:
 def job_summary(classification: SeriesClassification, model_name: str, model_version: str) -> str:
     """A done job's reason: ``glioma (0.91) by NAME VERSION``, or ``indeterminate (WHY) by NAME VERSION``.
 
-    An indeterminate label is no class, so it has no probability of its own to show; its reason takes that place.
+    An indeterminate label or an untyped finding (``tumor``) is no class, so it has no probability of its own to
+    show; its reason takes that place.
     """
-    if classification.label == INDETERMINATE:
+    if classification.label not in classification.probabilities:
         detail = classification.reason or "no reason given"
     else:
         detail = f"{classification.probabilities[classification.label]:.2f}"

@@ -10,7 +10,14 @@ from pydicom import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.sr.codedict import codes
 
-from dicom_io.codes import INDETERMINATE, INDETERMINATE_CONCEPT, REASON_CONCEPT, class_name_for
+from dicom_io.codes import (
+    INDETERMINATE,
+    INDETERMINATE_CONCEPT,
+    REASON_CONCEPT,
+    UNTYPED_FINDING_CONCEPTS,
+    class_name_for,
+    has_reason,
+)
 from dicom_io.sr.results import AlgorithmInfo, ClassificationReport
 from dicom_io.sr.writer import CLASSES_PARAMETER, TASK_PARAMETER, SRError
 
@@ -23,8 +30,8 @@ def read_classification_sr(ds: Dataset) -> ClassificationReport:
     """The finding, probabilities, algorithm and referenced instances of a classification SR.
 
     Class names come from the algorithm parameters the writer records; an SR without them is read with the
-    codes' meanings as names. An indeterminate finding reads as ``"indeterminate"`` with its ``reason`` (the
-    TEXT item after it). Raises :class:`SRError` when ``ds`` is not a TID 1500 report with one measurement
+    codes' meanings as names. An indeterminate finding reads as ``"indeterminate"`` and an untyped finding as its
+    label (``"tumor"``), each with its ``reason`` (the TEXT item after it). Raises :class:`SRError` when ``ds`` is not a TID 1500 report with one measurement
     group holding a finding.
     """
     if ds.get("SOPClassUID") != _COMPREHENSIVE_3D_SR:
@@ -56,8 +63,8 @@ def read_classification_sr(ds: Dataset) -> ClassificationReport:
         except KeyError as exc:
             raise SRError(str(exc)) from None
 
-    finding = INDETERMINATE if _is_indeterminate(group.finding_type) else name_of(group.finding_type)
-    reasons = texts.get(REASON_CONCEPT.value, []) if finding == INDETERMINATE else []
+    finding = _special_label(group.finding_type) or name_of(group.finding_type)
+    reasons = texts.get(REASON_CONCEPT.value, []) if has_reason(finding) else []
 
     probabilities: dict[str, float] = {}
     for measurement in group.get_measurements():
@@ -123,10 +130,13 @@ def describe(path: str | PathLike[str]) -> str:
     return "\n".join(lines)
 
 
-def _is_indeterminate(concept: hd.sr.CodedConcept) -> bool:
-    return (concept.value, concept.scheme_designator) == (
-        INDETERMINATE_CONCEPT.value, INDETERMINATE_CONCEPT.scheme_designator
-    )
+def _special_label(concept: hd.sr.CodedConcept) -> str | None:
+    """``"indeterminate"`` or an untyped finding's label for their concepts, ``None`` for any other (a class')."""
+    specials = {INDETERMINATE: INDETERMINATE_CONCEPT, **UNTYPED_FINDING_CONCEPTS}
+    for label, code in specials.items():
+        if (concept.value, concept.scheme_designator) == (code.value, code.scheme_designator):
+            return label
+    return None
 
 
 def _first(texts: dict[str, list[str]], code_value: str) -> str:

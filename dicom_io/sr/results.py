@@ -5,19 +5,21 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from dicom_io.codes import INDETERMINATE
+from dicom_io.codes import INDETERMINATE, UNTYPED_FINDING_CONCEPTS, has_reason
 
 
 @dataclass(frozen=True)
 class ClassificationResult:
-    """One series' classification: the predicted class (or :data:`~dicom_io.codes.INDETERMINATE`, with the
-    ``reason`` why) and a probability per class, in model output order."""
+    """One series' classification: the predicted class (or :data:`~dicom_io.codes.INDETERMINATE`, or an untyped
+    finding of :data:`~dicom_io.codes.UNTYPED_FINDING_CONCEPTS`, either with the ``reason`` why) and a probability
+    per class, in model output order."""
 
     task: str
     label: str
     class_names: tuple[str, ...]
     probabilities: tuple[float, ...]
-    #: Why the label is indeterminate (plain text, no patient data); only an indeterminate label has one.
+    #: Why the label is indeterminate, or why an untyped finding has no type (plain text, no patient data); only
+    #: those labels have one.
     reason: str | None = None
 
     def __post_init__(self) -> None:
@@ -29,10 +31,12 @@ class ClassificationResult:
             raise ValueError(f"{len(self.probabilities)} probabilities for {len(self.class_names)} classes")
         if not all(math.isfinite(p) and 0.0 <= p <= 1.0 for p in self.probabilities):
             raise ValueError(f"probabilities must lie in [0, 1], got {self.probabilities}")
-        if self.label not in self.class_names and self.label != INDETERMINATE:
-            raise ValueError(f"label {self.label!r} is not one of {self.class_names} (or {INDETERMINATE!r})")
-        if self.reason is not None and self.label != INDETERMINATE:
-            raise ValueError(f"a reason is for an {INDETERMINATE!r} result, not for the class {self.label!r}")
+        if self.label not in self.class_names and not has_reason(self.label):
+            raise ValueError(f"label {self.label!r} is not one of {self.class_names} (or {INDETERMINATE!r}, or an "
+                             f"untyped finding: {', '.join(UNTYPED_FINDING_CONCEPTS)})")
+        if self.reason is not None and not has_reason(self.label):
+            raise ValueError(f"a reason is for an {INDETERMINATE!r} result or an untyped finding, not for the class "
+                             f"{self.label!r}")
 
     @property
     def probability_by_class(self) -> dict[str, float]:
@@ -63,7 +67,8 @@ class ClassificationReport:
 
     sop_instance_uid: str
     task: str | None
-    #: The predicted class name, ``"indeterminate"``, or the code meaning when the SR does not name its classes.
+    #: The predicted class name, ``"indeterminate"``, an untyped finding's label, or the code meaning when the SR
+    #: does not name its classes.
     finding: str
     probabilities: dict[str, float]
     algorithm: AlgorithmInfo
@@ -71,5 +76,5 @@ class ClassificationReport:
     referenced_instances: tuple[tuple[str, str], ...]
     #: SOP Instance UIDs of the SRs this one replaces.
     predecessors: tuple[str, ...]
-    #: Why the finding is indeterminate, when the SR says (``None`` otherwise).
+    #: Why the finding is indeterminate or untyped, when the SR says (``None`` otherwise).
     reason: str | None = None

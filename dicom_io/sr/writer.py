@@ -191,14 +191,14 @@ def build_classification_sr(
 
 
 def _add_reason(group: hd.sr.MeasurementsAndQualitativeEvaluations, reason: str) -> None:
-    """Put the TEXT item saying why the finding is indeterminate right after the Finding item.
+    """Put the TEXT item saying why the finding is indeterminate (or has no type) right after the Finding item.
 
     highdicom's group takes coded qualitative evaluations only, so the item is added to the built container. One
     line of text: the reason is shown beside the finding, and a reader should not have to unwrap it.
     """
     text = " ".join(reason.split())
     if not text:
-        raise SRError("an indeterminate result's reason is empty")
+        raise SRError("the result's reason is empty")
     item = hd.sr.TextContentItem(
         name=REASON_CONCEPT, value=text, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS
     )

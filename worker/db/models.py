@@ -196,7 +196,8 @@ class WorkerProcess(Base):
 class Result(Base):
     """A classification of a series by one model. A later revision's result supersedes the earlier one.
 
-    ``label`` is one of the task's class names, or ``models.tasks.INDETERMINATE`` with the ``reason`` why; the
+    ``label`` is one of the task's class names, ``models.tasks.INDETERMINATE`` with the ``reason`` why, or the
+    task's untyped finding (``tumor``) with the ``reason`` its type is not given; the
     probabilities hold every class either way."""
 
     __tablename__ = "results"
@@ -217,7 +218,8 @@ class Result(Base):
     model_uid: Mapped[str] = mapped_column(UID)
     inference_seconds: Mapped[float] = mapped_column(default=0.0)
     #: Why the model could not judge the series when ``label`` is ``models.tasks.INDETERMINATE`` (out of domain:
-    #: no lung in the field, not a brain ...); ``None`` for a class label. Plain text, no patient data.
+    #: no lung in the field, not a brain ...), or why an untyped finding has no type; ``None`` for a class label.
+    #: Plain text, no patient data.
     reason: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     superseded_by_pk: Mapped[int | None] = mapped_column(ForeignKey("results.id"))

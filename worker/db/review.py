@@ -13,7 +13,7 @@ from datetime import datetime
 from sqlalchemy import ForeignKey, String, select
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
-from models.tasks import INDETERMINATE
+from models.tasks import TASKS
 from worker.db.models import AuditEvent, Base, Result, Review, User, utcnow
 
 
@@ -63,7 +63,7 @@ def record_decision(
     session: Session, result: Result, user: User, decision: Decision, label: str, comment: str = ""
 ) -> Review:
     """Store ``user``'s decision on ``result``, mark its series a confirmed training example (unless the decision
-    confirms an indeterminate result), audit it.
+    confirms an indeterminate result or an untyped finding, which name no class), audit it.
 
     ``label`` is the result's own label for a confirmation and the corrected class for a correction; the caller
     has checked it against the task's classes.
@@ -76,9 +76,10 @@ def record_decision(
     session.add(review)
     session.flush()
     example = session.scalar(select(TrainingExample).where(TrainingExample.series_pk == result.series_pk))
-    if label == INDETERMINATE:
-        # Agreeing that the model cannot judge the series names no class to train on; an example left from an
-        # earlier decision on the series no longer stands either.
+    task = TASKS.get(result.task)
+    if task is None or label not in task.class_names:
+        # Agreeing that the model cannot judge the series, or that it shows a tumour of no stated type, names no
+        # class to train on; an example left from an earlier decision on the series no longer stands either.
         if example is not None:
             session.delete(example)
     elif example is None:

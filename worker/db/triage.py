@@ -119,8 +119,8 @@ def _quote(value: str) -> str:
 def _suspected(result: str) -> str:
     """SQL: the result ``result`` names a finding (``worker.web.worklist.is_suspected``, from ``Task``)."""
     parts = [
-        f"({result}.task = {_quote(task.name)} AND {result}.label IN ({', '.join(map(_quote, task.finding_classes))}))"
-        for task in TASKS.values() if task.finding_classes
+        f"({result}.task = {_quote(task.name)} AND {result}.label IN ({', '.join(map(_quote, task.finding_labels))}))"
+        for task in TASKS.values() if task.finding_labels
     ]
     return "(" + " OR ".join(parts or ["1 = 0"]) + ")"
 

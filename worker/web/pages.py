@@ -10,7 +10,7 @@ from fastapi import APIRouter, Depends, HTTPException, Request
 from fastapi.responses import FileResponse, RedirectResponse, Response
 from sqlalchemy import select
 
-from models.tasks import INDETERMINATE
+from models.tasks import INDETERMINATE, get_task
 from worker.db import AuditEvent, Instance, Result, User
 from worker.db.review import Role, audit
 from worker.db.triage import ModelResultCount
@@ -183,6 +183,10 @@ def heatmap(
         # explanation of a decision it did not make.
         raise HTTPException(422, "no heat map: the model judged this series indeterminate and named no class "
                                  "to explain")
+    if label == get_task(task).untyped_finding:
+        # Likewise: the type was not assessed on this sequence, and a map of one tumour class would explain it.
+        raise HTTPException(422, "no heat map: the model gave no tumour type on this sequence, so no class to "
+                                 "explain")
     try:
         png = _state(request).images.heatmap(model_uid, task, label, sop_uid, path, frame)
     except RenderError as exc:

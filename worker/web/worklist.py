@@ -43,16 +43,18 @@ TOTAL_CAP = 1_000
 
 
 def is_suspected(task: str, label: str) -> bool:
-    """Whether ``label`` is a finding: one of the task's classes that is not negative (indeterminate is none)."""
+    """Whether ``label`` is a finding: one of the task's classes that is not negative, or its untyped finding
+    (indeterminate is none)."""
     known = TASKS.get(task)
-    return known is not None and label in known.finding_classes
+    return known is not None and known.is_finding(label)
 
 
-#: The values each worklist filter accepts. ``finding`` is a result's label: a class, or ``indeterminate``.
+#: The values each worklist filter accepts. ``finding`` is a result's label: a class, an untyped finding, or
+#: ``indeterminate``.
 FILTER_CHOICES: dict[str, tuple[str, ...]] = {
     "status": tuple(s.value for s in JobState),
     "task": tuple(TASKS),
-    "finding": (*sorted({c for t in TASKS.values() for c in t.class_names}), INDETERMINATE),
+    "finding": (*sorted({c for t in TASKS.values() for c in t.labels}), INDETERMINATE),
     "review": tuple(r.value for r in ReviewState),
 }
 
@@ -78,12 +80,13 @@ class SeriesResult:
     result_id: int
     series_id: int
     task: str
-    #: A class name, or ``indeterminate``.
+    #: A class name, an untyped finding (``tumor``), or ``indeterminate``.
     label: str
-    #: The label's probability; ``None`` for an indeterminate label, which is no class.
+    #: The label's probability (an untyped finding's: the finding classes' together); ``None`` for an indeterminate
+    #: label, which is no class.
     probability: float | None
     suspected: bool
-    #: Why the label is indeterminate (``None`` for a class label).
+    #: Why the label is indeterminate, or why the finding has no type (``None`` for a class label).
     reason: str | None
     model_name: str
     model_version: str
@@ -271,6 +274,17 @@ def _latest_review() -> ColumnElement[bool]:
                 ~exists().where(newer.result_pk == Review.result_pk, newer.id > Review.id))
 
 
+def label_probability(task: str, label: str, probabilities: dict[str, float]) -> float | None:
+    """The probability shown for a result's label: its class', an untyped finding's (the sum of the task's finding
+    classes: the suspicion), ``None`` for an indeterminate label."""
+    known = TASKS.get(task)
+    if label in probabilities:
+        return float(probabilities[label])
+    if known is not None and label == known.untyped_finding:
+        return float(sum(probabilities.get(name, 0.0) for name in known.finding_classes))
+    return None
+
+
 def _series_result(row: Any) -> SeriesResult:
     result_id, series_pk, task, label, probabilities, reason, model_name, model_version, decision, review_label = row
     return SeriesResult(
@@ -278,7 +292,7 @@ def _series_result(row: Any) -> SeriesResult:
         series_id=series_pk,
         task=task,
         label=label,
-        probability=None if label == INDETERMINATE else float(probabilities.get(label, 0.0)),
+        probability=label_probability(task, label, probabilities),
         suspected=is_suspected(task, label),
         reason=reason,
         model_name=model_name,
@@ -376,6 +390,7 @@ def study_status(session: Session, study_id: int) -> tuple[str, str] | None:
 
 __all__ = [
     "CURSOR_PATTERN", "FILTER_CHOICES", "PAGE_SIZE", "TOTAL_CAP", "Cursor", "ReviewState", "SeriesResult",
-    "WorklistFilter", "WorklistPage", "WorklistRow", "current_results", "is_suspected", "load_worklist",
+    "WorklistFilter", "WorklistPage", "WorklistRow", "current_results", "is_suspected", "label_probability",
+    "load_worklist",
     "study_status",
 ]
