@@ -232,9 +232,9 @@ def main() -> None:
           " tumour type right")
     for column, name in enumerate(("worker",) + PLANES):
         outcomes = [row[column] for _, row in rows]
-        healthy = [o.suspicion for o in outcomes if o.expected == "notumor" and o.result in task.class_names]
+        healthy = [o.suspicion for o in outcomes if o.expected == "notumor" and o.result in task.labels]
         tumours = [o for o in outcomes if o.expected != "notumor"]
-        found = sum(o.result in task.class_names and o.result != "notumor" for o in tumours)
+        found = sum(task.is_finding(o.result) for o in tumours)
         typed = sum(o.result == o.expected for o in tumours)
         largest = f"{max(healthy):.3f}" if healthy else "-"
         print(f"  {name:8} healthy {len(healthy)} classified, largest {largest}; tumour {found}/{len(tumours)} found,"

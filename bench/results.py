@@ -236,11 +236,12 @@ def real_dicom_table(*cards: ModelCard) -> list[str]:
              "`dicom-triage evaluate TASK --dicom DIR --labels FILE --record-split SPLIT`; `external` is "
              "`../shared/data/real-dicom-dev` (`bench/real-dicom-dev.labels.tsv`), `external_extra` and "
              "`external_volunteers` the collections in `docs/real-dicom-sources.md` (not in CI). Sensitivity, "
-             "specificity and AUC are over the series given a class; coverage is that share; *finding* is finding "
-             "against no finding.", "",
-             "| task | split | series | accuracy (class) | coverage | finding right | sensitivity | specificity "
-             "| ROC AUC | most suspicious negative | out of domain refused | target |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+             "specificity and AUC are over the series given a class or a tumour of no stated type (*type not "
+             "given*: the sequence is not what the tumour classes were learned from); coverage is that share; "
+             "*finding* is finding against no finding.", "",
+             "| task | split | series | accuracy (class) | coverage | type not given | finding right | sensitivity "
+             "| specificity | ROC AUC | most suspicious negative | out of domain refused | target |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for card in cards:
         for split in ("external", "external_extra", "external_volunteers"):
             m = card.metrics.get(split)
@@ -248,8 +249,9 @@ def real_dicom_table(*cards: ModelCard) -> list[str]:
                 continue
             auc = "–" if m.get("roc_auc") is None else f"{m['roc_auc']:.3f}"
             worst = "–" if m.get("max_negative_suspicion") is None else f"{m['max_negative_suspicion']:.2f}"
+            untyped = m.get("type_not_assessed", 0) if card.task == "brain-tumor" else "–"
             lines.append(f"| {card.task} | {split} | {m['n']} | {pct(m['accuracy'])} | {pct(m['coverage'])} | "
-                         f"{pct(m['finding_accuracy'])} | {pct(m['sensitivity'])} | {pct(m['specificity'])} | {auc} | "
+                         f"{untyped} | {pct(m['finding_accuracy'])} | {pct(m['sensitivity'])} | {pct(m['specificity'])} | {auc} | "
                          f"{worst} | {pct(m['out_of_domain_handled'])} of {m['out_of_domain_n']} | "
                          f"{REAL_TARGETS[card.task]} |")
     return lines
