@@ -65,6 +65,8 @@ def axial_reformat(datasets: Sequence[Dataset], percentiles: tuple[float, float]
         return None
     if any(str(ds.get("PhotometricInterpretation", "")).strip().upper() != "MONOCHROME2" for ds in datasets):
         return None
+    if _acquired_axially(datasets[0]):
+        return None  # the usual brain series: no need to read every frame's geometry to refuse it
     frames = _frames(datasets)
     if frames is None:
         return None
@@ -111,6 +113,13 @@ def axial_reformat(datasets: Sequence[Dataset], percentiles: tuple[float, float]
         result.append(SeriesFrame("", number, round(float(z_values[index]), 3),
                                   percentile_grey(image, percentiles), reformatted=True))
     return result
+
+
+def _acquired_axially(ds: Dataset) -> bool:
+    """Whether the first frame of ``ds`` is axial: then the series is refused either way (axial, or frames of more
+    than one orientation)."""
+    orientation = frame_geometry(ds, 1)[0][1]
+    return orientation is not None and int(np.argmax(np.abs(np.cross(orientation[:3], orientation[3:])))) == _FOOT_HEAD
 
 
 def _frames(datasets: Sequence[Dataset]
