@@ -24,7 +24,8 @@ from PIL import Image
 from sqlalchemy import func, select
 
 from test_web_helpers import (
-    PASSWORD, XSS_DESCRIPTION, XSS_NAME, add_users, install_model, make_database, make_settings, seed_study,
+    PASSWORD, XSS_DESCRIPTION, XSS_NAME, add_users, csrf, install_model, login, make_database, make_settings,
+    seed_study,
 )
 from dicom_io.sr import read_classification_sr
 from pydicom import dcmread
@@ -70,18 +71,6 @@ class Env:
         if user is not None:
             login(client, user)
         return client
-
-
-def login(client: TestClient, user: str, password: str = PASSWORD) -> None:
-    page = client.get("/login")
-    token = re.search(r'name="csrf_token" value="([^"]+)"', page.text)
-    assert token, page.text
-    response = client.post("/login", data={"username": user, "password": password, "csrf_token": token[1]})
-    assert response.status_code == 303, response.text
-
-
-def csrf(client: TestClient) -> str:
-    return client.get("/api/me").json()["csrf_token"]
 
 
 @pytest.fixture(scope="module")

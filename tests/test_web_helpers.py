@@ -3,6 +3,7 @@ made at test time from the shared brain MRI images, and a small installed model 
 
 from __future__ import annotations
 
+import re
 import time
 import uuid
 from collections.abc import Iterator
@@ -12,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from fastapi.testclient import TestClient
 
 from config import Settings, load_settings
 from dicom_io.archive import Archive
@@ -47,6 +49,40 @@ def add_users(database: Database) -> None:
         add_user(session, "rad", "radiologist", PASSWORD)
         add_user(session, "rad2", "radiologist", PASSWORD)
         add_user(session, "boss", "admin", PASSWORD)
+
+
+def login(client: TestClient, user: str, password: str = PASSWORD) -> None:
+    page = client.get("/login")
+    token = re.search(r'name="csrf_token" value="([^"]+)"', page.text)
+    assert token, page.text
+    response = client.post("/login", data={"username": user, "password": password, "csrf_token": token[1]})
+    assert response.status_code == 303, response.text
+
+
+def csrf(client: TestClient) -> str:
+    return client.get("/api/me").json()["csrf_token"]
+
+
+class WebApp:
+    """A migrated database with the test users, the web app over it and a small installed brain model; one
+    logged-in client per user, kept (a login costs an Argon2 verification)."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        from worker.web.app import create_app
+
+        self.settings = make_settings(tmp_path)
+        self.database = make_database(self.settings)
+        add_users(self.database)
+        self.app = create_app(self.settings, self.database)  # corrections publish revised SRs for real
+        self.model_uid = install_model(self.settings)
+        self._clients: dict[str, TestClient] = {}
+
+    def as_user(self, user: str) -> TestClient:
+        if user not in self._clients:
+            client = TestClient(self.app, follow_redirects=False)
+            login(client, user)
+            self._clients[user] = client
+        return self._clients[user]
 
 
 def images(cls: str, count: int) -> list[Path]:

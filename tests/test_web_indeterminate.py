@@ -18,8 +18,7 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import select, update
 
-from test_web_api import csrf, login
-from test_web_helpers import add_users, install_model, make_database, make_settings, seed_study
+from test_web_helpers import WebApp, add_users, csrf, install_model, login, make_database, make_settings, seed_study
 from dicom_io.sr import read_classification_sr
 from models.card import CARD_FILE
 from models.tasks import BRAIN_TUMOR, INDETERMINATE
@@ -57,16 +56,12 @@ def make_indeterminate(database: Database, result_id: int, reason: str = REASON)
         )
 
 
-class Env:
+class Env(WebApp):
     """A suspected study, a negative one and an indeterminate one; the installed brain model and the shipped COVID
     model registered."""
 
     def __init__(self, tmp_path: Path) -> None:
-        self.settings = make_settings(tmp_path)
-        self.database = make_database(self.settings)
-        add_users(self.database)
-        self.app = create_app(self.settings, self.database)  # corrections publish revised SRs for real
-        self.model_uid = install_model(self.settings)
+        super().__init__(tmp_path)
         assert self.settings.models_dir is not None
         card_path = self.settings.models_dir / BRAIN_TUMOR.name / CARD_FILE
         card_path.write_text(json.dumps({**json.loads(card_path.read_text()), "metrics": BRAIN_METRICS}))
@@ -82,14 +77,6 @@ class Env:
         assert result is not None
         self.result = result
         make_indeterminate(self.database, result)
-        self._clients: dict[str, TestClient] = {}
-
-    def as_user(self, user: str) -> TestClient:
-        if user not in self._clients:
-            client = TestClient(self.app, follow_redirects=False)
-            login(client, user)
-            self._clients[user] = client
-        return self._clients[user]
 
 
 @pytest.fixture(scope="module")

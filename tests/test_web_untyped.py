@@ -14,11 +14,9 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from fastapi.testclient import TestClient
 from sqlalchemy import select, update
 
-from test_web_api import csrf, login
-from test_web_helpers import add_users, install_model, make_database, make_settings, seed_study
+from test_web_helpers import WebApp, csrf, make_settings, seed_study
 from dicom_io.codes import UNTYPED_FINDING_CONCEPTS
 from dicom_io.sr import read_classification_sr
 from models.tasks import BRAIN_TUMOR, TASKS
@@ -26,7 +24,6 @@ from worker.db import Database, Result, SrDocument
 from worker.db.review import TrainingExample
 from worker.drift import DriftBounds, weekly_figures
 from worker.reporting import publish_result
-from worker.web.app import create_app
 from worker.web.worklist import FILTER_CHOICES, WorklistFilter, is_suspected, load_worklist
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -44,16 +41,11 @@ def make_untyped(database: Database, result_id: int) -> None:
             label=UNTYPED, reason=REASON, probabilities=PROBABILITIES))
 
 
-class Env:
-    """A negative study, a typed finding and an untyped one, oldest first: the untyped one, received earliest, must
-    still lead only because it is a finding."""
+class Env(WebApp):
+    """An untyped finding, a negative study and a typed finding, received in that order."""
 
     def __init__(self, tmp_path: Path) -> None:
-        self.settings = make_settings(tmp_path)
-        self.database = make_database(self.settings)
-        add_users(self.database)
-        self.app = create_app(self.settings, self.database)
-        self.model_uid = install_model(self.settings)
+        super().__init__(tmp_path)
         self.untyped, result = seed_study(self.database, self.settings, cls="glioma", label="glioma",
                                           model_uid=self.model_uid, age_minutes=90)
         self.negative, _ = seed_study(self.database, self.settings, cls="notumor", label="notumor",
@@ -63,14 +55,6 @@ class Env:
         assert result is not None
         self.result = result
         make_untyped(self.database, result)
-        self._clients: dict[str, TestClient] = {}
-
-    def as_user(self, user: str) -> TestClient:
-        if user not in self._clients:
-            client = TestClient(self.app, follow_redirects=False)
-            login(client, user)
-            self._clients[user] = client
-        return self._clients[user]
 
 
 @pytest.fixture(scope="module")
