@@ -164,6 +164,8 @@ def routes(app: LiveApp) -> dict[str, Route]:
                        {"report_failed": choice("0", "1", "true")}),
         "thumbnail": Route("GET", "/thumbnails/{instance_id}/{frame}.png", None,
                            {"instance_id": integer(app.instance_id), "frame": integer(1)}, {}),
+        "axial": Route("GET", "/reformats/{result_id}/{number}.png", None,
+                       {"result_id": integer(app.result_id), "number": integer(1)}, {}),
         "heatmap": Route("GET", "/heatmaps/{result_id}/{instance_id}/{frame}.png", None,
                          {"result_id": integer(app.result_id), "instance_id": integer(app.instance_id),
                           "frame": integer(1)}, {}),
@@ -202,8 +204,8 @@ def routes(app: LiveApp) -> dict[str, Route]:
     }
 
 
-PAGES = ("login", "worklist", "study", "thumbnail", "heatmap", "users", "models", "drift", "backfill", "audit",
-         "registry", "run", "model", "figure")
+PAGES = ("login", "worklist", "study", "thumbnail", "axial", "heatmap", "users", "models", "drift", "backfill",
+         "audit", "registry", "run", "model", "figure")
 FORMS = ("decision", "user-active", "user-add", "retrain", "promote", "rollback", "backfill-cancel",
          "backfill-retry")
 

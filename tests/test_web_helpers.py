@@ -26,6 +26,7 @@ from worker.db.backfill import BackfillPlan, BackfillStudy, PlanState, StudyStat
 from worker.web.users import add_user
 
 if TYPE_CHECKING:
+    from pydicom import Dataset
     from playwright.sync_api import Page
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "brain-tumor-mri" / "Testing"
@@ -103,10 +104,13 @@ def seed_study(
     slices: int = 2,
     state: JobState = JobState.DONE,
     age_minutes: float = 10.0,
+    datasets: list[Dataset] | None = None,
 ) -> tuple[int, int | None]:
-    """Archive a classified MR series; return (study id, result id or None when the job is not done)."""
-    datasets = mr_series(images(cls, slices), patient_name=patient_name, study_description=description,
-                         patient_id=f"PID-{uuid.uuid4().hex[:10]}", series_description=f"AX {cls}")
+    """Archive a classified MR series (``datasets``, else ``slices`` images of ``cls`` made into DICOM); return
+    (study id, result id or None when the job is not done)."""
+    if datasets is None:
+        datasets = mr_series(images(cls, slices), patient_name=patient_name, study_description=description,
+                             patient_id=f"PID-{uuid.uuid4().hex[:10]}", series_description=f"AX {cls}")
     archive = Archive(settings.archive_dir)
     received = utcnow() - timedelta(minutes=age_minutes)
     probabilities = {name: (0.91 if name == label else 0.03) for name in BRAIN_TUMOR.class_names}
@@ -126,7 +130,7 @@ def seed_study(
                                  sop_class_uid=stored.sop_class_uid, instance_number=index,
                                  transfer_syntax_uid=stored.transfer_syntax_uid, archive_path=str(stored.path),
                                  received_at=received))
-        job = Job(series_pk=series.id, revision=1, state=state, task=BRAIN_TUMOR.name, instance_count=slices,
+        job = Job(series_pk=series.id, revision=1, state=state, task=BRAIN_TUMOR.name, instance_count=len(datasets),
                   series_last_received_at=received)
         session.add(job)
         session.flush()

@@ -1,10 +1,12 @@
 """Indeterminate results (``models.tasks.INDETERMINATE``: the model could not judge the series) through the web app
-and the SR path, over HTTP on a real migrated database with real archived DICOM; and the admin models pages showing
-every evaluation split of a model card (the shipped COVID card has ``holdout``, not ``testing``).
+and the SR path, over HTTP on a real migrated database with real archived DICOM; volumes read as axial slices cut
+from them; and the admin models pages showing every evaluation split of a model card (the shipped COVID card has
+``holdout``, not ``testing``).
 """
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -13,21 +15,26 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pydicom
 import pytest
 from fastapi.testclient import TestClient
+from PIL import Image
 from sqlalchemy import select, update
 
+from test_dicom_io_reformat import _block, sagittal_series
 from test_web_helpers import WebApp, add_users, csrf, install_model, login, make_database, make_settings, seed_study
 from dicom_io.sr import read_classification_sr
 from models.card import CARD_FILE
 from models.tasks import BRAIN_TUMOR, INDETERMINATE
 from worker.db import Database, Instance, Result, SrDocument
 from worker.db.review import TrainingExample
+from worker.decoding import decode_series
 from worker.registry import register_installed_models
 from worker.reporting import publish_result
 from worker.web.admin_models import evaluation_splits
 from worker.web.app import create_app
+from worker.web.rendering import THUMBNAIL_SIZE
 from worker.web.worklist import WorklistFilter, is_suspected, load_worklist
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -284,3 +291,52 @@ def _check_reformatted_study(database: Database, settings, app, model_uid: str) 
     assert published is not None
     report = read_classification_sr(pydicom.dcmread(published.archive_path))
     assert {uid for _, uid in report.referenced_instances} == instance_uids and len(instance_uids) == 3
+
+
+def test_the_axial_slices_the_model_read_are_shown_as_it_saw_them(tmp_path: Path) -> None:
+    """A sagittal volume archived, and a result that read it as axial slices: the study page and the API show those
+    slices, each picture the slice the worker's own path cuts (the first request cuts them all), with its figures."""
+    volume = sagittal_series(_block((130, 128, 124)))
+    for ds in volume:
+        ds.StudyDescription = "MRI BRAIN"
+    app = WebApp(tmp_path)
+    try:
+        study_id, result_id = seed_study(app.database, app.settings, cls="notumor", label="notumor",
+                                         model_uid=app.model_uid, datasets=volume)
+        other_study, other_result = seed_study(app.database, app.settings, cls="glioma", label="glioma",
+                                               model_uid=app.model_uid)
+        assert result_id is not None and other_result is not None
+        with app.database.session() as session:
+            series_pk = session.get_one(Result, result_id).series_pk
+            paths = [Path(p) for p in session.scalars(select(Instance.archive_path).where(
+                Instance.series_pk == series_pk).order_by(Instance.instance_number))]
+        frames = decode_series(paths, BRAIN_TUMOR)
+        assert frames[0].reformatted and len(frames) == 124
+        slices = [{"reformat": "axial", "slice": f.frame_number, "position": f.position,
+                   "probabilities": [0.02, 0.03, 0.9, 0.05]} for f in frames]
+        slices[0]["excluded"] = "no head in the field"
+        with app.database.session() as session:
+            session.execute(update(Result).where(Result.id == result_id).values(slice_probabilities=slices))
+
+        client = app.as_user("rad")
+        page = client.get(f"/studies/{study_id}").text
+        assert page.count('class="slice-axial"') == 124 and page.count('class="slice"') == 130
+        assert f'src="/reformats/{result_id}/1.png"' in page and "left out: no head in the field" in page
+        [series] = client.get(f"/api/studies/{study_id}").json()["series"]
+        assert [s["number"] for s in series["axial_slices"]] == list(range(1, 125))
+        assert series["axial_slices"][5]["image_url"] == f"/reformats/{result_id}/6.png"
+        assert series["axial_slices"][5]["position"] == pytest.approx(frames[5].position)
+        for number in (1, 60, 124):
+            response = client.get(f"/reformats/{result_id}/{number}.png")
+            assert response.status_code == 200 and response.headers["content-type"] == "image/png"
+            shown = np.asarray(Image.open(io.BytesIO(response.content)))
+            expected = Image.fromarray(np.clip(np.rint(frames[number - 1].image), 0, 255).astype(np.uint8))
+            expected.thumbnail((THUMBNAIL_SIZE, THUMBNAIL_SIZE), Image.Resampling.LANCZOS)
+            np.testing.assert_array_equal(shown, np.asarray(expected))
+        beyond = client.get(f"/reformats/{result_id}/125.png")
+        assert beyond.status_code == 422 and "124 axial slices, not slice 125" in beyond.json()["detail"]
+        # A result that read its acquired frames has no axial slices to show.
+        assert client.get(f"/reformats/{other_result}/1.png").status_code == 404
+        assert client.get(f"/api/studies/{other_study}").json()["series"][0]["axial_slices"] == []
+    finally:
+        app.database.dispose()

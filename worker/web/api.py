@@ -20,7 +20,7 @@ from worker.web.params import (
     NO_NUL, FindingFilter, PageCursor, PageSize, ResultId, ReviewFilter, StatusFilter, StudyId, TaskFilter,
 
 )
-from worker.web.study import ReviewView, SeriesView, Slice, StudyView, load_study
+from worker.web.study import AxialSliceView, ReviewView, SeriesView, Slice, StudyView, load_study
 from worker.web.worklist import PAGE_SIZE, TOTAL_CAP, SeriesResult, WorklistRow, load_worklist
 
 router = APIRouter(prefix="/api", tags=["api"])
@@ -57,6 +57,7 @@ class WorklistOut(BaseModel):
 
 
 SliceOut = _model_of(Slice, "SliceOut", thumbnail_url=(str, ...))
+AxialSliceOut = _model_of(AxialSliceView, "AxialSliceOut", image_url=(str, ...))
 ReviewOut = _model_of(ReviewView, "ReviewOut")
 
 
@@ -69,7 +70,8 @@ class StudyResultOut(ResultOut):  # type: ignore[valid-type,misc]
     structured_report: list[tuple[int, str, str]] = Field(description="(depth, concept, value) of the latest SR")
 
 
-SeriesOut = _model_of(SeriesView, "SeriesOut", slices=(list[SliceOut], ...), results=(list[StudyResultOut], ...))
+SeriesOut = _model_of(SeriesView, "SeriesOut", slices=(list[SliceOut], ...), results=(list[StudyResultOut], ...),
+                      axial_slices=(list[AxialSliceOut], ...))
 StudyOut = _model_of(StudyView, "StudyOut", series=(list[SeriesOut], ...))
 
 
@@ -134,9 +136,13 @@ def study(request: Request, study_id: StudyId, who: Principal = Depends(api_user
 
 def _series_out(series: Any) -> SeriesOut:
     return SeriesOut(
-        **{k: v for k, v in vars(series).items() if k not in ("slices", "results")},
+        **{k: v for k, v in vars(series).items() if k not in ("slices", "results", "axial_slices")},
         slices=[
             SliceOut(**vars(s), thumbnail_url=f"/thumbnails/{s.instance_id}/{s.frame}.png") for s in series.slices
+        ],
+        axial_slices=[
+            AxialSliceOut(**vars(s), image_url=f"/reformats/{series.axial_result_id}/{s.number}.png")
+            for s in series.axial_slices
         ],
         results=[
             StudyResultOut(

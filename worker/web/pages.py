@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
@@ -18,8 +19,8 @@ from worker.web import auth
 from worker.web.auth import Principal, checked_form, page_admin, page_radiologist, page_user
 from worker.web.decisions import DecisionError, decide
 from worker.web.params import (
-    AuditBefore, FindingFilter, Frame, InstanceId, PageCursor, PlanId, ResultId, ReviewFilter, StatusFilter, StudyId,
-    TaskFilter, UserId,
+    AuditBefore, AxialSlice, FindingFilter, Frame, InstanceId, PageCursor, PlanId, ResultId, ReviewFilter,
+    StatusFilter, StudyId, TaskFilter, UserId,
 )
 from worker.web.rendering import RenderError
 from worker.web.study import load_study, reformatted_slices
@@ -157,6 +158,28 @@ def thumbnail(
     sop_uid, path = _instance_file(request, instance_id)
     try:
         png = _state(request).images.thumbnail(sop_uid, path, frame)
+    except RenderError as exc:
+        raise HTTPException(422, str(exc)) from None
+    return FileResponse(png, media_type="image/png", headers={"Cache-Control": IMAGE_CACHE_CONTROL})
+
+
+@router.get("/reformats/{result_id}/{number}.png")
+def axial_slice(
+    request: Request, result_id: ResultId, number: AxialSlice, _who: Principal = Depends(page_user)
+) -> Response:
+    """Axial slice ``number`` of the volume a result read as axial slices cut from it, as the model saw it."""
+    with _state(request).database.read_session() as session:
+        result = session.get(Result, result_id)
+        if result is None or not reformatted_slices(result):
+            raise HTTPException(404, "no result read axial slices cut from a volume under this id")
+        task = result.task
+        rows = session.execute(select(Instance.sop_instance_uid, Instance.archive_path)
+                               .where(Instance.series_pk == result.series_pk)
+                               .order_by(Instance.instance_number, Instance.id)).all()
+    # The cache's name for the volume: its instances, so a series that grew is cut again.
+    key = hashlib.sha256("\n".join(sorted(uid for uid, _ in rows)).encode()).hexdigest()[:32]
+    try:
+        png = _state(request).images.axial_slice(key, task, [Path(path) for _, path in rows], number)
     except RenderError as exc:
         raise HTTPException(422, str(exc)) from None
     return FileResponse(png, media_type="image/png", headers={"Cache-Control": IMAGE_CACHE_CONTROL})

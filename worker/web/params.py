@@ -50,6 +50,7 @@ PlanId = Annotated[int, row_id("backfill plan")]
 #: A model's UID: a DICOM UID, as the registry's column holds it (digits and dots, at most 64 characters).
 ModelUid = Annotated[str, Path(pattern=r"^[0-9][0-9.]{0,63}$", description="the model's UID")]
 Frame = Annotated[int, Path(ge=1, le=MAX_FRAME, description="the frame, from 1")]
+AxialSlice = Annotated[int, Path(ge=1, le=MAX_FRAME, description="the axial slice cut from the volume, from 1")]
 
 PageSize = Annotated[int, Query(ge=1, le=MAX_PAGE_SIZE, description=f"rows a page, 1..{MAX_PAGE_SIZE}")]
 AuditBefore = Annotated[

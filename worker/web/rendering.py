@@ -2,6 +2,9 @@
 
 * Thumbnails: a frame's display image (:func:`dicom_io.imaging.display_frames`: modality LUT and windowing),
   shrunk to fit 256 px, as PNG.
+* Axial slices: a volume the model read as axial slices cut from it (:func:`worker.decoding.decode_series`, the
+  worker's own path) shown as the model saw them, before the crop. The first request cuts the volume and writes
+  every slice's thumbnail (cutting takes seconds; the page asks for dozens of slices at once).
 * Heat maps: the frame at the model's input, with the Grad-CAM map (:func:`models.explain.grad_cam`) of the
   result's label blended over it. Only the model that made the result may explain it (found by its uid); when
   its files are gone the heat map is refused rather than drawn by a different model. An indeterminate result names
@@ -32,6 +35,7 @@ from pydicom.errors import InvalidDicomError
 THUMBNAIL_SIZE = 256
 _SAFE_NAME = re.compile(r"^[0-9A-Za-z._-]{1,64}$")
 _gradcam_lock = threading.Lock()  # one Grad-CAM at a time: TF already uses every core for one
+_reformat_lock = threading.Lock()  # one volume cut at a time: the page's requests for its slices arrive together
 _LOADED_MODELS = 4  # classifiers kept in memory, by model uid
 
 
@@ -119,6 +123,36 @@ class ImageCache:
     def thumbnail(self, sop_instance_uid: str, archive_path: Path, frame: int) -> Path:
         path = self.root / "thumbnails" / _safe(sop_instance_uid) / f"{frame}.png"
         return _cached_png(path, lambda: _grey_image(display_frame(archive_path, frame), THUMBNAIL_SIZE))
+
+    def axial_slice(self, volume_key: str, task: str, archive_paths: list[Path], number: int) -> Path:
+        """Axial slice ``number`` (from 1, foot to head) cut from the volume of ``archive_paths`` as ``task``'s model
+        reads it. ``volume_key`` names the volume in the cache (it must change when the series' instances do)."""
+        folder = self.root / "axial" / _safe(volume_key)
+        path = folder / f"{number}.png"
+        if path.is_file():
+            return path
+        with _reformat_lock:
+            if not path.is_file():
+                self._cut(folder, task, archive_paths)
+        if not path.is_file():
+            slices = len(list(folder.glob("*.png")))
+            raise RenderError(f"the volume was cut into {slices} axial slices, not slice {number}")
+        return path
+
+    def _cut(self, folder: Path, task: str, archive_paths: list[Path]) -> None:
+        from dicom_io.imaging import ImagingError
+        from models.tasks import get_task
+        from worker.decoding import decode_series
+
+        try:
+            frames = decode_series(archive_paths, get_task(task))
+        except (ImagingError, InvalidDicomError, OSError, ValueError, KeyError) as exc:
+            raise RenderError(f"the volume cannot be cut: {type(exc).__name__}") from exc
+        if not frames[0].reformatted:
+            raise RenderError("the series is not read as axial slices cut from a volume")
+        for frame in frames:
+            _cached_png(folder / f"{frame.frame_number}.png",
+                        lambda image=frame.image: _grey_image(image, THUMBNAIL_SIZE))
 
     def heatmap(
         self, model_uid: str, task: str, label: str, sop_instance_uid: str, archive_path: Path, frame: int

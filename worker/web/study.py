@@ -31,6 +31,17 @@ class Slice:
 
 
 @dataclass
+class AxialSliceView:
+    """An axial slice cut from the volume (``worker.decoding.slice_key``) and the result's figures for it."""
+
+    number: int
+    #: z in mm.
+    position: float
+    probabilities: list[float]
+    excluded: str | None = None
+
+
+@dataclass
 class ReviewView:
     decision: str
     label: str
@@ -62,6 +73,10 @@ class SeriesView:
     results: list[ResultView] = field(default_factory=list)
     #: How many axial slices cut from the volume the latest result read (0: it read the acquired frames).
     reformatted_slices: int = 0
+    #: Those slices, foot to head, with their probabilities (empty when it read the acquired frames).
+    axial_slices: list[AxialSliceView] = field(default_factory=list)
+    #: The result whose axial slices those are (their pictures are cut again from its series).
+    axial_result_id: int | None = None
 
 
 @dataclass
@@ -122,7 +137,10 @@ def load_study(session: Session, study_id: int) -> StudyView | None:
             job_reason=job.reason if job else "",
             slices=_slices(instances.get(series.id, []), series_results[0] if series_results else None),
             reformatted_slices=reformatted_slices(series_results[0] if series_results else None),
+            axial_slices=axial_slices(series_results[0] if series_results else None),
         )
+        if view.axial_slices:
+            view.axial_result_id = series_results[0].id
         for result in series_results:
             task = TASKS.get(result.task)
             view.results.append(
@@ -171,6 +189,16 @@ def _slices(instances: list[Instance], result: Result | None) -> list[Slice]:
             if (instance.id, frame) not in seen:
                 out.append(Slice(instance.id, frame, None))
     return out
+
+
+def axial_slices(result: Result | None) -> list[AxialSliceView]:
+    """The axial slices cut from the volume that ``result`` read, in its (foot to head) order."""
+    return [
+        AxialSliceView(int(item["slice"]), float(item.get("position", 0.0)),
+                       [float(p) for p in item.get("probabilities", [])],
+                       str(item["excluded"]) if item.get("excluded") is not None else None)
+        for item in (result.slice_probabilities if result else []) or [] if "reformat" in item
+    ]
 
 
 def reformatted_slices(result: Result | None) -> int:
