@@ -70,7 +70,10 @@ def test_the_page_shows_the_status_figures(env: Env) -> None:
     assert f"{100 * running['progress']:.1f} %" in row[1]
     # ETA: 10 minutes for 3 studies done, 4 left.
     assert running["eta_seconds"] == pytest.approx(800, abs=5)
-    assert re.search(r'data-testid="plan-eta">(\d+) s<', row[1])[1] == f"{running['eta_seconds']:.0f}"
+    # The page was drawn a moment before plan_status ran, and the ETA grows with the time elapsed: within a second or
+    # two, not to the second (CI at 8445551, seed 2722430459: 800 against 801).
+    shown = re.search(r'data-testid="plan-eta">(\d+) s<', row[1])
+    assert shown and abs(int(shown[1]) - running["eta_seconds"]) <= 2, (shown, running["eta_seconds"])
     assert "paused since" in row[1] and "2 live series waiting for or in classification" in row[1]
     assert "status 0xA801" in page.text
     # Text from the database is escaped.
