@@ -31,7 +31,7 @@ from pydicom.uid import MRImageStorage, ExplicitVRLittleEndian, generate_uid
 from scipy import ndimage
 
 from config import DEFAULT_ROUTING_RULES
-from dicom_io.imaging import frame_geometry, frame_pixel_spacing
+from dicom_io.imaging import frame_planes
 from models.inference import Classifier, default_model_dir
 from models.tasks import TASKS, Task
 from worker.evaluation import (LabelledSeries, SeriesOutcome, evaluate_series, find_series, read_labels,
@@ -65,18 +65,6 @@ class Volume:
         return ("sagittal", "coronal", "axial")[axis]
 
 
-def _geometry(ds: Dataset, frames: int) -> list[tuple[np.ndarray, np.ndarray, tuple[float, float]]] | None:
-    """``(orientation, position, pixel spacing)`` per frame (the worker's own readers of them), or ``None`` when a
-    frame lacks one."""
-    result = []
-    for index, (position, orientation) in enumerate(frame_geometry(ds, frames)):
-        spacing = frame_pixel_spacing(ds, index)
-        if position is None or orientation is None or spacing is None:
-            return None
-        result.append((orientation, position, spacing))
-    return result
-
-
 def read_volume(paths: tuple[Path, ...], min_slices: int, max_anisotropy: float) -> Volume | str:
     """The series as a volume, or why it does not qualify."""
     datasets = [dcmread(path) for path in paths]
@@ -90,10 +78,10 @@ def read_volume(paths: tuple[Path, ...], min_slices: int, max_anisotropy: float)
         pixels = pixels[None] if pixels.ndim == 2 else pixels
         if pixels.ndim != 3:
             return "not greyscale"
-        geometry = _geometry(ds, len(pixels))
-        if geometry is None:
+        planes = frame_planes(ds, len(pixels))
+        if planes is None:
             return "no plane geometry"
-        frames += [(o, p, s, image) for (o, p, s), image in zip(geometry, pixels)]
+        frames += [(o, p, s, image) for (p, o, s), image in zip(planes, pixels)]
     if len(frames) < min_slices:
         return f"{len(frames)} slices"
     orientation, _, pixel_spacing, _ = frames[0]

@@ -251,7 +251,8 @@ def real_dicom_table(*cards: ModelCard) -> list[str]:
             worst = "–" if m.get("max_negative_suspicion") is None else f"{m['max_negative_suspicion']:.2f}"
             untyped = m.get("type_not_assessed", 0) if card.task == "brain-tumor" else "–"
             lines.append(f"| {card.task} | {split} | {m['n']} | {pct(m['accuracy'])} | {pct(m['coverage'])} | "
-                         f"{untyped} | {pct(m['finding_accuracy'])} | {pct(m['sensitivity'])} | {pct(m['specificity'])} | {auc} | "
+                         f"{untyped} | {pct(m['finding_accuracy'])} | {pct(m['sensitivity'])} | "
+                         f"{pct(m['specificity'])} | {auc} | "
                          f"{worst} | {pct(m['out_of_domain_handled'])} of {m['out_of_domain_n']} | "
                          f"{REAL_TARGETS[card.task]} |")
     return lines

@@ -49,8 +49,9 @@ __all__ = [
     "MAX_FRAME_PIXELS",
     "display_frames",
     "frame_geometry",
-    "functional_group_item",
     "frame_pixel_spacing",
+    "frame_planes",
+    "functional_group_item",
     "modality_frames",
     "percentile_grey",
     "SeriesFrame",
@@ -451,6 +452,18 @@ def frame_geometry(ds: Dataset, frames: int) -> list[tuple[np.ndarray | None, np
         iop = _vector((orientation or ds).get("ImageOrientationPatient"), 6)
         result.append((ipp, iop))
     return result
+
+
+def frame_planes(ds: Dataset, frames: int) -> list[tuple[np.ndarray, np.ndarray, tuple[float, float]]] | None:
+    """``(position, orientation, pixel spacing)`` of each of the ``frames`` frames (:func:`frame_geometry`,
+    :func:`frame_pixel_spacing`), or ``None`` when a frame lacks one of them."""
+    planes = []
+    for index, (position, orientation) in enumerate(frame_geometry(ds, frames)):
+        spacing = frame_pixel_spacing(ds, index)
+        if position is None or orientation is None or spacing is None:
+            return None
+        planes.append((position, orientation, spacing))
+    return planes
 
 
 def frame_pixel_spacing(ds: Dataset, index: int = 0) -> tuple[float, float] | None:

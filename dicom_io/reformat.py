@@ -27,7 +27,7 @@ from dicom_io.imaging import (
     MR_PERCENTILES,
     SeriesFrame,
     frame_geometry,
-    frame_pixel_spacing,
+    frame_planes,
     modality_frames,
     percentile_grey,
 )
@@ -73,7 +73,7 @@ def axial_reformat(datasets: Sequence[Dataset], percentiles: tuple[float, float]
     positions, orientation, pixel_spacing, sources = frames
     row, column = orientation[:3], orientation[3:]
     normal = np.cross(row, column)
-    if int(np.argmax(np.abs(normal))) == _FOOT_HEAD or len(sources) < 2:
+    if _normal_axis(orientation) == _FOOT_HEAD or len(sources) < 2:
         return None
     along = np.array([float(np.dot(normal, position)) for position in positions])
     order = np.argsort(along, kind="stable")
@@ -115,11 +115,16 @@ def axial_reformat(datasets: Sequence[Dataset], percentiles: tuple[float, float]
     return result
 
 
+def _normal_axis(orientation: np.ndarray) -> int:
+    """The patient axis (0 x, 1 y, 2 z) that the normal of slices of this Image Orientation runs nearest."""
+    return int(np.argmax(np.abs(np.cross(orientation[:3], orientation[3:]))))
+
+
 def _acquired_axially(ds: Dataset) -> bool:
     """Whether the first frame of ``ds`` is axial: then the series is refused either way (axial, or frames of more
     than one orientation)."""
     orientation = frame_geometry(ds, 1)[0][1]
-    return orientation is not None and int(np.argmax(np.abs(np.cross(orientation[:3], orientation[3:])))) == _FOOT_HEAD
+    return orientation is not None and _normal_axis(orientation) == _FOOT_HEAD
 
 
 def _frames(datasets: Sequence[Dataset]
@@ -137,10 +142,10 @@ def _frames(datasets: Sequence[Dataset]
             shape = (ds.get("Rows"), ds.get("Columns"))
         elif (ds.get("Rows"), ds.get("Columns")) != shape:
             return None
-        for index, (ipp, iop) in enumerate(frame_geometry(ds, count)):
-            spacing = frame_pixel_spacing(ds, index)
-            if ipp is None or iop is None or spacing is None:
-                return None
+        planes = frame_planes(ds, count)
+        if planes is None:
+            return None
+        for index, (ipp, iop, spacing) in enumerate(planes):
             if orientation is None:
                 orientation, pixel_spacing = iop, spacing
             elif not np.allclose(iop, orientation, atol=1e-3) or not np.allclose(spacing, pixel_spacing, rtol=1e-3):

@@ -31,8 +31,8 @@ def read_classification_sr(ds: Dataset) -> ClassificationReport:
 
     Class names come from the algorithm parameters the writer records; an SR without them is read with the
     codes' meanings as names. An indeterminate finding reads as ``"indeterminate"`` and an untyped finding as its
-    label (``"tumor"``), each with its ``reason`` (the TEXT item after it). Raises :class:`SRError` when ``ds`` is not a TID 1500 report with one measurement
-    group holding a finding.
+    label (``"tumor"``), each with its ``reason`` (the TEXT item after it). Raises :class:`SRError` when ``ds`` is
+    not a TID 1500 report with one measurement group holding a finding.
     """
     if ds.get("SOPClassUID") != _COMPREHENSIVE_3D_SR:
         raise SRError(f"not a Comprehensive 3D SR (SOP Class UID {ds.get('SOPClassUID')!r})")

@@ -128,6 +128,8 @@ def load_study(session: Session, study_id: int) -> StudyView | None:
     views = []
     for series, job in series_rows:
         series_results = [results[s.result_id] for s in summaries.values() if s.series_id == series.id]
+        latest = series_results[0] if series_results else None
+        axial = axial_slices(latest)
         view = SeriesView(
             series_id=series.id,
             series_number=series.series_number,
@@ -135,12 +137,11 @@ def load_study(session: Session, study_id: int) -> StudyView | None:
             description=series.series_description,
             job_state=job.state.value if job else None,
             job_reason=job.reason if job else "",
-            slices=_slices(instances.get(series.id, []), series_results[0] if series_results else None),
-            reformatted_slices=reformatted_slices(series_results[0] if series_results else None),
-            axial_slices=axial_slices(series_results[0] if series_results else None),
+            slices=_slices(instances.get(series.id, []), latest),
+            reformatted_slices=len(axial),
+            axial_slices=axial,
+            axial_result_id=latest.id if latest is not None and axial else None,
         )
-        if view.axial_slices:
-            view.axial_result_id = series_results[0].id
         for result in series_results:
             task = TASKS.get(result.task)
             view.results.append(
