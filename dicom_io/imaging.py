@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 from pydicom import Dataset
@@ -178,6 +178,8 @@ class SeriesFrame:
     #: An axial slice cut from the series' volume (:func:`dicom_io.reformat.axial_reformat`), not an acquired frame:
     #: ``sop_instance_uid`` is empty and ``frame_number`` numbers the axial slices.
     reformatted: bool = False
+    #: (row spacing, column spacing) of ``image`` in mm (:func:`frame_pixel_spacing`), or ``None`` when unknown.
+    pixel_spacing: tuple[float, float] | None = None
 
 
 def series_frame_records(
@@ -202,7 +204,8 @@ def series_frame_records(
         instance_number = _int_or_zero(ds.get("InstanceNumber"))
         defects = [modality_defect(ds, index) for index in range(len(images))]
         for number, (image, (ipp, iop), defect) in enumerate(zip(images, geometry, defects), start=1):
-            frame = SeriesFrame(str(ds.get("SOPInstanceUID", "")), number, None, image, defect)
+            frame = SeriesFrame(str(ds.get("SOPInstanceUID", "")), number, None, image, defect,
+                                pixel_spacing=frame_pixel_spacing(ds, number - 1))
             records.append((frame, instance_number, ipp, iop))
     if not records:
         return []
@@ -215,7 +218,7 @@ def series_frame_records(
         normal = np.cross(first[:3], first[3:])
         records = [
             (
-                SeriesFrame(f.sop_instance_uid, f.frame_number, float(np.dot(ipp, normal)), f.image, f.defect),
+                replace(f, position=float(np.dot(ipp, normal))),
                 n,
                 ipp,
                 iop,

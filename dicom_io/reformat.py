@@ -111,7 +111,8 @@ def axial_reformat(datasets: Sequence[Dataset], percentiles: tuple[float, float]
         if zoom != (1.0, 1.0):
             image = ndimage.zoom(image, zoom, order=1)
         result.append(SeriesFrame("", number, round(float(z_values[index]), 3),
-                                  percentile_grey(image, percentiles), reformatted=True))
+                                  percentile_grey(image, percentiles), reformatted=True,
+                                  pixel_spacing=(pixel, pixel)))
     return result
 
 

@@ -71,6 +71,16 @@ def element_text(ds: Dataset, keyword: str) -> str | None:
     return str(value)
 
 
+def integer_value(ds: Dataset, keyword: str) -> int | None:
+    """An IS attribute as one integer; ``None`` when absent, empty or not one integer (a header's own mistake, such
+    as Number of Frames "1A", must not stop a reader that only counts)."""
+    text = (element_text(ds, keyword) or "").strip(" \x00")
+    try:
+        return int(text) if text else None
+    except ValueError:
+        return None
+
+
 def require_uid(ds: Dataset, keyword: str) -> str:
     """Return the UID attribute ``keyword`` of ``ds`` or raise :class:`InvalidInstance`."""
     value = element_text(ds, keyword)

@@ -83,17 +83,20 @@ class SeriesClassification:
     reason: str | None = None
 
 
-def model_inputs(images: Sequence[np.ndarray], task: Task, defects: Sequence[str | None] | None = None
+def model_inputs(images: Sequence[np.ndarray], task: Task, defects: Sequence[str | None] | None = None,
+                 pixel_spacings: Sequence[tuple[float, float] | None] | None = None
                  ) -> tuple[list[Region], list[np.ndarray]]:
     """Each display image's region and the model input cut from it (the whole frame for an unsuitable slice).
 
     ``defects``: per image, why its values cannot be trusted (e.g. a CT without its Hounsfield rescale); such an
-    image is unsuitable with that reason, whatever it shows."""
+    image is unsuitable with that reason, whatever it shows. ``pixel_spacings``: per image, (row, column) in mm or
+    ``None`` (a training image has none), for the region's checks in mm."""
     find = region_finder(task.name)
     regions = []
     for index, image in enumerate(images):
         defect = defects[index] if defects is not None else None
-        regions.append(Region((0, 0, *np.shape(image)[:2]), 0.0, defect) if defect else find(image))
+        spacing = pixel_spacings[index] if pixel_spacings is not None else None
+        regions.append(Region((0, 0, *np.shape(image)[:2]), 0.0, defect) if defect else find(image, spacing))
     return regions, [crop(image, region) for image, region in zip(images, regions)]
 
 

@@ -123,3 +123,18 @@ def test_a_phantom_series_is_indeterminate_as_a_phantom(tmp_path: Path) -> None:
     assert "as in a phantom" in (result.reason or ""), result.reason
     phantom_slices = [s for s in result.slice_probabilities if "as in a phantom" in s.get("excluded", "")]
     assert len(phantom_slices) >= 12, result.slice_probabilities
+
+
+def test_a_field_of_view_on_part_of_a_chest_is_indeterminate(classifier: Classifier, tmp_path: Path) -> None:
+    # pydicom's CT_small.dcm: a real GE chest slice cut to 85 mm around the spine, a lung edge on either side. Its
+    # body touches the frame's edges as a chest crop's does, and it was read as a whole chest: COVID at 1.0.
+    from pydicom.data import get_testdata_file
+
+    part = dcmread(get_testdata_file("CT_small.dcm"))
+    result = _classify([part], tmp_path / "part", classifier)
+    assert result.label == INDETERMINATE
+    assert "part of a chest: the lungs' box is 85 mm wide" in (result.reason or "")
+    # The same pixels said to span 340 mm: the width is what refuses the slice (it is read, whatever it is called).
+    widened = dcmread(get_testdata_file("CT_small.dcm"))
+    widened.PixelSpacing = [4 * float(value) for value in part.PixelSpacing]
+    assert _classify([widened], tmp_path / "widened", classifier).label in COVID_CT.class_names

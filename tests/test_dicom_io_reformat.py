@@ -122,6 +122,7 @@ def test_rectangular_pixels_are_resampled_square() -> None:
     frames = axial_reformat(sagittal_series(block, pixel=(1.0, 0.5)))
     assert frames is not None and len(frames) == 140
     assert frames[0].image.shape == (150, 260)
+    assert all(frame.pixel_spacing == (0.5, 0.5) for frame in frames)  # the region checks' millimetres
 
 
 @pytest.mark.parametrize("case, make", [

@@ -265,8 +265,10 @@ def test_series_frames_are_ordered_along_the_slice_normal() -> None:
         slices.append(ds)
     expected = [display_frames(ds)[0] for ds in slices]
     shuffled = [slices[i] for i in (3, 0, 4, 1, 2)]
+    shuffled[2].PixelSpacing = [0.5, 0.75]  # one frame's own spacing travels with it through the sort
     records = series_frame_records(shuffled)
     assert [r.position for r in records] == [-10.0, -7.5, -5.0, -2.5, 0.0]
+    assert [r.pixel_spacing for r in records][4] == (0.5, 0.75)
     assert [r.sop_instance_uid for r in records] == [ds.SOPInstanceUID for ds in slices]
     for got, want in zip(series_frames(shuffled), expected):
         np.testing.assert_array_equal(got, want)

@@ -101,6 +101,16 @@ def test_chest_region_crops_a_real_slice_to_its_lungs() -> None:
     assert cropped.dtype == np.uint8 and cropped.shape == (bottom - top, right - left)
 
 
+def test_a_chest_box_narrower_than_a_chest_is_unsuitable() -> None:
+    # The same real slice at its own spacing (about 0.84 mm: a box near 290 mm) and said to be five times finer,
+    # which makes its lung box a reduced field of view under MIN_CHEST_WIDTH_MM.
+    grey = _grey(_real_ct_hu())
+    assert chest_region(grey).suitable and chest_region(grey, (0.84, 0.84)).suitable
+    part = chest_region(grey, (0.168, 0.168))
+    assert not part.suitable and "part of a chest" in (part.reason or "")
+    assert part.box == chest_region(grey).box
+
+
 def test_chest_crop_keeps_a_densely_consolidated_lung() -> None:
     from scipy import ndimage
 

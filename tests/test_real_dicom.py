@@ -136,3 +136,30 @@ def test_not_applicable_series_are_counted_as_refused(labels) -> None:
     figures = score([SeriesOutcome("x", OUT_OF_DOMAIN, NOT_APPLICABLE, None, None, "modality MR", 3, 0),
                      SeriesOutcome("y", OUT_OF_DOMAIN, "COVID", 0.9, None, None, 3, 3)], COVID_CT)
     assert figures["out_of_domain_handled"] == 0.5 and figures["n"] == 0 and figures["accuracy"] is None
+
+
+def test_evaluate_reads_a_tree_of_odd_files_to_the_end(tmp_path: Path) -> None:
+    # pydicom's own test files, each a series of its own: a chest CT cut to 85 mm, an RT dose whose Number of Frames
+    # is '1A', an MR frame whose pixel data is cut short, a nuclear medicine JPEG 2000. None stops the run; none
+    # gets a class.
+    import pydicom
+
+    from worker.evaluation import series_facts
+
+    source = Path(pydicom.__file__).parent / "data" / "test_files"
+    names = ("CT_small.dcm", "badVR.dcm", "MR_truncated.dcm", "JPEG2000.dcm")
+    for name in names:
+        folder = tmp_path / OUT_OF_DOMAIN / name.removesuffix(".dcm")
+        folder.mkdir(parents=True)
+        shutil.copy(source / name, folder / name)
+    series = find_series(tmp_path, None, COVID_CT)
+    assert len(series) == len(names)
+    bad_frames = next(s for s in series if s.name.endswith("badVR"))
+    assert series_facts(bad_frames.paths).slice_count == 1
+    outcomes = {o.name.rsplit("/", 1)[-1]: o
+                for o in evaluate_series(series, COVID_CT, Classifier.load(default_model_dir(COVID_CT.name)),
+                                         DEFAULT_ROUTING_RULES)}
+    assert score(list(outcomes.values()), COVID_CT)["out_of_domain_handled"] == 1.0
+    assert outcomes["CT_small"].result == INDETERMINATE and "part of a chest" in (outcomes["CT_small"].reason or "")
+    assert outcomes["badVR"].result == NOT_APPLICABLE and "RTDOSE" in (outcomes["badVR"].reason or "")
+    assert outcomes["JPEG2000"].result == NOT_APPLICABLE

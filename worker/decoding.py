@@ -93,7 +93,8 @@ def type_caveat(datasets: Sequence[Dataset], task: Task) -> str | None:
 def series_inputs(frames: Sequence[SeriesFrame], task: Task) -> tuple[list[Region], list[np.ndarray]]:
     """Each frame's region and model input (:func:`models.series.model_inputs`; a frame's defect makes it
     unsuitable): what the worker classifies and what ``dataset export`` writes for training."""
-    return model_inputs([frame.image for frame in frames], task, [frame.defect for frame in frames])
+    return model_inputs([frame.image for frame in frames], task, [frame.defect for frame in frames],
+                        [frame.pixel_spacing for frame in frames])
 
 
 @dataclass(frozen=True)

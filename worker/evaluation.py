@@ -39,6 +39,7 @@ from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
 
 from config import RoutingRule
+from dicom_io.validation import integer_value
 from models.card import CARD_FILE
 from models.inference import Classifier, default_model_dir
 from models.series import suspicion
@@ -144,7 +145,7 @@ def series_facts(paths: Sequence[Path]) -> SeriesFacts:
         study_description=str(first.get("StudyDescription", "")),
         series_description=str(first.get("SeriesDescription", "")),
         image_types=frozenset(str(value).upper() for value in (first.get("ImageType") or []) if str(value)),
-        slice_count=sum(int(h.get("NumberOfFrames", 1) or 1) for h in headers),
+        slice_count=sum(max(1, integer_value(h, "NumberOfFrames") or 1) for h in headers),
     )
 
 

@@ -36,7 +36,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 
 from dicom_io.archive import Archive, StoredInstance, fsync_path
 from dicom_io.listener import received_file
-from dicom_io.validation import element_text
+from dicom_io.validation import element_text, integer_value
 from worker.db import Database, Instance, Patient, RejectedInstance, Series, Study, utcnow
 from worker.metrics import (ARCHIVED_BYTES, ASSOCIATIONS_ACCEPTED, ASSOCIATIONS_OPEN, INSTANCES_RECEIVED, ae_label,
                             count_rejection)
@@ -70,15 +70,6 @@ def _text(ds: Dataset, keyword: str, limit: int) -> str:
     else:
         text = str(value)
     return text.strip().replace("\x00", "")[:limit]
-
-
-def _integer(ds: Dataset, keyword: str) -> int | None:
-    """An IS attribute as an integer; None when absent, empty or not one integer."""
-    text = (element_text(ds, keyword) or "").strip(" \x00")
-    try:
-        return int(text) if text else None
-    except ValueError:
-        return None
 
 
 def _image_types(ds: Dataset) -> frozenset[str]:
@@ -515,8 +506,8 @@ class DatabaseSink:
                     "sop_instance_uid": row.stored.sop_instance_uid,
                     "series_pk": series_pk,
                     "sop_class_uid": row.stored.sop_class_uid,
-                    "instance_number": _integer(row.ds, "InstanceNumber"),
-                    "number_of_frames": max(1, _integer(row.ds, "NumberOfFrames") or 1),
+                    "instance_number": integer_value(row.ds, "InstanceNumber"),
+                    "number_of_frames": max(1, integer_value(row.ds, "NumberOfFrames") or 1),
                     "transfer_syntax_uid": row.stored.transfer_syntax_uid,
                     "archive_path": str(row.stored.path),
                     "calling_ae": row.calling_ae[:16],
@@ -574,7 +565,7 @@ class DatabaseSink:
                 "modality": _text(ds, "Modality", 16),
                 "body_part_examined": _text(ds, "BodyPartExamined", 16).upper(),
                 "series_description": _text(ds, "SeriesDescription", 64),
-                "series_number": _integer(ds, "SeriesNumber"),
+                "series_number": integer_value(ds, "SeriesNumber"),
                 "image_types": "",
                 "first_received_at": now,
                 "last_received_at": now,
