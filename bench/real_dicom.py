@@ -27,7 +27,6 @@ import numpy as np
 from config import DEFAULT_ROUTING_RULES
 from models.inference import Classifier, default_model_dir
 from models.preprocessing import prepare_batch
-from models.series import suspicion
 from models.tasks import INDETERMINATE, TASKS, Task
 from worker.evaluation import (
     NOT_APPLICABLE,
@@ -52,10 +51,10 @@ def before(outcome: SeriesOutcome, paths: tuple[Path, ...], task: Task, classifi
     raw = np.concatenate([np.asarray(classifier.model.predict_on_batch(prepare_batch(images[i:i + 32],  # type: ignore
                                                                                        classifier.card.input_spec)))
                           for i in range(0, len(images), 32)])
-    top = np.argsort(-suspicion(raw, task), kind="stable")[:max(1, math.ceil(0.25 * len(raw)))]
+    top = np.argsort(-task.suspicion(raw), kind="stable")[:max(1, math.ceil(0.25 * len(raw)))]
     series = raw[top].mean(axis=0)
     return replace(outcome, result=task.class_names[int(np.argmax(series))],
-                   suspicion=round(float(suspicion(series, task)), 4), reason=None, slices_read=len(images))
+                   suspicion=round(float(task.suspicion(series)), 4), reason=None, slices_read=len(images))
 
 
 def window_fit(covid_pngs: Path, real_ct: Path, samples: int = 300) -> str:

@@ -43,7 +43,6 @@ __all__ = [
     "decide",
     "describe_aggregation",
     "model_inputs",
-    "suspicion",
 ]
 
 #: Where a task's series result lies among its slices (those that count), ordered by suspicion: the series takes
@@ -100,12 +99,6 @@ def model_inputs(images: Sequence[np.ndarray], task: Task, defects: Sequence[str
     return regions, [crop(image, region) for image, region in zip(images, regions)]
 
 
-def suspicion(probabilities: np.ndarray, task: Task) -> np.ndarray:
-    """One minus the probability of the task's negative classes, per row of ``probabilities`` ``(..., C)``."""
-    negatives = [task.class_names.index(name) for name in task.negative_classes]
-    return 1.0 - probabilities[..., negatives].sum(axis=-1)
-
-
 def aggregate(probabilities: np.ndarray, task: Task, quantile: float | None = None) -> np.ndarray:
     """Series probabilities ``(C,)`` from slice probabilities ``(N, C)`` (N >= 1): the slices ordered by suspicion,
     the probabilities at ``quantile`` of that order (the task's :data:`QUANTILES` by default), linearly
@@ -115,7 +108,7 @@ def aggregate(probabilities: np.ndarray, task: Task, quantile: float | None = No
     quantile = QUANTILES[task.name] if quantile is None else quantile
     if not 0.0 <= quantile <= 1.0:
         raise ValueError(f"quantile must lie in [0, 1], not {quantile}")
-    ordered = probabilities[np.argsort(suspicion(probabilities, task), kind="stable")]
+    ordered = probabilities[np.argsort(task.suspicion(probabilities), kind="stable")]
     position = quantile * (len(ordered) - 1)
     below = int(np.floor(position))
     above = min(below + 1, len(ordered) - 1)
@@ -188,7 +181,7 @@ def decide(
         label = INDETERMINATE
     else:
         threshold = float(calibration.get("threshold", 0.5))
-        side = task.finding_classes if float(suspicion(series, task)) >= threshold else task.negative_classes
+        side = task.finding_classes if float(task.suspicion(series)) >= threshold else task.negative_classes
         pool = [names.index(name) for name in side]
         label = names[max(pool, key=lambda i: series[i])]
         needed = MIN_SLICES_FOR_NEGATIVE[task.name]

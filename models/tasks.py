@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
+
 
 @dataclass(frozen=True)
 class Task:
@@ -47,6 +49,12 @@ class Task:
     def finding_labels(self) -> tuple[str, ...]:
         """The labels that are a suspected finding: the finding classes, then the untyped finding if any."""
         return self.finding_classes + ((self.untyped_finding,) if self.untyped_finding else ())
+
+    def suspicion(self, probabilities: np.ndarray) -> np.ndarray:
+        """One minus the probability of the negative classes, per row of ``probabilities`` ``(..., C)`` in
+        :attr:`class_names` order: the probability of some finding, whatever its type."""
+        negatives = [self.class_names.index(name) for name in self.negative_classes]
+        return 1.0 - np.asarray(probabilities)[..., negatives].sum(axis=-1)
 
     def is_finding(self, label: str) -> bool:
         """Whether ``label`` is a suspected finding (:attr:`finding_labels`)."""

@@ -7,7 +7,7 @@ import pytest
 
 from dicom_factory import SHARED_DATA
 from models.regions import CT_WINDOW_HU, MR_MARGINS, Region, chest_region, crop, head_region
-from models.series import aggregate, decide, suspicion
+from models.series import aggregate, decide
 from models.tasks import BRAIN_TUMOR, COVID_CT, INDETERMINATE
 
 REAL = SHARED_DATA / "real-dicom-dev"
@@ -86,7 +86,7 @@ def test_decide_uses_the_cards_operating_threshold() -> None:
     assert decide(_frames(1), [region], probabilities, None, COVID_CT, {"threshold": 0.25}).label == "COVID"
     # Brain: above the threshold the most probable tumour class, even when 'notumor' alone is the largest.
     brain = np.array([[0.25, 0.05, 0.45, 0.25]])
-    assert float(suspicion(brain, BRAIN_TUMOR)[0]) == pytest.approx(0.55)
+    assert float(BRAIN_TUMOR.suspicion(brain)[0]) == pytest.approx(0.55)
     assert decide(_frames(1), [region], brain, None, BRAIN_TUMOR, {"threshold": 0.5}).label == "glioma"
 
 

@@ -29,7 +29,6 @@ from models.card import CARD_FILE
 from models.domain import DomainModel
 from models.inference import Classifier, default_model_dir
 from models.preprocessing import prepare_batch
-from models.series import suspicion
 from models.tasks import Task, get_task
 from training.data import DataError, load_and_split_sources
 from training.fit import TrainConfig
@@ -72,7 +71,7 @@ def calibrate(classifier: Classifier, task: Task, train: tuple[list[np.ndarray],
     calibrated = apply_temperature(val_raw, temperature)
     negatives = [task.class_names.index(name) for name in task.negative_classes]
     positive = ~np.isin(labels, negatives)
-    called = suspicion(calibrated, task) >= OPERATING_THRESHOLD
+    called = task.suspicion(calibrated) >= OPERATING_THRESHOLD
     domain = DomainModel.fit(train_features, train[1], val_features, DOMAIN_PERCENTILE)
     rows = np.arange(len(labels))
     record = {

@@ -42,7 +42,6 @@ from config import RoutingRule
 from dicom_io.validation import integer_value
 from models.card import CARD_FILE
 from models.inference import Classifier, default_model_dir
-from models.series import suspicion
 from models.tasks import INDETERMINATE, Task
 from training.metrics import roc_auc
 from worker.inference import classify_series_files
@@ -170,7 +169,7 @@ def evaluate_series(series: Sequence[LabelledSeries], task: Task, classifier: Cl
         probabilities = np.array([result.probabilities[name] for name in task.class_names])
         read = sum("excluded" not in s for s in result.slice_probabilities)
         outcomes.append(SeriesOutcome(item.name, item.label, result.label,
-                                      round(float(suspicion(probabilities, task)), 4), result.probabilities,
+                                      round(float(task.suspicion(probabilities)), 4), result.probabilities,
                                       result.reason, len(result.slice_probabilities), read))
     return outcomes
 

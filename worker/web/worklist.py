@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
+import numpy as np
 from sqlalchemy import ColumnElement, Select, and_, exists, func, literal, select, tuple_
 from sqlalchemy.orm import Session, aliased
 
@@ -275,13 +276,13 @@ def _latest_review() -> ColumnElement[bool]:
 
 
 def label_probability(task: str, label: str, probabilities: dict[str, float]) -> float | None:
-    """The probability shown for a result's label: its class', an untyped finding's (the sum of the task's finding
-    classes: the suspicion), ``None`` for an indeterminate label."""
+    """The probability shown for a result's label: its class', an untyped finding's (the task's suspicion: the
+    probability of some finding), ``None`` for an indeterminate label."""
     known = TASKS.get(task)
     if label in probabilities:
         return float(probabilities[label])
     if known is not None and label == known.untyped_finding:
-        return float(sum(probabilities.get(name, 0.0) for name in known.finding_classes))
+        return float(known.suspicion(np.array([probabilities.get(name, 0.0) for name in known.class_names])))
     return None
 
 
