@@ -103,6 +103,33 @@ DEFAULT_SCOUT_DESCRIPTIONS = r"scout|locali[sz]er|survey|3[ -]?plane|tri-?pilot|
 DEFAULT_QA_DESCRIPTIONS = r"phantom|\bqa\b|\bqc\b|quality[ _-]?(assurance|control)"
 
 
+#: Image Type values of images no classifier reads, because they are computed from the acquired slices into
+#: something that is no anatomical slice: scouts (LOCALIZER, SCOUT); diffusion and other parametric maps (ADC, EADC,
+#: FA, TRACEW; relaxometry T1_MAP, T2_MAP, T2_STAR_MAP; perfusion TTP, MTT, RCBF, RCBV); projections through a slab
+#: or the volume (PROJECTION IMAGE, MIP, MAX_IP, MIN_IP, MINIP: a maximum-intensity projection of a chest shows
+#: vessels as nodules, a minimum one the airways); subtractions (SUBTRACTION, Siemens' SUB); screen captures
+#: (SCREEN SAVE); Siemens mosaics (MOSAIC: an fMRI or DTI volume tiled into one frame, not split into slices). A
+#: derived series of real slices (a reformat, a thick-slab average: DERIVED, SECONDARY, REFORMATTED, AVERAGE, MPR)
+#: is read: two COVID-positive series of the development set are such reformats.
+DEFAULT_EXCLUDED_IMAGE_TYPES: tuple[str, ...] = (
+    "LOCALIZER", "SCOUT",
+    "ADC", "EADC", "FA", "TRACEW", "T1_MAP", "T2_MAP", "T2_STAR_MAP", "TTP", "MTT", "RCBF", "RCBV",
+    "PROJECTION IMAGE", "MIP", "MAX_IP", "MIN_IP", "MINIP",
+    "SUBTRACTION", "SUB",
+    "SCREEN SAVE",
+    "MOSAIC",
+)  # fmt: skip
+#: SOP Classes no classifier reads: the Secondary Capture family, pictures captured or exported from a screen or a
+#: workstation (a key image with annotations, a film scan), not the scanner's images, whatever their Modality says.
+DEFAULT_EXCLUDED_SOP_CLASSES: tuple[str, ...] = (
+    "1.2.840.10008.5.1.4.1.1.7",  # Secondary Capture Image Storage
+    "1.2.840.10008.5.1.4.1.1.7.1",  # Multi-frame Single Bit Secondary Capture
+    "1.2.840.10008.5.1.4.1.1.7.2",  # Multi-frame Grayscale Byte Secondary Capture
+    "1.2.840.10008.5.1.4.1.1.7.3",  # Multi-frame Grayscale Word Secondary Capture
+    "1.2.840.10008.5.1.4.1.1.7.4",  # Multi-frame True Color Secondary Capture
+)
+
+
 class RoutingRule(BaseModel):
     """Which classifier runs on which series. All given conditions must hold; patterns are regexes
     (case-insensitive)."""
@@ -114,11 +141,12 @@ class RoutingRule(BaseModel):
     body_parts: tuple[str, ...] = ()
     study_description: str | None = None
     series_description: str | None = None
-    #: Image Type values of series no classifier reads: scouts, parametric maps computed from diffusion (ADC, FA,
-    #: trace) or projections, which are not the anatomical images the models were trained on, and Siemens mosaics
-    #: (an fMRI or DTI volume tiled into one frame), which are not split into slices.
-    exclude_image_types: tuple[str, ...] = ("LOCALIZER", "SCOUT", "ADC", "EADC", "FA", "TRACEW", "PROJECTION IMAGE",
-                                            "MOSAIC")
+    #: Image Type values of series no classifier reads (:data:`DEFAULT_EXCLUDED_IMAGE_TYPES`: scouts, parametric
+    #: maps, projections, subtractions, screen captures, mosaics): not the anatomical slices the models were
+    #: trained on.
+    exclude_image_types: tuple[str, ...] = DEFAULT_EXCLUDED_IMAGE_TYPES
+    #: SOP Class UIDs of series no classifier reads (:data:`DEFAULT_EXCLUDED_SOP_CLASSES`: Secondary Capture).
+    exclude_sop_classes: tuple[str, ...] = DEFAULT_EXCLUDED_SOP_CLASSES
     #: A series whose description matches this regex (case-insensitive) is not read: scanners name their scouts
     #: 'localizer', 'survey', '3-plane loc' ... without always marking the Image Type LOCALIZER. Empty: no check.
     exclude_series_description: str | None = DEFAULT_SCOUT_DESCRIPTIONS

@@ -152,8 +152,16 @@ def test_evaluate_reads_a_tree_of_odd_files_to_the_end(tmp_path: Path) -> None:
         folder = tmp_path / OUT_OF_DOMAIN / name.removesuffix(".dcm")
         folder.mkdir(parents=True)
         shutil.copy(source / name, folder / name)
+    # ... and the chest slice again as a Secondary Capture, a captured picture: refused by its SOP class.
+    from pydicom import dcmread
+
+    captured = dcmread(source / "CT_small.dcm")
+    captured.SOPClassUID = captured.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.7"
+    captured.SeriesInstanceUID = "1.2.826.0.1.3680043.8.498.77"
+    (tmp_path / OUT_OF_DOMAIN / "captured").mkdir()
+    captured.save_as(tmp_path / OUT_OF_DOMAIN / "captured" / "captured.dcm")
     series = find_series(tmp_path, None, COVID_CT)
-    assert len(series) == len(names)
+    assert len(series) == len(names) + 1
     bad_frames = next(s for s in series if s.name.endswith("badVR"))
     assert series_facts(bad_frames.paths).slice_count == 1
     outcomes = {o.name.rsplit("/", 1)[-1]: o
@@ -163,3 +171,5 @@ def test_evaluate_reads_a_tree_of_odd_files_to_the_end(tmp_path: Path) -> None:
     assert outcomes["CT_small"].result == INDETERMINATE and "part of a chest" in (outcomes["CT_small"].reason or "")
     assert outcomes["badVR"].result == NOT_APPLICABLE and "RTDOSE" in (outcomes["badVR"].reason or "")
     assert outcomes["JPEG2000"].result == NOT_APPLICABLE
+    assert outcomes["captured"].result == NOT_APPLICABLE
+    assert "SOP class Secondary Capture Image Storage is excluded" in (outcomes["captured"].reason or "")

@@ -43,10 +43,33 @@ def facts(**overrides: object) -> SeriesFacts:
         ({"modality": "CT", "body_part_examined": "", "series_description": "CHEST AX",
           "image_types": frozenset({"DERIVED", "SECONDARY", "REFORMATTED", "AVERAGE"})}, "covid-ct"),
         ({"series_description": "AX FLAIR blocked"}, "brain-tumor"),
+        ({"modality": "CT", "body_part_examined": "CHEST", "image_types": frozenset({"DERIVED", "PRIMARY", "MPR"})},
+         "covid-ct"),
+        # Projections, subtractions, computed maps and screen captures are no slice of the anatomy.
+        ({"modality": "CT", "body_part_examined": "CHEST",
+          "image_types": frozenset({"DERIVED", "SECONDARY", "AXIAL", "MIP"})}, None),
+        ({"modality": "CT", "body_part_examined": "CHEST",
+          "image_types": frozenset({"DERIVED", "SECONDARY", "MIN_IP"})}, None),
+        ({"image_types": frozenset({"DERIVED", "PRIMARY", "M", "ND", "SUB"})}, None),
+        ({"image_types": frozenset({"DERIVED", "PRIMARY", "PERFUSION", "RCBV"})}, None),
+        ({"image_types": frozenset({"DERIVED", "SECONDARY", "SCREEN SAVE"})}, None),
+        # A Secondary Capture object is a captured picture, whatever its Modality says.
+        ({"modality": "CT", "body_part_examined": "CHEST", "sop_classes": frozenset({"1.2.840.10008.5.1.4.1.1.7"})},
+         None),
+        ({"modality": "CT", "body_part_examined": "CHEST", "sop_classes": frozenset({"1.2.840.10008.5.1.4.1.1.2"})},
+         "covid-ct"),
     ],
 )
 def test_default_rules(overrides: dict[str, object], task: str | None) -> None:
     assert route(facts(**overrides), DEFAULT_ROUTING_RULES).task == task
+
+
+def test_a_secondary_capture_is_refused_by_its_sop_class_name() -> None:
+    decision = route(facts(sop_classes=frozenset({"1.2.840.10008.5.1.4.1.1.7.3", "1.2.840.10008.5.1.4.1.1.4"})),
+                     DEFAULT_ROUTING_RULES)
+    assert decision.task is None
+    assert "brain-tumor: SOP class Multi-frame Grayscale Word Secondary Capture Image Storage is excluded" in (
+        decision.reason)
 
 
 def test_reason_names_each_rule() -> None:

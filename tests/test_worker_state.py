@@ -197,6 +197,24 @@ def test_min_slices_and_localizer_rules(database: Database, sink: DatabaseSink, 
                        "no routing rule matches (brain-tumor: image type LOCALIZER is excluded)"]
 
 
+def test_a_secondary_capture_series_is_not_applicable(database: Database, sink: DatabaseSink, tmp_path: Path) -> None:
+    # The scheduler gathers the series' SOP classes from its instances: one Secondary Capture among MR images
+    # is enough to refuse the series (a screen capture filed into it).
+    clock, sent = Clock(), []
+    scheduler = _scheduler(database, tmp_path, clock, sent)
+    series = _brain(3)
+    series[2].SOPClassUID = series[2].file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.7"
+    for ds in series:
+        assert sink.accept(ds, "PACS") == 0x0000
+    clock.now = datetime.now(timezone.utc) + timedelta(seconds=10)
+    [job_id] = scheduler.run_once()
+    assert sent == []
+    with database.session() as session:
+        job = session.get_one(Job, job_id)
+        assert job.state == JobState.NOT_APPLICABLE
+        assert "SOP class Secondary Capture Image Storage is excluded" in job.reason
+
+
 def test_instance_arriving_while_scheduling_wins(database: Database, sink: DatabaseSink, tmp_path: Path) -> None:
     clock, sent = Clock(), []
     scheduler = _scheduler(database, tmp_path, clock, sent)

@@ -145,6 +145,7 @@ def series_facts(paths: Sequence[Path]) -> SeriesFacts:
         series_description=str(first.get("SeriesDescription", "")),
         image_types=frozenset(str(value).upper() for value in (first.get("ImageType") or []) if str(value)),
         slice_count=sum(max(1, integer_value(h, "NumberOfFrames") or 1) for h in headers),
+        sop_classes=frozenset(str(h.get("SOPClassUID", "")) for h in headers),
     )
 
 

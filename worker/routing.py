@@ -9,6 +9,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from pydicom.uid import UID
+
 from config import ConfigError, RoutingRule
 from models.tasks import TASKS
 
@@ -23,6 +25,8 @@ class SeriesFacts:
     series_description: str
     image_types: frozenset[str]
     slice_count: int
+    #: The SOP Class UIDs of the series' instances.
+    sop_classes: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -41,6 +45,12 @@ def check_rules(rules: tuple[RoutingRule, ...]) -> None:
             f"invalid settings:\n  routing_rules: unknown task(s) {', '.join(map(repr, unknown))}; "
             f"known tasks: {', '.join(TASKS)}"
         )
+
+
+def _sop_class_name(uid: str) -> str:
+    """A SOP Class UID as pydicom names it ('Secondary Capture Image Storage'), else the UID itself."""
+    name = UID(uid).name
+    return name if name and name != uid else uid
 
 
 def _mismatch(rule: RoutingRule, facts: SeriesFacts) -> str | None:
@@ -73,6 +83,9 @@ def _mismatch(rule: RoutingRule, facts: SeriesFacts) -> str | None:
     excluded = sorted(facts.image_types & {t.upper() for t in rule.exclude_image_types})
     if excluded:
         return f"image type {'/'.join(excluded)} is excluded"
+    captured = sorted(facts.sop_classes & set(rule.exclude_sop_classes))
+    if captured:
+        return f"SOP class {'/'.join(_sop_class_name(uid) for uid in captured)} is excluded"
     if facts.slice_count < rule.min_slices:
         return f"{facts.slice_count} slice(s), fewer than {rule.min_slices}"
     return None

@@ -120,6 +120,9 @@ class SeriesScheduler:
                 return None  # an instance arrived meanwhile, or another scheduler took it
             series = session.get_one(Series, series_pk)
             study_description = session.scalar(select(Study.study_description).where(Study.id == series.study_pk))
+            sop_classes = frozenset(session.scalars(
+                select(Instance.sop_class_uid).where(Instance.series_pk == series_pk).distinct()
+            ))
             instances, frames = session.execute(
                 select(func.count(Instance.id), func.coalesce(func.sum(Instance.number_of_frames), 0)).where(
                     Instance.series_pk == series_pk
@@ -132,6 +135,7 @@ class SeriesScheduler:
                 series_description=series.series_description,
                 image_types=frozenset(t for t in series.image_types.split("\\") if t),
                 slice_count=int(frames),
+                sop_classes=sop_classes,
             )
             decision = route(facts, self.settings.routing_rules)
             job = Job(
