@@ -134,7 +134,8 @@ class RoutingRule(BaseModel):
     """Which classifier runs on which series. All given conditions must hold; patterns are regexes
     (case-insensitive)."""
 
-    model_config = ConfigDict(frozen=True)
+    # A misspelt key (``exclude_sop_class``) must be an error, not a condition silently dropped.
+    model_config = ConfigDict(frozen=True, extra="forbid")
 
     task: str
     modalities: tuple[str, ...] = ()
@@ -154,6 +155,14 @@ class RoutingRule(BaseModel):
     #: quality-assurance scan, not a patient: not read. Empty: no check.
     exclude_qa_description: str | None = DEFAULT_QA_DESCRIPTIONS
     min_slices: int = Field(default=1, ge=1)
+
+    @field_validator("exclude_sop_classes")
+    @classmethod
+    def _uids_are_valid(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        bad = [uid for uid in value if not re.fullmatch(r"[0-9]+(\.[0-9]+)*", uid) or len(uid) > 64]
+        if bad:
+            raise ValueError(f"not a UID: {', '.join(map(repr, bad))}")
+        return value
 
     @field_validator("study_description", "series_description", "exclude_series_description", "exclude_qa_description")
     @classmethod

@@ -75,6 +75,17 @@ def test_every_bad_value_is_reported_at_once(tmp_path: Path) -> None:
     assert f"[from {config}]" in message
 
 
+def test_a_routing_rule_with_a_misspelt_key_or_a_bad_uid_is_refused(tmp_path: Path) -> None:
+    config = tmp_path / "rules.toml"
+    config.write_text('[[routing_rules]]\ntask = "covid-ct"\nexclude_sop_class = ["1.2.840.10008.5.1.4.1.1.7"]\n'
+                      '[[routing_rules]]\ntask = "covid-ct"\nexclude_sop_classes = ["Secondary Capture"]\n')
+    with pytest.raises(ConfigError) as info:
+        load_settings(config, env={})
+    message = str(info.value)
+    assert "routing_rules.0.exclude_sop_class" in message
+    assert "routing_rules.1.exclude_sop_classes" in message and "not a UID: 'Secondary Capture'" in message
+
+
 def test_unreadable_config_files(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="does not exist"):
         load_settings(tmp_path / "missing.toml", env={})
