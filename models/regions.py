@@ -46,10 +46,11 @@ BODY_HU, LUNG_HU = -500.0, -400.0
 #: CT: 30-50%, apex and base 10-25%; abdomen slices, bowel gas counted: 0-6% in 40 of them).
 MIN_LUNG_FRACTION = 0.10
 #: The least width, in mm, of the box a CT slice is read in (the lungs with the training crops' margins): the crops
-#: span both lungs of an adult's chest. Real chest CT (the development set and the extra collection, 2,300 slices
-#: read): 148 mm at least (an apex slice), 250-320 mm as a rule. pydicom's CT_small.dcm, 85 mm around the spine with
-#: a lung edge on either side, was read as a whole chest and called COVID at 1.0. Without Pixel Spacing the width
-#: is unknown and not checked.
+#: span both lungs of an adult's chest. Real axial chest CT (the development set and the extra collection, about
+#: 1,270 slices read): 148 mm at least (an apex slice), 250-320 mm as a rule; only a sagittal reformat's lateral
+#: slice measured less (56 mm; its series is indeterminate either way). pydicom's CT_small.dcm, 85 mm around the
+#: spine with a lung edge on either side, was read as a whole chest and called COVID at 1.0. Without Pixel Spacing
+#: the width is unknown and not checked.
 MIN_CHEST_WIDTH_MM = 120.0
 #: Masks are found on the image shrunk (block means) to at most this many pixels a side: a box and an area share
 #: need no more, and on a 512 x 512 CT frame it cuts the time from 12.5 to about 4 ms.
