@@ -46,8 +46,8 @@ from pydicom.errors import InvalidDicomError
 warnings.filterwarnings("ignore", message="Invalid value for VR UI", category=UserWarning)
 
 LABELS = {"a": "non-COVID", "b": "COVID", "c": "notumor", "d": "glioma", "e": "out-of-domain"}
-EXPECTED = {"a": 71, "b": 5, "c": 3, "d": 7, "e": 57}  # docs/real-dicom-sources.md
-EXPECTED_DISTINCT = {**EXPECTED, "a": 68, "e": 55}  # without the TCGA copies (3 chest, 2 not)
+EXPECTED = {"a": 73, "b": 5, "c": 3, "d": 7, "e": 58}  # docs/real-dicom-sources.md
+EXPECTED_DISTINCT = {**EXPECTED, "a": 70, "e": 56}  # without the TCGA copies (3 chest, 2 not)
 
 # The repositories issue 17 keeps aside for an independent check: never read, even if a mirror exists.
 RESERVED = ("huyenbui117/lung_CT", "SaltyJoke/Image-Registration", "orthanc-mirrors/orthanc-tests", "QIICR/dcmqi",
@@ -114,6 +114,8 @@ ACRIN = "none stated / TCIA ACRIN-FLT-Breast (doi:10.7937/K9/TCIA.2017.ol20zmxg)
 ACRIN_BASIS = "ACRIN 6688 trial (late 2000s), PET/CT attenuation CT: pre-2020, non-COVID"
 RICORD = "none stated / TCIA MIDRC-RICORD-1A, CC BY-NC 4.0 believed (doi:10.7937/VTW4-X588)"
 DASH_VTK = "plotly/dash-vtk"
+FO_DICOM = "fo-dicom/fo-dicom"
+FO_DICOM_LICENCE = "MS-PL (fo-dicom) / source not stated (GE scanners)"
 CPTAC = "none stated / TCIA CPTAC-GBM, per collection page"
 DCM_QA = "BSD-2-Clause / dcm2niix validation data"
 COVID_CT_MD = ("none stated / COVID-CT-MD (Figshare; Sci Data 8:121, 2021), believed CC BY 4.0, not verified")
@@ -210,6 +212,17 @@ SELECTIONS: tuple[Selection, ...] = (
               "dx-chest", "none stated / source not stated", "DX chest radiograph"),
     Selection("singhotto/3D_MRI", "71676123f64a16b40be05daedf7c3898f581ec61", ("images/*.DCM",), "e",
               "xa-angiography", "none stated / source not stated", "XA angiography cine, multi-frame"),
+    # fo-dicom's test images (added 2026-12-07): two GE chest CT slices, one lumbar spine CT.
+    Selection(FO_DICOM, "1b92c5980a06a1906f4fbb362b4234b9003949de", ("Tests/FO-DICOM.Benchmark/Data/ct.dcm",), "a",
+              "fo-dicom", FO_DICOM_LICENCE, "GE chest CT ('CHEST HELICAL'), study date 2001: pre-2020, non-COVID",
+              name_by_file=True),
+    Selection(FO_DICOM, "1b92c5980a06a1906f4fbb362b4234b9003949de",
+              ("Tests/FO-DICOM.Tests/Test Data/D_CLUNIE_CT1_RLE_FRAGS.dcm",), "a", "fo-dicom", FO_DICOM_LICENCE,
+              "GE chest CT (D. Clunie's compression test image CT1, RLE), study date 2004: pre-2020, non-COVID",
+              name_by_file=True),
+    Selection(FO_DICOM, "1b92c5980a06a1906f4fbb362b4234b9003949de", ("Tests/FO-DICOM.Tests/Test Data/GH1308.dcm",),
+              "e", "fo-dicom", FO_DICOM_LICENCE, "lumbar spine CT (L3-S1), a 130 mm field of view",
+              name_by_file=True),
 )
 
 
@@ -362,13 +375,14 @@ def collect(mirrors: Path, distinct: bool, selections: tuple[Selection, ...] = S
 
 
 def name_folders(all_series: list[Series]) -> None:
-    """``<category>/<source>/<series>``: the file's ID for single-slice sets, else the repo folder's name, the series
+    """``<category>/<source>/<series>``: the file's TCGA ID (else its name) for single-slice sets, else the repo folder's name, the series
     number and description and the UID's last digits."""
     taken: Counter[str] = Counter()
     for entry in all_series:
         header, selection = entry.header, entry.selection
         if selection.name_by_file:
-            name = re.search(r"(ID_\d{4})_", entry.files[0][0]).group(1)
+            tcga = re.search(r"(ID_\d{4})_", entry.files[0][0])
+            name = tcga.group(1) if tcga else slug(entry.files[0][0].rsplit("/", 1)[-1].removesuffix(".dcm"))
         else:
             folder = entry.files[0][0].rsplit("/", 1)[0] if "/" in entry.files[0][0] else ""
             parts = [folder.rsplit("/", 1)[-1], header.get("SeriesNumber"), header.get("SeriesDescription")]
