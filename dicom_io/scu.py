@@ -120,7 +120,31 @@ def associate(ae: AE, host: str, port: int, called_ae: str, tls: ssl.SSLContext 
     assoc = ae.associate(host, port, ae_title=called_ae,
                          evt_handlers=[TCP_NODELAY_HANDLER, refusal.handler(), *evt_handlers],
                          ext_neg=list(ext_neg) or None, tls_args=(tls, host) if tls is not None else None)
+    _leave_responses_to_their_request(assoc)
     return assoc, refusal, handshake
+
+
+def _leave_responses_to_their_request(assoc: Association) -> None:
+    """Keep the association's reactor from taking a DIMSE response off the queue: only a ``send_*`` call waits for
+    a response, and the reactor, which serves requests, drops any other message ("Received unexpected C-STORE
+    service message").
+
+    pynetdicom 3.0 pauses its reactor around each ``send_*``, but a second call made right after the first can find
+    the reactor still marked paused from the first (it has been let go and not yet run), send its request, and lose
+    the response to the reactor when it does run: the call then waits out the DIMSE timeout (120 s) and the
+    association is aborted. CI caught it on a loaded 2-core machine, two C-STOREs refused at once by our listener.
+    """
+    dimse = assoc.dimse
+    take = dimse.get_msg
+
+    def get_msg(block: bool = False):  # type: ignore[no-untyped-def]
+        if not block:  # the reactor's poll; a send_* call blocks
+            _, message = dimse.peek_msg()
+            if message is None or not message.is_valid_request:
+                return None, None
+        return take(block)
+
+    dimse.get_msg = get_msg  # type: ignore[method-assign]
 
 
 def _contexts_for(items: Sequence[tuple[str, str]]) -> list[PresentationContext]:

@@ -531,3 +531,40 @@ def test_a_connection_that_speaks_no_dicom_is_dropped(tmp_path: Path) -> None:
             assert 1.5 < time.monotonic() - started < 10
         _assert_still_serving(listener)
     assert sink.stored == []
+
+
+def test_the_reactor_leaves_a_response_to_the_request_waiting_for_it(tmp_path: Path) -> None:
+    # pynetdicom's reactor may run between two send_c_store calls and take the second response off the queue, which
+    # it then drops: the call waits out the DIMSE timeout (CI, two refusals in a row). On our associations the
+    # reactor takes only requests; a response stays for the send_* call that blocks for it.
+    from pynetdicom.dimse_primitives import C_ECHO
+
+    from dicom_io.scu import associate, new_ae
+
+    with running_listener(tmp_path) as (listener, _):
+        ae = new_ae("SCU")
+        ae.add_requested_context(MRImageStorage)
+        assoc, _, _ = associate(ae, "127.0.0.1", listener.port, LISTENER_AE, None)
+        assert assoc.is_established
+        assoc.dimse_timeout = 2
+        try:
+            response = C_STORE()
+            response.MessageIDBeingRespondedTo, response.Status = 7, 0x0000
+            # The reactor runs (it polls every millisecond) while the response waits on the queue.
+            assoc.dimse.msg_queue.put((1, response))
+            time.sleep(0.2)
+            assert assoc.dimse.get_msg(block=True) == (1, response)
+            # Paused, as pynetdicom pauses it for a send_*: its poll would leave a response, take a request.
+            assoc._reactor_checkpoint.clear()
+            while not assoc._is_paused:
+                time.sleep(0.001)
+            request = C_ECHO()
+            request.MessageID, request.AffectedSOPClassUID = 8, "1.2.840.10008.1.1"
+            assoc.dimse.msg_queue.put((1, response))
+            assert assoc.dimse.get_msg(block=False) == (None, None)
+            assert assoc.dimse.get_msg(block=True) == (1, response)
+            assoc.dimse.msg_queue.put((1, request))
+            assert assoc.dimse.get_msg(block=False) == (1, request)
+            assoc._reactor_checkpoint.set()
+        finally:
+            assoc.release()
