@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import subprocess
 import warnings
+from io import BytesIO
 from pathlib import Path
 
 import pydicom
@@ -28,24 +29,26 @@ from models.tasks import BRAIN_TUMOR, COVID_CT, INDETERMINATE
 from worker.evaluation import NOT_APPLICABLE, OUT_OF_DOMAIN, evaluate_series, find_series
 
 
-def _has_pixels(path: Path) -> bool:
+def _keep(folder: Path, name: str, data: bytes) -> bool:
+    """Write ``data`` as ``folder/name`` when pydicom reads an image from it; whether it did."""
     try:
-        return "PixelData" in dcmread(path, force=True)
+        if "PixelData" not in dcmread(BytesIO(data), force=True):
+            return False
     except Exception:  # noqa: BLE001 - a file pydicom cannot parse is no image to classify
         return False
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / name).write_bytes(data)
+    return True
 
 
 def build_tree(dest: Path, pydicom_data: Path | None) -> int:
     """One folder per image file under ``dest/out-of-domain/SOURCE/NAME``; returns how many."""
     count = 0
     source = Path(pydicom.__file__).parent / "data" / "test_files"
-    for path in sorted(source.rglob("*")):
-        if path.is_file() and _has_pixels(path):
-            # dicomdirtests' files share names across folders: the folder path keeps them apart.
-            folder = dest / OUT_OF_DOMAIN / "pydicom" / "_".join(path.relative_to(source).parts)
-            folder.mkdir(parents=True, exist_ok=True)
-            (folder / path.name).write_bytes(path.read_bytes())
-            count += 1
+    for path in sorted(p for p in source.rglob("*") if p.is_file()):
+        # dicomdirtests' files share names across folders: the folder path keeps them apart.
+        folder = dest / OUT_OF_DOMAIN / "pydicom" / "_".join(path.relative_to(source).parts)
+        count += _keep(folder, path.name, path.read_bytes())
     if pydicom_data is not None:
         names = subprocess.run(["git", "-C", str(pydicom_data), "ls-tree", "-r", "--name-only", "HEAD",
                                 "data_store/data/"], check=True, capture_output=True, text=True).stdout.split()
@@ -56,14 +59,7 @@ def build_tree(dest: Path, pydicom_data: Path | None) -> int:
             if shown.returncode != 0:  # a file the mirror holds only as a pointer
                 continue
             folder = dest / OUT_OF_DOMAIN / "pydicom-data" / Path(name).stem
-            folder.mkdir(parents=True, exist_ok=True)
-            target = folder / Path(name).name
-            target.write_bytes(shown.stdout)
-            if _has_pixels(target):
-                count += 1
-            else:
-                target.unlink()
-                folder.rmdir()
+            count += _keep(folder, Path(name).name, shown.stdout)
     return count
 
 
