@@ -99,6 +99,19 @@ def test_evaluate_dicom_command_reports_and_records_the_external_split(tmp_path:
     assert "a/lung-pet-ct-dx/Lung_Dx-A0001-5mm" in run.stdout and "== series: n 5, accuracy 1.0" in run.stdout
     payload = json.loads(report.read_text())
     assert payload["series"]["n"] == 5 and len(payload["outcomes"]) == 7
+    # Every slice's probabilities, and why a slice was not read, for analyses such as bench/slices_needed.py.
+    lung_dx = next(o for o in payload["outcomes"] if o["name"] == "a/lung-pet-ct-dx/Lung_Dx-A0001-5mm")
+    read = [s for s in lung_dx["slice_results"] if "excluded" not in s]
+    assert len(lung_dx["slice_results"]) == lung_dx["slices"] == 64 and len(read) == lung_dx["slices_read"] == 40
+    assert all(len(s["probabilities"]) == 2 and abs(sum(s["probabilities"]) - 1) < 1e-4 for s in read)
+    assert {s["excluded"].split(" (")[0] for s in lung_dx["slice_results"] if s not in read} == {
+        "too little lung in the slice", "unlike the training images"}
+    drawn = subprocess.run([sys.executable, "bench/slices_needed.py", "covid-ct", str(report), "--min-read", "1",
+                            "--k", "1", "--draws", "5"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert drawn.returncode == 0, drawn.stderr[-2000:]
+    # The development set's series are each right as read (AUC 1), and so are single slices drawn from them.
+    assert "5 series with at least 1 slices read (4 positive)" in drawn.stdout
+    assert [line.split()[:2] for line in drawn.stdout.splitlines()[-2:]] == [["1", "1.000"], ["all", "1.000"]]
     card = json.loads((model / "card.json").read_text())
     assert card["metrics"]["external"]["accuracy"] == 1.0 and card["metrics"]["external"]["level"] == "series"
     # Series of the other task are skipped, not scored.

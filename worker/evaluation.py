@@ -79,6 +79,10 @@ class SeriesOutcome:
     reason: str | None
     slices: int
     slices_read: int
+    #: Every slice's calibrated probabilities (in the task's class order), feature distance and, when it was not
+    #: read, why (:attr:`models.series.SeriesClassification.slice_probabilities` less the instance keys): what
+    #: ``bench/slices_needed.py`` draws from. Empty when the series was not classified.
+    slice_results: tuple[dict[str, Any], ...] = ()
 
 
 def read_labels(path: Path) -> list[tuple[str, str]]:
@@ -169,9 +173,11 @@ def evaluate_series(series: Sequence[LabelledSeries], task: Task, classifier: Cl
             continue
         probabilities = np.array([result.probabilities[name] for name in task.class_names])
         read = sum("excluded" not in s for s in result.slice_probabilities)
+        slices = tuple({key: s[key] for key in ("probabilities", "distance", "excluded") if key in s}
+                       for s in result.slice_probabilities)
         outcomes.append(SeriesOutcome(item.name, item.label, result.label,
                                       round(float(task.suspicion(probabilities)), 4), result.probabilities,
-                                      result.reason, len(result.slice_probabilities), read))
+                                      result.reason, len(result.slice_probabilities), read, slices))
     return outcomes
 
 
