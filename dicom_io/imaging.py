@@ -50,7 +50,9 @@ __all__ = [
     "display_frames",
     "frame_geometry",
     "frame_pixel_spacing",
+    "frame_plane",
     "frame_planes",
+    "normal_axis",
     "functional_group_item",
     "modality_frames",
     "percentile_grey",
@@ -455,6 +457,23 @@ def frame_geometry(ds: Dataset, frames: int) -> list[tuple[np.ndarray | None, np
         iop = _vector((orientation or ds).get("ImageOrientationPatient"), 6)
         result.append((ipp, iop))
     return result
+
+
+#: The anatomical planes by the patient axis (DICOM LPS: x right to left, y front to back, z foot to head) their
+#: normal runs along.
+PLANES = ("sagittal", "coronal", "axial")
+
+
+def normal_axis(orientation: np.ndarray) -> int:
+    """The patient axis (0 x, 1 y, 2 z) that the normal of slices of this Image Orientation (Patient) runs nearest."""
+    return int(np.argmax(np.abs(np.cross(orientation[:3], orientation[3:]))))
+
+
+def frame_plane(ds: Dataset, index: int = 0) -> str | None:
+    """The plane of frame ``index`` (:data:`PLANES`, by :func:`normal_axis`), or ``None`` without Image Orientation
+    (Patient)."""
+    orientation = frame_geometry(ds, index + 1)[index][1]
+    return None if orientation is None else PLANES[normal_axis(orientation)]
 
 
 def frame_planes(ds: Dataset, frames: int) -> list[tuple[np.ndarray, np.ndarray, tuple[float, float]]] | None:

@@ -23,7 +23,8 @@ from pydicom import Dataset
 
 from dicom_io.imaging import functional_group_item
 
-__all__ = ["FLUID_NULLING_TI_MS", "LONG_GRADIENT_TE_MS", "LONG_TE_MS", "LONG_TR_MS", "Weighting", "mr_weighting"]
+__all__ = ["FLUID_NULLING_TI_MS", "LONG_GRADIENT_TE_MS", "LONG_TE_MS", "LONG_TR_MS", "Weighting", "contrast_given",
+           "mr_weighting"]
 
 FLUID_NULLING_TI_MS = 1500.0
 LONG_TE_MS = 50.0
@@ -69,6 +70,13 @@ def mr_weighting(ds: Dataset) -> Weighting | None:
         return Weighting("proton density-weighted", f"spin echo, repetition time {repetition:g} ms, echo time "
                                                     f"{echo:g} ms")
     return None
+
+
+def contrast_given(ds: Dataset) -> bool:
+    """Whether the header names a contrast agent given for the image (PS3.3 C.7.6.4 Contrast/Bolus module: Contrast/
+    Bolus Agent, or its Enhanced form, the Contrast/Bolus Agent Sequence). An empty value says none was."""
+    agent = _attribute(ds, "ContrastBolusAgent")
+    return bool(str(agent).strip()) if agent is not None else bool(_attribute(ds, "ContrastBolusAgentSequence"))
 
 
 def _scanning_sequences(ds: Dataset) -> set[str]:

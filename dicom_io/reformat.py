@@ -26,9 +26,10 @@ from scipy import ndimage
 from dicom_io.imaging import (
     MR_PERCENTILES,
     SeriesFrame,
-    frame_geometry,
+    frame_plane,
     frame_planes,
     modality_frames,
+    normal_axis,
     percentile_grey,
 )
 
@@ -65,7 +66,7 @@ def axial_reformat(datasets: Sequence[Dataset], percentiles: tuple[float, float]
         return None
     if any(str(ds.get("PhotometricInterpretation", "")).strip().upper() != "MONOCHROME2" for ds in datasets):
         return None
-    if _acquired_axially(datasets[0]):
+    if frame_plane(datasets[0]) == "axial":  # refused either way: axial, or frames of several orientations
         return None  # the usual brain series: no need to read every frame's geometry to refuse it
     frames = _frames(datasets)
     if frames is None:
@@ -73,7 +74,7 @@ def axial_reformat(datasets: Sequence[Dataset], percentiles: tuple[float, float]
     positions, orientation, pixel_spacing, sources = frames
     row, column = orientation[:3], orientation[3:]
     normal = np.cross(row, column)
-    if _normal_axis(orientation) == _FOOT_HEAD or len(sources) < 2:
+    if normal_axis(orientation) == _FOOT_HEAD or len(sources) < 2:
         return None
     along = np.array([float(np.dot(normal, position)) for position in positions])
     order = np.argsort(along, kind="stable")
@@ -114,18 +115,6 @@ def axial_reformat(datasets: Sequence[Dataset], percentiles: tuple[float, float]
                                   percentile_grey(image, percentiles), reformatted=True,
                                   pixel_spacing=(pixel, pixel)))
     return result
-
-
-def _normal_axis(orientation: np.ndarray) -> int:
-    """The patient axis (0 x, 1 y, 2 z) that the normal of slices of this Image Orientation runs nearest."""
-    return int(np.argmax(np.abs(np.cross(orientation[:3], orientation[3:]))))
-
-
-def _acquired_axially(ds: Dataset) -> bool:
-    """Whether the first frame of ``ds`` is axial: then the series is refused either way (axial, or frames of more
-    than one orientation)."""
-    orientation = frame_geometry(ds, 1)[0][1]
-    return orientation is not None and _normal_axis(orientation) == _FOOT_HEAD
 
 
 def _frames(datasets: Sequence[Dataset]

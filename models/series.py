@@ -13,10 +13,11 @@ The one definition of the path from a series' display images to its result, run 
    rule (:func:`aggregate`, :data:`QUANTILES`) and the series suspicion, one minus the probability of the negative
    classes, is compared with the card's operating threshold: at or above it the series is the most probable
    finding class, below it the negative class, unless too few slices were read to rule a finding out
-   (:data:`MIN_SLICES_FOR_NEGATIVE`): then it is indeterminate too. A finding on a series whose type the model
-   cannot assess (the caller's ``type_caveat``: a FLAIR series for a model whose tumour types were learned from T1
-   post-contrast images) keeps its finding under the task's untyped label (:attr:`models.tasks.Task.untyped_finding`)
-   with the caveat as its reason, never a type the model was not taught to tell on such images.
+   (:data:`MIN_SLICES_FOR_NEGATIVE`): then it is indeterminate too. A finding whose type the model cannot assess on
+   the series (the caller's ``type_caveats``: every type on a FLAIR series for a model whose tumour types were
+   learned from T1 post-contrast images, pituitary on an axial post-contrast series) keeps its finding under the
+   task's untyped label (:attr:`models.tasks.Task.untyped_finding`) with the caveat as its reason, never a type the
+   model was not taught to tell on such images.
 
 Every slice keeps its probabilities and, when excluded, its reason.
 """
@@ -149,12 +150,12 @@ def decide(
     distances: np.ndarray | None,
     task: Task,
     calibration: Mapping[str, Any],
-    type_caveat: str | None = None,
+    type_caveats: Mapping[str, str] | None = None,
 ) -> SeriesClassification:
     """The series result (see the module docstring) from its slices' regions, calibrated ``probabilities``
     ``(N, C)`` and feature ``distances`` (``None``: no domain check). ``frames`` identify the slices in the result
-    (``{"sop_instance_uid": ..., "frame": ...}``); ``calibration`` is the model card's; ``type_caveat``, why the
-    type of a finding cannot be assessed on this series (``None``: it can)."""
+    (``{"sop_instance_uid": ..., "frame": ...}``); ``calibration`` is the model card's; ``type_caveats``, finding
+    class -> why that type cannot be assessed on this series (a class not in it can)."""
     if len(frames) == 0 or len(frames) != len(regions) or len(frames) != len(probabilities):
         raise ValueError("a series needs as many frames, regions and probability rows, and at least one")
     domain = calibration.get("domain", {})
@@ -189,8 +190,8 @@ def decide(
             reason = (f"only {int(kept.sum())} slice(s) read, too few to rule out a finding (a negative result "
                       f"needs {needed})")
             label = INDETERMINATE
-        elif label in task.finding_classes and type_caveat and task.untyped_finding:
-            reason = f"type not assessed: {type_caveat}"
+        elif task.untyped_finding and type_caveats and label in type_caveats:
+            reason = f"type not assessed: {type_caveats[label]}"
             label = task.untyped_finding
     return SeriesClassification(
         label=label,

@@ -29,6 +29,10 @@ class Task:
     untyped_finding: str | None = None
     #: What the finding classes' training images are, for the reason of an untyped finding.
     typed_on: str = ""
+    #: Finding classes whose type the model cannot assess on an axial post-contrast series: the class's axial
+    #: training images are post-contrast slices at a level every such series has, so the model gives the class to
+    #: normal anatomy there. Such a finding keeps its finding under :attr:`untyped_finding`, with the reason.
+    contrast_confounded: tuple[str, ...] = ()
 
     @property
     def num_classes(self) -> int:
@@ -71,6 +75,10 @@ BRAIN_TUMOR = Task(
     # a FLAIR or T2 tumour series lies outside every tumour class's examples.
     untyped_finding="tumor",
     typed_on="T1-weighted post-contrast images",
+    # The pituitary class's axial images are post-contrast slices at the level of the sella, where the normal gland,
+    # cavernous sinuses and skull base enhance in everyone: on two real axial post-contrast glioblastoma series the
+    # model called slices without a pituitary tumour pituitary at 0.93-0.99 (docs/results.md).
+    contrast_confounded=("pituitary",),
 )
 
 COVID_CT = Task(

@@ -111,9 +111,12 @@ def check_classified(entry: dict[str, Any], task: str, models_dir: Path, expecte
     finding = suspicion >= float(card.calibration.get("threshold", 0.5))
     side = [name for name in card.class_names if (name not in negatives) == finding]
     if entry["label"] == INDETERMINATE:
-        # ... except that a negative answer needs the organ covered: indeterminate on too few slices.
+        # ... except that a negative answer needs the organ covered: indeterminate on too few slices ...
         read = re.fullmatch(r"only (\d+) slice\(s\) read, too few to rule out a finding .*", entry["result_reason"])
         assert not finding and read and int(read.group(1)) < NEGATIVE_NEEDS_SLICES[task], entry
+    elif entry["label"] == get_task(task).untyped_finding:
+        # ... and a finding whose type the model cannot assess on the series keeps no type, and says why.
+        assert finding and entry["result_reason"].startswith("type not assessed: "), entry
     else:
         assert entry["label"] == max(side, key=probabilities.get), entry
     assert entry["model_uid"] == card.uid
@@ -127,14 +130,17 @@ NEGATIVE_NEEDS_SLICES = {"brain-tumor": 10, "covid-ct": 1}
 
 #: The shipped models, as installed.
 SHIPPED_MODELS = ROOT / "models" / "weights"
-#: Series with a known answer: (task, label, images); labelled images from ../shared/data the shipped models
-#: classify right one by one (brain: Testing, COVID: the curated collection), ten per series.
+#: Series with a known answer: (task, label, images, header); labelled images from ../shared/data the shipped models
+#: classify right one by one (brain: Testing, COVID: the curated collection), ten per series. The MR series are the
+#: synthesis' axial T1 post-contrast ("AX T1 POST") unless the header says otherwise: there a pituitary finding is a
+#: tumour of no stated type (models.tasks.BRAIN_TUMOR.contrast_confounded), without a contrast agent pituitary.
 KNOWN_ANSWERS = [
-    ("brain-tumor", "glioma", "brain-tumor-mri/Testing/glioma/*.jpg"),
-    ("brain-tumor", "pituitary", "brain-tumor-mri/Testing/pituitary/*.jpg"),
-    ("brain-tumor", "notumor", "brain-tumor-mri/Testing/notumor/*.jpg"),
-    ("covid-ct", "COVID", "covid-ct/COVID/*.png"),
-    ("covid-ct", "non-COVID", "covid-ct/non-COVID/*.png"),
+    ("brain-tumor", "glioma", "brain-tumor-mri/Testing/glioma/*.jpg", {}),
+    ("brain-tumor", "pituitary", "brain-tumor-mri/Testing/pituitary/*.jpg", {"series_description": "AX T1"}),
+    ("brain-tumor", "tumor", "brain-tumor-mri/Testing/pituitary/*.jpg", {}),
+    ("brain-tumor", "notumor", "brain-tumor-mri/Testing/notumor/*.jpg", {}),
+    ("covid-ct", "COVID", "covid-ct/COVID/*.png", {}),
+    ("covid-ct", "non-COVID", "covid-ct/non-COVID/*.png", {}),
 ]
 
 
@@ -147,10 +153,10 @@ def test_shipped_models_give_each_series_its_known_answer(tmp_path: Path, proces
     processes.append(serve)
     wait_ready(serve)
     expected: dict[str, tuple[str, str]] = {}
-    for n, (task, label, pattern) in enumerate(KNOWN_ANSWERS):
+    for n, (task, label, pattern, header) in enumerate(KNOWN_ANSWERS):
         # Ten slices: enough for a negative answer (NEGATIVE_NEEDS_SLICES).
         images = sample_images(pattern, 10, seed=2024)
-        series = mr_series(images) if task == "brain-tumor" else ct_series(images)
+        series = mr_series(images, **header) if task == "brain-tumor" else ct_series(images, **header)
         push(port, series, tmp_path / f"known-{n}")
         expected[series[0].SeriesInstanceUID] = (task, label)
     url = f"sqlite:///{data_dir / 'triage.sqlite3'}"

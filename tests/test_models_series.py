@@ -216,19 +216,27 @@ def test_decide_keeps_a_finding_but_not_its_type_on_a_sequence_the_types_were_no
     region = Region((0, 0, 10, 10), 0.4)
     normal, meningioma = [0.02, 0.02, 0.94, 0.02], [0.10, 0.85, 0.03, 0.02]
     caveat = "a FLAIR (inversion time 2200 ms) series, and the model learned the types from T1 post-contrast only"
-    found = decide(_frames(12), [region] * 12, np.array([meningioma] * 12), None, BRAIN_TUMOR, {}, caveat)
+    caveats = dict.fromkeys(BRAIN_TUMOR.finding_classes, caveat)
+    found = decide(_frames(12), [region] * 12, np.array([meningioma] * 12), None, BRAIN_TUMOR, {}, caveats)
     assert (found.label, found.reason) == (BRAIN_TUMOR.untyped_finding, f"type not assessed: {caveat}")
     assert found.probabilities["meningioma"] == pytest.approx(0.85)  # the model's figures stay on record
     assert BRAIN_TUMOR.is_finding(found.label) and found.label not in BRAIN_TUMOR.class_names
     # A negative answer needs no type: it stands on such a series (the notumor class holds FLAIR and T2 slices).
-    clear = decide(_frames(12), [region] * 12, np.array([normal] * 12), None, BRAIN_TUMOR, {}, caveat)
+    clear = decide(_frames(12), [region] * 12, np.array([normal] * 12), None, BRAIN_TUMOR, {}, caveats)
     assert (clear.label, clear.reason) == ("notumor", None)
     # Indeterminate stays indeterminate, with its own reason; without a caveat the type is given as before.
-    few = decide(_frames(2), [region] * 2, np.array([normal] * 2), None, BRAIN_TUMOR, {}, caveat)
+    few = decide(_frames(2), [region] * 2, np.array([normal] * 2), None, BRAIN_TUMOR, {}, caveats)
     assert few.label == INDETERMINATE and "too few to rule out" in (few.reason or "")
     typed = decide(_frames(12), [region] * 12, np.array([meningioma] * 12), None, BRAIN_TUMOR, {}, None)
     assert (typed.label, typed.reason) == ("meningioma", None)
     # A task whose findings have no types to withhold ignores it.
     assert COVID_CT.untyped_finding is None
-    covid = decide(_frames(1), [region], np.array([[0.9, 0.1]]), None, COVID_CT, {}, caveat)
+    covid = decide(_frames(1), [region], np.array([[0.9, 0.1]]), None, COVID_CT, {}, {"COVID": caveat})
     assert (covid.label, covid.reason) == ("COVID", None)
+    # A caveat for one class withholds that type only: a meningioma stays typed where pituitary would not.
+    only_pituitary = {"pituitary": "an axial post-contrast series"}
+    assert decide(_frames(12), [region] * 12, np.array([meningioma] * 12), None, BRAIN_TUMOR, {},
+                  only_pituitary).label == "meningioma"
+    pituitary = decide(_frames(12), [region] * 12, np.array([[0.02, 0.03, 0.05, 0.90]] * 12), None, BRAIN_TUMOR, {},
+                       only_pituitary)
+    assert (pituitary.label, pituitary.reason) == ("tumor", "type not assessed: an axial post-contrast series")

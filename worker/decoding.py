@@ -24,15 +24,15 @@ from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
 import numpy as np
 from pydicom import Dataset, dcmread
 
-from dicom_io.imaging import SeriesFrame, Window, series_frame_records
-from dicom_io.mr import mr_weighting
+from dicom_io.imaging import SeriesFrame, Window, frame_plane, series_frame_records
+from dicom_io.mr import contrast_given, mr_weighting
 from dicom_io.reformat import axial_reformat
 from models.preprocessing import InputSpec, prepare_batch
 from models.regions import CT_WINDOW_HU, Region
@@ -48,7 +48,7 @@ __all__ = [
     "prepare_series",
     "series_inputs",
     "slice_key",
-    "type_caveat",
+    "type_caveats",
 ]
 
 K = TypeVar("K")
@@ -78,16 +78,25 @@ def _frames(datasets: Sequence[Dataset], task: Task) -> list[SeriesFrame]:
     return frames
 
 
-def type_caveat(datasets: Sequence[Dataset], task: Task) -> str | None:
-    """Why ``task``'s model cannot give the type of a finding on this series (``None``: it can): its header shows a
-    weighting (:func:`dicom_io.mr.mr_weighting`, of the first instance) other than what the model's finding classes
-    were learned from (:attr:`models.tasks.Task.typed_on`)."""
+def type_caveats(datasets: Sequence[Dataset], frames: Sequence[SeriesFrame], task: Task) -> dict[str, str]:
+    """Finding class -> why ``task``'s model cannot give that type on this series (empty: it can give every type).
+
+    Every finding class, when the header (of the first instance) shows a weighting other than the one the finding
+    classes were learned from (:func:`dicom_io.mr.mr_weighting`, :attr:`models.tasks.Task.typed_on`); the task's
+    :attr:`~models.tasks.Task.contrast_confounded` classes, when the series is read as axial slices (acquired so, or
+    cut so: ``frames``) and a contrast agent was given (:func:`dicom_io.mr.contrast_given`)."""
     if task.untyped_finding is None or not datasets:
-        return None
+        return {}
     weighting = mr_weighting(datasets[0])
-    if weighting is None:
-        return None
-    return f"a {weighting.describe()} series, and the model learned the types from {task.typed_on} only"
+    if weighting is not None:
+        reason = f"a {weighting.describe()} series, and the model learned the types from {task.typed_on} only"
+        return dict.fromkeys(task.finding_classes, reason)
+    axial = bool(frames) and (frames[0].reformatted or frame_plane(datasets[0]) == "axial")
+    if not (axial and task.contrast_confounded and contrast_given(datasets[0])):
+        return {}
+    return {name: (f"an axial post-contrast series: the model's axial {name} images are post-contrast slices at a "
+                   f"level every such series has, and it calls normal anatomy there {name}")
+            for name in task.contrast_confounded}
 
 
 def series_inputs(frames: Sequence[SeriesFrame], task: Task) -> tuple[list[Region], list[np.ndarray]]:
@@ -106,8 +115,8 @@ class PreparedSeries:
     keys: list[dict[str, Any]]
     regions: list[Region]
     inputs: np.ndarray
-    #: Why the model cannot give the type of a finding on this series (:func:`type_caveat`).
-    type_caveat: str | None = None
+    #: Finding class -> why the model cannot give that type on this series (:func:`type_caveats`).
+    type_caveats: dict[str, str] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -121,7 +130,7 @@ def prepare_series(paths: Sequence[Path], task_name: str, spec: InputSpec) -> Pr
     frames = _frames(datasets, task)
     regions, crops = series_inputs(frames, task)
     return PreparedSeries([slice_key(frame) for frame in frames], regions, prepare_batch(crops, spec),
-                          type_caveat(datasets, task))
+                          type_caveats(datasets, frames, task))
 
 
 def slice_key(frame: SeriesFrame) -> dict[str, Any]:
