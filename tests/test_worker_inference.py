@@ -48,7 +48,9 @@ def test_batches_do_not_change_predictions(classifier: Classifier) -> None:
 def test_classify_a_compressed_series(classifier: Classifier, tmp_path: Path) -> None:
     from pydicom.uid import RLELossless
 
-    series = [encode(ds, RLELossless) for ds in mr_series(brain_images(3))]
+    # Not a post-contrast series: the tiny model's likeliest class is chance, and pituitary there is reported
+    # untyped (worker.decoding.type_caveats), which is not what this test is about.
+    series = [encode(ds, RLELossless) for ds in mr_series(brain_images(3), series_description="AX T1")]
     paths = write_files(series, tmp_path)
     result = classify_series_files(list(reversed(paths)), classifier, batch_size=32)
     assert result.label in BRAIN_TUMOR.class_names
