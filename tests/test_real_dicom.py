@@ -113,6 +113,18 @@ def test_evaluate_dicom_command_reports_and_records_the_external_split(tmp_path:
     assert "5 series with at least 1 slices read (4 positive)" in drawn.stdout
     assert [line.split()[:2] for line in drawn.stdout.splitlines()[-2:]] == [["1", "1.000"], ["all", "1.000"]]
     card = json.loads((model / "card.json").read_text())
+    # The worker's decision replayed on the recorded slices gives the evaluation back, at the card's own domain
+    # threshold and blended with itself; a threshold of 0 leaves every slice out.
+    threshold = str(card["calibration"]["domain"]["threshold"])
+    replayed = subprocess.run([sys.executable, "bench/slice_rules.py", "covid-ct", str(report), "--domain-threshold",
+                               threshold, "0", "--blend", str(report), "--weights", "0.5"],
+                              cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert replayed.returncode == 0, replayed.stderr[-2000:]
+    rows = {line.rsplit(maxsplit=7)[0]: line.split()[-7:] for line in replayed.stdout.splitlines()[2:]}
+    assert list(rows) == ["as evaluated", f"domain <= {float(threshold):g}", "domain <= 0", "blend 0.5"], rows
+    assert rows["as evaluated"][:5] == ["5/5", "1.000", "1.000", "1.000", "1.000"], rows
+    assert rows[f"domain <= {float(threshold):g}"] == rows["blend 0.5"] == rows["as evaluated"], rows
+    assert rows["domain <= 0"][0] == "0/5", rows
     assert card["metrics"]["external"]["accuracy"] == 1.0 and card["metrics"]["external"]["level"] == "series"
     # Series of the other task are skipped, not scored.
     assert all(o["expected"] in ("COVID", "non-COVID", OUT_OF_DOMAIN) for o in payload["outcomes"])
