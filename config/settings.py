@@ -95,8 +95,16 @@ class Destination(BaseModel):
         return f"{self.ae_title}@{host}:{self.port}{TLS_SUFFIX if self.tls else ''}"
 
 
-#: Series descriptions of scouts and localizers, as scanners write them.
-DEFAULT_SCOUT_DESCRIPTIONS = r"scout|locali[sz]er|survey|3[ -]?plane|tri-?pilot|aa-?head|\bloc\b"
+#: Series descriptions of series that hold no diagnostic slice of the anatomy, as scanners and workstations name
+#: them without always saying so in the Image Type: scouts and localizers; bolus-tracking scans (GE "SmartPrep",
+#: Siemens "CARE Bolus" and "PreMonitoring"/"Monitoring", a "test bolus"), low-dose repeats of one level taken to time
+#: the contrast injection, whose image type is ORIGINAL PRIMARY AXIAL like the diagnostic series'; projections and
+#: renderings (MIP, MinIP, volume rendering: a chest MIP shows vessels as nodules). Reformats (MPR) are read.
+DEFAULT_EXCLUDED_DESCRIPTIONS = (
+    r"scout|locali[sz]er|survey|3[ -]?plane|tri-?pilot|aa-?head|\bloc\b"
+    r"|smart ?prep|(care|test) ?bolus|bolus ?track|\b(pre)?monitoring\b"
+    r"|(?<![a-z])(mip|min[ _-]?ip|max[ _-]?ip|vrt?)(?![a-z])|intensity projection|volume render"
+)
 #: Study or series descriptions of quality-assurance scans: phantoms are scanned under such names (a GE EPI phantom
 #: with rods and wedges inside, study "Phantom", was called meningioma at 0.99 and its structure passes every image
 #: check; a "FMRIF^QA" study holds an EPI phantom).
@@ -148,9 +156,10 @@ class RoutingRule(BaseModel):
     exclude_image_types: tuple[str, ...] = DEFAULT_EXCLUDED_IMAGE_TYPES
     #: SOP Class UIDs of series no classifier reads (:data:`DEFAULT_EXCLUDED_SOP_CLASSES`: Secondary Capture).
     exclude_sop_classes: tuple[str, ...] = DEFAULT_EXCLUDED_SOP_CLASSES
-    #: A series whose description matches this regex (case-insensitive) is not read: scanners name their scouts
+    #: A series whose description matches this regex (case-insensitive) is not read
+    #: (:data:`DEFAULT_EXCLUDED_DESCRIPTIONS`: scouts, bolus tracking, projections): scanners name their scouts
     #: 'localizer', 'survey', '3-plane loc' ... without always marking the Image Type LOCALIZER. Empty: no check.
-    exclude_series_description: str | None = DEFAULT_SCOUT_DESCRIPTIONS
+    exclude_series_description: str | None = DEFAULT_EXCLUDED_DESCRIPTIONS
     #: A series whose study or series description matches this regex (case-insensitive) is a phantom or another
     #: quality-assurance scan, not a patient: not read. Empty: no check.
     exclude_qa_description: str | None = DEFAULT_QA_DESCRIPTIONS

@@ -92,12 +92,38 @@ def test_description_patterns_and_min_slices() -> None:
 
 def test_scout_descriptions_reason_and_switch_off() -> None:
     decision = route(facts(series_description="localizer"), DEFAULT_ROUTING_RULES)
-    assert "series description names a scout or localizer ('localizer')" in decision.reason
+    assert "series description names a scout, bolus-tracking scan or projection, no diagnostic slice ('localizer')" \
+        in decision.reason
     # An empty pattern (TOML has no null) turns the check off rather than matching every description.
     rule = RoutingRule(task="brain-tumor", exclude_series_description="")
     assert route(facts(series_description="localizer"), (rule,)).task == "brain-tumor"
     with pytest.raises(ValueError, match="not a valid regular expression"):
         RoutingRule(task="brain-tumor", exclude_series_description="(")
+
+
+@pytest.mark.parametrize("description", [
+    # Bolus tracking: low-dose repeats of one level, ORIGINAL PRIMARY AXIAL like the diagnostic series of the study
+    # (the extra collection's TCGA slice "Smart Prep Series"); vendors' names for it.
+    "Smart Prep Series", "SmartPrep", "CARE Bolus CT", "PreMonitoring", "Monitoring 10.0 B30f", "Test Bolus",
+    # Projections and renderings a workstation sends back without a projection Image Type.
+    "Lung MIP 10mm", "Lung_MIP", "MinIP 5 mm", "min_ip airways", "Maximum Intensity Projection", "VRT bone",
+    "Volume Rendering",
+])
+def test_bolus_tracking_and_projections_named_in_the_description_are_not_read(description: str) -> None:
+    chest = facts(modality="CT", body_part_examined="CHEST", series_description=description)
+    decision = route(chest, DEFAULT_ROUTING_RULES)
+    assert decision.task is None and "bolus-tracking scan or projection, no diagnostic slice" in decision.reason
+    assert description not in decision.reason
+
+
+@pytest.mark.parametrize("description", [
+    # Diagnostic series of the development set and the extra collection, reformats among them: read.
+    "ThoraxRoutine  8.0.0  B40f", "CHEST ROUTINE  2.0  B20f", "Thorax MPR cor", "t1_mpr_tra_iso", "sag 3d gre +c",
+    "LOCALIZATION", "Recon 3: SUPER DIMENSION CHEST", "MIPS study", "Lung 1.0 IP",
+])
+def test_diagnostic_descriptions_are_read(description: str) -> None:
+    chest = facts(modality="CT", body_part_examined="CHEST", series_description=description)
+    assert route(chest, DEFAULT_ROUTING_RULES).task == "covid-ct"
 
 
 def test_phantom_and_qa_studies_are_not_read() -> None:

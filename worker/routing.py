@@ -79,7 +79,8 @@ def _mismatch(rule: RoutingRule, facts: SeriesFacts) -> str | None:
     if rule.exclude_series_description:
         found = re.search(rule.exclude_series_description, facts.series_description, re.IGNORECASE)
         if found:
-            return f"series description names a scout or localizer ({found.group(0).lower()!r})"
+            return (f"series description names a scout, bolus-tracking scan or projection, no diagnostic slice "
+                    f"({found.group(0).lower()!r})")
     excluded = sorted(facts.image_types & {t.upper() for t in rule.exclude_image_types})
     if excluded:
         return f"image type {'/'.join(excluded)} is excluded"
