@@ -97,12 +97,13 @@ class Destination(BaseModel):
 
 #: Series descriptions of series that hold no diagnostic slice of the anatomy, as scanners and workstations name
 #: them without always saying so in the Image Type: scouts and localizers; bolus-tracking scans (GE "SmartPrep",
-#: Siemens "CARE Bolus" and "PreMonitoring"/"Monitoring", a "test bolus"), low-dose repeats of one level taken to time
-#: the contrast injection, whose image type is ORIGINAL PRIMARY AXIAL like the diagnostic series'; projections and
-#: renderings (MIP, MinIP, volume rendering: a chest MIP shows vessels as nodules). Reformats (MPR) are read.
+#: Siemens "CARE Bolus" and "PreMonitoring"/"Monitoring", Canon "SUREStart", Philips "Bolus Tracking", a "test
+#: bolus"), low-dose repeats of one level taken to time the contrast injection, whose image type is ORIGINAL PRIMARY
+#: AXIAL like the diagnostic series'; projections and renderings (MIP, MinIP, volume rendering: a chest MIP shows
+#: vessels as nodules). Reformats (MPR) are read.
 DEFAULT_EXCLUDED_DESCRIPTIONS = (
     r"scout|locali[sz]er|survey|3[ -]?plane|tri-?pilot|aa-?head|\bloc\b"
-    r"|smart ?prep|(care|test) ?bolus|bolus ?track|\b(pre)?monitoring\b"
+    r"|smart ?prep|sure ?start|(care|test) ?bolus|bolus ?track|\b(pre)?monitoring\b"
     r"|(?<![a-z])(mip|min[ _-]?ip|max[ _-]?ip|vrt?)(?![a-z])|intensity projection|volume render"
 )
 #: Study or series descriptions of quality-assurance scans: phantoms are scanned under such names (a GE EPI phantom

@@ -105,6 +105,7 @@ def test_scout_descriptions_reason_and_switch_off() -> None:
     # Bolus tracking: low-dose repeats of one level, ORIGINAL PRIMARY AXIAL like the diagnostic series of the study
     # (the extra collection's TCGA slice "Smart Prep Series"); vendors' names for it.
     "Smart Prep Series", "SmartPrep", "CARE Bolus CT", "PreMonitoring", "Monitoring 10.0 B30f", "Test Bolus",
+    "SUREStart", "Bolus Tracking",
     # Projections and renderings a workstation sends back without a projection Image Type.
     "Lung MIP 10mm", "Lung_MIP", "MinIP 5 mm", "min_ip airways", "Maximum Intensity Projection", "VRT bone",
     "Volume Rendering",
