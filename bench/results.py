@@ -237,8 +237,8 @@ def real_dicom_table(*cards: ModelCard) -> list[str]:
              "`../shared/data/real-dicom-dev` (`bench/real-dicom-dev.labels.tsv`), `external_extra` and "
              "`external_volunteers` the collections in `docs/real-dicom-sources.md` (not in CI). Sensitivity, "
              "specificity and AUC are over the series given a class or a tumour of no stated type (*type not "
-             "given*: the sequence is not what the tumour classes were learned from, or pituitary on an axial "
-             "post-contrast series); coverage is that share; "
+             "given*: the sequence is not what the tumour classes were learned from); coverage is that share, the "
+             "rest indeterminate (a pituitary finding on an axial post-contrast series among them); "
              "*finding* is finding against no finding.", "",
              "| task | split | series | accuracy (class) | coverage | type not given | finding right | sensitivity "
              "| specificity | ROC AUC | most suspicious negative | out of domain refused | target |",

@@ -13,11 +13,13 @@ The one definition of the path from a series' display images to its result, run 
    rule (:func:`aggregate`, :data:`QUANTILES`) and the series suspicion, one minus the probability of the negative
    classes, is compared with the card's operating threshold: at or above it the series is the most probable
    finding class, below it the negative class, unless too few slices were read to rule a finding out
-   (:data:`MIN_SLICES_FOR_NEGATIVE`): then it is indeterminate too. A finding whose type the model cannot assess on
-   the series (the caller's ``type_caveats``: every type on a FLAIR series for a model whose tumour types were
-   learned from T1 post-contrast images, pituitary on an axial post-contrast series) keeps its finding under the
-   task's untyped label (:attr:`models.tasks.Task.untyped_finding`) with the caveat as its reason, never a type the
-   model was not taught to tell on such images.
+   (:data:`MIN_SLICES_FOR_NEGATIVE`): then it is indeterminate too, as is a finding of a class the model cannot
+   tell from normal anatomy on the series (the caller's ``finding_caveats``: pituitary on an axial post-contrast
+   series, where the model calls normally enhancing anatomy pituitary). A finding whose type the model cannot
+   assess on the series (the caller's ``type_caveats``: every type on a FLAIR series for a model whose tumour types
+   were learned from T1 post-contrast images) keeps its finding under the task's untyped label
+   (:attr:`models.tasks.Task.untyped_finding`) with the caveat as its reason, never a type the model was not taught
+   to tell on such images.
 
 Every slice keeps its probabilities and, when excluded, its reason.
 """
@@ -151,11 +153,13 @@ def decide(
     task: Task,
     calibration: Mapping[str, Any],
     type_caveats: Mapping[str, str] | None = None,
+    finding_caveats: Mapping[str, str] | None = None,
 ) -> SeriesClassification:
     """The series result (see the module docstring) from its slices' regions, calibrated ``probabilities``
     ``(N, C)`` and feature ``distances`` (``None``: no domain check). ``frames`` identify the slices in the result
     (``{"sop_instance_uid": ..., "frame": ...}``); ``calibration`` is the model card's; ``type_caveats``, finding
-    class -> why that type cannot be assessed on this series (a class not in it can)."""
+    class -> why that type cannot be assessed on this series (a class not in it can); ``finding_caveats``, finding
+    class -> why a finding of that class cannot be told from normal anatomy on this series (it is indeterminate)."""
     if len(frames) == 0 or len(frames) != len(regions) or len(frames) != len(probabilities):
         raise ValueError("a series needs as many frames, regions and probability rows, and at least one")
     domain = calibration.get("domain", {})
@@ -189,6 +193,9 @@ def decide(
         if label in task.negative_classes and kept.sum() < needed:
             reason = (f"only {int(kept.sum())} slice(s) read, too few to rule out a finding (a negative result "
                       f"needs {needed})")
+            label = INDETERMINATE
+        elif finding_caveats and label in finding_caveats:
+            reason = f"finding not assessed: {finding_caveats[label]}"
             label = INDETERMINATE
         elif task.untyped_finding and type_caveats and label in type_caveats:
             reason = f"type not assessed: {type_caveats[label]}"

@@ -29,9 +29,9 @@ class Task:
     untyped_finding: str | None = None
     #: What the finding classes' training images are, for the reason of an untyped finding.
     typed_on: str = ""
-    #: Finding classes whose type the model cannot assess on an axial post-contrast series: the class's axial
-    #: training images are post-contrast slices at a level every such series has, so the model gives the class to
-    #: normal anatomy there. Such a finding keeps its finding under :attr:`untyped_finding`, with the reason.
+    #: Finding classes the model cannot tell from normal anatomy on an axial post-contrast series: the class's axial
+    #: training images are post-contrast slices, so the model gives the class to normally enhancing anatomy. A series
+    #: whose finding is such a class is indeterminate, with the reason (:func:`models.series.decide`).
     contrast_confounded: tuple[str, ...] = ()
 
     @property
@@ -77,7 +77,8 @@ BRAIN_TUMOR = Task(
     typed_on="T1-weighted post-contrast images",
     # The pituitary class's axial images are post-contrast slices at the level of the sella, where the normal gland,
     # cavernous sinuses and skull base enhance in everyone: on two real axial post-contrast glioblastoma series the
-    # model called slices without a pituitary tumour pituitary at 0.93-0.99 (docs/results.md).
+    # model called slices without a pituitary tumour pituitary at 0.93-0.99, on the MPRAGE most of the brain's axial
+    # slices, while it read the tumour's own slices otherwise (docs/results.md).
     contrast_confounded=("pituitary",),
 )
 

@@ -110,8 +110,13 @@ def check_classified(entry: dict[str, Any], task: str, models_dir: Path, expecte
     suspicion = 1.0 - sum(p for name, p in probabilities.items() if name in negatives)
     finding = suspicion >= float(card.calibration.get("threshold", 0.5))
     side = [name for name in card.class_names if (name not in negatives) == finding]
-    if entry["label"] == INDETERMINATE:
-        # ... except that a negative answer needs the organ covered: indeterminate on too few slices ...
+    if entry["label"] == INDETERMINATE and finding:
+        # ... except that a finding of a class the model cannot tell from normal anatomy on the series is
+        # indeterminate (models.tasks.Task.contrast_confounded: pituitary on an axial post-contrast series) ...
+        assert max(side, key=probabilities.get) in get_task(task).contrast_confounded, entry
+        assert entry["result_reason"].startswith("finding not assessed: an axial post-contrast series"), entry
+    elif entry["label"] == INDETERMINATE:
+        # ... and a negative answer needs the organ covered: indeterminate on too few slices ...
         read = re.fullmatch(r"only (\d+) slice\(s\) read, too few to rule out a finding .*", entry["result_reason"])
         assert not finding and read and int(read.group(1)) < NEGATIVE_NEEDS_SLICES[task], entry
     elif entry["label"] == get_task(task).untyped_finding:
@@ -132,12 +137,12 @@ NEGATIVE_NEEDS_SLICES = {"brain-tumor": 10, "covid-ct": 1}
 SHIPPED_MODELS = ROOT / "models" / "weights"
 #: Series with a known answer: (task, label, images, header); labelled images from ../shared/data the shipped models
 #: classify right one by one (brain: Testing, COVID: the curated collection), ten per series. The MR series are the
-#: synthesis' axial T1 post-contrast ("AX T1 POST") unless the header says otherwise: there a pituitary finding is a
-#: tumour of no stated type (models.tasks.BRAIN_TUMOR.contrast_confounded), without a contrast agent pituitary.
+#: synthesis' axial T1 post-contrast ("AX T1 POST") unless the header says otherwise: there a pituitary finding is
+#: indeterminate (models.tasks.BRAIN_TUMOR.contrast_confounded), without a contrast agent pituitary.
 KNOWN_ANSWERS = [
     ("brain-tumor", "glioma", "brain-tumor-mri/Testing/glioma/*.jpg", {}),
     ("brain-tumor", "pituitary", "brain-tumor-mri/Testing/pituitary/*.jpg", {"series_description": "AX T1"}),
-    ("brain-tumor", "tumor", "brain-tumor-mri/Testing/pituitary/*.jpg", {}),
+    ("brain-tumor", INDETERMINATE, "brain-tumor-mri/Testing/pituitary/*.jpg", {}),
     ("brain-tumor", "notumor", "brain-tumor-mri/Testing/notumor/*.jpg", {}),
     ("covid-ct", "COVID", "covid-ct/COVID/*.png", {}),
     ("covid-ct", "non-COVID", "covid-ct/non-COVID/*.png", {}),

@@ -240,3 +240,21 @@ def test_decide_keeps_a_finding_but_not_its_type_on_a_sequence_the_types_were_no
     pituitary = decide(_frames(12), [region] * 12, np.array([[0.02, 0.03, 0.05, 0.90]] * 12), None, BRAIN_TUMOR, {},
                        only_pituitary)
     assert (pituitary.label, pituitary.reason) == ("tumor", "type not assessed: an axial post-contrast series")
+
+
+def test_decide_leaves_a_finding_it_cannot_tell_from_normal_anatomy_indeterminate() -> None:
+    region = Region((0, 0, 10, 10), 0.4)
+    pituitary, meningioma, normal = [0.02, 0.03, 0.05, 0.90], [0.10, 0.85, 0.03, 0.02], [0.02, 0.02, 0.94, 0.02]
+    caveat = {"pituitary": "an axial post-contrast series: normal enhancement"}
+    found = decide(_frames(12), [region] * 12, np.array([pituitary] * 12), None, BRAIN_TUMOR, {}, None, caveat)
+    assert (found.label, found.reason) == (INDETERMINATE, "finding not assessed: an axial post-contrast series: "
+                                                          "normal enhancement")
+    assert found.probabilities["pituitary"] == pytest.approx(0.90)  # the model's figures stay on record
+    # Another finding class, and a negative answer, stand on the same series; it outranks a type caveat.
+    assert decide(_frames(12), [region] * 12, np.array([meningioma] * 12), None, BRAIN_TUMOR, {}, None,
+                  caveat).label == "meningioma"
+    assert decide(_frames(12), [region] * 12, np.array([normal] * 12), None, BRAIN_TUMOR, {}, None,
+                  caveat).label == "notumor"
+    every_type = dict.fromkeys(BRAIN_TUMOR.finding_classes, "a FLAIR series")
+    assert decide(_frames(12), [region] * 12, np.array([pituitary] * 12), None, BRAIN_TUMOR, {}, every_type,
+                  caveat).label == INDETERMINATE

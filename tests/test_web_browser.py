@@ -62,7 +62,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, object
         wait_for(lambda: web_up(url), STARTUP_SECONDS, "web", serve, interval=0.25, alive=True)
         for index, (cls, name) in enumerate([("glioma", "Alpha^Ann"), ("notumor", XSS_NAME)]):
             # Not post-contrast: the untrained model's class is chance, and a pituitary call on an axial
-            # post-contrast series has no type and so no heat map (worker.decoding.type_caveats).
+            # post-contrast series is indeterminate, with no heat map (worker.decoding.finding_caveats).
             datasets = mr_series(images(cls, 2), patient_name=name, patient_id=f"BROWSER-{index}",
                                  accession_number=f"ACCB{index}", series_description="AX T1")
             files = write_files(datasets, tmp / f"push{index}")

@@ -49,7 +49,7 @@ def test_classify_a_compressed_series(classifier: Classifier, tmp_path: Path) ->
     from pydicom.uid import RLELossless
 
     # Not a post-contrast series: the tiny model's likeliest class is chance, and pituitary there is reported
-    # untyped (worker.decoding.type_caveats), which is not what this test is about.
+    # indeterminate (worker.decoding.finding_caveats), which is not what this test is about.
     series = [encode(ds, RLELossless) for ds in mr_series(brain_images(3), series_description="AX T1")]
     paths = write_files(series, tmp_path)
     result = classify_series_files(list(reversed(paths)), classifier, batch_size=32)

@@ -1,8 +1,8 @@
-"""The worker's path withholds a tumour's type where the model cannot assess it: on a sequence the model's tumour
+"""The worker's path withholds a tumour's type where the model cannot assess it, on a sequence the model's tumour
 classes were not learned from (DICOM made at test time from the data set's glioma images, once with a T1 spin-echo
-header and once with a FLAIR header), and pituitary on an axial post-contrast series (the data set's pituitary
-images with and without a contrast agent, axial and coronal), through
-:func:`worker.inference.classify_series_files` and the shipped brain model."""
+header and once with a FLAIR header), and a finding where the model cannot tell it from normal anatomy, pituitary
+on an axial post-contrast series (the data set's pituitary images with and without a contrast agent, axial and
+coronal): through :func:`worker.inference.classify_series_files` and the shipped brain model."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ from pydicom import dcmread
 from dicom_factory import sample_images, write_files
 from dicom_io.synthesis import mr_series
 from models.inference import Classifier, default_model_dir
-from models.tasks import BRAIN_TUMOR, COVID_CT
-from worker.decoding import decode_series, prepare_series, type_caveats
+from models.tasks import BRAIN_TUMOR, COVID_CT, INDETERMINATE
+from worker.decoding import decode_series, finding_caveats, prepare_series, type_caveats
 from worker.inference import classify_series_files
 
 SLICES = 12
@@ -53,17 +53,18 @@ def test_the_caveat_travels_with_the_prepared_series(tmp_path: Path, classifier:
     assert set(prepared.type_caveats) == set(BRAIN_TUMOR.finding_classes)
     assert all("T2-weighted (echo time 100 ms)" in caveat for caveat in prepared.type_caveats.values())
     # The COVID model has no types to withhold.
-    assert type_caveats([dcmread(paths[0])], decode_series(paths, COVID_CT), COVID_CT) == {}
+    assert type_caveats([dcmread(paths[0])], COVID_CT) == {}
+    assert finding_caveats([dcmread(paths[0])], decode_series(paths, COVID_CT), COVID_CT) == {}
 
 
-def test_pituitary_on_an_axial_post_contrast_series_is_a_tumour_of_no_stated_type(
-        tmp_path: Path, classifier: Classifier) -> None:
+def test_pituitary_on_an_axial_post_contrast_series_is_indeterminate(tmp_path: Path, classifier: Classifier) -> None:
     # The synthesis' "AX T1 POST": axial, Contrast/Bolus Agent GADOLINIUM.
     post = classify_series_files(_series(tmp_path / "post", "pituitary"), classifier, 32)
-    assert post.label == BRAIN_TUMOR.untyped_finding, post
-    assert post.reason == ("type not assessed: an axial post-contrast series: the model's axial pituitary images are "
-                           "post-contrast slices at a level every such series has, and it calls normal anatomy there "
-                           "pituitary")
+    assert post.label == INDETERMINATE, post
+    assert post.reason == ("finding not assessed: an axial post-contrast series: the model's axial pituitary images "
+                           "are post-contrast slices, and it calls normally enhancing anatomy pituitary (on two real "
+                           "glioblastoma series, slices without a pituitary tumour), so it cannot tell a pituitary "
+                           "finding here")
     assert max(post.probabilities, key=post.probabilities.get) == "pituitary"  # the model's figures stay on record
     # Without a contrast agent, or cut coronally (the sella's own planes), the type stands.
     plain = classify_series_files(_series(tmp_path / "plain", "pituitary", ContrastBolusAgent=""), classifier, 32)

@@ -45,6 +45,7 @@ __all__ = [
     "PreparedSeries",
     "decode_series",
     "default_decode_processes",
+    "finding_caveats",
     "prepare_series",
     "series_inputs",
     "slice_key",
@@ -78,24 +79,33 @@ def _frames(datasets: Sequence[Dataset], task: Task) -> list[SeriesFrame]:
     return frames
 
 
-def type_caveats(datasets: Sequence[Dataset], frames: Sequence[SeriesFrame], task: Task) -> dict[str, str]:
-    """Finding class -> why ``task``'s model cannot give that type on this series (empty: it can give every type).
-
-    Every finding class, when the header (of the first instance) shows a weighting other than the one the finding
-    classes were learned from (:func:`dicom_io.mr.mr_weighting`, :attr:`models.tasks.Task.typed_on`); the task's
-    :attr:`~models.tasks.Task.contrast_confounded` classes, when the series is read as axial slices (acquired so, or
-    cut so: ``frames``) and a contrast agent was given (:func:`dicom_io.mr.contrast_given`)."""
+def type_caveats(datasets: Sequence[Dataset], task: Task) -> dict[str, str]:
+    """Finding class -> why ``task``'s model cannot give that type on this series (empty: it can give every type):
+    every finding class, when the header (of the first instance) shows a weighting other than the one the finding
+    classes were learned from (:func:`dicom_io.mr.mr_weighting`, :attr:`models.tasks.Task.typed_on`)."""
     if task.untyped_finding is None or not datasets:
         return {}
     weighting = mr_weighting(datasets[0])
-    if weighting is not None:
-        reason = f"a {weighting.describe()} series, and the model learned the types from {task.typed_on} only"
-        return dict.fromkeys(task.finding_classes, reason)
-    axial = bool(frames) and (frames[0].reformatted or frame_plane(datasets[0]) == "axial")
-    if not (axial and task.contrast_confounded and contrast_given(datasets[0])):
+    if weighting is None:
         return {}
-    return {name: (f"an axial post-contrast series: the model's axial {name} images are post-contrast slices at a "
-                   f"level every such series has, and it calls normal anatomy there {name}")
+    reason = f"a {weighting.describe()} series, and the model learned the types from {task.typed_on} only"
+    return dict.fromkeys(task.finding_classes, reason)
+
+
+def finding_caveats(datasets: Sequence[Dataset], frames: Sequence[SeriesFrame], task: Task) -> dict[str, str]:
+    """Finding class -> why ``task``'s model cannot tell a finding of that class from normal anatomy on this series
+    (empty: it can tell every class): the task's :attr:`~models.tasks.Task.contrast_confounded` classes, when the
+    series is of the weighting the types were learned from (no other weighting in its header), read as axial
+    slices (acquired so, or cut so: ``frames``), and a contrast agent was given (:func:`dicom_io.mr.contrast_given`).
+    """
+    if not (task.contrast_confounded and datasets and frames) or mr_weighting(datasets[0]) is not None:
+        return {}
+    axial = frames[0].reformatted or frame_plane(datasets[0]) == "axial"
+    if not (axial and contrast_given(datasets[0])):
+        return {}
+    return {name: (f"an axial post-contrast series: the model's axial {name} images are post-contrast slices, and "
+                   f"it calls normally enhancing anatomy {name} (on two real glioblastoma series, slices without a "
+                   f"{name} tumour), so it cannot tell a {name} finding here")
             for name in task.contrast_confounded}
 
 
@@ -117,6 +127,8 @@ class PreparedSeries:
     inputs: np.ndarray
     #: Finding class -> why the model cannot give that type on this series (:func:`type_caveats`).
     type_caveats: dict[str, str] = field(default_factory=dict)
+    #: Finding class -> why the model cannot tell that finding on this series (:func:`finding_caveats`).
+    finding_caveats: dict[str, str] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -130,7 +142,7 @@ def prepare_series(paths: Sequence[Path], task_name: str, spec: InputSpec) -> Pr
     frames = _frames(datasets, task)
     regions, crops = series_inputs(frames, task)
     return PreparedSeries([slice_key(frame) for frame in frames], regions, prepare_batch(crops, spec),
-                          type_caveats(datasets, frames, task))
+                          type_caveats(datasets, task), finding_caveats(datasets, frames, task))
 
 
 def slice_key(frame: SeriesFrame) -> dict[str, Any]:

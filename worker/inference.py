@@ -60,7 +60,7 @@ def series_classification(prepared: PreparedSeries, probabilities: np.ndarray, d
                           classifier: Classifier) -> SeriesClassification:
     """The series result (:func:`models.series.decide`) from its frames' regions, probabilities and distances."""
     return decide(prepared.keys, prepared.regions, probabilities, distances, classifier.task,
-                  classifier.card.calibration, prepared.type_caveats)
+                  classifier.card.calibration, prepared.type_caveats, prepared.finding_caveats)
 
 
 def prepare_for(classifier: Classifier, paths: Sequence[Path]) -> PreparedSeries:
