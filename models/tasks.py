@@ -78,7 +78,7 @@ BRAIN_TUMOR = Task(
     # The pituitary class's axial images are post-contrast slices at the level of the sella, where the normal gland,
     # cavernous sinuses and skull base enhance in everyone: on two real axial post-contrast glioblastoma series the
     # model called slices without a pituitary tumour pituitary at 0.93-0.99, on the MPRAGE most of the brain's axial
-    # slices, while it read the tumour's own slices otherwise (docs/results.md).
+    # slices from skull base to vertex, normal brain and tumour alike (docs/results.md).
     contrast_confounded=("pituitary",),
 )
 
