@@ -99,16 +99,15 @@ def blended(first: SeriesOutcome, other: SeriesOutcome, weight: float) -> np.nda
 
 def row(label: str, outcomes: list[SeriesOutcome], task: Task) -> str:
     figures = score(outcomes, task)
-    negatives = [o for o in outcomes if o.expected in task.negative_classes and o.result in task.labels]
-    confident = sum((o.suspicion or 0.0) > 0.8 for o in negatives)
+    classified = [o for o in outcomes if o.expected in task.class_names and o.result in task.labels]
+    confident = sum((o.suspicion or 0.0) > 0.8 for o in classified if o.expected in task.negative_classes)
 
     def shown(key: str) -> str:
         value = figures[key]
         return "-" if value is None else f"{value:.3f}"
 
-    classified = round((figures["coverage"] or 0.0) * figures["n"])
-    return (f"{label:<22} {classified:>4}/{figures['n']:<4} {shown('finding_accuracy'):>7} {shown('sensitivity'):>6} "
-            f"{shown('specificity'):>6} {shown('roc_auc'):>6} {confident:>7} {shown('out_of_domain_handled'):>6}")
+    return (f"{label:<22} {len(classified):>4}/{figures['n']:<4} {shown('finding_accuracy'):>7} "
+            f"{shown('sensitivity'):>6} {shown('specificity'):>6} {shown('roc_auc'):>6} {confident:>7} {shown('out_of_domain_handled'):>6}")
 
 
 def main() -> None:

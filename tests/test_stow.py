@@ -59,8 +59,8 @@ def server(models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Any:
 
 def test_dicomweb_client_stores_a_series_that_is_then_classified(server: dict[str, Any]) -> None:
     # Pituitary tumours from the Testing split, without a contrast agent (on an axial post-contrast series a
-    # pituitary finding is indeterminate): the session's threshold model (fitted on fixed images) answers this series pituitary,
-    # and the test holds the STOW-RS path to that answer.
+    # pituitary finding is indeterminate): the session's threshold model (fitted on fixed images) answers this
+    # series pituitary, and the test holds the STOW-RS path to that answer.
     series = mr_series(sample_images("brain-tumor-mri/Testing/pituitary/*.jpg", 3, seed=71),
                        patient_name="Stow^Series", series_description="AX T1")
     client = DICOMwebClient(f"{server['url']}/dicomweb", headers={"Authorization": f"Bearer {server['token']}"})
